@@ -1,0 +1,245 @@
+"""steplm command line: parses arguments and calls into the library. Bad input -> one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + error otherwise)
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+# ---------------------------------------------------------------------------- subcommands
+def cmd_train(a):
+    from . import config
+    from .train import Trainer
+
+    overrides = list(a.set or [])
+    if a.data:
+        overrides.append(f"data.path={a.data}")
+    if a.max_steps is not None:
+        overrides.append(f"train.max_steps={a.max_steps}")
+    if a.seed is not None:
+        overrides.append(f"train.seed={a.seed}")
+    cfg = config.load(a.config, overrides)
+    config.validate(cfg)
+    out = Path(a.out)
+    created = not out.exists()
+    try:
+        summary = Trainer(cfg, out, progress=not a.quiet).fit()
+    except BaseException:
+        if created:  # nothing half-written left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    keys = ("method", "final_val_loss", "final_val_ppl", "tokens_seen", "flops", "train_seconds", "weights_sha256")
+    print(json.dumps({k: summary[k] for k in keys}))
+    print(f"run written to {out}/ (summary.json, metrics.jsonl, model.safetensors)", file=sys.stderr)
+
+
+def cmd_eval(a):
+    from .evaluate import perplexity
+
+    if a.tasks:
+        raise UserError("--tasks: zero-shot task evaluation is not available yet")
+    if not a.data:
+        raise UserError("--data: give a text file to score (e.g. ../shared/data/wikitext2/valid.txt)")
+    res = perplexity(a.model, a.data, a.max_tokens, a.backend, a.seq_len, a.batch_size)
+    print(json.dumps(res) if a.json else f"loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  tokens {res['tokens']}")
+
+
+def cmd_export(a):
+    from .hf import export
+    from .train import load_run
+
+    src = Path(a.run_dir)
+    if not src.is_dir():
+        raise UserError(f"RUN_DIR: {src} does not exist")
+    model, tok = load_run(src)
+    out = Path(a.to)
+    created = not out.exists()
+    try:
+        export(model, tok, out)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(f"exported to {out}/ (load with AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+
+
+def cmd_plan(a):
+    from . import planner
+
+    if a.preset:
+        p = planner.PRESETS[a.preset]
+        a.hidden = a.hidden or p["d_model"]
+        a.layers = a.layers or p["n_layers"]
+        a.stages = a.stages or p["n_stages"]
+        a.lora_rank = a.lora_rank or p["lora_rank"]
+    a.lora_rank = a.lora_rank or 128
+    a.stages = a.stages or 2
+    if not a.hidden:
+        raise UserError("--hidden: give the hidden size d (or --preset)")
+    if a.lora_rank > a.hidden:
+        raise UserError(f"--lora-rank: must be at most --hidden ({a.hidden}), got {a.lora_rank}")
+    kv = None
+    if a.n_kv_heads:
+        if not a.n_heads or a.hidden % a.n_heads or a.n_heads % a.n_kv_heads:
+            raise UserError("--n-kv-heads: needs --n-heads dividing --hidden and divisible by --n-kv-heads")
+        kv = a.n_kv_heads * (a.hidden // a.n_heads)
+    shape = planner.LayerShape(a.hidden, a.ffn_hidden, kv)
+    extra = lambda L: 0  # noqa: E731
+    if a.extended:
+        heads = a.n_heads or max(1, a.hidden // 128)
+
+        def extra(L):
+            return planner.head_state_bytes(a.vocab_size, a.hidden) + planner.activation_bytes(
+                L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing)
+    try:
+        if a.budget_gb is not None:
+            if a.budget_gb <= 0:
+                raise UserError(f"--budget-gb: must be positive, got {a.budget_gb}")
+            plan = planner.deepest_within(a.budget_gb * planner.GB, a.stages, shape, a.lora_rank, a.cap_growth, extra)
+        else:
+            if not a.layers:
+                raise UserError("--layers: give the total layer count L (or --preset, or --budget-gb)")
+            if a.stages > a.layers:
+                raise UserError(f"--stages: must be at most --layers ({a.layers}), got {a.stages}")
+            if a.layers_per_stage:
+                split = [int(x) for x in a.layers_per_stage.split(",")]
+                if any(n < 1 for n in split):
+                    raise UserError("--layers-per-stage: every stage needs at least one layer")
+                if sum(split) != a.layers:
+                    raise UserError(f"--layers-per-stage: must sum to --layers ({a.layers}), got {sum(split)}")
+                plan = planner.evaluate_split(split, shape, a.lora_rank)
+            else:
+                plan = planner.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth)
+    except ValueError as e:
+        flag = "--budget-gb" if a.budget_gb is not None else "--layers-per-stage"
+        raise UserError(f"{flag}: {e}")
+    if a.extended:
+        L = sum(plan.layers_per_stage)
+        heads = a.n_heads or max(1, a.hidden // 128)
+        plan.extended = {
+            "embedding_head_norm_bytes": planner.head_state_bytes(a.vocab_size, a.hidden),
+            "activation_bytes": planner.activation_bytes(L, a.hidden, heads, a.seq_len, a.micro_batch,
+                                                         a.vocab_size, a.checkpointing),
+            "activation_formula": "Korthikanti et al. 2022: s*b*d*(34+5*a*s/d) per layer (2*s*b*d with checkpointing)",
+        }
+        plan.extended["peak_bytes"] = plan.peak_bytes + plan.extended["embedding_head_norm_bytes"] + \
+            plan.extended["activation_bytes"]
+    if a.json:
+        print(json.dumps(plan.to_dict()))
+        return
+    gb = planner.GB
+    print(f"d={a.hidden} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)} r={a.lora_rank}  "
+          f"P={plan.params_per_layer:,} E={plan.lora_params_per_layer:,}  solver: {plan.solver}")
+    print(f"{'stage':>5} {'new':>4} {'layers':>6} {'GB (Eq. 2)':>11}")
+    for i, (n, N, b) in enumerate(zip(plan.layers_per_stage, plan.cumulative_layers, plan.stage_bytes), 1):
+        print(f"{i:>5} {n:>4} {N:>6} {b / gb:>11.2f}")
+    print(f"peak {plan.peak_bytes / gb:.2f} GB vs vanilla {plan.vanilla_bytes / gb:.2f} GB "
+          f"(reduction {100 * plan.reduction:.1f} %)")
+    if len(plan.tied_optima) > 1:
+        print(f"tied optima: {plan.tied_optima}")
+    if plan.extended:
+        e = plan.extended
+        print(f"extended: + embeddings/head {e['embedding_head_norm_bytes'] / gb:.2f} GB + activations "
+              f"{e['activation_bytes'] / gb:.2f} GB = {e['peak_bytes'] / gb:.2f} GB")
+
+
+def cmd_plot(a):
+    from .report import plot_memory
+
+    out = plot_memory(a.run_dir, a.out, a.vanilla)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="steplm", description="STEP: staged parameter-efficient pre-training of LLaMA models.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="pre-train (vanilla or STEP) from a YAML config")
+    t.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-3")
+    t.add_argument("--data", help="training data (sets data.path)")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--max-steps", type=_positive_int, help="vanilla-equivalent step budget (train.max_steps)")
+    t.add_argument("--seed", type=int, help="train.seed")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="held-out perplexity of a run or HF directory")
+    e.add_argument("model", help="run directory or HF Llama directory")
+    e.add_argument("--data", help="text file (.txt/.jsonl/.jsonl.gz/.parquet)")
+    e.add_argument("--max-tokens", type=_positive_int, help="score at most this many tokens")
+    e.add_argument("--seq-len", type=_positive_int, help="window length (default: the model's max_seq_len)")
+    e.add_argument("--batch-size", type=_positive_int, default=8)
+    e.add_argument("--backend", choices=["steplm", "transformers"], default="steplm")
+    e.add_argument("--tasks", help="zero-shot tasks (not available yet)")
+    e.add_argument("--json", action="store_true", help="print one JSON line")
+    e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="write a Hugging Face Llama directory")
+    x.add_argument("run_dir")
+    x.add_argument("--to", required=True, help="output directory")
+    x.set_defaults(fn=cmd_export)
+
+    pl = sub.add_parser("plan", help="STEP memory planner (paper Eq. 1-5, Eq. 3 ILP)")
+    pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"])
+    pl.add_argument("--hidden", type=_positive_int, help="d")
+    pl.add_argument("--layers", type=_positive_int, help="final layer count L")
+    pl.add_argument("--stages", type=_positive_int, help="K (default 2)")
+    pl.add_argument("--lora-rank", type=_positive_int, help="r (default 128)")
+    pl.add_argument("--layers-per-stage", help="evaluate this split instead of optimising, e.g. 7,5")
+    pl.add_argument("--ffn-hidden", type=_positive_int, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
+    pl.add_argument("--n-heads", type=_positive_int, help="attention heads (for GQA and activations)")
+    pl.add_argument("--n-kv-heads", type=_positive_int, help="key/value heads (GQA)")
+    pl.add_argument("--cap-growth", action="store_true", help="require n_(i+1) <= N_i")
+    pl.add_argument("--budget-gb", type=float, help="deepest model whose peak fits this many GB (1e9 B)")
+    pl.add_argument("--extended", action="store_true", help="add embeddings, head, norms and activations")
+    pl.add_argument("--vocab-size", type=_positive_int, default=50257)
+    pl.add_argument("--seq-len", type=_positive_int, default=1024)
+    pl.add_argument("--micro-batch", type=_positive_int, default=1)
+    pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing (extended model)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=cmd_plan)
+
+    pt = sub.add_parser("plot", help="Figure 2: memory per stage of a run, as PNG")
+    pt.add_argument("run_dir")
+    pt.add_argument("--vanilla", help="a vanilla run directory to compare against")
+    pt.add_argument("--out", help="PNG path (default RUN_DIR/memory.png)")
+    pt.set_defaults(fn=cmd_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.fn(args)
+    except UserError as e:
+        print(f"steplm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("steplm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

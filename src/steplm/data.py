@@ -1,0 +1,339 @@
+"""Corpus reading, tokenization into uint16/uint32 memmap shards, and batch sampling.
+
+A corpus is a list of documents. Documents are joined with EOS into one token stream per split;
+the validation split holds out whole documents (chosen by a hash of their name, so the split is
+stable). Shards are cached by a key over the sources and the tokenizer.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import UserError
+
+EOS = "<|endoftext|>"
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+
+
+# ---------------------------------------------------------------------------- reading
+def _suffix(p: Path) -> str:
+    return ".jsonl.gz" if p.name.endswith(".jsonl.gz") else p.suffix
+
+
+def list_sources(path: str, exclude: list[str] = ()) -> list[Path]:
+    """The files a data path stands for, sorted; raises UserError for a missing or empty path."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        skip = set(exclude) | {"__pycache__", "site-packages"}
+        files = sorted(f for f in p.rglob("*") if f.is_file()
+                       and _suffix(f) in TEXT_SUFFIXES + RECORD_SUFFIXES
+                       and not skip.intersection(f.relative_to(p).parts[:-1]))
+        if not files:
+            raise UserError(f"data.path: no .txt/.jsonl/.jsonl.gz/.parquet/.py files under {p}")
+        return files
+    raise UserError(f"data.path: {path} does not exist (give a file, a directory, or a local HF dataset)")
+
+
+def read_documents(path: str, text_field: str = "text", exclude: list[str] = ()) -> Iterator[tuple[str, str]]:
+    """Yield (document id, text) for every document under ``path``."""
+    for f in list_sources(path, exclude):
+        suffix = _suffix(f)
+        try:
+            if suffix in TEXT_SUFFIXES:
+                yield str(f), f.read_text(encoding="utf-8")
+            elif suffix in (".jsonl", ".jsonl.gz"):
+                opener = gzip.open if suffix == ".jsonl.gz" else open
+                with opener(f, "rt", encoding="utf-8") as fh:
+                    for n, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError:
+                            raise UserError(f"data.path: line {n} of {f} is not valid JSON")
+                        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                            raise UserError(f"data.path: line {n} of {f} has no string field '{text_field}' "
+                                            f"(set data.text_field)")
+                        yield f"{f}:{n}", rec[text_field]
+            else:  # parquet
+                import pyarrow.parquet as pq
+                table = pq.read_table(f)
+                if text_field not in table.column_names:
+                    raise UserError(f"data.path: {f} has no column '{text_field}' (set data.text_field)")
+                for n, text in enumerate(table.column(text_field).to_pylist()):
+                    yield f"{f}:{n}", text or ""
+        except UnicodeDecodeError:
+            raise UserError(f"data.path: {f} is not UTF-8 text")
+        except (OSError, EOFError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"data.path: cannot read {f}: {e}")
+
+
+def read_hf_dataset(name: str, text_field: str) -> Iterator[tuple[str, str]]:
+    """Documents of a Hugging Face dataset's train split (needs `datasets` and a reachable hub)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data.path: {name} is not a local path, and reading a hub dataset needs `pip install datasets`")
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # noqa: BLE001 - anything the hub raises becomes one line
+        raise UserError(f"data.path: {name} is not a local path and could not be loaded from the hub ({type(e).__name__})")
+    for n, rec in enumerate(ds):
+        yield f"{name}:{n}", rec[text_field]
+
+
+def documents(path: str, text_field: str = "text", exclude: list[str] = ()) -> Iterator[tuple[str, str]]:
+    """Local path if it exists, else a hub dataset name of the form owner/name or name."""
+    p = Path(path).expanduser()
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or _suffix(p) in TEXT_SUFFIXES + RECORD_SUFFIXES
+    if looks_local:
+        return read_documents(path, text_field, exclude)
+    return read_hf_dataset(path, text_field)
+
+
+def is_validation(doc_id: str, fraction: float) -> bool:
+    """Stable document-level split: hash of the document id."""
+    h = int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def load_tokenizer(spec: str, train_texts: Iterator[str] | None = None):
+    """A ``tokenizers.Tokenizer`` with an EOS token, from 'gpt2', a directory, or 'bpe:N' (trained)."""
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    if spec.startswith("bpe:"):
+        try:
+            size = int(spec[4:])
+        except ValueError:
+            raise UserError(f"data.tokenizer: 'bpe:N' needs an integer N, got {spec!r}")
+        if size < 300:
+            raise UserError(f"data.tokenizer: bpe vocabulary must be at least 300 (256 bytes + merges), got {size}")
+        if train_texts is None:
+            raise UserError("data.tokenizer: a 'bpe:N' tokenizer is trained on the corpus; give data.path")
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(train_texts, vocab_size=size, min_frequency=2, special_tokens=[EOS],
+                                show_progress=False)
+        return bpe._tokenizer
+    if spec == "gpt2":
+        local = os.environ.get("STEPLM_GPT2_DIR")
+        if local:
+            return load_tokenizer(local)
+        try:
+            return Tokenizer.from_pretrained("gpt2")
+        except Exception:  # noqa: BLE001 - offline
+            raise UserError("data.tokenizer: 'gpt2' needs the hub; set data.tokenizer to a directory with "
+                            "vocab.json and merges.txt (or set STEPLM_GPT2_DIR)")
+    d = Path(spec).expanduser()
+    if (d / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        tok = ByteLevelBPETokenizer(str(d / "vocab.json"), str(d / "merges.txt"))._tokenizer
+    else:
+        raise UserError(f"data.tokenizer: {spec} is not 'gpt2', 'bpe:N', or a directory with tokenizer.json "
+                        f"or vocab.json + merges.txt")
+    if tok.token_to_id(EOS) is None:
+        tok.add_special_tokens([EOS])
+    return tok
+
+
+def eos_id(tok) -> int:
+    return tok.token_to_id(EOS)
+
+
+# ---------------------------------------------------------------------------- shards
+@dataclass
+class TokenShard:
+    """One split's token stream on disk as a memmap."""
+    tokens: np.memmap
+    n_docs: int
+
+    def __len__(self):
+        return len(self.tokens)
+
+    @classmethod
+    def open(cls, path: Path) -> "TokenShard":
+        meta = json.loads(path.with_suffix(".json").read_text())
+        tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["n_tokens"],))
+        return cls(tokens, meta["n_docs"])
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+class ShardWriter:
+    """Appends token ids to ``<path>`` and writes ``<path>.json`` (dtype, counts) on close."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.fh = open(path, "wb")
+        self.n_tokens = self.n_docs = 0
+
+    def add(self, ids: list[int], eos: int):
+        arr = np.asarray(ids + [eos], dtype=self.dtype)
+        self.fh.write(arr.tobytes())
+        self.n_tokens += len(arr)
+        self.n_docs += 1
+
+    def close(self):
+        self.fh.close()
+        meta = {"dtype": self.dtype.name, "n_tokens": self.n_tokens, "n_docs": self.n_docs}
+        self.path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def _cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _source_fingerprint(path: str, exclude) -> list:
+    p = Path(path).expanduser()
+    if not p.exists():
+        return [path]
+    return [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in list_sources(path, exclude)]
+
+
+def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "object"]:
+    """Tokenize the corpus into cached train/val shards; returns (shard dir, tokenizer)."""
+    from tqdm import tqdm
+
+    if not data_cfg.path:
+        raise UserError("data.path: no training data given (use --data PATH or set data.path)")
+    key = _cache_key({"src": _source_fingerprint(data_cfg.path, data_cfg.exclude),
+                      "val": _source_fingerprint(data_cfg.val_path, data_cfg.exclude) if data_cfg.val_path else None,
+                      "frac": data_cfg.val_fraction, "tok": data_cfg.tokenizer, "field": data_cfg.text_field,
+                      "max": data_cfg.max_train_tokens, "v": 1})
+    out = cache_root / key
+    if (out / "val.json").is_file():
+        from tokenizers import Tokenizer
+        return out, Tokenizer.from_file(str(out / "tokenizer.json"))
+
+    def train_docs():
+        for doc_id, text in documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude):
+            if data_cfg.val_path or not is_validation(doc_id, data_cfg.val_fraction):
+                yield doc_id, text
+
+    if data_cfg.tokenizer.startswith("bpe:"):
+        # Train on up to ~20 MB of training text, so a huge corpus does not stall start-up.
+        def sample(limit=20_000_000):
+            seen = 0
+            for _, text in train_docs():
+                yield text
+                seen += len(text)
+                if seen > limit:
+                    return
+        tok = load_tokenizer(data_cfg.tokenizer, sample())
+    else:
+        tok = load_tokenizer(data_cfg.tokenizer)
+    eos = eos_id(tok)
+    tmp = cache_root / f"{key}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        dtype = token_dtype(tok.get_vocab_size())
+        writers = {"train": ShardWriter(tmp / "train.bin", dtype), "val": ShardWriter(tmp / "val.bin", dtype)}
+        if data_cfg.val_path:
+            splits = [("train", documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude)),
+                      ("val", documents(data_cfg.val_path, data_cfg.text_field, data_cfg.exclude))]
+        else:
+            splits = [(None, documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude))]
+        bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress, mininterval=1)
+        for fixed, docs in splits:
+            batch: list[tuple[str, str]] = []
+
+            def flush():
+                encs = tok.encode_batch([t for _, t in batch], add_special_tokens=False)
+                for (doc_id, _), enc in zip(batch, encs):
+                    split = fixed or ("val" if is_validation(doc_id, data_cfg.val_fraction) else "train")
+                    if split == "train" and data_cfg.max_train_tokens and writers["train"].n_tokens >= data_cfg.max_train_tokens:
+                        continue
+                    writers[split].add(enc.ids, eos)
+                    bar.update(len(enc.ids) + 1)
+                batch.clear()
+
+            for doc in docs:
+                if doc[1].strip():
+                    batch.append(doc)
+                if sum(len(t) for _, t in batch) > 4_000_000:
+                    flush()
+            if batch:
+                flush()
+        bar.close()
+        for w in writers.values():
+            w.close()
+        if writers["train"].n_docs == 0:
+            raise UserError(f"data.path: {data_cfg.path} holds no text (empty corpus)")
+        if writers["val"].n_docs == 0:
+            raise UserError(f"data.val_fraction: no document of {data_cfg.path} was held out for validation "
+                            f"({writers['train'].n_docs} documents); raise it or set data.val_path")
+        tok.save(str(tmp / "tokenizer.json"))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, tok
+
+
+def tokenize_file(path: str, tok, text_field: str = "text") -> np.ndarray:
+    """All documents of ``path`` as one EOS-separated int64 token stream (for evaluation)."""
+    eos = eos_id(tok)
+    ids: list[int] = []
+    for _, text in read_documents(path, text_field):
+        if text.strip():
+            ids.extend(tok.encode(text, add_special_tokens=False).ids)
+            ids.append(eos)
+    if not ids:
+        raise UserError(f"--data: {path} holds no text")
+    return np.asarray(ids, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------- batches
+class BatchSampler:
+    """Random (B, T+1) windows of a token stream, reproducible from its generator state."""
+
+    def __init__(self, shard: TokenShard, seq_len: int, micro_batch: int, seed: int):
+        if len(shard) <= seq_len + 1:
+            raise UserError(f"train.seq_len: the training split has {len(shard)} tokens, fewer than one "
+                            f"sequence of {seq_len + 1}; use more data or a shorter train.seq_len")
+        self.shard, self.seq_len, self.micro_batch = shard, seq_len, micro_batch
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._arange = np.arange(seq_len + 1)
+
+    def next(self):
+        """(inputs, targets), both int64 torch tensors of shape (B, T)."""
+        import torch
+        starts = self.rng.integers(0, len(self.shard) - self.seq_len - 1, size=self.micro_batch)
+        window = torch.from_numpy(self.shard.tokens[starts[:, None] + self._arange].astype(np.int64))  # (B, T+1)
+        return window[:, :-1], window[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict):
+        self.rng.bit_generator.state = state["rng"]
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
+    """Non-overlapping (N, seq_len+1) windows from the start of the stream (each shares one token with the next)."""
+    n = (len(tokens) - 1) // seq_len
+    if max_tokens:
+        n = min(n, max(1, max_tokens // seq_len))
+    if n == 0:
+        raise UserError(f"--data: only {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
+    return np.asarray(tokens[idx], dtype=np.int64)

@@ -1,0 +1,81 @@
+"""Held-out perplexity of a steplm run directory or an HF Llama directory."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import eval_windows, read_documents
+from .errors import UserError
+
+
+def load_model(path: str | Path, device="cpu"):
+    """(model, tokenizers.Tokenizer) from a run directory or an HF Llama directory."""
+    from .hf import load_hf_dir
+    from .train import load_run
+
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"MODEL: {p} is not a directory (give a steplm run directory or an HF model directory)")
+    if (p / "model_config.json").is_file():
+        return load_run(p, device)
+    return load_hf_dir(p, device)
+
+
+def token_stream(path: str, encode, eos: int) -> np.ndarray:
+    """Every document of ``path`` encoded and joined with EOS (int64)."""
+    ids: list[int] = []
+    for _, text in read_documents(path):
+        if text.strip():
+            ids.extend(encode(text))
+            ids.append(eos)
+    if not ids:
+        raise UserError(f"--data: {path} holds no text")
+    return np.asarray(ids, dtype=np.int64)
+
+
+@torch.no_grad()
+def windows_loss(logits_fn, windows: np.ndarray, batch_size: int) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and predicted-token count over (N, T+1) windows."""
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        w = torch.from_numpy(windows[i:i + batch_size])
+        logits = logits_fn(w[:, :-1]).float()
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum").item()
+        count += w[:, 1:].numel()
+    return total, count
+
+
+def perplexity(model_path: str, data: str, max_tokens: int | None = None, backend: str = "steplm",
+               seq_len: int | None = None, batch_size: int = 8, progress: bool = False) -> dict:
+    """{"loss", "ppl", "tokens"} on non-overlapping windows of ``data`` (fp32, CPU)."""
+    if not Path(data).exists():
+        raise UserError(f"--data: {data} does not exist")
+    if backend == "steplm":
+        model, tok = load_model(model_path)
+        from .data import eos_id
+        stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, eos_id(tok))
+        T = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        logits_fn = model
+    elif backend == "transformers":
+        from transformers import AutoTokenizer, LlamaForCausalLM
+        p = Path(model_path)
+        if not (p / "config.json").is_file():
+            raise UserError(f"MODEL: --backend transformers needs an HF directory (run `steplm export {p} --to DIR`)")
+        from .hf import from_hf_config
+        import json
+        from_hf_config(json.loads((p / "config.json").read_text()))  # refuses non-Llama configs
+        hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
+        hf_tok = AutoTokenizer.from_pretrained(str(p))
+        stream = token_stream(data, lambda t: hf_tok(t, add_special_tokens=False)["input_ids"], hf_tok.eos_token_id)
+        T = min(seq_len or hf.config.max_position_embeddings, hf.config.max_position_embeddings)
+        logits_fn = lambda x: hf(input_ids=x).logits  # noqa: E731
+    else:
+        raise UserError(f"--backend: must be steplm or transformers, got {backend!r}")
+    windows = eval_windows(stream, T, max_tokens)
+    total, count = windows_loss(logits_fn, windows, batch_size)
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": count}

@@ -1,0 +1,137 @@
+"""LoRA / ReLoRA on frozen linears, applied as a pass over a model.
+
+``LoRALinear`` replaces an ``nn.Linear`` in place and keeps the base weight under the same name
+(``...q_proj.weight``), frozen and stored in bf16 (2 B per parameter, as the planner assumes).
+Adapters are fp32 ``lora_A`` (r, in) and ``lora_B`` (out, r): A Kaiming-uniform, B zero, update
+B·A·alpha/r. Selecting adapters is a name test on ``lora_``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FROZEN_DTYPE = torch.bfloat16
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear plus a low-rank trainable update; rank 0 means frozen with no adapter."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, frozen_dtype=FROZEN_DTYPE, generator=None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank if rank else 0.0
+        self.weight = nn.Parameter(base.weight.detach().to(frozen_dtype), requires_grad=False)
+        if rank:
+            dev = base.weight.device
+            self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+            self.reset_adapter(generator)
+
+    @torch.no_grad()
+    def reset_adapter(self, generator=None):
+        """A ~ Kaiming-uniform (as nn.Linear), B = 0, so the update starts at zero."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        self.lora_B.zero_()
+
+    def delta(self) -> torch.Tensor:
+        """The adapter's update B·A·scaling as an fp32 (out, in) matrix."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Add the update into the frozen base weight (in its storage dtype)."""
+        if self.rank:
+            self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
+
+    def merged_weight(self) -> torch.Tensor:
+        """The effective weight in fp32, without changing the module."""
+        w = self.weight.detach().float()
+        return w + self.delta().detach() if self.rank else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast F.linear casts the bf16 weight itself; outside it, match the input dtype.
+        w = self.weight if torch.is_autocast_enabled(x.device.type) else self.weight.to(x.dtype)
+        y = F.linear(x, w)
+        if self.rank:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def apply_lora(block: nn.Module, rank: int, alpha: float, generator=None,
+               frozen_dtype=FROZEN_DTYPE) -> int:
+    """Freeze a block in place: swap its seven linears for LoRALinear and store its norms frozen in
+    ``frozen_dtype``. Returns the number of adapter parameters added."""
+    added = 0
+    for parent_name, parent in list(block.named_modules()):
+        for name, child in list(parent.named_children()):
+            if name in TARGETS and isinstance(child, nn.Linear):
+                wrapped = LoRALinear(child, rank, alpha, frozen_dtype, generator)
+                setattr(parent, name, wrapped)
+                added += rank * (child.in_features + child.out_features)
+    for p_name, p in block.named_parameters():
+        if "lora_" not in p_name and p.requires_grad:  # norms
+            p.data = p.data.to(frozen_dtype)
+            p.requires_grad_(False)
+    return added
+
+
+def lora_modules(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, LoRALinear) and m.rank]
+
+
+def is_frozen_block(block: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in block.modules())
+
+
+@torch.no_grad()
+def merge_and_reinit(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, generator=None,
+                     prune_ratio: float | None = None) -> int:
+    """ReLoRA restart: merge every adapter into its base, re-initialise A and B, and zero their Adam
+    moments (or, with ``prune_ratio``, keep only the largest-magnitude 1 - prune_ratio of them).
+    Returns the number of adapters reset."""
+    mods = lora_modules(model)
+    for m in mods:
+        m.merge()
+        m.reset_adapter(generator)
+        if optimizer is None:
+            continue
+        for p in (m.lora_A, m.lora_B):
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = state.get(key)
+                if t is None:
+                    continue
+                if prune_ratio is None:
+                    t.zero_()
+                else:
+                    k = int(t.numel() * prune_ratio)
+                    if k:
+                        cut = t.abs().flatten().kthvalue(k).values
+                        t.masked_fill_(t.abs() <= cut, 0.0)
+    return len(mods)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain fp32 state dict with adapters merged in and ``lora_*`` keys dropped (export format)."""
+    out = {}
+    lora_names = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for name, t in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        mod = name.rsplit(".", 1)[0]
+        if mod in lora_names:
+            t = model.get_submodule(mod).merged_weight()
+        out[name] = t.detach().float().contiguous()
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        out.pop("lm_head.weight", None)  # stored once, as the embedding
+    return out

@@ -1,0 +1,79 @@
+"""Tables and PNG plots made from run summaries and metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import planner
+from .errors import UserError
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    p = Path(run_dir) / "summary.json"
+    if not p.is_file():
+        raise UserError(f"RUN_DIR: {run_dir} has no summary.json (is the run finished?)")
+    return json.loads(p.read_text())
+
+
+def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir: str | Path | None = None) -> Path:
+    """The paper's Figure 2: model-state memory per stage, planned vs measured, against vanilla."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = read_summary(run_dir)
+    stages = summary["stages"]
+    from .config import load
+    cfg = load(Path(run_dir) / "config.yaml")
+    shape = planner.LayerShape(cfg.model.d_model, cfg.model.ffn_hidden, cfg.model.n_kv_heads * cfg.model.head_dim)
+    head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings)
+    van_planned = planner.vanilla_bytes(cfg.model.n_layers, planner.params_per_layer(shape)) + head
+    van_measured = None
+    if vanilla_dir:
+        van_measured = read_summary(vanilla_dir)["stages"][0]["measured_state_bytes"]["total"]
+    mb = 1 / 2**20
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    xs = range(len(stages))
+    planned = [s["planned_state_bytes"]["total"] * mb for s in stages]
+    measured = [s["measured_state_bytes"]["total"] * mb for s in stages]
+    ax.bar([x - 0.2 for x in xs], planned, 0.4, label="STEP planned (Eq. 2 + embeddings)", color="#8fb3de")
+    ax.bar([x + 0.2 for x in xs], measured, 0.4, label="STEP measured (live tensors)", color="#1f5fa8")
+    ax.axhline(van_planned * mb, color="#c0392b", ls="--", label="vanilla planned (Eq. 1 + embeddings)")
+    if van_measured is not None:
+        ax.axhline(van_measured * mb, color="#7b1e12", ls=":", label="vanilla measured")
+    ax.set_xticks(list(xs), [f"stage {s['stage'] + 1}\n{s['layers']} layers" for s in stages])
+    ax.set_ylabel("model-state memory (MiB)")
+    ax.set_title(f"{summary['method']}: memory per stage (d={cfg.model.d_model}, L={cfg.model.n_layers})")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "memory.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+def plot_loss_vs_flops(runs: dict[str, str | Path], out: str | Path) -> Path:
+    """Validation loss against training FLOPs, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, d in runs.items():
+        rows = [r for r in read_metrics(d) if "val_loss" in r]
+        ax.plot([r["flops"] for r in rows], [r["val_loss"] for r in rows], marker="o", ms=3, label=label)
+        for a, b in zip(rows, rows[1:]):
+            if b["stage"] != a["stage"]:
+                ax.axvline(a["flops"], color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,451 @@
+"""The Trainer: vanilla and staged (STEP) pre-training with one owner of the run state.
+
+Order of passes at every growth (STEP): grow -> freeze old layers + LoRA -> (re)compile -> build a
+new optimizer over the trainable parameters only -> rewarm the LR to the stage-1 peak.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import config as config_mod
+from . import flops as flops_mod
+from . import planner
+from .data import BatchSampler, TokenShard, eval_windows, prepare
+from .errors import UserError
+from .growth import grow
+from .lora import apply_lora, is_frozen_block, lora_modules, merge_and_reinit, merged_state_dict
+from .model import LLaMA, ModelConfig, build_model, count_params
+
+
+# ---------------------------------------------------------------------------- helpers
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda requested but no GPU is available; set train.device=cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def layer_shape(cfg: ModelConfig) -> planner.LayerShape:
+    return planner.LayerShape(cfg.d_model, cfg.ffn_hidden, cfg.n_kv_heads * cfg.head_dim)
+
+
+def state_bytes(model: LLaMA, optimizer: torch.optim.Optimizer) -> dict:
+    """Bytes held by parameters, gradients and per-element optimizer state (Adam moments), from the
+    live tensors, split into transformer layers and the rest. Adam's 0-d step counters are reported
+    apart (``optimizer_step_counters``) because the paper's 16 B/param model has no term for them."""
+    layers = total = counters = 0
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        b = p.numel() * p.element_size()
+        if p.grad is not None:
+            b += p.grad.numel() * p.grad.element_size()
+        for t in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(t):
+                if t.dim() == 0:
+                    counters += t.numel() * t.element_size()
+                else:
+                    b += t.numel() * t.element_size()
+        total += b
+        if name.startswith("model.layers."):
+            layers += b
+    return {"layers": layers, "total": total, "optimizer_step_counters": counters}
+
+
+def _cpu_peak_step(step_fn, model, optimizer) -> int | None:
+    """Peak tracked tensor bytes during one step on CPU (torch's MemTracker), or None if unsupported."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        return None
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step_fn()
+    peak = tracker.get_tracker_snapshot("peak")
+    return int(next(iter(peak.values()))["Total"]) if peak else None
+
+
+# ---------------------------------------------------------------------------- stage plan
+def resolve_layers_per_stage(cfg: config_mod.RunConfig) -> list[int]:
+    """n_1..n_K from the config, or from the Eq. 3 optimiser for the model's real layer shape."""
+    s, L = cfg.step, cfg.model.n_layers
+    if cfg.method not in ("step", "step-no-pet"):
+        return [L]
+    if s.layers_per_stage:
+        return list(s.layers_per_stage)
+    rank = cfg.lora.rank if cfg.method == "step" else 0
+    return planner.optimize(L, s.n_stages, layer_shape(cfg.model), rank, s.cap_growth).layers_per_stage
+
+
+def stage_param_counts(cfg: config_mod.RunConfig, layers_per_stage: list[int]) -> list[dict]:
+    """Non-embedding trainable / frozen / adapter parameter counts of each stage."""
+    shape = layer_shape(cfg.model)
+    P = planner.params_per_layer(shape)
+    E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method == "step" else 0
+    out, before = [], 0
+    for n in layers_per_stage:
+        out.append({"layers": before + n, "new_layers": n, "trainable": n * P + before * E,
+                    "frozen": before * P, "lora": before * E})
+        before += n
+    return out
+
+
+def stage_flops_per_token(cfg, counts: dict, convention: str) -> int:
+    m = cfg.model
+    return flops_mod.flops_per_token(counts["trainable"], counts["frozen"], convention, n_layers=counts["layers"],
+                                     d_model=m.d_model, seq_len=cfg.train.seq_len, vocab_size=m.vocab_size)
+
+
+def schedule(cfg: config_mod.RunConfig, layers_per_stage: list[int]) -> list[int]:
+    """Optimizer steps of each stage: vanilla's FLOPs budget (or step count) split across stages."""
+    t, s = cfg.train, cfg.step
+    if len(layers_per_stage) == 1:
+        return [t.max_steps]
+    if s.budget_match == "steps":
+        per = [1.0] * len(layers_per_stage)
+        budget = float(t.max_steps)
+    else:
+        conv = s.flops_convention
+        full = {"layers": cfg.model.n_layers, "trainable": cfg.model.n_layers * planner.params_per_layer(
+            layer_shape(cfg.model)), "frozen": 0}
+        budget = float(stage_flops_per_token(cfg, full, conv)) * t.max_steps
+        per = [float(stage_flops_per_token(cfg, c, conv)) for c in stage_param_counts(cfg, layers_per_stage)]
+    return flops_mod.split_budget(budget, per, s.growth_fraction)
+
+
+# ---------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns model, optimizer, schedule, data position, step, stage and RNG state of one run."""
+
+    def __init__(self, cfg: config_mod.RunConfig, out_dir: str | Path, progress: bool = True):
+        config_mod.validate(cfg)
+        if cfg.method in ("relora", "galore"):
+            raise UserError(f"method: {cfg.method} is not available yet; use vanilla, step or step-no-pet")
+        self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
+        self.device = pick_device(cfg.train.device)
+        self.dtype = pick_dtype(cfg.train.dtype, self.device)
+        self._prepare_output_dir()
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out.parent / ".cache" / "steplm"
+        self.shard_dir, self.tokenizer = prepare(cfg.data, cache, progress)
+        n_vocab = self.tokenizer.get_vocab_size()
+        if n_vocab > cfg.model.vocab_size:
+            raise UserError(f"model.vocab_size: the tokenizer has {n_vocab} tokens, more than model.vocab_size "
+                            f"({cfg.model.vocab_size}); raise model.vocab_size")
+        self.train_shard = TokenShard.open(self.shard_dir / "train.bin")
+        self.val_tokens = np.asarray(TokenShard.open(self.shard_dir / "val.bin").tokens)
+        self.layers_per_stage = resolve_layers_per_stage(cfg)
+        self.stage_steps = schedule(cfg, self.layers_per_stage)
+        self.nominal_steps = flops_mod.nominal_lengths(self.stage_steps, cfg.step.growth_fraction)
+        self.counts = stage_param_counts(cfg, self.layers_per_stage)
+
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)  # adapters, growth
+        stage1 = replace(cfg.model, n_layers=self.layers_per_stage[0])
+        self.model = build_model(stage1, seed=cfg.train.seed, device=self.device)
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.sampler = BatchSampler(self.train_shard, cfg.train.seq_len, cfg.train.micro_batch, cfg.train.seed)
+        self.stage = self.step = self.step_in_stage = self.tokens = 0
+        self.flops = {"paper": 0, "corrected": 0}
+        self.data_seconds = self.step_seconds = 0.0
+        self.stage_records: list[dict] = []
+        self.optimizer = self._build_optimizer()
+        self._compile()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _prepare_output_dir(self):
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--out: cannot write to {self.out} ({e.strerror})")
+
+    def _compile(self):
+        self.forward = torch.compile(self.model) if self.cfg.train.compile else self.model
+
+    def _build_optimizer(self, previous: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters only: 2-D weights decay, norms do not. State of
+        parameters that stay trainable (embeddings, head, final norm) is carried over; everything
+        else starts fresh, so the old layers' moments are freed."""
+        t = self.cfg.train
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                                foreach=self.device.type == "cuda")
+        if previous is not None:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p in previous.state:
+                        opt.state[p] = previous.state[p]
+        return opt
+
+    # -- schedule ---------------------------------------------------------------------------
+    def lr_at(self, step_in_stage: int) -> float:
+        """Warmup then cosine over the stage's nominal length (rewarmed every stage), times the
+        ReLoRA restart ramp when adapters are reset periodically."""
+        t = self.cfg.train
+        total = self.nominal_steps[self.stage]
+        if step_in_stage < t.warmup_steps:
+            lr = t.lr * (step_in_stage + 1) / t.warmup_steps
+        else:
+            progress = min(1.0, (step_in_stage - t.warmup_steps) / max(1, total - t.warmup_steps))
+            lr = t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        k = self.cfg.lora.relora_interval
+        if k and self.stage > 0 and step_in_stage >= k and self.cfg.lora.relora_warmup:
+            since = step_in_stage % k
+            lr *= min(1.0, (since + 1) / self.cfg.lora.relora_warmup)
+        return lr
+
+    # -- growth ---------------------------------------------------------------------------
+    def grow_stage(self):
+        """Grow to the next stage: insert layers, freeze the old ones with adapters, new optimizer."""
+        cfg, s = self.cfg, self.cfg.step
+        self.stage += 1
+        self.step_in_stage = 0
+        merge_and_reinit(self.model, None, self.gen)  # earlier adapters fold into their bases
+        is_new = grow(self.model, self.layers_per_stage[self.stage], s.init, s.position, s.fpi,
+                      seed=cfg.train.seed + self.stage)
+        rank = cfg.lora.rank if cfg.method == "step" else 0
+        for block, new in zip(self.model.model.layers, is_new):
+            if not new and not is_frozen_block(block):
+                apply_lora(block, rank, cfg.lora.alpha, self.gen)
+        old = self.optimizer
+        self.optimizer = self._build_optimizer(previous=old)
+        del old
+        self._compile()
+
+    # -- training ---------------------------------------------------------------------------
+    def _loss(self, x, y):
+        with autocast(self.device, self.dtype):
+            logits = self.forward(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+    def train_step(self) -> float:
+        """One optimizer step (with gradient accumulation); returns the mean micro-batch loss."""
+        t = self.cfg.train
+        self.model.train()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.step_in_stage)
+        total = 0.0
+        for _ in range(t.grad_accum):
+            t0 = time.perf_counter()
+            x, y = self.sampler.next()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self.data_seconds += time.perf_counter() - t0
+            loss = self._loss(x, y) / t.grad_accum
+            loss.backward()
+            total += loss.item()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.grad_clip)
+        self.optimizer.step()
+        return total
+
+    def _account(self):
+        tokens = self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.cfg.train.seq_len
+        self.tokens += tokens
+        for conv in self.flops:
+            self.flops[conv] += stage_flops_per_token(self.cfg, self.counts[self.stage], conv) * tokens
+        self.step += 1
+        self.step_in_stage += 1
+        k = self.cfg.lora.relora_interval
+        if k and self.stage > 0 and self.step_in_stage % k == 0:
+            merge_and_reinit(self.model, self.optimizer, self.gen)
+
+    @torch.no_grad()
+    def evaluate(self, max_tokens: int | None = None) -> float:
+        """Mean next-token loss on the first ``max_tokens`` of the validation split (nats)."""
+        self.model.eval()
+        windows = torch.from_numpy(eval_windows(self.val_tokens, self.cfg.train.seq_len,
+                                                max_tokens or self.cfg.train.eval_tokens))
+        total, count = 0.0, 0
+        for i in range(0, len(windows), self.cfg.train.micro_batch):
+            w = windows[i:i + self.cfg.train.micro_batch].to(self.device)
+            with autocast(self.device, self.dtype):
+                logits = self.forward(w[:, :-1])
+            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            count += w[:, 1:].numel()
+        return total / count
+
+    def _stage_record(self, measured: dict, peak: int | None) -> dict:
+        cfg, c = self.cfg, self.counts[self.stage]
+        shape = layer_shape(cfg.model)
+        P = planner.params_per_layer(shape)
+        E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method == "step" else 0
+        planned_layers = planner.stage_bytes(self.layers_per_stage[: self.stage + 1], P, E)[-1]
+        head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings)
+        return {"stage": self.stage, "layers": c["layers"], "new_layers": c["new_layers"],
+                "trainable_params": c["trainable"], "frozen_params": c["frozen"], "lora_params": c["lora"],
+                "planned_state_bytes": {"layers": planned_layers, "total": planned_layers + head},
+                "measured_state_bytes": {"layers": measured["layers"], "total": measured["total"]},
+                "optimizer_step_counter_bytes": measured["optimizer_step_counters"],
+                "peak_bytes": peak, "peak_source": "cuda.max_memory_allocated" if self.device.type == "cuda"
+                else "MemTracker (tracked tensor bytes)"}
+
+    def fit(self) -> dict:
+        """Train every stage; write metrics.jsonl, the final weights and summary.json. Returns the summary."""
+        from tqdm import tqdm
+
+        cfg, t = self.cfg, self.cfg.train
+        config_mod.save(cfg, self.out / "config.yaml")
+        self.tokenizer.save(str(self.out / "tokenizer.json"))
+        metrics = open(self.out / "metrics.jsonl", "a")
+        total_steps = sum(self.stage_steps)
+        bar = tqdm(total=total_steps, desc="train", disable=not self.progress, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        tok_window, t_window = 0, time.perf_counter()
+        for stage_idx, n_steps in enumerate(self.stage_steps):
+            if stage_idx > 0:
+                self.grow_stage()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            record = None
+            for _ in range(n_steps):
+                measure_peak = self.step_in_stage == min(1, n_steps - 1) and self.device.type == "cpu" \
+                    and not t.compile
+                t0 = time.perf_counter()
+                if measure_peak:
+                    box = {}
+                    peak = _cpu_peak_step(lambda: box.setdefault("loss", self.train_step()), self.model,
+                                          self.optimizer)
+                    loss = box["loss"]
+                else:
+                    loss, peak = self.train_step(), None
+                if record is None:  # after the stage's first optimizer step
+                    record = self._stage_record(state_bytes(self.model, self.optimizer), None)
+                if measure_peak:
+                    record["peak_bytes"] = peak
+                self.optimizer.zero_grad(set_to_none=True)
+                self._account()
+                self.step_seconds += time.perf_counter() - t0
+                tok_window += t.micro_batch * t.grad_accum * t.seq_len
+                if not math.isfinite(loss):
+                    raise UserError(f"training diverged at step {self.step} (loss {loss}); lower train.lr")
+                if self.step % t.log_every == 0 or self.step == total_steps:
+                    now = time.perf_counter()
+                    tps = tok_window / max(now - t_window, 1e-9)
+                    tok_window, t_window = 0, now
+                    row = {"step": self.step, "stage": self.stage, "loss": round(loss, 5),
+                           "lr": self.optimizer.param_groups[0]["lr"], "tokens": self.tokens,
+                           "flops": self.flops[cfg.step.flops_convention], "tok_per_s": round(tps, 1)}
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(stage=self.stage, loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                if t.eval_every and self.step % t.eval_every == 0 and self.step != total_steps:
+                    metrics.write(json.dumps({"step": self.step, "stage": self.stage,
+                                              "val_loss": round(self.evaluate(), 5), "tokens": self.tokens,
+                                              "flops": self.flops[cfg.step.flops_convention]}) + "\n")
+                bar.update(1)
+            if self.device.type == "cuda":
+                record["peak_bytes"] = torch.cuda.max_memory_allocated()
+            val = self.evaluate()
+            record.update(steps=n_steps, tokens=self.tokens, flops=dict(self.flops), val_loss=val)
+            self.stage_records.append(record)
+            metrics.write(json.dumps({"step": self.step, "stage": self.stage, "val_loss": round(val, 5),
+                                      "tokens": self.tokens,
+                                      "flops": self.flops[cfg.step.flops_convention]}) + "\n")
+        bar.close()
+        metrics.close()
+        train_seconds = time.perf_counter() - t_start
+        return self._finish(train_seconds)
+
+    def _finish(self, train_seconds: float) -> dict:
+        final = merged_state_dict(self.model)
+        tmp = self.out / "model.safetensors.tmp"
+        save_file(final, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self.out / "model.safetensors")
+        final_cfg = replace(self.cfg.model, n_layers=len(self.model.model.layers))
+        (self.out / "model_config.json").write_text(json.dumps(final_cfg.to_dict(), indent=2))
+        val = self.stage_records[-1]["val_loss"]
+        params = count_params(self.model)
+        summary = {
+            "method": self.cfg.method,
+            "final_val_loss": val, "final_val_ppl": math.exp(val),
+            "tokens_seen": self.tokens,
+            "flops": self.flops[self.cfg.step.flops_convention],
+            "flops_convention": self.cfg.step.flops_convention,
+            "flops_by_convention": dict(self.flops),
+            "train_seconds": train_seconds,
+            "tokens_per_second": self.tokens / max(self.step_seconds, 1e-9),
+            "data_wait_fraction": self.data_seconds / max(self.step_seconds, 1e-9),
+            "weights_sha256": weights_sha256(final),
+            "params": params,
+            "layers_per_stage": self.layers_per_stage,
+            "stage_steps": self.stage_steps,
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "stages": self.stage_records,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+# ---------------------------------------------------------------------------- loading
+def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
+    """The final merged model and tokenizer of a run directory."""
+    from tokenizers import Tokenizer
+
+    d = Path(run_dir)
+    if not (d / "model.safetensors").is_file() or not (d / "model_config.json").is_file():
+        raise UserError(f"MODEL: {d} is not a finished steplm run (no model.safetensors / model_config.json)")
+    mcfg = ModelConfig.from_dict(json.loads((d / "model_config.json").read_text()))
+    with torch.device("meta"):
+        model = LLaMA(mcfg)
+    model.to_empty(device=device)
+    state = load_file(str(d / "model.safetensors"), device=str(device))
+    if mcfg.tie_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        from .model import rope_cache
+        cos, sin = rope_cache(mcfg.max_seq_len, mcfg.head_dim, mcfg.rope_theta, device=device)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+    return model.eval(), Tokenizer.from_file(str(d / "tokenizer.json"))
