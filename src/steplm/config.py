@@ -160,6 +160,11 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"{key}: must be true or false, got {value!r}")
+    elif isinstance(default, float) and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            raise UserError(f"{key}: must be a number, got {value!r}")
     elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     return value
@@ -181,16 +186,18 @@ def from_dict(d: dict) -> RunConfig:
                 raise UserError(f"{key}: must be a mapping, got {value!r}")
             section = getattr(cfg, key)
             names = {f.name for f in dataclasses.fields(section)}
+            given = {}
             for k, v in value.items():
                 if k not in names:
                     unknown.append(f"{key}.{k}")
                 else:
-                    setattr(section, k, _coerce(v, getattr(section, k), f"{key}.{k}"))
+                    given[k] = _coerce(v, getattr(section, k), f"{key}.{k}")
+            # Rebuild so that derived defaults (model.n_kv_heads, model.ffn_hidden) follow the given keys.
+            setattr(cfg, key, SECTIONS[key](**given))
         else:
             unknown.append(key)
     if unknown:
         raise UserError(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
-    cfg.model.__post_init__()
     return cfg
 
 

@@ -95,11 +95,14 @@ def read_hf_dataset(name: str, text_field: str) -> Iterator[tuple[str, str]]:
         yield f"{name}:{n}", rec[text_field]
 
 
+def _looks_local(path: str) -> bool:
+    p = Path(path).expanduser()
+    return p.exists() or path.startswith((".", "/", "~")) or _suffix(p) in TEXT_SUFFIXES + RECORD_SUFFIXES
+
+
 def documents(path: str, text_field: str = "text", exclude: list[str] = ()) -> Iterator[tuple[str, str]]:
     """Local path if it exists, else a hub dataset name of the form owner/name or name."""
-    p = Path(path).expanduser()
-    looks_local = p.exists() or path.startswith((".", "/", "~")) or _suffix(p) in TEXT_SUFFIXES + RECORD_SUFFIXES
-    if looks_local:
+    if _looks_local(path):
         return read_documents(path, text_field, exclude)
     return read_hf_dataset(path, text_field)
 
@@ -134,7 +137,13 @@ def load_tokenizer(spec: str, train_texts: Iterator[str] | None = None):
         if local:
             return load_tokenizer(local)
         try:
-            return Tokenizer.from_pretrained("gpt2")
+            from huggingface_hub import hf_hub_download
+            try:  # the local HF cache first, then the hub if it resolves at all
+                return Tokenizer.from_file(hf_hub_download("gpt2", "tokenizer.json", local_files_only=True))
+            except Exception:  # noqa: BLE001
+                if not _hub_reachable():
+                    raise
+                return Tokenizer.from_file(hf_hub_download("gpt2", "tokenizer.json"))
         except Exception:  # noqa: BLE001 - offline
             raise UserError("data.tokenizer: 'gpt2' needs the hub; set data.tokenizer to a directory with "
                             "vocab.json and merges.txt (or set STEPLM_GPT2_DIR)")
@@ -149,6 +158,18 @@ def load_tokenizer(spec: str, train_texts: Iterator[str] | None = None):
     if tok.token_to_id(EOS) is None:
         tok.add_special_tokens([EOS])
     return tok
+
+
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    """Whether the hub's name resolves; avoids half a minute of retries on an offline machine."""
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
 
 
 def eos_id(tok) -> int:
@@ -196,6 +217,18 @@ class ShardWriter:
         self.path.with_suffix(".json").write_text(json.dumps(meta))
 
 
+def _split_tail(train_path: Path, val_path: Path, fraction: float):
+    """A one-document corpus: hold out the last ``fraction`` of its tokens instead of a document."""
+    meta = json.loads(train_path.with_suffix(".json").read_text())
+    tokens = np.fromfile(train_path, dtype=np.dtype(meta["dtype"]))
+    cut = int(len(tokens) * (1 - fraction))
+    tokens[:cut].tofile(train_path)
+    tokens[cut:].tofile(val_path)
+    for path, n in ((train_path, cut), (val_path, len(tokens) - cut)):
+        path.with_suffix(".json").write_text(json.dumps({"dtype": meta["dtype"], "n_tokens": n, "n_docs": 1,
+                                                         "split": "tail"}))
+
+
 def _cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -213,6 +246,12 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
 
     if not data_cfg.path:
         raise UserError("data.path: no training data given (use --data PATH or set data.path)")
+    for key, path in (("data.path", data_cfg.path), ("data.val_path", data_cfg.val_path)):
+        if path and _looks_local(path):
+            try:
+                list_sources(path, data_cfg.exclude)
+            except UserError as e:
+                raise UserError(str(e).replace("data.path", key, 1))
     key = _cache_key({"src": _source_fingerprint(data_cfg.path, data_cfg.exclude),
                       "val": _source_fingerprint(data_cfg.val_path, data_cfg.exclude) if data_cfg.val_path else None,
                       "frac": data_cfg.val_fraction, "tok": data_cfg.tokenizer, "field": data_cfg.text_field,
@@ -251,7 +290,7 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
                       ("val", documents(data_cfg.val_path, data_cfg.text_field, data_cfg.exclude))]
         else:
             splits = [(None, documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude))]
-        bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress, mininterval=1)
+        bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress, mininterval=1, delay=1)
         for fixed, docs in splits:
             batch: list[tuple[str, str]] = []
 
@@ -277,7 +316,9 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
             w.close()
         if writers["train"].n_docs == 0:
             raise UserError(f"data.path: {data_cfg.path} holds no text (empty corpus)")
-        if writers["val"].n_docs == 0:
+        if writers["val"].n_docs == 0 and writers["train"].n_docs == 1:
+            _split_tail(tmp / "train.bin", tmp / "val.bin", data_cfg.val_fraction)
+        elif writers["val"].n_docs == 0:
             raise UserError(f"data.val_fraction: no document of {data_cfg.path} was held out for validation "
                             f"({writers['train'].n_docs} documents); raise it or set data.val_path")
         tok.save(str(tmp / "tokenizer.json"))

@@ -106,6 +106,7 @@ def load_hf_dir(path: str | Path, device="cpu") -> tuple[LLaMA, object]:
     with torch.device("meta"):
         model = LLaMA(cfg)
     model.to_empty(device=device)
+    model.tie_weights()
     sd = {inverse[k]: state[k].float() for k in inverse}
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]

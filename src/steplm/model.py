@@ -192,12 +192,16 @@ class LLaMA(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
+
+    def tie_weights(self):
+        """Share embedding and head (again after ``to_empty``, which re-creates parameters)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -251,6 +255,7 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
     with torch.device("meta"):
         model = LLaMA(cfg)
     model.to_empty(device=device)
+    model.tie_weights()
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         model.init_weights(gen)

@@ -439,6 +439,7 @@ def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
     with torch.device("meta"):
         model = LLaMA(mcfg)
     model.to_empty(device=device)
+    model.tie_weights()
     state = load_file(str(d / "model.safetensors"), device=str(device))
     if mcfg.tie_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])

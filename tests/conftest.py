@@ -1,0 +1,53 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("STEPLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared(rel: str) -> Path:
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"shared data {p} not present")
+    return p
+
+
+def tiny_overrides(tmp: Path, **extra) -> list[str]:
+    """--set items for a seconds-long run on tiny Shakespeare with a trained 512-token BPE."""
+    base = {
+        "data.path": str(shared("shakespeare/input.txt")), "data.tokenizer": "bpe:512",
+        "data.val_fraction": 0.5, "data.cache_dir": str(tmp / "cache"),
+        "model.vocab_size": 512, "model.d_model": 32, "model.n_layers": 4, "model.n_heads": 2,
+        "model.max_seq_len": 32, "train.seq_len": 32, "train.micro_batch": 4, "train.max_steps": 12,
+        "train.warmup_steps": 2, "train.eval_every": 0, "train.eval_tokens": 1024, "train.log_every": 1,
+        "train.dtype": "fp32", "lora.rank": 4,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir(tmp_path_factory):
+    """Tiny Shakespeare split into documents (one file per 40-line chunk)."""
+    text = shared("shakespeare/input.txt").read_text()
+    lines = text.splitlines(keepends=True)
+    d = tmp_path_factory.mktemp("shakes")
+    for i in range(0, len(lines), 400):
+        (d / f"part{i // 400:03d}.txt").write_text("".join(lines[i:i + 400]))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, shakespeare_dir):
+    """A finished tiny vanilla run directory."""
+    from steplm import config
+    from steplm.train import Trainer
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    cfg = config.load(None, tiny_overrides(tmp, **{"data.path": str(shakespeare_dir), "data.val_fraction": 0.2,
+                                                     "model.max_seq_len": 64}))
+    out = tmp / "run"
+    Trainer(cfg, out, progress=False).fit()
+    return out

@@ -1,0 +1,96 @@
+"""End-to-end CLI: train, eval (steplm vs transformers backend), export, and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from steplm.cli import main
+
+from conftest import ROOT, shared, tiny_overrides
+
+
+def run_cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run([sys.executable, "-m", "steplm", *args], capture_output=True, text=True, env=env,
+                          cwd=kw.get("cwd", ROOT), timeout=300)
+
+
+def assert_one_line_error(res, *needles):
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_train_cli_writes_summary(tmp_path):
+    out = tmp_path / "run"
+    sets = [x for kv in tiny_overrides(tmp_path) for x in ("--set", kv)]
+    res = run_cli("train", "--out", str(out), "--quiet", *sets)
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("final_val_loss", "final_val_ppl", "tokens_seen", "flops", "train_seconds", "weights_sha256", "params"):
+        assert key in s
+    assert s["tokens_seen"] == 12 * 4 * 32
+    P = s["params"]
+    assert P["embedding"] + P["non_embedding"] == P["total"] == P["trainable"] + P["frozen"]
+    # paper convention C = 6·N·T over non-embedding parameters
+    assert s["flops"] == 6 * P["non_embedding"] * s["tokens_seen"] - 6 * 32 * s["tokens_seen"]  # minus final norm
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in r and "stage" in r for r in rows)
+    assert json.loads(res.stdout)["weights_sha256"] == s["weights_sha256"]
+
+
+def test_eval_backends_agree_on_wikitext(tiny_run, tmp_path):
+    pytest.importorskip("transformers")
+    wiki = str(shared("wikitext2/valid.txt"))
+    hf_dir = tmp_path / "hf"
+    assert main(["export", str(tiny_run), "--to", str(hf_dir)]) == 0
+    res_a = run_cli("eval", str(tiny_run), "--data", wiki, "--max-tokens", "4096", "--json")
+    res_b = run_cli("eval", str(hf_dir), "--data", wiki, "--max-tokens", "4096", "--json", "--backend", "transformers")
+    assert res_a.returncode == 0 and res_b.returncode == 0, res_a.stderr + res_b.stderr
+    a, b = json.loads(res_a.stdout), json.loads(res_b.stdout)
+    assert a["tokens"] == b["tokens"] > 3000
+    assert abs(a["loss"] - b["loss"]) / a["loss"] <= 1e-4
+    assert abs(a["ppl"] - 2.718281828 ** a["loss"]) < 1e-6 * a["ppl"]
+
+
+def test_export_loads_with_auto_classes(tiny_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from steplm.train import load_run
+
+    out = tmp_path / "hf"
+    assert main(["export", str(tiny_run), "--to", str(out)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    ours, our_tok = load_run(tiny_run)
+    text = "To be, or not to be"
+    ids = tok(text)["input_ids"]
+    assert ids == our_tok.encode(text).ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x).logits, ours(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["train", "--out", "{tmp}/o", "--data", "{tmp}/missing.txt"], ["data.path", "does not exist"]),
+    (["train", "--out", "{tmp}/o", "--data", "{tmp}/empty.txt", "--set", "data.tokenizer=bpe:300"], ["empty corpus"]),
+    (["train", "--out", "{tmp}/o", "--set", "train.bogus=1"], ["unknown config key: train.bogus"]),
+    (["train", "--out", "{tmp}/o", "--set", "model.d_model=30", "--set", "model.n_heads=4"],
+     ["model.d_model", "divisible"]),
+    (["train", "--out", "{tmp}/o", "{tmp}/nope.yaml"], ["config file not found"]),
+    (["train", "--out", "{tmp}/o", "--max-steps", "-3"], ["--max-steps"]),
+    (["eval", "{tmp}", "--data", "{tmp}/empty.txt"], ["MODEL"]),
+    (["export", "{tmp}/none", "--to", "{tmp}/x"], ["RUN_DIR"]),
+    (["plan", "--hidden", "64", "--layers", "0"], ["--layers"]),
+    (["frobnicate"], ["invalid choice"]),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needles):
+    (tmp_path / "empty.txt").write_text("")
+    res = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()  # nothing half-written

@@ -1,0 +1,103 @@
+"""Corpus reading in every format, document-level split, EOS separation, cached shards, sampling."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from steplm import config
+from steplm.data import BatchSampler, TokenShard, eval_windows, load_tokenizer, prepare, read_documents
+from steplm.errors import UserError
+
+from conftest import shared
+
+
+def test_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "zipped"}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["pq1", "pq2"]}), tmp_path / "d.parquet")
+    texts = [t for _, t in read_documents(str(tmp_path))]
+    assert texts == ["plain text", "one", "two", "zipped", "pq1", "pq2"]
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"txt": "x"}\n', "no string field 'text'"),
+    ("not json\n", "not valid JSON"),
+])
+def test_bad_jsonl(tmp_path, content, match):
+    (tmp_path / "x.jsonl").write_text(content)
+    with pytest.raises(UserError, match=match):
+        list(read_documents(str(tmp_path / "x.jsonl")))
+
+
+def test_non_utf8_and_missing(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(UserError, match="not UTF-8"):
+        list(read_documents(str(tmp_path / "bad.txt")))
+    with pytest.raises(UserError, match="does not exist"):
+        list(read_documents(str(tmp_path / "nope.txt")))
+
+
+def test_gpt2_tokenizer_from_shared_files():
+    tok = load_tokenizer(str(shared("tokenizers/gpt2")))
+    assert tok.encode("Hello world").ids == [15496, 995]  # the reference ids from the data README
+    assert tok.token_to_id("<|endoftext|>") == 50256
+
+
+def _docs_dir(tmp_path, n=40):
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i in range(n):
+        (d / f"doc{i:02d}.txt").write_text(f"document number {i} " * 20)
+    return d
+
+
+def test_prepare_splits_by_document_and_separates_with_eos(tmp_path):
+    d = _docs_dir(tmp_path)
+    cfg = config.DataConfig(path=str(d), tokenizer="bpe:300", val_fraction=0.25)
+    out, tok = prepare(cfg, tmp_path / "cache", progress=False)
+    train, val = TokenShard.open(out / "train.bin"), TokenShard.open(out / "val.bin")
+    assert train.n_docs + val.n_docs == 40 and val.n_docs > 0 and train.n_docs > 0
+    eos = tok.token_to_id("<|endoftext|>")
+    assert (np.asarray(train.tokens) == eos).sum() == train.n_docs  # one EOS per document
+    assert train.tokens.dtype == np.uint16
+    # Each validation document is whole and absent from train.
+    val_text = tok.decode(np.asarray(val.tokens).tolist())
+    train_text = tok.decode(np.asarray(train.tokens).tolist())
+    for i in range(40):
+        needle = f"document number {i} document"
+        assert (needle in val_text) != (needle in train_text)
+    # A second prepare hits the cache (same directory, no re-tokenizing).
+    again, _ = prepare(cfg, tmp_path / "cache", progress=False)
+    assert again == out
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    (tmp_path / "e.txt").write_text("   \n")
+    with pytest.raises(UserError, match="empty corpus"):
+        prepare(config.DataConfig(path=str(tmp_path / "e.txt"), tokenizer=str(shared("tokenizers/gpt2"))),
+                tmp_path / "cache", progress=False)
+    assert not any((tmp_path / "cache").glob("*/train.bin"))  # nothing half-written left
+
+
+def test_sampler_is_reproducible_and_shifted(tmp_path):
+    d = _docs_dir(tmp_path)
+    out, _ = prepare(config.DataConfig(path=str(d), tokenizer="bpe:300", val_fraction=0.25), tmp_path / "c", progress=False)
+    shard = TokenShard.open(out / "train.bin")
+    a, b = BatchSampler(shard, 16, 4, seed=1), BatchSampler(shard, 16, 4, seed=1)
+    x1, y1 = a.next()
+    state = a.state_dict()
+    x2, _ = a.next()
+    b.next()
+    b.load_state_dict(state)
+    assert x1.shape == (4, 16) and np.array_equal(x1[:, 1:], y1[:, :-1])
+    assert np.array_equal(b.next()[0], x2)
+
+
+def test_eval_windows():
+    w = eval_windows(np.arange(100), 10, max_tokens=30)
+    assert w.shape == (3, 11) and w[1, 0] == 10 and w[0, -1] == 10
