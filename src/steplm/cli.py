@@ -91,10 +91,10 @@ def cmd_plan(a):
         a.layers = a.layers or p["n_layers"]
         a.stages = a.stages or p["n_stages"]
         a.lora_rank = a.lora_rank or p["lora_rank"]
-    a.lora_rank = a.lora_rank or 128
     a.stages = a.stages or 2
     if not a.hidden:
         raise UserError("--hidden: give the hidden size d (or --preset)")
+    a.lora_rank = a.lora_rank or min(128, a.hidden)
     if a.lora_rank > a.hidden:
         raise UserError(f"--lora-rank: must be at most --hidden ({a.hidden}), got {a.lora_rank}")
     kv = None
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--hidden", type=_positive_int, help="d")
     pl.add_argument("--layers", type=_positive_int, help="final layer count L")
     pl.add_argument("--stages", type=_positive_int, help="K (default 2)")
-    pl.add_argument("--lora-rank", type=_positive_int, help="r (default 128)")
+    pl.add_argument("--lora-rank", type=_positive_int, help="r (default min(128, d), the paper's rank)")
     pl.add_argument("--layers-per-stage", help="evaluate this split instead of optimising, e.g. 7,5")
     pl.add_argument("--ffn-hidden", type=_positive_int, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
     pl.add_argument("--n-heads", type=_positive_int, help="attention heads (for GQA and activations)")

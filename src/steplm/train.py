@@ -99,7 +99,14 @@ def _cpu_peak_step(step_fn, model, optimizer) -> int | None:
         from torch.distributed._tools.mem_tracker import MemTracker
     except ImportError:
         return None
-    tracker = MemTracker()
+
+    class Tracker(MemTracker):
+        # MemTracker hooks every parameter's gradient to label it, which fails on frozen ones; the
+        # hooks only label, every allocation is still counted in the total.
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    tracker = Tracker()
     tracker.track_external(model, optimizer)
     with tracker:
         step_fn()
@@ -209,22 +216,23 @@ class Trainer:
         self.forward = torch.compile(self.model) if self.cfg.train.compile else self.model
 
     def _build_optimizer(self, previous: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters only: 2-D weights decay, norms do not. State of
-        parameters that stay trainable (embeddings, head, final norm) is carried over; everything
-        else starts fresh, so the old layers' moments are freed."""
+        """AdamW over the trainable parameters only: 2-D weights decay, norms do not. The state of
+        embeddings, head and final norm (trainable in every stage) is carried over; every layer
+        parameter, adapters included, starts fresh, so the old layers' moments are freed."""
         t = self.cfg.train
-        decay, no_decay = [], []
-        for p in self.model.parameters():
+        decay, no_decay, carry = [], [], []
+        for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
+                if not name.startswith("model.layers."):
+                    carry.append(p)
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
                                 foreach=self.device.type == "cuda")
         if previous is not None:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p in previous.state:
-                        opt.state[p] = previous.state[p]
+            for p in carry:
+                if p in previous.state:
+                    opt.state[p] = previous.state[p]
         return opt
 
     # -- schedule ---------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Planner: Eq. 1-5 numbers derived by hand, DP and HiGHS against brute force, ties, budget mode."""
+import itertools
+import json
+
+import pytest
+
+from steplm import planner
+from steplm.cli import main
+from steplm.planner import LayerShape
+
+GB = 1e9
+
+
+def eq2_by_hand(split, d, r):
+    """Eq. 2 written out independently of the planner: P = 12d²+2d, E = 19rd."""
+    P, E = 12 * d * d + 2 * d, 19 * r * d
+    out, before = [], 0
+    for n in split:
+        out.append(16 * n * P + 2 * before * P + 16 * before * E)
+        before += n
+    return out
+
+
+def brute_force(L, K, d, r, cap=False):
+    """Minimum peak over every composition of L into K positive parts, and the argmins."""
+    best, arg = None, []
+    for cuts in itertools.combinations(range(1, L), K - 1):
+        split = [b - a for a, b in zip((0,) + cuts, cuts + (L,))]
+        if cap and any(split[i] > sum(split[:i]) for i in range(1, K)):
+            continue
+        peak = max(eq2_by_hand(split, d, r))
+        if best is None or peak < best:
+            best, arg = peak, [split]
+        elif peak == best:
+            arg.append(split)
+    return best, arg
+
+
+def test_eq4_eq5_paper_defaults():
+    assert planner.params_per_layer(LayerShape(1600)) == 12 * 1600**2 + 2 * 1600
+    assert planner.lora_params_per_layer(LayerShape(1600), 128) == 19 * 128 * 1600
+
+
+def test_generalised_shapes_count_real_linears():
+    s = LayerShape(64, ffn_hidden=192, kv_dim=32)
+    assert planner.params_per_layer(s) == 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 192 + 2 * 64
+    assert planner.lora_params_per_layer(s, 4) == 4 * (2 * 128 + 2 * 96 + 3 * 256)
+
+
+@pytest.mark.parametrize("d,L,K,split,peak_gb,vanilla_gb", [
+    (1600, 12, 2, [7, 5], 3.44, 5.90),
+    (1536, 24, 2, [14, 10], 6.34, 10.87),
+    (2048, 24, 2, [13, 11], 11.20, None),
+    (2048, 24, 3, [10, 8, 6], 8.25, None),
+])
+def test_issue_rows(d, L, K, split, peak_gb, vanilla_gb):
+    plan = planner.optimize(L, K, LayerShape(d), 128)
+    assert plan.layers_per_stage == split
+    assert round(plan.peak_bytes / GB, 2) == peak_gb == round(max(eq2_by_hand(split, d, 128)) / GB, 2)
+    if vanilla_gb:
+        assert round(plan.vanilla_bytes / GB, 2) == vanilla_gb
+
+
+def test_paper_table1_rows_for_1_2b_are_not_optimal():
+    ours2, paper2 = planner.optimize(24, 2, LayerShape(2048), 128), planner.evaluate_split([14, 10], LayerShape(2048), 128)
+    ours3, paper3 = planner.optimize(24, 3, LayerShape(2048), 128), planner.evaluate_split([11, 8, 5], LayerShape(2048), 128)
+    assert round(paper2.peak_bytes / GB, 2) == 11.28 and ours2.peak_bytes < paper2.peak_bytes
+    assert round(paper3.peak_bytes / GB, 2) == 8.86 and ours3.peak_bytes < paper3.peak_bytes
+    assert round(100 * ours3.reduction, 1) == 57.3
+
+
+@pytest.mark.parametrize("d,r", [(2048, 128), (256, 8)])
+def test_dp_and_milp_match_brute_force(d, r):
+    P, E = planner.params_per_layer(LayerShape(d)), planner.lora_params_per_layer(LayerShape(d), r)
+    for L in range(1, 25):
+        for K in range(1, min(6, L) + 1):
+            best, arg = brute_force(L, K, d, r)
+            peak, ties = planner.solve_dp(L, K, P, E)
+            assert peak == best and ties == sorted(arg), (L, K)
+            milp = planner.solve_milp(L, K, P, E)
+            assert max(planner.stage_bytes(milp, P, E)) == best, (L, K, milp)
+
+
+def test_cap_growth_constraint_matches_brute_force():
+    P, E = planner.params_per_layer(LayerShape(512)), planner.lora_params_per_layer(LayerShape(512), 16)
+    for L in range(3, 16):
+        for K in range(2, 5):
+            if K > L:
+                continue
+            best, arg = brute_force(L, K, 512, 16, cap=True)
+            if best is None:
+                continue
+            assert planner.solve_dp(L, K, P, E, cap_growth=True) == (best, sorted(arg))
+            assert max(planner.stage_bytes(planner.solve_milp(L, K, P, E, cap_growth=True), P, E)) == best
+
+
+def test_optimize_returns_dp_answer_and_reports_ties():
+    plan = planner.optimize(24, 10, LayerShape(2048), 128)
+    best, arg = brute_force(24, 10, 2048, 128)
+    assert plan.peak_bytes == best and plan.layers_per_stage in arg
+    assert plan.tied_optima == sorted(arg) and plan.layers_per_stage == max(arg)
+
+
+def test_budget_mode_is_deepest_fitting():
+    shape = LayerShape(1024)
+    budget = 4 * GB
+    plan = planner.deepest_within(budget, 2, shape, 64)
+    L = sum(plan.layers_per_stage)
+    assert brute_force(L, 2, 1024, 64)[0] <= budget < brute_force(L + 1, 2, 1024, 64)[0]
+    with pytest.raises(ValueError):
+        planner.deepest_within(1e6, 2, shape, 64)
+
+
+def test_plan_cli_json(capsys):
+    assert main(["plan", "--preset", "1.2b-3stage", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layers_per_stage"] == [10, 8, 6] and out["cumulative_layers"] == [10, 18, 24]
+    assert out["peak_bytes"] == max(out["stage_bytes"]) == max(eq2_by_hand([10, 8, 6], 2048, 128))
+    assert out["params_per_layer"] == 12 * 2048**2 + 2 * 2048
+    assert main(["plan", "--hidden", "2048", "--layers", "24", "--stages", "2", "--lora-rank", "128",
+                 "--layers-per-stage", "14,10", "--json"]) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert given["stage_bytes"] == eq2_by_hand([14, 10], 2048, 128)
+    assert main(["plan", "--hidden", "1600", "--layers", "12", "--extended", "--seq-len", "1024",
+                 "--micro-batch", "1", "--n-heads", "25", "--json"]) == 0
+    ext = json.loads(capsys.readouterr().out)["extended"]
+    assert ext["embedding_head_norm_bytes"] == 16 * (2 * 50257 * 1600 + 1600)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--hidden", "64", "--layers", "4", "--stages", "5"], "--stages"),
+    (["--hidden", "64", "--layers", "4", "--lora-rank", "65"], "--lora-rank"),
+    (["--hidden", "64", "--layers", "4", "--layers-per-stage", "2,1"], "--layers-per-stage"),
+    (["--hidden", "2048", "--budget-gb", "0.01"], "--budget-gb"),
+])
+def test_plan_bad_input(capsys, args, flag):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert flag in err and len(err.splitlines()) == 1

@@ -1,0 +1,154 @@
+"""Staged trainer: planned == measured state bytes per stage, freed optimizer state, FLOPs matching."""
+import gc
+import json
+import math
+import weakref
+
+import pytest
+import torch
+
+from steplm import config, planner
+from steplm.train import Trainer
+
+from conftest import tiny_overrides
+
+
+def make(tmp_path, name="run", **extra):
+    cfg = config.load(None, tiny_overrides(tmp_path, **extra))
+    return Trainer(cfg, tmp_path / name, progress=False)
+
+
+def eq2_layers(split, cfg, rank):
+    """Eq. 2 from the model's real linears, written out here rather than taken from the planner."""
+    d, f = cfg.d_model, cfg.ffn_hidden
+    P = 4 * d * d + 3 * d * f + 2 * d
+    E = rank * (4 * 2 * d + 3 * (d + f))
+    out, before = [], 0
+    for n in split:
+        out.append(16 * n * P + 2 * before * P + 16 * before * E)
+        before += n
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("staged")
+    common = {"train.max_steps": 16}
+    out = {}
+    for name, extra in {
+        "vanilla": {},
+        "step2": {"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]"},
+        "step3": {"method": "step", "step.n_stages": 3, "step.layers_per_stage": "[2,1,1]"},
+    }.items():
+        tr = make(tmp, name, **common, **extra)
+        out[name] = (tr, tr.fit())
+    return out
+
+
+@pytest.mark.parametrize("name,split", [("vanilla", [4]), ("step2", [2, 2]), ("step3", [2, 1, 1])])
+def test_measured_state_equals_planned(runs, name, split):
+    tr, summary = runs[name]
+    m = tr.cfg.model
+    rank = 0 if name == "vanilla" else tr.cfg.lora.rank
+    by_hand = eq2_layers(split, m, rank)
+    head = 16 * (2 * m.vocab_size * m.d_model + m.d_model)
+    assert len(summary["stages"]) == len(split)
+    for stage, expected in zip(summary["stages"], by_hand):
+        assert stage["planned_state_bytes"]["layers"] == expected
+        assert stage["measured_state_bytes"]["layers"] == expected
+        assert stage["measured_state_bytes"]["total"] == stage["planned_state_bytes"]["total"] == expected + head
+        assert stage["peak_bytes"] and stage["peak_bytes"] >= stage["measured_state_bytes"]["total"]
+        for key in ("layers", "trainable_params", "frozen_params", "lora_params", "steps", "tokens", "flops",
+                    "val_loss"):
+            assert key in stage
+
+
+def test_step_peak_below_vanilla(runs):
+    van = runs["vanilla"][1]["stages"][0]["measured_state_bytes"]["layers"]
+    for name in ("step2", "step3"):
+        peak = max(s["measured_state_bytes"]["layers"] for s in runs[name][1]["stages"])
+        assert peak < van
+    assert max(s["measured_state_bytes"]["layers"] for s in runs["step3"][1]["stages"]) < \
+        max(s["measured_state_bytes"]["layers"] for s in runs["step2"][1]["stages"])
+
+
+def test_final_model_same_depth_and_shape(runs):
+    for name in ("step2", "step3"):
+        tr, summary = runs[name]
+        assert len(tr.model.model.layers) == 4
+        frozen = [any(not p.requires_grad for p in b.parameters()) for b in tr.model.model.layers]
+        assert frozen.count(False) == tr.layers_per_stage[-1]
+        assert summary["params"]["non_embedding"] == runs["vanilla"][1]["params"]["non_embedding"] + \
+            summary["params"]["lora"]
+
+
+def test_flops_match_vanilla_budget(runs):
+    van = runs["vanilla"][1]["flops_by_convention"]["paper"]
+    for name in ("step2", "step3"):
+        tr, s = runs[name]
+        per_step_last = s["stages"][-1]["flops"]["paper"] - s["stages"][-2]["flops"]["paper"]
+        assert abs(s["flops_by_convention"]["paper"] - van) <= per_step_last / s["stages"][-1]["steps"]
+        assert s["tokens_seen"] > runs["vanilla"][1]["tokens_seen"]  # cheaper stages buy more tokens
+        # the corrected count charges frozen layers 4N, so it exceeds the paper's
+        assert s["flops_by_convention"]["corrected"] > s["flops_by_convention"]["paper"]
+
+
+def test_metrics_rows_have_step_and_stage(runs):
+    tr, _ = runs["step3"]
+    rows = [json.loads(x) for x in (tr.out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {0, 1, 2}
+    assert all(isinstance(r["step"], int) for r in rows)
+
+
+def test_growth_frees_old_optimizer_state(tmp_path):
+    tr = make(tmp_path, **{"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]",
+                           "train.max_steps": 4})
+    for _ in range(2):
+        tr.train_step()
+        tr.optimizer.zero_grad()
+    old_layer_params = [p for b in tr.model.model.layers for p in b.parameters()]
+    emb = tr.model.model.embed_tokens.weight
+    emb_state = tr.optimizer.state[emb]["exp_avg"].clone()
+    ref = weakref.ref(tr.optimizer)
+    moments = [weakref.ref(tr.optimizer.state[p]["exp_avg"]) for p in old_layer_params]
+    tr.grow_stage()
+    gc.collect()
+    assert ref() is None and all(m() is None for m in moments)  # the tensors are gone, not just unreachable
+    trainable = {id(p) for p in tr.model.parameters() if p.requires_grad}
+    assert all(id(p) in trainable for p in tr.optimizer.param_groups[0]["params"] + tr.optimizer.param_groups[1]["params"])
+    for name, p in tr.model.named_parameters():
+        if not p.requires_grad:
+            assert p not in tr.optimizer.state and p.dtype == torch.bfloat16 and p.grad is None, name
+    assert torch.equal(tr.optimizer.state[emb]["exp_avg"], emb_state)  # embeddings keep their moments
+    tr.train_step()
+    assert all(p in tr.optimizer.state for g in tr.optimizer.param_groups for p in g["params"])
+
+
+def test_lr_rewarms_each_stage(tmp_path):
+    tr = make(tmp_path, **{"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]",
+                           "train.max_steps": 40, "train.warmup_steps": 4})
+    peak = tr.cfg.train.lr
+    n1 = tr.nominal_steps[0]
+    end_of_stage1 = tr.lr_at(tr.stage_steps[0] - 1)
+    assert end_of_stage1 < peak
+    tr.stage = 1
+    assert tr.lr_at(0) == pytest.approx(peak / 4) and tr.lr_at(3) == pytest.approx(peak)
+    # stage 1 is cut at 75 % of its nominal cosine: LR there is between floor and peak
+    tr.stage = 0
+    expect = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (tr.stage_steps[0] - 1 - 4) / (n1 - 4))))
+    assert end_of_stage1 == pytest.approx(expect)
+
+
+def test_step_no_pet_has_no_adapters(tmp_path):
+    tr = make(tmp_path, **{"method": "step-no-pet", "step.n_stages": 2, "step.layers_per_stage": "[2,2]",
+                           "train.max_steps": 6})
+    s = tr.fit()
+    assert s["params"]["lora"] == 0
+    st = s["stages"][1]
+    assert st["measured_state_bytes"]["layers"] == eq2_layers([2, 2], tr.cfg.model, 0)[1]
+
+
+def test_planned_split_is_used_when_unset(tmp_path):
+    tr = make(tmp_path, **{"method": "step", "step.n_stages": 2, "train.max_steps": 4})
+    shape = planner.LayerShape(tr.cfg.model.d_model, tr.cfg.model.ffn_hidden)
+    assert tr.layers_per_stage == planner.optimize(4, 2, shape, tr.cfg.lora.rank).layers_per_stage
