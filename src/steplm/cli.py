@@ -146,20 +146,20 @@ def cmd_plan(a):
     if a.json:
         print(json.dumps(plan.to_dict()))
         return
-    gb = planner.GB
+    gb, unit = (planner.GB, "GB") if plan.vanilla_bytes >= planner.GB else (1e6, "MB")
     print(f"d={a.hidden} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)} r={a.lora_rank}  "
           f"P={plan.params_per_layer:,} E={plan.lora_params_per_layer:,}  solver: {plan.solver}")
-    print(f"{'stage':>5} {'new':>4} {'layers':>6} {'GB (Eq. 2)':>11}")
+    print(f"{'stage':>5} {'new':>4} {'layers':>6} {unit + ' (Eq. 2)':>11}")
     for i, (n, N, b) in enumerate(zip(plan.layers_per_stage, plan.cumulative_layers, plan.stage_bytes), 1):
         print(f"{i:>5} {n:>4} {N:>6} {b / gb:>11.2f}")
-    print(f"peak {plan.peak_bytes / gb:.2f} GB vs vanilla {plan.vanilla_bytes / gb:.2f} GB "
+    print(f"peak {plan.peak_bytes / gb:.2f} {unit} vs vanilla {plan.vanilla_bytes / gb:.2f} {unit} "
           f"(reduction {100 * plan.reduction:.1f} %)")
     if len(plan.tied_optima) > 1:
         print(f"tied optima: {plan.tied_optima}")
     if plan.extended:
         e = plan.extended
-        print(f"extended: + embeddings/head {e['embedding_head_norm_bytes'] / gb:.2f} GB + activations "
-              f"{e['activation_bytes'] / gb:.2f} GB = {e['peak_bytes'] / gb:.2f} GB")
+        print(f"extended: + embeddings/head {e['embedding_head_norm_bytes'] / gb:.2f} {unit} + activations "
+              f"{e['activation_bytes'] / gb:.2f} {unit} = {e['peak_bytes'] / gb:.2f} {unit}")
 
 
 def cmd_plot(a):

@@ -102,7 +102,7 @@ class LoraConfig:
 @dataclass
 class StepConfig:
     n_stages: int = 1
-    """K, the number of stages (1 = no growth)."""
+    """K, the number of stages (methods other than step and step-no-pet ignore the step section)."""
     layers_per_stage: list[int] | None = None
     """n_1..n_K, layers added per stage (must sum to model.n_layers); None: choose with the Eq. 3 planner."""
     growth_fraction: float = 0.75
@@ -282,8 +282,6 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"step.n_stages: must be at most model.n_layers ({L}), got {s.n_stages}")
     if cfg.method in ("step", "step-no-pet") and isinstance(s.n_stages, int) and s.n_stages < 2:
         out.append(f"step.n_stages: method {cfg.method} needs at least 2 stages, got {s.n_stages}")
-    if cfg.method in ("vanilla", "relora", "galore") and s.n_stages != 1:
-        out.append(f"step.n_stages: method {cfg.method} trains one stage, got {s.n_stages}; set method=step")
     if s.layers_per_stage is not None:
         lps = s.layers_per_stage
         if not (isinstance(lps, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lps)):

@@ -44,7 +44,9 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     ax.set_xticks(list(xs), [f"stage {s['stage'] + 1}\n{s['layers']} layers" for s in stages])
     ax.set_ylabel("model-state memory (MiB)")
     ax.set_title(f"{summary['method']}: memory per stage (d={cfg.model.d_model}, L={cfg.model.n_layers})")
-    ax.legend(fontsize=8, loc="lower right")
+    top = max(planned + measured + [van_planned * mb] + ([van_measured * mb] if van_measured else []))
+    ax.set_ylim(0, top * 1.45)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "memory.png"
     fig.savefig(out, dpi=120)

@@ -213,7 +213,8 @@ class Trainer:
             raise UserError(f"--out: cannot write to {self.out} ({e.strerror})")
 
     def _compile(self):
-        self.forward = torch.compile(self.model) if self.cfg.train.compile else self.model
+        """Compile forward + loss as one graph (the cross-entropy over the vocabulary fuses with the head)."""
+        self.loss_fn = torch.compile(self._loss) if self.cfg.train.compile else self._loss
 
     def _build_optimizer(self, previous: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters only: 2-D weights decay, norms do not. The state of
@@ -227,8 +228,7 @@ class Trainer:
                 if not name.startswith("model.layers."):
                     carry.append(p)
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-                                foreach=self.device.type == "cuda")
+        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
         if previous is not None:
             for p in carry:
                 if p in previous.state:
@@ -273,7 +273,7 @@ class Trainer:
     # -- training ---------------------------------------------------------------------------
     def _loss(self, x, y):
         with autocast(self.device, self.dtype):
-            logits = self.forward(x)
+            logits = self.model(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
     def train_step(self) -> float:
@@ -288,7 +288,7 @@ class Trainer:
             x, y = self.sampler.next()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.data_seconds += time.perf_counter() - t0
-            loss = self._loss(x, y) / t.grad_accum
+            loss = self.loss_fn(x, y) / t.grad_accum
             loss.backward()
             total += loss.item()
         if t.grad_clip:
@@ -317,7 +317,7 @@ class Trainer:
         for i in range(0, len(windows), self.cfg.train.micro_batch):
             w = windows[i:i + self.cfg.train.micro_batch].to(self.device)
             with autocast(self.device, self.dtype):
-                logits = self.forward(w[:, :-1])
+                logits = self.model(w[:, :-1])
             total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1),
                                      reduction="sum").item()
             count += w[:, 1:].numel()
