@@ -101,3 +101,17 @@ def test_sampler_is_reproducible_and_shifted(tmp_path):
 def test_eval_windows():
     w = eval_windows(np.arange(100), 10, max_tokens=30)
     assert w.shape == (3, 11) and w[1, 0] == 10 and w[0, -1] == 10
+
+
+def test_single_document_gets_tail_split_wherever_it_hashes(tmp_path):
+    from steplm.data import is_validation
+    names = {is_validation(str(tmp_path / f"book{i}.txt"), 0.5): f"book{i}.txt" for i in range(40)}
+    assert set(names) == {True, False}  # one file name of each kind
+    for in_val, name in names.items():
+        f = tmp_path / name
+        f.write_text("word " * 2000)
+        cfg = config.DataConfig(path=str(f), tokenizer="bpe:300", val_fraction=0.25)
+        out, _ = prepare(cfg, tmp_path / f"cache{in_val}", progress=False)
+        train, val = TokenShard.open(out / "train.bin"), TokenShard.open(out / "val.bin")
+        total = len(train) + len(val)
+        assert len(val) == total - int(total * 0.75) and len(train) > len(val) > 0

@@ -152,3 +152,43 @@ def test_planned_split_is_used_when_unset(tmp_path):
     tr = make(tmp_path, **{"method": "step", "step.n_stages": 2, "train.max_steps": 4})
     shape = planner.LayerShape(tr.cfg.model.d_model, tr.cfg.model.ffn_hidden)
     assert tr.layers_per_stage == planner.optimize(4, 2, shape, tr.cfg.lora.rank).layers_per_stage
+
+
+def relora_overrides(**extra):
+    base = {"method": "relora", "lora.relora_interval": 3, "lora.relora_warmup": 2, "lora.warm_start_fraction": 0.25,
+            "train.max_steps": 12}
+    base.update(extra)
+    return base
+
+
+def test_relora_phases_memory_and_resets(tmp_path):
+    tr = make(tmp_path, **relora_overrides())
+    assert tr.stage_steps == [3, 9]
+    resets = []
+    import steplm.train as train_mod
+    orig = train_mod.merge_and_reinit
+    train_mod.merge_and_reinit = lambda *a, **k: resets.append(tr.step) or orig(*a, **k)
+    try:
+        s = tr.fit()
+    finally:
+        train_mod.merge_and_reinit = orig
+    assert resets == [6, 9, 12]  # every 3 steps of the LoRA phase (global steps 3 + 3k)
+    m, r = tr.cfg.model, tr.cfg.lora.rank
+    d, f = m.d_model, m.ffn_hidden
+    P, E, L = 4 * d * d + 3 * d * f + 2 * d, r * (8 * d + 3 * (d + f)), m.n_layers
+    warm, lora = s["stages"]
+    assert warm["measured_state_bytes"]["layers"] == warm["planned_state_bytes"]["layers"] == 16 * L * P
+    expected = 2 * L * (P - 2 * d) + 16 * L * (2 * d + E)  # norms stay trainable in ReLoRA
+    assert lora["measured_state_bytes"]["layers"] == lora["planned_state_bytes"]["layers"] == expected
+    norms = [p for n, p in tr.model.named_parameters() if n.endswith("layernorm.weight")]
+    assert norms and all(p.requires_grad and p.dtype == torch.float32 for p in norms)
+
+
+def test_relora_jagged_schedule(tmp_path):
+    tr = make(tmp_path, **relora_overrides(**{"train.max_steps": 40, "lora.relora_interval": 10,
+                                              "lora.relora_warmup": 5, "train.warmup_steps": 2}))
+    tr.next_stage()  # switch to LoRA at global step 10
+    tr.step = 10 + 12
+    plain = tr.cfg.train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (22 - 2) / 38)))
+    assert tr.lr_at(12) == pytest.approx(plain * 3 / 5)  # 2 steps after the reset at 10 in-phase steps
+    assert tr.lr_at(15) == pytest.approx(tr.cfg.train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 20 / 38))))

@@ -97,6 +97,10 @@ class LoraConfig:
     """Merge adapters into the base and re-initialise them every this many steps (0: never)."""
     relora_warmup: int = 10
     """Steps of LR re-warmup after each ReLoRA merge (jagged cosine)."""
+    reset_prune: float | None = None
+    """At a ReLoRA reset, zero the adapters' Adam moments (None) or prune this fraction by magnitude."""
+    warm_start_fraction: float = 0.25
+    """method relora: share of train.max_steps trained full-rank before switching to LoRA."""
 
 
 @dataclass
@@ -265,6 +269,12 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"lora.rank: must be at most model.d_model ({cfg.model.d_model}), got {lo.rank}")
     if not (isinstance(lo.relora_interval, int) and lo.relora_interval >= 0):
         out.append(f"lora.relora_interval: must be a non-negative integer, got {lo.relora_interval!r}")
+    if lo.reset_prune is not None and not (0 < lo.reset_prune < 1):
+        out.append(f"lora.reset_prune: must be in (0, 1) or null, got {lo.reset_prune!r}")
+    if not (0 <= lo.warm_start_fraction < 1):
+        out.append(f"lora.warm_start_fraction: must be in [0, 1), got {lo.warm_start_fraction!r}")
+    if cfg.method == "relora" and not lo.relora_interval:
+        out.append("lora.relora_interval: method relora needs a positive reset interval (steps)")
     if s.init not in INITS:
         out.append(f"step.init: must be one of {', '.join(INITS)}, got {s.init!r}")
     if s.position not in POSITIONS:

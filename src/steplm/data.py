@@ -314,11 +314,19 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
         bar.close()
         for w in writers.values():
             w.close()
-        if writers["train"].n_docs == 0:
+        n_train, n_val = writers["train"].n_docs, writers["val"].n_docs
+        if n_train + n_val == 0:
             raise UserError(f"data.path: {data_cfg.path} holds no text (empty corpus)")
-        if writers["val"].n_docs == 0 and writers["train"].n_docs == 1:
+        if not data_cfg.val_path and n_train + n_val == 1:
+            # One document (a single .txt): hold out its tail, whichever side its hash fell on.
+            if n_val:
+                for suffix in (".bin", ".json"):
+                    os.replace(tmp / f"val{suffix}", tmp / f"train{suffix}")
             _split_tail(tmp / "train.bin", tmp / "val.bin", data_cfg.val_fraction)
-        elif writers["val"].n_docs == 0:
+        elif n_train == 0:
+            raise UserError(f"data.val_fraction: every document of {data_cfg.path} went to validation; "
+                            f"lower it or set data.val_path")
+        elif n_val == 0:
             raise UserError(f"data.val_fraction: no document of {data_cfg.path} was held out for validation "
                             f"({writers['train'].n_docs} documents); raise it or set data.val_path")
         tok.save(str(tmp / "tokenizer.json"))

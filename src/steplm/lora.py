@@ -66,9 +66,9 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(block: nn.Module, rank: int, alpha: float, generator=None,
-               frozen_dtype=FROZEN_DTYPE) -> int:
-    """Freeze a block in place: swap its seven linears for LoRALinear and store its norms frozen in
-    ``frozen_dtype``. Returns the number of adapter parameters added."""
+               frozen_dtype=FROZEN_DTYPE, freeze_norms: bool = True) -> int:
+    """Freeze a block in place: swap its seven linears for LoRALinear and (unless ``freeze_norms`` is
+    False, as ReLoRA does) store its norms frozen in ``frozen_dtype``. Returns the adapter parameter count."""
     added = 0
     for parent_name, parent in list(block.named_modules()):
         for name, child in list(parent.named_children()):
@@ -77,7 +77,7 @@ def apply_lora(block: nn.Module, rank: int, alpha: float, generator=None,
                 setattr(parent, name, wrapped)
                 added += rank * (child.in_features + child.out_features)
     for p_name, p in block.named_parameters():
-        if "lora_" not in p_name and p.requires_grad:  # norms
+        if freeze_norms and "lora_" not in p_name and p.requires_grad:  # norms
             p.data = p.data.to(frozen_dtype)
             p.requires_grad_(False)
     return added

@@ -68,6 +68,11 @@ def stage_bytes(layers_per_stage: list[int], P: int, E: int) -> list[int]:
     return out
 
 
+def relora_bytes(n_layers: int, P: int, E: int, norm_params: int) -> int:
+    """ReLoRA's LoRA phase: linears frozen in bf16 (2 B), norms and adapters trainable (16 B)."""
+    return FROZEN_BYTES * n_layers * (P - norm_params) + TRAINABLE_BYTES * n_layers * (norm_params + E)
+
+
 def cumulative(layers_per_stage: list[int]) -> list[int]:
     return list(itertools.accumulate(layers_per_stage))
 

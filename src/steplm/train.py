@@ -126,11 +126,24 @@ def resolve_layers_per_stage(cfg: config_mod.RunConfig) -> list[int]:
     return planner.optimize(L, s.n_stages, layer_shape(cfg.model), rank, s.cap_growth).layers_per_stage
 
 
+STAGED = ("step", "step-no-pet")
+
+
+def relora_warm_steps(cfg: config_mod.RunConfig) -> int:
+    return round(cfg.train.max_steps * cfg.lora.warm_start_fraction)
+
+
 def stage_param_counts(cfg: config_mod.RunConfig, layers_per_stage: list[int]) -> list[dict]:
-    """Non-embedding trainable / frozen / adapter parameter counts of each stage."""
+    """Non-embedding trainable / frozen / adapter parameter counts of each stage. ReLoRA has two
+    stages: the full-rank warm start and the LoRA phase (skipped when the warm start is 0)."""
     shape = layer_shape(cfg.model)
     P = planner.params_per_layer(shape)
-    E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method == "step" else 0
+    E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method in ("step", "relora") else 0
+    if cfg.method == "relora":
+        L, norms = cfg.model.n_layers, 2 * cfg.model.d_model
+        lora = {"layers": L, "new_layers": 0, "trainable": L * (norms + E), "frozen": L * (P - norms), "lora": L * E}
+        full = {"layers": L, "new_layers": L, "trainable": L * P, "frozen": 0, "lora": 0}
+        return [full, lora] if relora_warm_steps(cfg) else [lora]
     out, before = [], 0
     for n in layers_per_stage:
         out.append({"layers": before + n, "new_layers": n, "trainable": n * P + before * E,
@@ -148,6 +161,9 @@ def stage_flops_per_token(cfg, counts: dict, convention: str) -> int:
 def schedule(cfg: config_mod.RunConfig, layers_per_stage: list[int]) -> list[int]:
     """Optimizer steps of each stage: vanilla's FLOPs budget (or step count) split across stages."""
     t, s = cfg.train, cfg.step
+    if cfg.method == "relora":
+        warm = relora_warm_steps(cfg)
+        return [warm, t.max_steps - warm] if warm else [t.max_steps]
     if len(layers_per_stage) == 1:
         return [t.max_steps]
     if s.budget_match == "steps":
@@ -168,8 +184,8 @@ class Trainer:
 
     def __init__(self, cfg: config_mod.RunConfig, out_dir: str | Path, progress: bool = True):
         config_mod.validate(cfg)
-        if cfg.method in ("relora", "galore"):
-            raise UserError(f"method: {cfg.method} is not available yet; use vanilla, step or step-no-pet")
+        if cfg.method == "galore":
+            raise UserError("method: galore is not available yet; use vanilla, step, step-no-pet or relora")
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         self.device = pick_device(cfg.train.device)
         self.dtype = pick_dtype(cfg.train.dtype, self.device)
@@ -199,6 +215,8 @@ class Trainer:
         self.flops = {"paper": 0, "corrected": 0}
         self.data_seconds = self.step_seconds = 0.0
         self.stage_records: list[dict] = []
+        if cfg.method == "relora" and self.stage_steps[0] == cfg.train.max_steps:
+            self._enter_lora_phase()  # no warm start: LoRA from the first step
         self.optimizer = self._build_optimizer()
         self._compile()
 
@@ -215,6 +233,7 @@ class Trainer:
     def _compile(self):
         """Compile forward + loss as one graph (the cross-entropy over the vocabulary fuses with the head)."""
         self.loss_fn = torch.compile(self._loss) if self.cfg.train.compile else self._loss
+        self.adapters_active = bool(lora_modules(self.model))
 
     def _build_optimizer(self, previous: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters only: 2-D weights decay, norms do not. The state of
@@ -236,23 +255,50 @@ class Trainer:
         return opt
 
     # -- schedule ---------------------------------------------------------------------------
+    def lora_phase(self) -> bool:
+        """Whether adapters are being trained (STEP after the first growth, ReLoRA after its warm start)."""
+        return self.adapters_active
+
     def lr_at(self, step_in_stage: int) -> float:
-        """Warmup then cosine over the stage's nominal length (rewarmed every stage), times the
-        ReLoRA restart ramp when adapters are reset periodically."""
+        """Warmup then cosine, times the ReLoRA restart ramp (jagged cosine) after adapter resets.
+        STEP rewarms to the stage-1 peak each stage and decays over the stage's nominal length;
+        the other methods follow one cosine over train.max_steps."""
         t = self.cfg.train
-        total = self.nominal_steps[self.stage]
-        if step_in_stage < t.warmup_steps:
-            lr = t.lr * (step_in_stage + 1) / t.warmup_steps
+        if self.cfg.method in STAGED:
+            s, total = step_in_stage, self.nominal_steps[self.stage]
         else:
-            progress = min(1.0, (step_in_stage - t.warmup_steps) / max(1, total - t.warmup_steps))
+            s, total = self.step, t.max_steps
+        if s < t.warmup_steps:
+            lr = t.lr * (s + 1) / t.warmup_steps
+        else:
+            progress = min(1.0, (s - t.warmup_steps) / max(1, total - t.warmup_steps))
             lr = t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-        k = self.cfg.lora.relora_interval
-        if k and self.stage > 0 and step_in_stage >= k and self.cfg.lora.relora_warmup:
-            since = step_in_stage % k
-            lr *= min(1.0, (since + 1) / self.cfg.lora.relora_warmup)
+        k, ramp = self.cfg.lora.relora_interval, self.cfg.lora.relora_warmup
+        if k and ramp and self.lora_phase():
+            # ReLoRA ramps after the switch to LoRA and after every reset; STEP's stage warmup covers its start.
+            if self.cfg.method == "relora" or step_in_stage >= k:
+                lr *= min(1.0, (step_in_stage % k + 1) / ramp)
         return lr
 
-    # -- growth ---------------------------------------------------------------------------
+    # -- stage transitions --------------------------------------------------------------------
+    def next_stage(self):
+        """Move to the next stage: grow (STEP) or switch to LoRA after the warm start (ReLoRA)."""
+        if self.cfg.method in STAGED:
+            self.grow_stage()
+        else:
+            self.stage += 1
+            self.step_in_stage = 0
+            self._enter_lora_phase()
+            old = self.optimizer
+            self.optimizer = self._build_optimizer(previous=old)
+            del old
+            self._compile()
+
+    def _enter_lora_phase(self):
+        """ReLoRA: adapters on every attention and MLP linear; norms, embeddings and head stay trainable."""
+        for block in self.model.model.layers:
+            apply_lora(block, self.cfg.lora.rank, self.cfg.lora.alpha, self.gen, freeze_norms=False)
+
     def grow_stage(self):
         """Grow to the next stage: insert layers, freeze the old ones with adapters, new optimizer."""
         cfg, s = self.cfg, self.cfg.step
@@ -304,8 +350,8 @@ class Trainer:
         self.step += 1
         self.step_in_stage += 1
         k = self.cfg.lora.relora_interval
-        if k and self.stage > 0 and self.step_in_stage % k == 0:
-            merge_and_reinit(self.model, self.optimizer, self.gen)
+        if k and self.step_in_stage % k == 0 and self.lora_phase():
+            merge_and_reinit(self.model, self.optimizer, self.gen, self.cfg.lora.reset_prune)
 
     @torch.no_grad()
     def evaluate(self, max_tokens: int | None = None) -> float:
@@ -327,8 +373,11 @@ class Trainer:
         cfg, c = self.cfg, self.counts[self.stage]
         shape = layer_shape(cfg.model)
         P = planner.params_per_layer(shape)
-        E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method == "step" else 0
-        planned_layers = planner.stage_bytes(self.layers_per_stage[: self.stage + 1], P, E)[-1]
+        E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method in ("step", "relora") else 0
+        if cfg.method == "relora" and c["lora"]:
+            planned_layers = planner.relora_bytes(c["layers"], P, E, 2 * cfg.model.d_model)
+        else:
+            planned_layers = planner.stage_bytes(self.layers_per_stage[: self.stage + 1], P, E)[-1]
         head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings)
         return {"stage": self.stage, "layers": c["layers"], "new_layers": c["new_layers"],
                 "trainable_params": c["trainable"], "frozen_params": c["frozen"], "lora_params": c["lora"],
@@ -352,7 +401,7 @@ class Trainer:
         tok_window, t_window = 0, time.perf_counter()
         for stage_idx, n_steps in enumerate(self.stage_steps):
             if stage_idx > 0:
-                self.grow_stage()
+                self.next_stage()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             record = None
