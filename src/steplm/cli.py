@@ -40,11 +40,14 @@ def cmd_train(a):
     cfg = config.load(a.config, overrides)
     config.validate(cfg)
     out = Path(a.out)
+    if a.fresh and out.exists() and any(out.iterdir()):
+        raise UserError(f"--out: {out} is not empty; drop --fresh to resume from it, or choose another directory")
     created = not out.exists()
     try:
         summary = Trainer(cfg, out, progress=not a.quiet).fit()
     except BaseException:
-        if created:  # nothing half-written left behind
+        from .checkpoint import list_steps
+        if created and not list_steps(out / "checkpoints"):  # nothing half-written left behind
             shutil.rmtree(out, ignore_errors=True)
         raise
     keys = ("method", "final_val_loss", "final_val_ppl", "tokens_seen", "flops", "train_seconds", "weights_sha256")
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=_positive_int, help="vanilla-equivalent step budget (train.max_steps)")
     t.add_argument("--seed", type=int, help="train.seed")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--fresh", action="store_true", help="refuse to start unless --out is empty (no resume)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="held-out perplexity of a run or HF directory")
@@ -235,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"steplm: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from .train import TrainingStopped
+        if not isinstance(e, TrainingStopped):
+            raise
+        print(f"steplm: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("steplm: interrupted", file=sys.stderr)
         return 130

@@ -85,6 +85,14 @@ class TrainConfig:
     """Write a metrics row every this many steps."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+    on_nonfinite: str = "skip"
+    """A NaN/inf loss or gradient norm (or one above max_grad_norm): 'skip' the batch, or 'stop' keeping the last good checkpoint."""
+    max_grad_norm: float = 0.0
+    """Treat a batch whose gradient norm exceeds this as bad (0: only NaN/inf)."""
+    max_skipped: int = 100
+    """Stop when more than this many batches have been skipped."""
 
 
 @dataclass
@@ -238,6 +246,23 @@ def save(cfg: RunConfig, path: str | Path):
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# Keys that may differ when a run resumes: they change logging and bookkeeping, not the trajectory.
+RESUME_SAFE_KEYS = {"train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                    "train.eval_tokens", "data.cache_dir"}
+
+
+def differing_keys(a: RunConfig, b: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    da, db = a.to_dict(), b.to_dict()
+    out = []
+    for sec in da:
+        if isinstance(da[sec], dict):
+            out += [f"{sec}.{k}" for k in da[sec] if da[sec][k] != db.get(sec, {}).get(k)]
+        elif da[sec] != db.get(sec):
+            out.append(sec)
+    return out
+
+
 def problems(cfg: RunConfig) -> list[str]:
     """Every problem in the config, each naming the key to change."""
     out = list(cfg.model.problems())
@@ -256,6 +281,10 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
     if not (isinstance(t.warmup_steps, int) and t.warmup_steps >= 0):
         out.append(f"train.warmup_steps: must be a non-negative integer, got {t.warmup_steps!r}")
+    if t.on_nonfinite not in ("skip", "stop"):
+        out.append(f"train.on_nonfinite: must be skip or stop, got {t.on_nonfinite!r}")
+    if not (isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1):
+        out.append(f"train.keep_checkpoints: must be a positive integer, got {t.keep_checkpoints!r}")
     if t.dtype not in ("auto", "bf16", "fp32"):
         out.append(f"train.dtype: must be auto, bf16 or fp32, got {t.dtype!r}")
     if t.device not in ("auto", "cpu", "cuda"):

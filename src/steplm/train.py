@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -21,13 +22,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from . import checkpoint
 from . import config as config_mod
 from . import flops as flops_mod
 from . import planner
 from .data import BatchSampler, TokenShard, eval_windows, prepare
 from .errors import UserError
 from .growth import grow
-from .lora import apply_lora, is_frozen_block, lora_modules, merge_and_reinit, merged_state_dict
+from .lora import LoRALinear, apply_lora, is_frozen_block, lora_modules, merge_and_reinit, merged_state_dict
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a numerical fault; the last good checkpoint is kept."""
 from .model import LLaMA, ModelConfig, build_model, count_params
 
 
@@ -211,14 +217,21 @@ class Trainer:
         self.model = build_model(stage1, seed=cfg.train.seed, device=self.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.sampler = BatchSampler(self.train_shard, cfg.train.seq_len, cfg.train.micro_batch, cfg.train.seed)
-        self.stage = self.step = self.step_in_stage = self.tokens = 0
+        self.stage = self.step = self.step_in_stage = self.tokens = self.skipped = 0
         self.flops = {"paper": 0, "corrected": 0}
         self.data_seconds = self.step_seconds = 0.0
         self.stage_records: list[dict] = []
+        self.record: dict | None = None  # the current stage's record, filled after its first step
+        self.metrics_bytes = 0  # length of metrics.jsonl at the last checkpoint
+        self.resumed_from: Path | None = None
         if cfg.method == "relora" and self.stage_steps[0] == cfg.train.max_steps:
             self._enter_lora_phase()  # no warm start: LoRA from the first step
         self.optimizer = self._build_optimizer()
         self._compile()
+        latest = checkpoint.latest_valid(self.out / "checkpoints")
+        if latest is not None:
+            self._check_resume_config()
+            self.load_checkpoint(latest)
 
     # -- set-up ---------------------------------------------------------------------------
     def _prepare_output_dir(self):
@@ -337,10 +350,23 @@ class Trainer:
             loss = self.loss_fn(x, y) / t.grad_accum
             loss.backward()
             total += loss.item()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.grad_clip)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf")).item()
+        if checkpoint.fault_active("nan_at_step", self.step + 1):
+            total = float("nan")
+        bad = not (math.isfinite(total) and math.isfinite(norm)) or (t.max_grad_norm and norm > t.max_grad_norm)
+        if bad:
+            what = f"loss {total:.4g}, gradient norm {norm:.4g}"
+            if t.on_nonfinite == "stop":
+                raise TrainingStopped(f"step {self.step + 1}: bad batch ({what}); stopped, the last good "
+                                      f"checkpoint is kept (set train.on_nonfinite=skip to skip such batches)")
+            self.skipped += 1
+            if self.skipped > t.max_skipped:
+                raise TrainingStopped(f"step {self.step + 1}: {self.skipped} bad batches skipped, more than "
+                                      f"train.max_skipped ({t.max_skipped}); lower train.lr")
+            return total, False
         self.optimizer.step()
-        return total
+        return total, True
 
     def _account(self):
         tokens = self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.cfg.train.seq_len
@@ -387,72 +413,169 @@ class Trainer:
                 "peak_bytes": peak, "peak_source": "cuda.max_memory_allocated" if self.device.type == "cuda"
                 else "MemTracker (tracked tensor bytes)"}
 
+    # -- run state ---------------------------------------------------------------------------
+    def layer_layout(self) -> list[dict]:
+        """The model's current shape: per layer whether it is frozen, its adapter rank, frozen norms."""
+        out = []
+        for block in self.model.model.layers:
+            lins = [m for m in block.modules() if isinstance(m, LoRALinear)]
+            out.append({"frozen": bool(lins), "rank": lins[0].rank if lins else 0,
+                        "norms_frozen": not block.input_layernorm.weight.requires_grad})
+        return out
+
+    def state_dict(self) -> dict:
+        """Everything but the weights: optimizer, schedule position, data position, counters, RNGs."""
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "gen": self.gen.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"step": self.step, "stage": self.stage, "step_in_stage": self.step_in_stage, "tokens": self.tokens,
+                "flops": dict(self.flops), "skipped": self.skipped, "data_seconds": self.data_seconds,
+                "step_seconds": self.step_seconds, "stage_records": self.stage_records, "record": self.record,
+                "layers": self.layer_layout(), "optimizer": self.optimizer.state_dict(),
+                "sampler": self.sampler.state_dict(), "rng": rng, "metrics_bytes": self.metrics_bytes,
+                "stage_steps": self.stage_steps, "layers_per_stage": self.layers_per_stage}
+
+    def load_state_dict(self, state: dict, weights: dict[str, torch.Tensor]):
+        """Rebuild the model's shape (grown layers, frozen bf16 bases, adapters), then load everything."""
+        layout = state["layers"]
+        model = build_model(replace(self.cfg.model, n_layers=len(layout)), seed=self.cfg.train.seed, device=self.device)
+        model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        for block, desc in zip(model.model.layers, layout):
+            if desc["frozen"]:
+                apply_lora(block, desc["rank"], self.cfg.lora.alpha, freeze_norms=desc["norms_frozen"])
+        if self.cfg.model.tie_embeddings:
+            weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+        model.load_state_dict(weights, strict=True)
+        self.model = model
+        for key in ("step", "stage", "step_in_stage", "tokens", "skipped", "data_seconds", "step_seconds",
+                    "stage_records", "record", "metrics_bytes"):
+            setattr(self, key, state[key])
+        self.flops = dict(state["flops"])
+        self.optimizer = self._build_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        self.gen.set_state(rng["gen"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._compile()
+
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint of weights + run state; refuses to save a non-finite model."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingStopped(f"step {self.step}: the weights are not finite; the last good checkpoint is kept")
+        weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        if self.cfg.model.tie_embeddings:
+            weights.pop("lm_head.weight", None)
+        state = self.state_dict()
+        return checkpoint.save(self.out / "checkpoints", self.step, {
+            "model.safetensors": lambda p: save_file(weights, str(p)),
+            "trainer.pt": lambda p: torch.save(state, p),
+            "config.yaml": lambda p: config_mod.save(self.cfg, p),
+        }, keep=self.cfg.train.keep_checkpoints)
+
+    def load_checkpoint(self, path: Path):
+        weights = load_file(str(path / "model.safetensors"), device=str(self.device))
+        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
+        self.load_state_dict(state, weights)
+        self.resumed_from = path
+        if self.progress:
+            print(f"steplm: resuming from {path} (step {self.step}, stage {self.stage})", file=sys.stderr)
+
+    def _check_resume_config(self):
+        saved = self.out / "config.yaml"
+        if not saved.is_file():
+            return
+        diff = [k for k in config_mod.differing_keys(config_mod.load(saved), self.cfg)
+                if k not in config_mod.RESUME_SAFE_KEYS]
+        if diff:
+            raise UserError(f"--out: {self.out} holds a run with a different config ({', '.join(diff)}); "
+                            f"use the same config to resume, or another --out")
+
     def fit(self) -> dict:
-        """Train every stage; write metrics.jsonl, the final weights and summary.json. Returns the summary."""
+        """Train every stage (resuming where a checkpoint left off); write metrics.jsonl, checkpoints,
+        the final weights and summary.json. Returns the summary."""
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.train
         config_mod.save(cfg, self.out / "config.yaml")
         self.tokenizer.save(str(self.out / "tokenizer.json"))
-        metrics = open(self.out / "metrics.jsonl", "a")
+        metrics_path = self.out / "metrics.jsonl"
+        if self.resumed_from is not None and metrics_path.exists():
+            os.truncate(metrics_path, self.metrics_bytes)  # drop rows written after the checkpoint
+        elif self.resumed_from is None:
+            metrics_path.write_text("")
+        metrics = open(metrics_path, "a")
+
+        def log(row):
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
         total_steps = sum(self.stage_steps)
-        bar = tqdm(total=total_steps, desc="train", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
         t_start = time.perf_counter()
         tok_window, t_window = 0, time.perf_counter()
-        for stage_idx, n_steps in enumerate(self.stage_steps):
-            if stage_idx > 0:
+        while self.step < total_steps:
+            if self.step_in_stage == self.stage_steps[self.stage]:  # the stage is done: grow / switch
                 self.next_stage()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            record = None
-            for _ in range(n_steps):
-                measure_peak = self.step_in_stage == min(1, n_steps - 1) and self.device.type == "cpu" \
-                    and not t.compile
-                t0 = time.perf_counter()
-                if measure_peak:
-                    box = {}
-                    peak = _cpu_peak_step(lambda: box.setdefault("loss", self.train_step()), self.model,
-                                          self.optimizer)
-                    loss = box["loss"]
-                else:
-                    loss, peak = self.train_step(), None
-                if record is None:  # after the stage's first optimizer step
-                    record = self._stage_record(state_bytes(self.model, self.optimizer), None)
-                if measure_peak:
-                    record["peak_bytes"] = peak
-                self.optimizer.zero_grad(set_to_none=True)
-                self._account()
-                self.step_seconds += time.perf_counter() - t0
-                tok_window += t.micro_batch * t.grad_accum * t.seq_len
-                if not math.isfinite(loss):
-                    raise UserError(f"training diverged at step {self.step} (loss {loss}); lower train.lr")
-                if self.step % t.log_every == 0 or self.step == total_steps:
-                    now = time.perf_counter()
-                    tps = tok_window / max(now - t_window, 1e-9)
-                    tok_window, t_window = 0, now
-                    row = {"step": self.step, "stage": self.stage, "loss": round(loss, 5),
-                           "lr": self.optimizer.param_groups[0]["lr"], "tokens": self.tokens,
-                           "flops": self.flops[cfg.step.flops_convention], "tok_per_s": round(tps, 1)}
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                    bar.set_postfix(stage=self.stage, loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                if t.eval_every and self.step % t.eval_every == 0 and self.step != total_steps:
-                    metrics.write(json.dumps({"step": self.step, "stage": self.stage,
-                                              "val_loss": round(self.evaluate(), 5), "tokens": self.tokens,
-                                              "flops": self.flops[cfg.step.flops_convention]}) + "\n")
-                bar.update(1)
-            if self.device.type == "cuda":
-                record["peak_bytes"] = torch.cuda.max_memory_allocated()
-            val = self.evaluate()
-            record.update(steps=n_steps, tokens=self.tokens, flops=dict(self.flops), val_loss=val)
-            self.stage_records.append(record)
-            metrics.write(json.dumps({"step": self.step, "stage": self.stage, "val_loss": round(val, 5),
-                                      "tokens": self.tokens,
-                                      "flops": self.flops[cfg.step.flops_convention]}) + "\n")
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+            n_steps = self.stage_steps[self.stage]
+            measure_peak = self.step_in_stage == min(1, n_steps - 1) and self.device.type == "cpu" and not t.compile
+            t0 = time.perf_counter()
+            if measure_peak:
+                box = {}
+                peak = _cpu_peak_step(lambda: box.setdefault("out", self.train_step()), self.model, self.optimizer)
+                loss, ok = box["out"]
+            else:
+                (loss, ok), peak = self.train_step(), None
+            if self.record is None and ok:  # after the stage's first optimizer step
+                self.record = self._stage_record(state_bytes(self.model, self.optimizer), None)
+            if measure_peak and self.record is not None:
+                self.record["peak_bytes"] = peak
+            self.optimizer.zero_grad(set_to_none=True)
+            self._account()
+            self.step_seconds += time.perf_counter() - t0
+            tok_window += t.micro_batch * t.grad_accum * t.seq_len
+            if self.step % t.log_every == 0 or self.step == total_steps or not ok:
+                now = time.perf_counter()
+                tps = tok_window / max(now - t_window, 1e-9)
+                tok_window, t_window = 0, now
+                log({"step": self.step, "stage": self.stage, "loss": round(loss, 5) if math.isfinite(loss) else str(loss),
+                     "lr": self.optimizer.param_groups[0]["lr"], "tokens": self.tokens,
+                     "flops": self.flops[cfg.step.flops_convention], "skipped": self.skipped,
+                     "tok_per_s": round(tps, 1)})
+                bar.set_postfix(stage=self.stage, loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+            if self.step_in_stage == n_steps:
+                self._finish_stage(log)
+            elif t.eval_every and self.step % t.eval_every == 0:
+                log({"step": self.step, "stage": self.stage, "val_loss": round(self.evaluate(), 5),
+                     "tokens": self.tokens, "flops": self.flops[cfg.step.flops_convention]})
+            if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == total_steps):
+                self.metrics_bytes = metrics.tell()
+                self.save_checkpoint()
+                checkpoint._fault("kill_after_step", self.step)
+            bar.update(1)
         bar.close()
         metrics.close()
-        train_seconds = time.perf_counter() - t_start
-        return self._finish(train_seconds)
+        return self._finish(self.step_seconds if self.resumed_from else time.perf_counter() - t_start)
+
+    def _finish_stage(self, log):
+        """End-of-stage evaluation and memory record."""
+        if self.record is None:
+            raise TrainingStopped(f"stage {self.stage} ended without a successful optimizer step")
+        if self.device.type == "cuda":
+            self.record["peak_bytes"] = torch.cuda.max_memory_allocated()
+        val = self.evaluate()
+        self.record.update(steps=self.stage_steps[self.stage], tokens=self.tokens, flops=dict(self.flops), val_loss=val)
+        self.stage_records.append(self.record)
+        self.record = None
+        log({"step": self.step, "stage": self.stage, "val_loss": round(val, 5), "tokens": self.tokens,
+             "flops": self.flops[self.cfg.step.flops_convention]})
 
     def _finish(self, train_seconds: float) -> dict:
         final = merged_state_dict(self.model)

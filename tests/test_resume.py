@@ -1,0 +1,178 @@
+"""Kill-and-resume with real subprocesses and real SIGKILLs, checkpoint corruption, faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, tiny_overrides
+
+METHODS = {
+    # stage_steps: vanilla [16]; step3 [4, 4, 7] (FLOPs-matched); relora [4, 12] with resets every 3
+    "vanilla": {},
+    "step3": {"method": "step", "step.n_stages": 3, "step.layers_per_stage": "[2,1,1]"},
+    "relora": {"method": "relora", "lora.relora_interval": 3, "lora.relora_warmup": 2,
+               "lora.warm_start_fraction": 0.25},
+}
+
+
+def cmd(tmp_path, out, method, **extra):
+    sets = tiny_overrides(tmp_path, **{"train.max_steps": 16, "train.checkpoint_every": 1,
+                                       "train.keep_checkpoints": 2, "train.eval_every": 5}, **METHODS[method], **extra)
+    return [sys.executable, "-m", "steplm", "train", "--out", str(out), "--quiet",
+            *[x for kv in sets for x in ("--set", kv)]]
+
+
+def run(args, fault=None, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("STEPLM_FAULT", None)
+    if fault:
+        env["STEPLM_FAULT"] = fault
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def losses(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["stage"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    out = {}
+    for method in METHODS:
+        d = tmp / method
+        res = run(cmd(tmp, d, method))
+        assert res.returncode == 0, res.stderr
+        out[method] = (json.loads((d / "summary.json").read_text()), losses(d), tmp)
+    return out
+
+
+def stage_bounds(summary):
+    return summary["stage_steps"]
+
+
+@pytest.mark.parametrize("method,where", [
+    ("vanilla", "inside"), ("vanilla", "late"),
+    ("step3", "inside"), ("step3", "before_growth"), ("step3", "at_growth"), ("step3", "stage2"), ("step3", "stage3"),
+    ("relora", "inside"), ("relora", "at_growth"), ("relora", "stage2"),
+])
+def test_sigkill_then_resume_is_bitwise_identical(references, tmp_path, method, where):
+    ref, ref_losses, cache_tmp = references[method]
+    s = stage_bounds(ref)
+    step = {"inside": 2, "late": 13, "before_growth": s[0] - 1, "at_growth": s[0], "stage2": s[0] + 2,
+            "stage3": sum(s[:2]) + 1}[where]
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, method)
+    killed = run(args, fault=f"kill_after_step:{step}")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists()
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights_sha256"] == ref["weights_sha256"]
+    assert losses(out) == ref_losses
+    assert summary["stages"] == ref["stages"] or [
+        {k: v for k, v in a.items() if k != "peak_bytes"} for a in summary["stages"]] == [
+        {k: v for k, v in b.items() if k != "peak_bytes"} for b in ref["stages"]]
+
+
+def test_kill_inside_checkpoint_write_falls_back(references, tmp_path):
+    ref, ref_losses, cache_tmp = references["step3"]
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, "step3")
+    assert run(args, fault="kill_in_checkpoint:6").returncode == -signal.SIGKILL
+    assert any(".tmp-" in p.name for p in (out / "checkpoints").iterdir())  # the torn write is left behind
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["weights_sha256"] == ref["weights_sha256"]
+
+
+def test_external_sigkill_at_an_arbitrary_moment(references, tmp_path):
+    ref, ref_losses, cache_tmp = references["step3"]
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, "step3")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ck = out / "checkpoints"
+        if ck.is_dir() and len([p for p in ck.iterdir() if p.name.startswith("step_")]) >= 1:
+            time.sleep(0.3)
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["weights_sha256"] == ref["weights_sha256"]
+    assert losses(out) == ref_losses
+
+
+def test_corrupted_checkpoint_falls_back_to_previous(references, tmp_path):
+    ref, ref_losses, cache_tmp = references["vanilla"]
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, "vanilla")
+    assert run(args, fault="kill_after_step:9").returncode == -signal.SIGKILL
+    newest = out / "checkpoints" / "step_00000009" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step_00000009 is corrupt" in resumed.stderr and "falling back" in resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["weights_sha256"] == ref["weights_sha256"]
+
+
+def test_keeps_last_n_checkpoints(references, tmp_path):
+    _, _, cache_tmp = references["vanilla"]
+    out = tmp_path / "run"
+    assert run(cmd(cache_tmp, out, "vanilla")).returncode == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000015", "step_00000016"]
+
+
+def test_full_disk_while_checkpointing(references, tmp_path):
+    _, _, cache_tmp = references["vanilla"]
+    out = tmp_path / "run"
+    res = run(cmd(cache_tmp, out, "vanilla"), fault="enospc_in_checkpoint:3")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left" in lines[0] and "previous checkpoint is kept" in lines[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+
+
+def test_nan_loss_is_skipped_and_counted(references, tmp_path):
+    _, _, cache_tmp = references["vanilla"]
+    out = tmp_path / "run"
+    res = run(cmd(cache_tmp, out, "vanilla"), fault="nan_at_step:5")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert rows[4]["step"] == 5 and rows[4]["loss"] == "nan" and rows[4]["skipped"] == 1
+    assert rows[-1]["skipped"] == 1
+
+
+def test_nan_loss_stops_keeping_last_good_checkpoint(references, tmp_path):
+    _, _, cache_tmp = references["vanilla"]
+    out = tmp_path / "run"
+    res = run(cmd(cache_tmp, out, "vanilla", **{"train.on_nonfinite": "stop"}), fault="nan_at_step:5")
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "step 5" in lines[0] and "last good checkpoint is kept" in lines[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_resume_refuses_a_different_config_but_allows_safe_keys(references, tmp_path):
+    _, _, cache_tmp = references["vanilla"]
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, "vanilla")
+    assert run(args, fault="kill_after_step:4").returncode == -signal.SIGKILL
+    res = run(args + ["--set", "train.lr=0.5", "--set", "model.n_heads=4"])
+    assert res.returncode == 2 and "train.lr" in res.stderr and "model.n_heads" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = run(args + ["--set", "train.log_every=2"])
+    assert res.returncode == 0, res.stderr
+    fresh = run(args + ["--fresh"])
+    assert fresh.returncode == 2 and "--fresh" in fresh.stderr
