@@ -192,3 +192,20 @@ def test_relora_jagged_schedule(tmp_path):
     plain = tr.cfg.train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (22 - 2) / 38)))
     assert tr.lr_at(12) == pytest.approx(plain * 3 / 5)  # 2 steps after the reset at 10 in-phase steps
     assert tr.lr_at(15) == pytest.approx(tr.cfg.train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 20 / 38))))
+
+
+def test_galore_memory_matches_formula(tmp_path):
+    pytest.importorskip("galore_torch")
+    tr = make(tmp_path, **{"method": "galore", "galore.rank": 4, "galore.update_proj_gap": 3, "train.max_steps": 7})
+    s = tr.fit()
+    m = tr.cfg.model
+    d, f, r = m.d_model, m.ffn_hidden, 4
+    per = 16 * 2 * d
+    for n_in, n_out in [(d, d)] * 4 + [(d, f), (d, f), (f, d)]:
+        per += 8 * n_in * n_out + 8 * r * max(n_in, n_out) + 4 * r * min(n_in, n_out)
+    st = s["stages"][0]
+    assert st["measured_state_bytes"]["layers"] == st["planned_state_bytes"]["layers"] == m.n_layers * per
+    assert st["measured_state_bytes"]["layers"] < 16 * m.n_layers * (4 * d * d + 3 * d * f + 2 * d)
+    from galore_torch import GaLoreAdamW
+    assert isinstance(tr.optimizer, GaLoreAdamW) and tr.optimizer.param_groups[0]["rank"] == 4
+    assert len(tr.optimizer.param_groups[0]["params"]) == 7 * m.n_layers

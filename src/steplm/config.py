@@ -112,6 +112,18 @@ class LoraConfig:
 
 
 @dataclass
+class GaloreConfig:
+    rank: int = 16
+    """Projection rank for the attention and MLP weights (paper: 128 at d 1536-2048)."""
+    update_proj_gap: int = 200
+    """Recompute the projection (an SVD of the gradient) every this many steps."""
+    scale: float = 0.25
+    """GaLore's scale on the projected-back update."""
+    proj_type: str = "std"
+    """galore-torch projection type: std, left, right or full."""
+
+
+@dataclass
 class StepConfig:
     n_stages: int = 1
     """K, the number of stages (methods other than step and step-no-pet ignore the step section)."""
@@ -141,6 +153,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
     step: StepConfig = field(default_factory=StepConfig)
 
     def to_dict(self) -> dict:
@@ -148,7 +161,8 @@ class RunConfig:
 
 
 STRING_KEYS = {"data.path", "data.val_path", "data.cache_dir", "data.tokenizer", "data.text_field"}
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig, "step": StepConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
+            "galore": GaloreConfig, "step": StepConfig}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -185,7 +199,7 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
 def from_dict(d: dict) -> RunConfig:
     """Build a RunConfig from nested dicts; unknown keys are errors naming the key."""
     if not isinstance(d, dict):
-        raise UserError("config: top level must be a mapping of sections (model, data, train, lora, step)")
+        raise UserError("config: top level must be a mapping of sections (model, data, train, lora, galore, step)")
     cfg = RunConfig()
     unknown = []
     for key, value in d.items():
@@ -304,6 +318,13 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"lora.warm_start_fraction: must be in [0, 1), got {lo.warm_start_fraction!r}")
     if cfg.method == "relora" and not lo.relora_interval:
         out.append("lora.relora_interval: method relora needs a positive reset interval (steps)")
+    g = cfg.galore
+    if not (isinstance(g.rank, int) and g.rank > 0):
+        out.append(f"galore.rank: must be a positive integer, got {g.rank!r}")
+    if not (isinstance(g.update_proj_gap, int) and g.update_proj_gap > 0):
+        out.append(f"galore.update_proj_gap: must be a positive integer, got {g.update_proj_gap!r}")
+    if g.proj_type not in ("std", "left", "right", "full"):
+        out.append(f"galore.proj_type: must be std, left, right or full, got {g.proj_type!r}")
     if s.init not in INITS:
         out.append(f"step.init: must be one of {', '.join(INITS)}, got {s.init!r}")
     if s.position not in POSITIONS:

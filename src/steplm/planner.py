@@ -73,6 +73,23 @@ def relora_bytes(n_layers: int, P: int, E: int, norm_params: int) -> int:
     return FROZEN_BYTES * n_layers * (P - norm_params) + TRAINABLE_BYTES * n_layers * (norm_params + E)
 
 
+def galore_layer_bytes(shape: LayerShape, rank: int) -> int:
+    """GaLore (proj_type std) for one block: each m×n linear keeps fp32 weight and gradient (8·m·n),
+    Adam moments of the projected gradient (8·r·max(m, n)) and the projection (4·r·min(m, n));
+    the two norms are plain AdamW (16 B each)."""
+    total = TRAINABLE_BYTES * 2 * shape.d_model
+    for n_in, n_out in _real_linears(shape):
+        r = min(rank, n_in, n_out)
+        total += 8 * n_in * n_out + 8 * r * max(n_in, n_out) + 4 * r * min(n_in, n_out)
+    return total
+
+
+def _real_linears(shape: LayerShape) -> list[tuple[int, int]]:
+    if shape.ffn_hidden is None:
+        raise ValueError("GaLore bytes need the real FFN width (ffn_hidden)")
+    return shape.linears()
+
+
 def cumulative(layers_per_stage: list[int]) -> list[int]:
     return list(itertools.accumulate(layers_per_stage))
 

@@ -88,7 +88,10 @@ def state_bytes(model: LLaMA, optimizer: torch.optim.Optimizer) -> dict:
         if p.grad is not None:
             b += p.grad.numel() * p.grad.element_size()
         for t in optimizer.state.get(p, {}).values():
-            if torch.is_tensor(t):
+            if hasattr(t, "ortho_matrix"):  # a GaLore projector holds its projection matrix (or two)
+                mats = t.ortho_matrix if isinstance(t.ortho_matrix, (list, tuple)) else [t.ortho_matrix]
+                b += sum(m.numel() * m.element_size() for m in mats if m is not None)
+            elif torch.is_tensor(t):
                 if t.dim() == 0:
                     counters += t.numel() * t.element_size()
                 else:
@@ -190,8 +193,6 @@ class Trainer:
 
     def __init__(self, cfg: config_mod.RunConfig, out_dir: str | Path, progress: bool = True):
         config_mod.validate(cfg)
-        if cfg.method == "galore":
-            raise UserError("method: galore is not available yet; use vanilla, step, step-no-pet or relora")
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         self.device = pick_device(cfg.train.device)
         self.dtype = pick_dtype(cfg.train.dtype, self.device)
@@ -260,12 +261,34 @@ class Trainer:
                 if not name.startswith("model.layers."):
                     carry.append(p)
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
+        if self.cfg.method == "galore":
+            opt = self._galore_optimizer(groups)
+        else:
+            opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
         if previous is not None:
             for p in carry:
                 if p in previous.state:
                     opt.state[p] = previous.state[p]
         return opt
+
+    def _galore_optimizer(self, groups):
+        """galore-torch's GaLoreAdamW: projected moments for the attention/MLP weights, plain AdamW
+        for embeddings, head and norms."""
+        try:
+            from galore_torch import GaLoreAdamW
+        except ImportError:
+            raise UserError("method: galore needs the optional extra: pip install 'steplm[galore]'")
+        t, g = self.cfg.train, self.cfg.galore
+        targets = {id(p) for n, p in self.model.named_parameters()
+                   if n.startswith("model.layers.") and n.endswith("_proj.weight")}
+        projected = [p for p in groups[0]["params"] if id(p) in targets]
+        plain = [p for p in groups[0]["params"] if id(p) not in targets]
+        return GaLoreAdamW([
+            {"params": projected, "weight_decay": t.weight_decay, "rank": g.rank,
+             "update_proj_gap": g.update_proj_gap, "scale": g.scale, "proj_type": g.proj_type},
+            {"params": plain, "weight_decay": t.weight_decay},
+            {"params": groups[1]["params"], "weight_decay": 0.0},
+        ], lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
 
     # -- schedule ---------------------------------------------------------------------------
     def lora_phase(self) -> bool:
@@ -402,6 +425,8 @@ class Trainer:
         E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method in ("step", "relora") else 0
         if cfg.method == "relora" and c["lora"]:
             planned_layers = planner.relora_bytes(c["layers"], P, E, 2 * cfg.model.d_model)
+        elif cfg.method == "galore":
+            planned_layers = c["layers"] * planner.galore_layer_bytes(shape, cfg.galore.rank)
         else:
             planned_layers = planner.stage_bytes(self.layers_per_stage[: self.stage + 1], P, E)[-1]
         head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings)
