@@ -142,6 +142,14 @@ def relora_warm_steps(cfg: config_mod.RunConfig) -> int:
     return round(cfg.train.max_steps * cfg.lora.warm_start_fraction)
 
 
+def relora_phase_counts(cfg: config_mod.RunConfig, P: int, E: int) -> tuple[dict, dict]:
+    """ReLoRA's warm start (all full-rank) and LoRA phase (linears frozen; norms and adapters train)."""
+    L, norms = cfg.model.n_layers, 2 * cfg.model.d_model
+    full = {"layers": L, "new_layers": L, "trainable": L * P, "frozen": 0, "lora": 0}
+    lora = {"layers": L, "new_layers": 0, "trainable": L * (norms + E), "frozen": L * (P - norms), "lora": L * E}
+    return full, lora
+
+
 def stage_param_counts(cfg: config_mod.RunConfig, layers_per_stage: list[int]) -> list[dict]:
     """Non-embedding trainable / frozen / adapter parameter counts of each stage. ReLoRA has two
     stages: the full-rank warm start and the LoRA phase (skipped when the warm start is 0)."""
@@ -149,9 +157,7 @@ def stage_param_counts(cfg: config_mod.RunConfig, layers_per_stage: list[int]) -
     P = planner.params_per_layer(shape)
     E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method in ("step", "relora") else 0
     if cfg.method == "relora":
-        L, norms = cfg.model.n_layers, 2 * cfg.model.d_model
-        lora = {"layers": L, "new_layers": 0, "trainable": L * (norms + E), "frozen": L * (P - norms), "lora": L * E}
-        full = {"layers": L, "new_layers": L, "trainable": L * P, "frozen": 0, "lora": 0}
+        full, lora = relora_phase_counts(cfg, P, E)
         return [full, lora] if relora_warm_steps(cfg) else [lora]
     out, before = [], 0
     for n in layers_per_stage:
@@ -171,8 +177,17 @@ def schedule(cfg: config_mod.RunConfig, layers_per_stage: list[int]) -> list[int
     """Optimizer steps of each stage: vanilla's FLOPs budget (or step count) split across stages."""
     t, s = cfg.train, cfg.step
     if cfg.method == "relora":
+        # The full-rank warm start costs what vanilla does; the cheaper LoRA phase gets the rest of
+        # vanilla's FLOPs (budget_match flops) or of its steps (budget_match steps).
         warm = relora_warm_steps(cfg)
-        return [warm, t.max_steps - warm] if warm else [t.max_steps]
+        if s.budget_match == "steps":
+            rest = t.max_steps - warm
+        else:
+            shape = layer_shape(cfg.model)
+            P, E = planner.params_per_layer(shape), planner.lora_params_per_layer(shape, cfg.lora.rank)
+            full, lora = [stage_flops_per_token(cfg, c, s.flops_convention) for c in relora_phase_counts(cfg, P, E)]
+            rest = max(1, round((t.max_steps - warm) * full / lora))
+        return [warm, rest] if warm else [rest]
     if len(layers_per_stage) == 1:
         return [t.max_steps]
     if s.budget_match == "steps":
@@ -303,7 +318,7 @@ class Trainer:
         if self.cfg.method in STAGED:
             s, total = step_in_stage, self.nominal_steps[self.stage]
         else:
-            s, total = self.step, t.max_steps
+            s, total = self.step, sum(self.stage_steps)
         if s < t.warmup_steps:
             lr = t.lr * (s + 1) / t.warmup_steps
         else:
@@ -560,6 +575,7 @@ class Trainer:
                 (loss, ok), peak = self.train_step(), None
             if self.record is None and ok:  # after the stage's first optimizer step
                 self.record = self._stage_record(state_bytes(self.model, self.optimizer), None)
+                self.record["_seconds_at_start"] = self.step_seconds
             if measure_peak and self.record is not None:
                 self.record["peak_bytes"] = peak
             self.optimizer.zero_grad(set_to_none=True)
@@ -596,7 +612,8 @@ class Trainer:
         if self.device.type == "cuda":
             self.record["peak_bytes"] = torch.cuda.max_memory_allocated()
         val = self.evaluate()
-        self.record.update(steps=self.stage_steps[self.stage], tokens=self.tokens, flops=dict(self.flops), val_loss=val)
+        self.record.update(steps=self.stage_steps[self.stage], tokens=self.tokens, flops=dict(self.flops), val_loss=val,
+                           step_seconds=self.step_seconds - self.record.pop("_seconds_at_start"))
         self.stage_records.append(self.record)
         self.record = None
         log({"step": self.step, "stage": self.stage, "val_loss": round(val, 5), "tokens": self.tokens,
