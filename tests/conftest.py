@@ -47,7 +47,7 @@ def tiny_run(tmp_path_factory, shakespeare_dir):
 
     tmp = tmp_path_factory.mktemp("tiny_run")
     cfg = config.load(None, tiny_overrides(tmp, **{"data.path": str(shakespeare_dir), "data.val_fraction": 0.2,
-                                                     "model.max_seq_len": 64}))
+                                                     "model.max_seq_len": 256}))
     out = tmp / "run"
     Trainer(cfg, out, progress=False).fit()
     return out

@@ -55,11 +55,32 @@ def cmd_train(a):
     print(f"run written to {out}/ (summary.json, metrics.jsonl, model.safetensors)", file=sys.stderr)
 
 
+def _tasks_dir(given: str | None) -> str:
+    import os
+    for cand in (given, os.environ.get("STEPLM_TASKS_DIR"), "../shared/data/eval"):
+        if cand and Path(cand).is_dir():
+            return cand
+    raise UserError("--tasks-dir: give the directory holding the task files (or set STEPLM_TASKS_DIR)")
+
+
 def cmd_eval(a):
-    from .evaluate import perplexity
+    from .evaluate import load_model, perplexity
 
     if a.tasks:
-        raise UserError("--tasks: zero-shot task evaluation is not available yet")
+        from .tasks import TASKS, evaluate_tasks
+        names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        unknown = [t for t in names if t not in TASKS]
+        if unknown:
+            raise UserError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        model, tok = load_model(a.model)
+        res = evaluate_tasks(model, tok, names, _tasks_dir(a.tasks_dir), a.limit, a.batch_size, progress=not a.json)
+        if a.json:
+            print(json.dumps(res))
+        else:
+            for name, m in res["tasks"].items():
+                print(f"{name:<14} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in m.items()))
+        return
     if not a.data:
         raise UserError("--data: give a text file to score (e.g. ../shared/data/wikitext2/valid.txt)")
     res = perplexity(a.model, a.data, a.max_tokens, a.backend, a.seq_len, a.batch_size)
@@ -165,6 +186,67 @@ def cmd_plan(a):
               f"{e['activation_bytes'] / gb:.2f} {unit} = {e['peak_bytes'] / gb:.2f} {unit}")
 
 
+def _sampling(a) -> dict:
+    if a.temperature < 0:
+        raise UserError(f"--temperature: must be >= 0, got {a.temperature}")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise UserError(f"--top-p: must be in (0, 1], got {a.top_p}")
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k,
+            "top_p": a.top_p, "seed": a.seed}
+
+
+def cmd_generate(a):
+    from .evaluate import load_model
+    from .generate import alpaca_prompt, complete
+
+    if not a.prompt:
+        raise UserError("--prompt: give a non-empty prompt")
+    model, tok = load_model(a.model)
+    text = alpaca_prompt(a.prompt) if a.alpaca else a.prompt
+    print(complete(model, tok, text, **_sampling(a)))
+
+
+def cmd_sft(a):
+    from .evaluate import load_model
+    from .sft import read_examples, train_sft
+
+    examples = read_examples(a.data)
+    if a.limit:
+        examples = examples[:a.limit]
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out: {out} is not empty; choose another directory")
+    model, tok = load_model(a.model)
+    try:
+        s = train_sft(model, tok, examples, out, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
+                      batch_size=a.batch_size, seed=a.seed, progress=not a.quiet)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(json.dumps({k: s[k] for k in ("examples", "epochs", "steps", "first_loss", "final_loss")}))
+
+
+def cmd_mt_bench(a):
+    from .evaluate import load_model
+    from .generate import mt_bench_answers
+
+    model, tok = load_model(a.model)
+    out = Path(a.out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out: directory {out.parent} does not exist")
+    n = mt_bench_answers(model, tok, a.questions, out, a.model_id or Path(a.model).name, a.limit,
+                         progress=True, **_sampling(a))
+    print(f"wrote {n} answers to {out}", file=sys.stderr)
+
+
+def _add_sampling(p, max_new=128):
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_positive_int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def cmd_plot(a):
     from .report import plot_memory
 
@@ -195,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive_int, help="window length (default: the model's max_seq_len)")
     e.add_argument("--batch-size", type=_positive_int, default=8)
     e.add_argument("--backend", choices=["steplm", "transformers"], default="steplm")
-    e.add_argument("--tasks", help="zero-shot tasks (not available yet)")
+    e.add_argument("--tasks", help="zero-shot tasks, comma-separated: lambada,arc_easy,arc_challenge,winogrande,"
+                                   "piqa,openbookqa,hellaswag")
+    e.add_argument("--tasks-dir", help="task files (default $STEPLM_TASKS_DIR or ../shared/data/eval)")
+    e.add_argument("--limit", type=_positive_int, help="score only the first N items of each task")
     e.add_argument("--json", action="store_true", help="print one JSON line")
     e.set_defaults(fn=cmd_eval)
 
@@ -223,6 +308,35 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing (extended model)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=cmd_plan)
+
+    g = sub.add_parser("generate", help="generate text (KV cache; greedy, temperature, top-k, top-p)")
+    g.add_argument("model", help="run directory or HF Llama directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--alpaca", action="store_true", help="wrap the prompt in the Alpaca instruction template")
+    _add_sampling(g)
+    g.set_defaults(fn=cmd_generate)
+
+    f = sub.add_parser("sft", help="instruction-tune (Alpaca template, loss on responses only)")
+    f.add_argument("model", help="run directory or HF Llama directory")
+    f.add_argument("--data", required=True, help="Alpaca JSON (instruction/input/output) or seed-task JSONL")
+    f.add_argument("--out", required=True)
+    f.add_argument("--epochs", type=_positive_int, default=2)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--warmup-steps", type=int, default=100)
+    f.add_argument("--batch-size", type=_positive_int, default=8)
+    f.add_argument("--limit", type=_positive_int, help="use only the first N examples")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(fn=cmd_sft)
+
+    mb = sub.add_parser("mt-bench", help="answer MT-Bench's two turns; FastChat llm_judge answer format")
+    mb.add_argument("model")
+    mb.add_argument("--questions", required=True, help="question.jsonl")
+    mb.add_argument("--out", required=True, help="answers .jsonl")
+    mb.add_argument("--model-id", help="model_id in the answer file (default: the model directory's name)")
+    mb.add_argument("--limit", type=_positive_int)
+    _add_sampling(mb, max_new=512)
+    mb.set_defaults(fn=cmd_mt_bench)
 
     pt = sub.add_parser("plot", help="Figure 2: memory per stage of a run, as PNG")
     pt.add_argument("run_dir")

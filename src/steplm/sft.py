@@ -1,0 +1,121 @@
+"""Full-parameter instruction tuning (paper App. H): Alpaca template, loss on response tokens only,
+AdamW (0.9, 0.95), cosine schedule with warmup, a fixed number of epochs."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .errors import UserError
+from .generate import alpaca_prompt
+
+IGNORE = -100
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    """(instruction, input, output) records from Alpaca JSON (a list) or seed-task JSONL (``instances``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--data: {p} not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError:
+        raise UserError(f"--data: {p} is neither Alpaca JSON nor JSONL")
+    out = []
+    for n, r in enumerate(records, 1):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
+            raise UserError(f"--data: record {n} of {p} has no 'instruction' string")
+        if "instances" in r:
+            out += [{"instruction": r["instruction"], "input": i.get("input", ""), "output": i.get("output", "")}
+                    for i in r["instances"]]
+        elif isinstance(r.get("output"), str):
+            out.append({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]})
+        else:
+            raise UserError(f"--data: record {n} of {p} has neither 'output' nor 'instances'")
+    if not out:
+        raise UserError(f"--data: {p} holds no examples")
+    return out
+
+
+def build_example(tokenizer, ex: dict, eos: int, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels; prompt positions are labelled IGNORE so only the response (+EOS) is learned."""
+    prompt = tokenizer.encode(alpaca_prompt(ex["instruction"], ex["input"]), add_special_tokens=False).ids
+    response = tokenizer.encode(ex["output"], add_special_tokens=False).ids + [eos]
+    ids = (prompt + response)[:max_len]
+    labels = ([IGNORE] * len(prompt) + response)[:max_len]
+    return ids, labels
+
+
+def sft_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over labelled (response) positions."""
+    logits = model(ids)[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+def train_sft(model, tokenizer, examples: list[dict], out_dir: str | Path, epochs: int = 2, lr: float = 1e-4,
+              warmup_steps: int = 100, batch_size: int = 8, weight_decay: float = 0.0, seed: int = 0,
+              progress: bool = True) -> dict:
+    """Fine-tune in place, save a run directory (weights, config, tokenizer, sft_summary.json)."""
+    from tqdm import tqdm
+
+    from .data import eos_id
+    from .lora import merged_state_dict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eos = eos_id(tokenizer)
+    data = [build_example(tokenizer, ex, eos, model.config.max_seq_len) for ex in examples]
+    data = [d for d in data if any(label != IGNORE for label in d[1][1:])]
+    if not data:
+        raise UserError("--data: every example's response is cut off by the model's max_seq_len")
+    steps_per_epoch = math.ceil(len(data) / batch_size)
+    total = steps_per_epoch * epochs
+    warmup = min(warmup_steps, max(1, total // 10))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                            weight_decay=weight_decay)
+    rng = random.Random(seed)
+    losses, step = [], 0
+    model.train()
+    bar = tqdm(total=total, desc="sft", disable=not progress)
+    for _ in range(epochs):
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        for b in range(0, len(order), batch_size):
+            batch = [data[i] for i in order[b:b + batch_size]]
+            T = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), T), eos, dtype=torch.long)
+            labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+            for row, (x, y) in enumerate(batch):
+                ids[row, :len(x)] = torch.tensor(x)
+                labels[row, :len(y)] = torch.tensor(y)
+            scale = (step + 1) / warmup if step < warmup else \
+                0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            for g in opt.param_groups:
+                g["lr"] = lr * scale
+            loss = sft_loss(model, ids, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+    bar.close()
+    model.eval()
+    save_file(merged_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    tokenizer.save(str(out / "tokenizer.json"))
+    summary = {"examples": len(data), "epochs": epochs, "steps": step, "lr": lr, "warmup_steps": warmup,
+               "first_loss": losses[0], "final_loss": losses[-1], "losses": losses}
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

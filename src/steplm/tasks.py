@@ -1,0 +1,173 @@
+"""Zero-shot evaluation on the paper's seven tasks, with lm-evaluation-harness's definitions.
+
+Prompts and metrics follow lm-eval's task configs: PIQA and ARC use "Question: ...\\nAnswer:",
+OpenBookQA the bare question stem, HellaSwag "activity_label: ctx", WinoGrande partial scoring
+(the option is substituted into the context and the shared suffix is scored), LAMBADA the last
+word (acc = greedy match, ppl = exp(-mean log-likelihood)). ``acc_norm`` divides each choice's
+log-likelihood by the character length of the choice string, exactly as lm-eval does (identical to
+its byte length for ASCII text). Context/continuation splitting copies lm-eval's HF model: trailing
+spaces of the context move to the continuation, and the continuation tokens are what the encoding
+of context+continuation adds after the context's own encoding.
+"""
+from __future__ import annotations
+
+import bz2
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+TASKS = ("lambada", "arc_easy", "arc_challenge", "winogrande", "piqa", "openbookqa", "hellaswag")
+
+
+@dataclass
+class Doc:
+    """One item: a (context, continuation) request per choice, the gold index and the choice strings."""
+    requests: list[tuple[str, str]]
+    gold: int
+    choices: list[str]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _need(path: Path, task: str) -> Path:
+    if not path.is_file():
+        raise UserError(f"--tasks-dir: {path} not found (needed by task {task})")
+    return path
+
+
+def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list[Doc]:
+    """The task's documents, in file order, at most ``limit`` of them."""
+    d = Path(data_dir)
+    docs: list[Doc] = []
+    if name == "piqa":
+        rows = _jsonl(_need(d / "piqa" / "valid.jsonl", name))
+        labels = (d / "piqa" / "valid-labels.lst").read_text().split()
+        for r, lab in zip(rows, labels):
+            ctx, ch = f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]]
+            docs.append(Doc([(ctx, " " + c) for c in ch], int(lab), ch))
+    elif name in ("arc_easy", "arc_challenge"):
+        sub = "ARC-Easy" if name == "arc_easy" else "ARC-Challenge"
+        for r in _jsonl(_need(d / name / f"{sub}-Test.jsonl", name)):
+            q = r["question"]
+            ch = [c["text"] for c in q["choices"]]
+            labels = [c["label"] for c in q["choices"]]
+            ctx = f"Question: {q['stem']}\nAnswer:"
+            docs.append(Doc([(ctx, " " + c) for c in ch], labels.index(r["answerKey"]), ch))
+    elif name == "openbookqa":
+        for r in _jsonl(_need(d / "openbookqa" / "test.jsonl", name)):
+            q = r["question"]
+            ch = [c["text"] for c in q["choices"]]
+            labels = [c["label"] for c in q["choices"]]
+            docs.append(Doc([(q["stem"], " " + c) for c in ch], labels.index(r["answerKey"]), ch))
+    elif name == "hellaswag":
+        with bz2.open(_need(d / "hellaswag" / "hellaswag_val_full.txt.bz2", name), "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        for i in range(0, len(lines) - 5, 6):
+            ctx, gold, endings = lines[i], int(lines[i + 1]), lines[i + 2:i + 6]
+            docs.append(Doc([(ctx, " " + e) for e in endings], gold, endings))
+    elif name == "winogrande":
+        for r in _jsonl(_need(d / "winogrande" / "dev.jsonl", name)):
+            s = r["sentence"]
+            idx = s.index("_")
+            suffix = s[idx + 1:].strip()
+            contexts = [s[:idx] + r["option1"], s[:idx] + r["option2"]]
+            docs.append(Doc([(c, " " + suffix) for c in contexts], int(r["answer"]) - 1, contexts))
+    elif name == "lambada":
+        for r in _jsonl(_need(d / "lambada" / "lambada_test.jsonl", name)):
+            words = r["text"].split(" ")
+            docs.append(Doc([(" ".join(words[:-1]), " " + words[-1])], 0, [words[-1]]))
+    else:
+        raise UserError(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return docs[:limit] if limit else docs
+
+
+def encode_pair(encode, context: str, continuation: str, eos: int) -> tuple[list[int], list[int]]:
+    """lm-eval's split of a request into context and continuation token ids."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if not context:
+        return [eos], encode(continuation)
+    whole, ctx = encode(context + continuation), encode(context)
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, encode, eos: int, requests: list[tuple[str, str]], batch_size: int = 16,
+                   progress: bool = False) -> list[tuple[float, bool]]:
+    """(sum of continuation log-probs, whether greedy decoding reproduces it) for each request, fp32.
+    Requests run longest-first in padded batches; only continuation positions go through the head."""
+    from tqdm import tqdm
+
+    max_len = model.config.max_seq_len
+    encoded = []
+    for ctx, cont in requests:
+        c, k = encode_pair(encode, ctx, cont, eos)
+        seq = (c + k)[-(max_len + 1):][:-1]  # left-truncated to the model's window, as lm-eval does
+        encoded.append((seq, k[-len(seq):]))  # a continuation longer than the window is scored on its tail
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    out: list[tuple[float, bool] | None] = [None] * len(encoded)
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", disable=not progress, mininterval=1):
+        idx = order[start:start + batch_size]
+        T = max(len(encoded[i][0]) for i in idx)
+        x = torch.zeros(len(idx), T, dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = encoded[i][0]
+            x[row, :len(seq)] = torch.tensor(seq)
+        hidden = model(x, return_hidden=True)  # (B, T, d)
+        for row, i in enumerate(idx):
+            seq, cont = encoded[i]
+            n = len(cont)
+            h = hidden[row, len(seq) - n:len(seq)]  # positions that predict the continuation
+            logp = F.log_softmax(model.lm_head(h).float(), dim=-1)  # (n, V)
+            target = torch.tensor(cont)
+            out[i] = (logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all()))
+    return out
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None,
+                   batch_size: int = 16, progress: bool = False) -> dict:
+    """{"tasks": {name: metrics}}: acc/acc_norm/n for multiple choice, acc/ppl/n for LAMBADA, acc/n for WinoGrande."""
+    from .data import eos_id
+
+    def encode(s):
+        return tokenizer.encode(s, add_special_tokens=False).ids
+
+    eos = eos_id(tokenizer)
+    result = {}
+    for name in tasks:
+        docs = load_task(name, data_dir, limit)
+        flat = [r for doc in docs for r in doc.requests]
+        scores = loglikelihoods(model, encode, eos, flat, batch_size, progress)
+        pos, acc, acc_norm, lls = 0, 0.0, 0.0, []
+        for doc in docs:
+            k = len(doc.requests)
+            part = scores[pos:pos + k]
+            pos += k
+            lls_doc = [s[0] for s in part]
+            if name == "lambada":
+                acc += part[0][1]
+                lls.append(part[0][0])
+                continue
+            acc += max(range(k), key=lambda j: lls_doc[j]) == doc.gold
+            norm = [ll / len(c) for ll, c in zip(lls_doc, doc.choices)]
+            acc_norm += max(range(k), key=lambda j: norm[j]) == doc.gold
+        n = len(docs)
+        if name == "lambada":
+            result[name] = {"acc": acc / n, "ppl": math.exp(-sum(lls) / n), "n": n}
+        elif name == "winogrande":
+            result[name] = {"acc": acc / n, "n": n}
+        else:
+            result[name] = {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    return {"tasks": result}

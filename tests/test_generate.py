@@ -1,0 +1,93 @@
+"""Generation (KV cache vs full recompute, sampling filters), SFT masking, MT-Bench answer files."""
+import json
+
+import pytest
+import torch
+
+from steplm.cli import main
+from steplm.evaluate import load_model
+from steplm.generate import alpaca_prompt, generate, sample_next
+from steplm.sft import IGNORE, build_example, read_examples
+
+from conftest import shared
+
+
+def test_greedy_generation_matches_full_recompute(tiny_run):
+    model, tok = load_model(tiny_run)
+    prompt = tok.encode("ROMEO:\nWhat", add_special_tokens=False).ids
+    got = generate(model, prompt, max_new_tokens=12, eos=None)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert got == ids[len(prompt):]
+
+
+def test_stops_at_eos(tiny_run):
+    model, tok = load_model(tiny_run)
+    prompt = tok.encode("Hello", add_special_tokens=False).ids
+    first = generate(model, prompt, max_new_tokens=1)[0]
+    assert generate(model, prompt, max_new_tokens=10, eos=first) == []
+
+
+def test_sampling_filters():
+    logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, 0.0, None, None, g) == 1
+    assert {sample_next(logits, 1.0, 2, None, g) for _ in range(200)} == {1, 2}  # top-k keeps two
+    assert {sample_next(logits, 1.0, None, 0.3, g) for _ in range(100)} == {1}  # top-p: 1 already has > 0.3
+    assert len({sample_next(logits, 5.0, None, None, g) for _ in range(400)}) == 4
+
+
+def test_sft_masks_prompt_tokens(tiny_run):
+    _, tok = load_model(tiny_run)
+    ex = {"instruction": "Say hi.", "input": "", "output": "hi there"}
+    ids, labels = build_example(tok, ex, eos=0, max_len=1000)
+    n_prompt = len(tok.encode(alpaca_prompt("Say hi."), add_special_tokens=False).ids)
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and labels[-1] == 0
+
+
+def test_read_both_formats():
+    alpaca = read_examples(shared("eval/alpaca/alpaca_200.json"))
+    seeds = read_examples(shared("alpaca/seed_tasks.jsonl"))
+    assert len(alpaca) == 200 and set(alpaca[0]) == {"instruction", "input", "output"}
+    assert len(seeds) >= 175 and all(isinstance(e["output"], str) for e in seeds)
+
+
+def test_sft_cli_learns_responses(tiny_run, tmp_path, capsys):
+    out = tmp_path / "sft"
+    assert main(["sft", str(tiny_run), "--data", str(shared("alpaca/seed_tasks.jsonl")), "--out", str(out),
+                 "--limit", "8", "--epochs", "6", "--lr", "3e-3", "--warmup-steps", "2", "--batch-size", "4",
+                 "--quiet"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["steps"] == 12 and s["final_loss"] < s["first_loss"]
+    # the result is a model directory the other commands accept
+    assert main(["generate", str(out), "--prompt", "Give me a fact.", "--alpaca", "--max-new-tokens", "5"]) == 0
+
+
+def test_mt_bench_answer_file(tiny_run, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    assert main(["mt-bench", str(tiny_run), "--questions", str(shared("eval/mt_bench/question.jsonl")),
+                 "--out", str(out), "--limit", "3", "--max-new-tokens", "4", "--model-id", "tiny"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [81, 82, 83]
+    for r in rows:
+        assert r["model_id"] == "tiny" and len(r["choices"]) == 1 and len(r["choices"][0]["turns"]) == 2
+        assert set(r) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "{run}", "--prompt", ""], "--prompt"),
+    (["generate", "{run}", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    (["generate", "{run}", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["sft", "{run}", "--data", "{tmp}/none.json", "--out", "{tmp}/o"], "--data"),
+    (["sft", "{run}", "--data", "{tmp}/bad.json", "--out", "{tmp}/o"], "instruction"),
+    (["mt-bench", "{run}", "--questions", "{tmp}/bad.json", "--out", "{tmp}/a.jsonl"], "--questions"),
+])
+def test_bad_input(tiny_run, tmp_path, capsys, args, needle):
+    (tmp_path / "bad.json").write_text('[{"text": "no instruction"}]')
+    assert main([a.format(run=tiny_run, tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists() and not (tmp_path / "a.jsonl").exists()
