@@ -43,13 +43,19 @@ def cmd_train(a):
     if a.fresh and out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {out} is not empty; drop --fresh to resume from it, or choose another directory")
     created = not out.exists()
+    from . import distributed
     try:
-        summary = Trainer(cfg, out, progress=not a.quiet).fit()
+        trainer = Trainer(cfg, out, progress=not a.quiet)
+        summary = trainer.fit()
     except BaseException:
         from .checkpoint import list_steps
         if created and not list_steps(out / "checkpoints"):  # nothing half-written left behind
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        distributed.cleanup()
+    if not trainer.main:
+        return
     keys = ("method", "final_val_loss", "final_val_ppl", "tokens_seen", "flops", "train_seconds", "weights_sha256")
     print(json.dumps({k: summary[k] for k in keys}))
     print(f"run written to {out}/ (summary.json, metrics.jsonl, model.safetensors)", file=sys.stderr)

@@ -85,6 +85,10 @@ class TrainConfig:
     """Write a metrics row every this many steps."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
+    parallel: str = "ddp"
+    """Under torchrun with several processes: 'ddp' (DistributedDataParallel) or 'fsdp2' (fully_shard)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <out>/tensorboard (needs the tensorboard package)."""
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep."""
     on_nonfinite: str = "skip"
@@ -295,6 +299,8 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
     if not (isinstance(t.warmup_steps, int) and t.warmup_steps >= 0):
         out.append(f"train.warmup_steps: must be a non-negative integer, got {t.warmup_steps!r}")
+    if t.parallel not in ("ddp", "fsdp2"):
+        out.append(f"train.parallel: must be ddp or fsdp2, got {t.parallel!r}")
     if t.on_nonfinite not in ("skip", "stop"):
         out.append(f"train.on_nonfinite: must be skip or stop, got {t.on_nonfinite!r}")
     if not (isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1):

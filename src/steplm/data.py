@@ -353,20 +353,25 @@ def tokenize_file(path: str, tok, text_field: str = "text") -> np.ndarray:
 
 # ---------------------------------------------------------------------------- batches
 class BatchSampler:
-    """Random (B, T+1) windows of a token stream, reproducible from its generator state."""
+    """Random (B, T+1) windows of a token stream, reproducible from its generator state.
 
-    def __init__(self, shard: TokenShard, seq_len: int, micro_batch: int, seed: int):
+    With ``world`` ranks every rank draws the same global batch of world·B windows and keeps its own
+    slice, so N ranks see exactly the rows one process with micro-batch N·B would."""
+
+    def __init__(self, shard: TokenShard, seq_len: int, micro_batch: int, seed: int, rank: int = 0, world: int = 1):
         if len(shard) <= seq_len + 1:
             raise UserError(f"train.seq_len: the training split has {len(shard)} tokens, fewer than one "
                             f"sequence of {seq_len + 1}; use more data or a shorter train.seq_len")
         self.shard, self.seq_len, self.micro_batch = shard, seq_len, micro_batch
+        self.rank, self.world = rank, world
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self._arange = np.arange(seq_len + 1)
 
     def next(self):
         """(inputs, targets), both int64 torch tensors of shape (B, T)."""
         import torch
-        starts = self.rng.integers(0, len(self.shard) - self.seq_len - 1, size=self.micro_batch)
+        starts = self.rng.integers(0, len(self.shard) - self.seq_len - 1, size=self.micro_batch * self.world)
+        starts = starts[self.rank * self.micro_batch:(self.rank + 1) * self.micro_batch]
         window = torch.from_numpy(self.shard.tokens[starts[:, None] + self._arange].astype(np.int64))  # (B, T+1)
         return window[:, :-1], window[:, 1:]
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint
 from . import config as config_mod
+from . import distributed
 from . import flops as flops_mod
 from . import planner
 from .data import BatchSampler, TokenShard, eval_windows, prepare
@@ -211,9 +212,17 @@ class Trainer:
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         self.device = pick_device(cfg.train.device)
         self.dtype = pick_dtype(cfg.train.dtype, self.device)
-        self._prepare_output_dir()
+        self.rank, self.world = distributed.init(self.device)
+        self.main = self.rank == 0  # only rank 0 logs and writes
+        self.progress = progress and self.main
+        if self.main:
+            self._prepare_output_dir()
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out.parent / ".cache" / "steplm"
-        self.shard_dir, self.tokenizer = prepare(cfg.data, cache, progress)
+        if not self.main:
+            distributed.barrier()  # rank 0 tokenizes first; the others then read its cache
+        self.shard_dir, self.tokenizer = prepare(cfg.data, cache, self.progress)
+        if self.main:
+            distributed.barrier()
         n_vocab = self.tokenizer.get_vocab_size()
         if n_vocab > cfg.model.vocab_size:
             raise UserError(f"model.vocab_size: the tokenizer has {n_vocab} tokens, more than model.vocab_size "
@@ -232,7 +241,8 @@ class Trainer:
         stage1 = replace(cfg.model, n_layers=self.layers_per_stage[0])
         self.model = build_model(stage1, seed=cfg.train.seed, device=self.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.sampler = BatchSampler(self.train_shard, cfg.train.seq_len, cfg.train.micro_batch, cfg.train.seed)
+        self.sampler = BatchSampler(self.train_shard, cfg.train.seq_len, cfg.train.micro_batch, cfg.train.seed,
+                                    self.rank, self.world)
         self.stage = self.step = self.step_in_stage = self.tokens = self.skipped = 0
         self.flops = {"paper": 0, "corrected": 0}
         self.data_seconds = self.step_seconds = 0.0
@@ -260,7 +270,12 @@ class Trainer:
             raise UserError(f"--out: cannot write to {self.out} ({e.strerror})")
 
     def _compile(self):
-        """Compile forward + loss as one graph (the cross-entropy over the vocabulary fuses with the head)."""
+        """(Re)wrap after every change of the model's shape: DDP across ranks, then compile forward +
+        loss as one graph (the cross-entropy over the vocabulary fuses with the head)."""
+        self.wrapped = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.wrapped = DistributedDataParallel(self.model)
         self.loss_fn = torch.compile(self._loss) if self.cfg.train.compile else self._loss
         self.adapters_active = bool(lora_modules(self.model))
 
@@ -370,7 +385,7 @@ class Trainer:
     # -- training ---------------------------------------------------------------------------
     def _loss(self, x, y):
         with autocast(self.device, self.dtype):
-            logits = self.model(x)
+            logits = self.wrapped(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
     def train_step(self) -> float:
@@ -542,18 +557,18 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.train
-        config_mod.save(cfg, self.out / "config.yaml")
-        self.tokenizer.save(str(self.out / "tokenizer.json"))
-        metrics_path = self.out / "metrics.jsonl"
-        if self.resumed_from is not None and metrics_path.exists():
-            os.truncate(metrics_path, self.metrics_bytes)  # drop rows written after the checkpoint
-        elif self.resumed_from is None:
-            metrics_path.write_text("")
-        metrics = open(metrics_path, "a")
+        metrics = self._open_metrics() if self.main else None
+        board = self._open_tensorboard() if self.main and t.tensorboard else None
 
         def log(row):
+            if metrics is None:
+                return
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            if board is not None:
+                for k, v in row.items():
+                    if k not in ("step", "stage") and isinstance(v, (int, float)):
+                        board.add_scalar(k, v, row["step"])
 
         total_steps = sum(self.stage_steps)
         bar = tqdm(total=total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
@@ -567,7 +582,7 @@ class Trainer:
             n_steps = self.stage_steps[self.stage]
             measure_peak = self.step_in_stage == min(1, n_steps - 1) and self.device.type == "cpu" and not t.compile
             t0 = time.perf_counter()
-            if measure_peak:
+            if measure_peak and self.world == 1:
                 box = {}
                 peak = _cpu_peak_step(lambda: box.setdefault("out", self.train_step()), self.model, self.optimizer)
                 loss, ok = box["out"]
@@ -582,6 +597,8 @@ class Trainer:
             self._account()
             self.step_seconds += time.perf_counter() - t0
             tok_window += t.micro_batch * t.grad_accum * t.seq_len
+            if self.world > 1:
+                loss = distributed.mean(loss)
             if self.step % t.log_every == 0 or self.step == total_steps or not ok:
                 now = time.perf_counter()
                 tps = tok_window / max(now - t_window, 1e-9)
@@ -597,13 +614,35 @@ class Trainer:
                 log({"step": self.step, "stage": self.stage, "val_loss": round(self.evaluate(), 5),
                      "tokens": self.tokens, "flops": self.flops[cfg.step.flops_convention]})
             if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == total_steps):
-                self.metrics_bytes = metrics.tell()
-                self.save_checkpoint()
-                checkpoint._fault("kill_after_step", self.step)
+                if self.main:
+                    self.metrics_bytes = metrics.tell()
+                    self.save_checkpoint()
+                    checkpoint._fault("kill_after_step", self.step)
+                distributed.barrier()
             bar.update(1)
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+        if board is not None:
+            board.close()
         return self._finish(self.step_seconds if self.resumed_from else time.perf_counter() - t_start)
+
+    def _open_metrics(self):
+        config_mod.save(self.cfg, self.out / "config.yaml")
+        self.tokenizer.save(str(self.out / "tokenizer.json"))
+        path = self.out / "metrics.jsonl"
+        if self.resumed_from is not None and path.exists():
+            os.truncate(path, self.metrics_bytes)  # drop rows written after the checkpoint
+        elif self.resumed_from is None:
+            path.write_text("")
+        return open(path, "a")
+
+    def _open_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")
+        return SummaryWriter(str(self.out / "tensorboard"))
 
     def _finish_stage(self, log):
         """End-of-stage evaluation and memory record."""
@@ -621,6 +660,8 @@ class Trainer:
 
     def _finish(self, train_seconds: float) -> dict:
         final = merged_state_dict(self.model)
+        if not self.main:
+            return {"weights_sha256": weights_sha256(final)}
         tmp = self.out / "model.safetensors.tmp"
         save_file(final, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.out / "model.safetensors")
