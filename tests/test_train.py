@@ -216,3 +216,14 @@ def test_galore_memory_matches_formula(tmp_path):
     from galore_torch import GaLoreAdamW
     assert isinstance(tr.optimizer, GaLoreAdamW) and tr.optimizer.param_groups[0]["rank"] == 4
     assert len(tr.optimizer.param_groups[0]["params"]) == 7 * m.n_layers
+
+
+def test_gradient_accumulation_equals_larger_batch(tmp_path):
+    """Same global batch as 2 micro-batches x 2 accumulation steps: same data, same weights up to
+    summation order, and the CPU peak is measured with accumulation too."""
+    a = make(tmp_path, "a", **{"train.max_steps": 4, "train.micro_batch": 4}).fit()
+    tr = make(tmp_path, "b", **{"train.max_steps": 4, "train.micro_batch": 2, "train.grad_accum": 2})
+    b = tr.fit()
+    assert b["tokens_seen"] == a["tokens_seen"]
+    assert abs(b["final_val_loss"] - a["final_val_loss"]) < 1e-3
+    assert b["stages"][0]["peak_bytes"] > 0

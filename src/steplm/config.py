@@ -85,6 +85,8 @@ class TrainConfig:
     """Write a metrics row every this many steps."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
+    fused_optimizer: bool = True
+    """Use the fused AdamW kernel (FSDP2's sharded parameters always use the foreach kernel)."""
     parallel: str = "ddp"
     """Under torchrun with several processes: 'ddp' (DistributedDataParallel) or 'fsdp2' (fully_shard)."""
     tensorboard: bool = False

@@ -33,6 +33,11 @@ from .growth import grow
 from .lora import LoRALinear, apply_lora, is_frozen_block, lora_modules, merge_and_reinit, merged_state_dict
 
 
+def _fsdp_module_type():
+    from torch.distributed.fsdp import FSDPModule
+    return FSDPModule
+
+
 class TrainingStopped(Exception):
     """Training stopped on a numerical fault; the last good checkpoint is kept."""
 from .model import LLaMA, ModelConfig, build_model, count_params
@@ -103,7 +108,7 @@ def state_bytes(model: LLaMA, optimizer: torch.optim.Optimizer) -> dict:
     return {"layers": layers, "total": total, "optimizer_step_counters": counters}
 
 
-def _cpu_peak_step(step_fn, model, optimizer) -> int | None:
+def _cpu_peak_step(step_fn, model, optimizer, trainer=None) -> int | None:
     """Peak tracked tensor bytes during one step on CPU (torch's MemTracker), or None if unsupported."""
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
@@ -118,8 +123,14 @@ def _cpu_peak_step(step_fn, model, optimizer) -> int | None:
 
     tracker = Tracker()
     tracker.track_external(model, optimizer)
-    with tracker:
-        step_fn()
+    if trainer is not None:  # with gradient accumulation: one forward per micro-batch, same global peak
+        trainer.after_micro_batch = tracker.reset_mod_stats
+    try:
+        with tracker:
+            step_fn()
+    finally:
+        if trainer is not None:
+            trainer.after_micro_batch = None
     peak = tracker.get_tracker_snapshot("peak")
     return int(next(iter(peak.values()))["Total"]) if peak else None
 
@@ -214,6 +225,7 @@ class Trainer:
         self.dtype = pick_dtype(cfg.train.dtype, self.device)
         self.rank, self.world = distributed.init(self.device)
         self.main = self.rank == 0  # only rank 0 logs and writes
+        self.fsdp = self.world > 1 and cfg.train.parallel == "fsdp2"
         self.progress = progress and self.main
         if self.main:
             self._prepare_output_dir()
@@ -250,6 +262,7 @@ class Trainer:
         self.record: dict | None = None  # the current stage's record, filled after its first step
         self.metrics_bytes = 0  # length of metrics.jsonl at the last checkpoint
         self.resumed_from: Path | None = None
+        self.after_micro_batch = None  # set while the CPU peak tracker watches a step
         if cfg.method == "relora" and self.stage_steps[0] == cfg.train.max_steps:
             self._enter_lora_phase()  # no warm start: LoRA from the first step
         self.optimizer = self._build_optimizer()
@@ -273,19 +286,25 @@ class Trainer:
         """(Re)wrap after every change of the model's shape: DDP across ranks, then compile forward +
         loss as one graph (the cross-entropy over the vocabulary fuses with the head)."""
         self.wrapped = self.model
-        if self.world > 1:
+        if self.fsdp:
+            if not isinstance(self.model, _fsdp_module_type()):
+                self._shard()
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.wrapped = DistributedDataParallel(self.model)
         self.loss_fn = torch.compile(self._loss) if self.cfg.train.compile else self._loss
         self.adapters_active = bool(lora_modules(self.model))
 
-    def _build_optimizer(self, previous: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+    def _build_optimizer(self, previous: torch.optim.Optimizer | None = None, model: LLaMA | None = None
+                         ) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters only: 2-D weights decay, norms do not. The state of
         embeddings, head and final norm (trainable in every stage) is carried over; every layer
         parameter, adapters included, starts fresh, so the old layers' moments are freed."""
         t = self.cfg.train
+        model = model or self.model
+        sharded = self.fsdp and isinstance(model, _fsdp_module_type())
         decay, no_decay, carry = [], [], []
-        for name, p in self.model.named_parameters():
+        for name, p in model.named_parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
                 if not name.startswith("model.layers."):
@@ -293,8 +312,9 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.cfg.method == "galore":
             opt = self._galore_optimizer(groups)
-        else:
-            opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
+        else:  # fused AdamW does not take FSDP2's DTensor shards
+            opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                                    fused=t.fused_optimizer and not sharded)
         if previous is not None:
             for p in carry:
                 if p in previous.state:
@@ -349,6 +369,7 @@ class Trainer:
     # -- stage transitions --------------------------------------------------------------------
     def next_stage(self):
         """Move to the next stage: grow (STEP) or switch to LoRA after the warm start (ReLoRA)."""
+        self._unwrap()
         if self.cfg.method in STAGED:
             self.grow_stage()
         else:
@@ -403,8 +424,11 @@ class Trainer:
             loss = self.loss_fn(x, y) / t.grad_accum
             loss.backward()
             total += loss.item()
+            if self.after_micro_batch is not None:
+                self.after_micro_batch()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf")).item()
+        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         if checkpoint.fault_active("nan_at_step", self.step + 1):
             total = float("nan")
         bad = not (math.isfinite(total) and math.isfinite(norm)) or (t.max_grad_norm and norm > t.max_grad_norm)
@@ -469,17 +493,18 @@ class Trainer:
                 else "MemTracker (tracked tensor bytes)"}
 
     # -- run state ---------------------------------------------------------------------------
-    def layer_layout(self) -> list[dict]:
+    def layer_layout(self, model=None) -> list[dict]:
         """The model's current shape: per layer whether it is frozen, its adapter rank, frozen norms."""
         out = []
-        for block in self.model.model.layers:
+        for block in (model or self.model).model.layers:
             lins = [m for m in block.modules() if isinstance(m, LoRALinear)]
             out.append({"frozen": bool(lins), "rank": lins[0].rank if lins else 0,
                         "norms_frozen": not block.input_layernorm.weight.requires_grad})
         return out
 
-    def state_dict(self) -> dict:
+    def state_dict(self, model=None, optimizer=None) -> dict:
         """Everything but the weights: optimizer, schedule position, data position, counters, RNGs."""
+        model, optimizer = model or self.model, optimizer or self.optimizer
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "gen": self.gen.get_state()}
         if torch.cuda.is_available():
@@ -487,13 +512,12 @@ class Trainer:
         return {"step": self.step, "stage": self.stage, "step_in_stage": self.step_in_stage, "tokens": self.tokens,
                 "flops": dict(self.flops), "skipped": self.skipped, "data_seconds": self.data_seconds,
                 "step_seconds": self.step_seconds, "stage_records": self.stage_records, "record": self.record,
-                "layers": self.layer_layout(), "optimizer": self.optimizer.state_dict(),
+                "layers": self.layer_layout(model), "optimizer": optimizer.state_dict(),
                 "sampler": self.sampler.state_dict(), "rng": rng, "metrics_bytes": self.metrics_bytes,
                 "stage_steps": self.stage_steps, "layers_per_stage": self.layers_per_stage}
 
-    def load_state_dict(self, state: dict, weights: dict[str, torch.Tensor]):
-        """Rebuild the model's shape (grown layers, frozen bf16 bases, adapters), then load everything."""
-        layout = state["layers"]
+    def _plain_model(self, layout: list[dict], weights: dict[str, torch.Tensor]) -> LLaMA:
+        """An unwrapped model of the given shape (frozen bf16 layers with adapters) holding ``weights``."""
         model = build_model(replace(self.cfg.model, n_layers=len(layout)), seed=self.cfg.train.seed, device=self.device)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         for block, desc in zip(model.model.layers, layout):
@@ -502,7 +526,48 @@ class Trainer:
         if self.cfg.model.tie_embeddings:
             weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
         model.load_state_dict(weights, strict=True)
-        self.model = model
+        return model
+
+    def _gather_plain(self) -> tuple[LLaMA, torch.optim.Optimizer]:
+        """FSDP2: the full model and optimizer rebuilt unwrapped on every rank (a collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        state = {names[id(p)]: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in st.items()}
+                 for p, st in self.optimizer.state.items()}
+        model = self._plain_model(self.layer_layout(), dict(weights))
+        optimizer = self._build_optimizer(model=model)
+        for name, p in model.named_parameters():
+            if name in state:
+                optimizer.state[p] = state[name]
+        return model, optimizer
+
+    def _shard(self):
+        """FSDP2: shard each block and the root in place, then rebuild the optimizer over the shards,
+        moving each parameter's state by name (parameters without state start fresh)."""
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import distribute_tensor
+
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        state = {names[id(p)]: st for p, st in self.optimizer.state.items()}
+        for block in self.model.model.layers:
+            fully_shard(block)
+        fully_shard(self.model)
+        self.optimizer = self._build_optimizer()
+        for name, p in self.model.named_parameters():
+            if name in state:
+                self.optimizer.state[p] = {k: distribute_tensor(v, p.device_mesh, p.placements)
+                                           if torch.is_tensor(v) and v.dim() else v for k, v in state[name].items()}
+
+    def _unwrap(self):
+        """FSDP2: make self.model / self.optimizer unwrapped again before a change of shape."""
+        if self.fsdp:
+            self.model, self.optimizer = self._gather_plain()
+
+    def load_state_dict(self, state: dict, weights: dict[str, torch.Tensor]):
+        """Rebuild the model's shape (grown layers, frozen bf16 bases, adapters), then load everything."""
+        self.model = self._plain_model(state["layers"], weights)
         for key in ("step", "stage", "step_in_stage", "tokens", "skipped", "data_seconds", "step_seconds",
                     "stage_records", "record", "metrics_bytes"):
             setattr(self, key, state[key])
@@ -519,14 +584,18 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self._compile()
 
-    def save_checkpoint(self) -> Path:
-        """Atomic checkpoint of weights + run state; refuses to save a non-finite model."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+    def save_checkpoint(self) -> Path | None:
+        """Atomic checkpoint of weights + run state in the single-process format (every rank takes
+        part under FSDP2; rank 0 writes); refuses to save a non-finite model."""
+        model, optimizer = self._gather_plain() if self.fsdp else (self.model, self.optimizer)
+        if not self.main:
+            return None
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise TrainingStopped(f"step {self.step}: the weights are not finite; the last good checkpoint is kept")
-        weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if self.cfg.model.tie_embeddings:
             weights.pop("lm_head.weight", None)
-        state = self.state_dict()
+        state = self.state_dict(model, optimizer)
         return checkpoint.save(self.out / "checkpoints", self.step, {
             "model.safetensors": lambda p: save_file(weights, str(p)),
             "trainer.pt": lambda p: torch.save(state, p),
@@ -584,7 +653,8 @@ class Trainer:
             t0 = time.perf_counter()
             if measure_peak and self.world == 1:
                 box = {}
-                peak = _cpu_peak_step(lambda: box.setdefault("out", self.train_step()), self.model, self.optimizer)
+                peak = _cpu_peak_step(lambda: box.setdefault("out", self.train_step()), self.model, self.optimizer,
+                                      self)
                 loss, ok = box["out"]
             else:
                 (loss, ok), peak = self.train_step(), None
@@ -616,7 +686,8 @@ class Trainer:
             if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == total_steps):
                 if self.main:
                     self.metrics_bytes = metrics.tell()
-                    self.save_checkpoint()
+                self.save_checkpoint()
+                if self.main:
                     checkpoint._fault("kill_after_step", self.step)
                 distributed.barrier()
             bar.update(1)
@@ -659,6 +730,7 @@ class Trainer:
              "flops": self.flops[self.cfg.step.flops_convention]})
 
     def _finish(self, train_seconds: float) -> dict:
+        self._unwrap()
         final = merged_state_dict(self.model)
         if not self.main:
             return {"weights_sha256": weights_sha256(final)}
