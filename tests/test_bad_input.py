@@ -1,0 +1,116 @@
+"""The bad-input table: every entry exits with code 2, prints one line naming what to change, and
+leaves nothing behind. (Running out of disk while checkpointing is in test_resume.py.)"""
+import gzip
+import json
+
+import pytest
+
+from steplm.cli import main
+
+from conftest import shared
+
+T = "{tmp}"
+RUN = "{run}"
+TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=2",
+        "--set", "model.vocab_size=512", "--set", "model.max_seq_len=32", "--set", "train.seq_len=16"]
+
+TABLE = [
+    # plan
+    (["plan", "--hidden", "64", "--layers", "0"], "--layers"),
+    (["plan", "--hidden", "64", "--layers", "-3"], "--layers"),
+    (["plan", "--hidden", "64", "--layers", "4", "--stages", "5"], "--stages"),
+    (["plan", "--hidden", "64", "--layers", "4", "--lora-rank", "65"], "--lora-rank"),
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "2,1"], "--layers-per-stage"),
+    (["plan", "--hidden", "64", "--layers", "4", "--stages", "3", "--layers-per-stage", "3,0,1"], "--layers-per-stage"),
+    (["plan", "--hidden", "2048", "--budget-gb", "0.01"], "--budget-gb"),
+    (["plan", "--hidden", "2048", "--budget-gb", "-1"], "--budget-gb"),
+    (["plan", "--layers", "4"], "--hidden"),
+    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "4", "--n-kv-heads", "3"], "--n-kv-heads"),
+    # train: data
+    (["train", "--out", f"{T}/o", "--data", f"{T}/missing.txt"], "data.path"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/empty.txt", "--set", "data.tokenizer=bpe:300"], "empty corpus"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/latin1.txt", "--set", "data.tokenizer=bpe:300"], "not UTF-8"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/notext.jsonl.gz", "--set", "data.tokenizer=bpe:300"], "'text'"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.tokenizer={gpt2}", *TINY],
+     "model.vocab_size"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.tokenizer=/nonexistent/tok"],
+     "data.tokenizer"),
+    # train: config
+    (["train", "--out", f"{T}/o", "--set", "train.bogus=1"], "unknown config key: train.bogus"),
+    (["train", "--out", f"{T}/o", f"{T}/bad.yaml"], "not valid YAML"),
+    (["train", "--out", f"{T}/o", f"{T}/nope.yaml"], "config file not found"),
+    (["train", "--out", f"{T}/o", "--set", "model.d_model=30", "--set", "model.n_heads=4"], "model.d_model"),
+    (["train", "--out", f"{T}/o", "--set", "model.n_layers=0"], "model.n_layers"),
+    (["train", "--out", f"{T}/o", "--set", "lora.rank=999"], "lora.rank"),
+    (["train", "--out", f"{T}/o", "--set", "method=step", "--set", "step.n_stages=2",
+      "--set", "step.layers_per_stage=[3,4]"], "step.layers_per_stage"),
+    (["train", "--out", f"{T}/o", "--set", "step.growth_fraction=1.5"], "step.growth_fraction"),
+    (["train", "--out", f"{T}/o", "--set", "step.growth_fraction=0"], "step.growth_fraction"),
+    (["train", "--out", f"{T}/o", "--set", "method=sgd"], "method"),
+    (["train", "--out", f"{T}/o", "--set", "step.position=middle"], "step.position"),
+    (["train", "--out", f"{T}/o", "--set", "step.n_stages=20", "--set", "model.n_layers=8"], "step.n_stages"),
+    (["train", "--out", f"{T}/o", "--set", "train.seq_len=9999"], "train.seq_len"),
+    (["train", "--out", f"{T}/o", "--set", "train.lr=fast"], "train.lr"),
+    (["train", "--out", f"{T}/afile/sub", "--data", f"{T}/ok.txt"], "--out"),
+    (["train", "--out", f"{T}/full", "--fresh", "--data", f"{T}/ok.txt"], "--fresh"),
+    # eval
+    (["eval", f"{T}/ok.txt", "--data", f"{T}/ok.txt"], "MODEL"),
+    (["eval", f"{T}/gpt2dir", "--data", f"{T}/ok.txt"], "Llama"),
+    (["eval", RUN, "--data", f"{T}/missing.txt"], "--data"),
+    (["eval", RUN, "--tasks", "piqa,mmlu"], "--tasks"),
+    # export
+    (["export", f"{T}/full", "--to", f"{T}/x"], "RUN_DIR"),
+    (["export", f"{T}/none", "--to", f"{T}/x"], "RUN_DIR"),
+    # sft
+    (["sft", RUN, "--data", f"{T}/missing.json", "--out", f"{T}/o"], "--data"),
+    (["sft", RUN, "--data", f"{T}/noinstr.json", "--out", f"{T}/o"], "instruction"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/full"], "--out"),
+    # generate
+    (["generate", RUN, "--prompt", ""], "--prompt"),
+    (["generate", RUN, "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+    (["generate", RUN, "--prompt", "hi", "--temperature", "-1"], "--temperature"),
+    (["generate", RUN, "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+]
+
+
+def inputs(tmp):
+    (tmp / "empty.txt").write_text("  \n")
+    (tmp / "ok.txt").write_text("some words for a tokenizer to learn from. " * 200)
+    (tmp / "latin1.txt").write_bytes("café olé".encode("latin-1"))
+    with gzip.open(tmp / "notext.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"body": "x"}) + "\n")
+    (tmp / "bad.yaml").write_text("model: [unclosed\n")
+    (tmp / "afile").write_text("a file, not a directory")
+    (tmp / "full").mkdir()
+    (tmp / "full" / "something").write_text("x")
+    (tmp / "gpt2dir").mkdir()
+    (tmp / "gpt2dir" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp / "noinstr.json").write_text(json.dumps([{"prompt": "x", "output": "y"}]))
+    (tmp / "alpaca.json").write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}]))
+
+
+def snapshot(tmp):
+    return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*"))
+
+
+def test_table_has_at_least_30_entries_over_six_commands():
+    assert len(TABLE) >= 30
+    assert {args[0] for args, _ in TABLE} == {"plan", "train", "eval", "export", "sft", "generate"}
+
+
+@pytest.mark.parametrize("args,needle", TABLE, ids=[f"{a[0]}-{n}" for a, n in TABLE])
+def test_bad_input(tiny_run, tmp_path, capsys, monkeypatch, args, needle):
+    work = tmp_path / "work"
+    work.mkdir()
+    inputs(work)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = snapshot(work)
+    argv = [a.replace(T, str(work)).replace(RUN, str(tiny_run)).replace("{gpt2}", str(shared("tokenizers/gpt2")))
+            for a in args]
+    if argv[0] == "train":
+        argv += ["--set", f"data.cache_dir={tmp_path / 'cache'}", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err, err
+    assert snapshot(work) == before  # nothing half-written
