@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-2.13.0
 TORCH := torch==2.13.0
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench replicate clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+
+replicate: $(STAMP)
+	$(BIN)/python benchmarks/replicate.py
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -23,3 +23,19 @@ def test_plot_figure2_and_curve(tmp_path):
 def test_plot_needs_a_finished_run(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "summary.json" in capsys.readouterr().err
+
+
+def test_tensorboard_events_mirror_metrics(tmp_path):
+    pytest = __import__("pytest")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config.load(None, tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.tensorboard": True}))
+    Trainer(cfg, tmp_path / "tb", progress=False).fit()
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("loss")]
+    import json
+    rows = [json.loads(x) for x in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [round(v, 5) for v in losses] == [pytest.approx(r["loss"], abs=1e-5) for r in rows]
+    assert "val_loss" in acc.Tags()["scalars"]
