@@ -5,7 +5,6 @@ files, with the prompts of lm-eval's piqa, lambada_openai and winogrande configs
 scores the exported HF directory through its own HF backend.
 """
 import json
-import os
 
 import pytest
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from steplm.model import LLaMA, ModelConfig, build_model, count_params, default_ffn_hidden
+from steplm.model import ModelConfig, build_model, count_params, default_ffn_hidden
 
 transformers = pytest.importorskip("transformers")
 

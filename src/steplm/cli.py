@@ -133,13 +133,14 @@ def cmd_plan(a):
             raise UserError("--n-kv-heads: needs --n-heads dividing --hidden and divisible by --n-kv-heads")
         kv = a.n_kv_heads * (a.hidden // a.n_heads)
     shape = planner.LayerShape(a.hidden, a.ffn_hidden, kv)
-    extra = lambda L: 0  # noqa: E731
-    if a.extended:
-        heads = a.n_heads or max(1, a.hidden // 128)
+    heads = a.n_heads or max(1, a.hidden // 128)
 
-        def extra(L):
-            return planner.head_state_bytes(a.vocab_size, a.hidden) + planner.activation_bytes(
-                L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing)
+    def extra(L):
+        """Bytes beyond the layers' model states that --budget-gb must also fit (--extended)."""
+        if not a.extended:
+            return 0
+        return planner.head_state_bytes(a.vocab_size, a.hidden) + planner.activation_bytes(
+            L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing)
     try:
         if a.budget_gb is not None:
             if a.budget_gb <= 0:
@@ -164,7 +165,6 @@ def cmd_plan(a):
         raise UserError(f"{flag}: {e}")
     if a.extended:
         L = sum(plan.layers_per_stage)
-        heads = a.n_heads or max(1, a.hidden // 128)
         plan.extended = {
             "embedding_head_norm_bytes": planner.head_state_bytes(a.vocab_size, a.hidden),
             "activation_bytes": planner.activation_bytes(L, a.hidden, heads, a.seq_len, a.micro_batch,

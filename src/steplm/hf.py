@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .model import LLaMA, ModelConfig, rope_cache
+from .model import LLaMA, ModelConfig, from_state_dict
 
 _LAYER_KEYS = ["input_layernorm.weight", "post_attention_layernorm.weight",
                *(f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -103,18 +102,7 @@ def load_hf_dir(path: str | Path, device="cpu") -> tuple[LLaMA, object]:
     missing = set(inverse) - set(state)
     if missing:
         raise UserError(f"MODEL: {d} lacks Llama weights such as {sorted(missing)[0]}")
-    with torch.device("meta"):
-        model = LLaMA(cfg)
-    model.to_empty(device=device)
-    model.tie_weights()
-    sd = {inverse[k]: state[k].float() for k in inverse}
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    model.load_state_dict(sd, strict=True)
-    with torch.no_grad():
-        cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device)
-        model.rope_cos.copy_(cos)
-        model.rope_sin.copy_(sin)
+    model = from_state_dict(cfg, {inverse[k]: state[k].float() for k in inverse}, device)
     if not (d / "tokenizer.json").is_file():
         raise UserError(f"MODEL: {d} has no tokenizer.json")
-    return model.eval(), Tokenizer.from_file(str(d / "tokenizer.json"))
+    return model, Tokenizer.from_file(str(d / "tokenizer.json"))

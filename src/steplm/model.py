@@ -6,7 +6,7 @@ Parameter names match Hugging Face ``LlamaForCausalLM`` one to one
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -260,6 +260,22 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
     with torch.no_grad():
         model.init_weights(gen)
     return model
+
+
+def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu") -> LLaMA:
+    """A model in eval mode holding ``state`` (built on meta, so no init is wasted)."""
+    with torch.device("meta"):
+        model = LLaMA(cfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    if cfg.tie_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+    return model.eval()
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

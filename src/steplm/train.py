@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ from .data import BatchSampler, TokenShard, eval_windows, prepare
 from .errors import UserError
 from .growth import grow
 from .lora import LoRALinear, apply_lora, is_frozen_block, lora_modules, merge_and_reinit, merged_state_dict
+from .model import LLaMA, ModelConfig, build_model, count_params, from_state_dict
 
 
 def _fsdp_module_type():
@@ -40,7 +40,6 @@ def _fsdp_module_type():
 
 class TrainingStopped(Exception):
     """Training stopped on a numerical fault; the last good checkpoint is kept."""
-from .model import LLaMA, ModelConfig, build_model, count_params
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -771,17 +770,5 @@ def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
     if not (d / "model.safetensors").is_file() or not (d / "model_config.json").is_file():
         raise UserError(f"MODEL: {d} is not a finished steplm run (no model.safetensors / model_config.json)")
     mcfg = ModelConfig.from_dict(json.loads((d / "model_config.json").read_text()))
-    with torch.device("meta"):
-        model = LLaMA(mcfg)
-    model.to_empty(device=device)
-    model.tie_weights()
-    state = load_file(str(d / "model.safetensors"), device=str(device))
-    if mcfg.tie_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    model.load_state_dict(state, strict=True)
-    with torch.no_grad():
-        from .model import rope_cache
-        cos, sin = rope_cache(mcfg.max_seq_len, mcfg.head_dim, mcfg.rope_theta, device=device)
-        model.rope_cos.copy_(cos)
-        model.rope_sin.copy_(sin)
-    return model.eval(), Tokenizer.from_file(str(d / "tokenizer.json"))
+    model = from_state_dict(mcfg, load_file(str(d / "model.safetensors"), device=str(device)), device)
+    return model, Tokenizer.from_file(str(d / "tokenizer.json"))
