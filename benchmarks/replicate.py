@@ -62,8 +62,11 @@ def budget_row() -> dict:
     """STEP-2stages sized by the budget planner: the deepest model whose peak fits budget_bytes()."""
     cfg = config.load(None, [f"{k}={v}" for k, v in BASE.items()])
     plan = planner.deepest_within(budget_bytes(), 2, layer_shape(cfg.model), BASE["lora.rank"])
-    return {**STEP, "model.n_layers": sum(plan.layers_per_stage),
-            "step.layers_per_stage": json.dumps(plan.layers_per_stage)}
+    L = sum(plan.layers_per_stage)
+    # train.max_steps is a vanilla-equivalent budget for the model's own depth: scale it so the
+    # FLOPs equal the 8-layer vanilla's (6·N·T with N proportional to the layer count).
+    return {**STEP, "model.n_layers": L, "step.layers_per_stage": json.dumps(plan.layers_per_stage),
+            "train.max_steps": round(STEPS * 8 / L)}
 
 
 SUITES = {
@@ -89,13 +92,23 @@ PAPER_TRENDS = {
 }
 
 
+def cached(cfg, out_root: Path) -> Path | None:
+    """A finished run directory trained with exactly this config, if there is one."""
+    for d in sorted((out_root / "runs").glob("*")):
+        if (d / "summary.json").is_file() and (d / "wikitext.json").is_file() and (d / "config.yaml").is_file():
+            if config.load(d / "config.yaml").to_dict() == cfg.to_dict():
+                return d
+    return None
+
+
 def run(overrides: dict, out_root: Path) -> dict:
     """Train (or reuse an identical finished run) and add WikiText perplexity."""
     items = {**BASE, **overrides}
     cfg = config.load(None, [f"{k}={v}" for k, v in items.items()])
-    # Key on the resolved config, so that rows shared by several tables train once.
+    # Rows shared by several tables train once: reuse any finished run whose saved config, read
+    # with today's schema (new keys take their defaults), equals this one.
     key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    d = out_root / "runs" / key
+    d = cached(cfg, out_root) or out_root / "runs" / key
     if (d / "summary.json").is_file() and (d / "wikitext.json").is_file():
         s = json.loads((d / "summary.json").read_text())
     else:
