@@ -71,6 +71,12 @@ def test_numbers_equal_lm_eval(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds_cache"))
     hf_dir = tmp_path / "hf"
     assert main(["export", str(tiny_run), "--to", str(hf_dir)]) == 0
+    # lm-eval asserts that every continuation fits the window; the tiny model's BPE can make a long
+    # PIQA answer exceed 256 tokens, so open the window (RoPE runs at any length) for both sides.
+    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        cfg = json.loads((hf_dir / name).read_text())
+        cfg[key] = 2048
+        (hf_dir / name).write_text(json.dumps(cfg))
     task_dir = write_tasks(tmp_path)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
