@@ -1,8 +1,13 @@
 """Small-scale replication of the STEP paper's Tables 2, 4, 5, 9 and 10 on CPU, every method at
 vanilla's FLOPs (paper convention), plus the plots.
 
-    python benchmarks/replicate.py                 # everything (main table + the four ablations)
-    python benchmarks/replicate.py --suite table4  # one ablation
+    python benchmarks/replicate.py                     # everything: throughput, main table, four ablations
+    python benchmarks/replicate.py --suite table4      # one ablation
+    python benchmarks/replicate.py --suite throughput  # only the interleaved per-method step timing
+    python benchmarks/replicate.py --suite lr          # vanilla lr sweep (not part of "all")
+
+Finished runs are cached in benchmarks/results/runs/ by config; delete that folder for a clean
+re-run (the wall-time column and meta.json's run time are only meaningful then).
 
 Scale, and why: d 256, 8 layers, 4 heads, seq 256, 8 sequences per step, a 8192-token BPE trained
 on the training text (with GPT-2's 50257 tokens the embedding and head would hold 80 % of the
@@ -17,10 +22,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -53,20 +63,20 @@ WIKI_TOKENS = 65536
 
 
 def budget_bytes() -> int:
-    """The named memory budget for the planner row: vanilla's layer states at 8 layers (Eq. 1)."""
+    """The named memory budget for the planner row: vanilla's layer states at its depth (Eq. 1)."""
     cfg = config.load(None, [f"{k}={v}" for k, v in BASE.items()])
-    return planner.vanilla_bytes(8, planner.params_per_layer(layer_shape(cfg.model)))
+    return planner.vanilla_bytes(cfg.model.n_layers, planner.params_per_layer(layer_shape(cfg.model)))
 
 
 def budget_row() -> dict:
     """STEP-2stages sized by the budget planner: the deepest model whose peak fits budget_bytes()."""
     cfg = config.load(None, [f"{k}={v}" for k, v in BASE.items()])
-    plan = planner.deepest_within(budget_bytes(), 2, layer_shape(cfg.model), BASE["lora.rank"])
+    plan = planner.deepest_within(budget_bytes(), 2, layer_shape(cfg.model), cfg.lora.rank)
     L = sum(plan.layers_per_stage)
     # train.max_steps is a vanilla-equivalent budget for the model's own depth: scale it so the
-    # FLOPs equal the 8-layer vanilla's (6·N·T with N proportional to the layer count).
+    # FLOPs equal the vanilla's (6·N·T with N proportional to the layer count).
     return {**STEP, "model.n_layers": L, "step.layers_per_stage": json.dumps(plan.layers_per_stage),
-            "train.max_steps": round(STEPS * 8 / L)}
+            "train.max_steps": round(cfg.train.max_steps * cfg.model.n_layers / L)}
 
 
 SUITES = {
@@ -83,12 +93,15 @@ SUITES = {
     "table9": {f"{i}{' + FPI' if f else ''}": [{**STEP, "step.init": i, "step.fpi": f}]
                for i in ("copy", "mean") for f in (False, True)},
     "table10": {f"grow at {int(g * 100)} %": [{**STEP, "step.growth_fraction": g}] for g in (0.25, 0.5, 0.75, 1.0)},
+    # Not part of "all": checks that vanilla's lr (shared by every method but GaLore) is not a handicap.
+    "lr": {f"vanilla lr={lr:g}": [{"train.lr": lr, "train.seed": s} for s in SEEDS] for lr in (1e-3, 2e-3, 3e-3, 6e-3)},
 }
 PAPER_TRENDS = {
     "table4": "paper: Upper best (lowest perplexity)",
     "table5": "paper: with PET better than without",
     "table9": "paper: Mean without FPI best",
     "table10": "paper: growing at 75 % best",
+    "lr": "vanilla learning-rate sweep (not in the paper)",
 }
 
 
@@ -148,17 +161,71 @@ def row(method: str, summaries: list[dict]) -> dict:
             "run_dirs": [s["run_dir"] for s in summaries]}
 
 
+# Throughput per method: every method's final stage (the same final depth as its vanilla), built in
+# one process and timed in interleaved rounds, so that machine noise hits all methods alike.
+TP_WARMUP, TP_ROUNDS, TP_STEPS = 2, 4, 4
+
+
+def final_stage_trainer(overrides: dict, out_dir: Path) -> Trainer:
+    """A trainer moved straight to its last stage (grown, frozen and adapted as in a real run)."""
+    cfg = config.load(None, [f"{k}={v}" for k, v in {**BASE, **overrides}.items()])
+    t = Trainer(cfg, out_dir, progress=False)
+    while t.stage < len(t.stage_steps) - 1:
+        t.next_stage()
+    return t
+
+
+def throughput(variants: dict[str, dict]) -> list[dict]:
+    """Median optimizer-step time of each method's final stage, against vanilla at the same depth."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {m: final_stage_trainer(o, Path(tmp) / str(i)) for i, (m, o) in enumerate(variants.items())}
+        for t in trainers.values():
+            for _ in range(TP_WARMUP):
+                t.train_step()
+        times = {m: [] for m in trainers}
+        names = list(trainers)
+        for r in range(TP_ROUNDS):
+            for m in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+                for _ in range(TP_STEPS):
+                    t0 = time.perf_counter()
+                    trainers[m].train_step()
+                    times[m].append(time.perf_counter() - t0)
+        rows = []
+        for m, t in trainers.items():
+            c = t.cfg.train
+            layers = len(t.model.model.layers)
+            ref = next(v for v, o in variants.items() if o.get("method", "vanilla") == "vanilla"
+                       and len(trainers[v].model.model.layers) == layers)
+            step_s = statistics.median(times[m])
+            rows.append({"method": m, "final_layers": layers,
+                         "trainable_params": sum(p.numel() for p in t.model.parameters() if p.requires_grad),
+                         "step_seconds": step_s, "tokens_per_second": c.micro_batch * c.grad_accum * c.seq_len / step_s,
+                         "vanilla_reference": ref, "step_time_vs_vanilla": step_s / statistics.median(times[ref]),
+                         "steps_timed": len(times[m])})
+    return rows
+
+
+def throughput_table(rows: list[dict]) -> str:
+    lines = ["| method (final stage) | layers | trainable params | step time (s, median) | tokens/s | "
+             "step time / vanilla step (same depth) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['final_layers']} | {r['trainable_params']:,} | {r['step_seconds']:.3f} | "
+                     f"{r['tokens_per_second']:,.0f} | {r['step_time_vs_vanilla']:.2f} |")
+    return "\n".join(lines)
+
+
 def fmt_ppl(mean, sd, n):
     return f"{mean:.1f} ± {sd:.1f}" if n > 1 else f"{mean:.1f}"
 
 
-def table(rows: list[dict], ref_step_seconds: float | None = None) -> str:
+def table(rows: list[dict], tp: dict[str, dict] | None = None) -> str:
+    """Table-2-style markdown; the last column comes from the interleaved throughput measurement."""
     mib = 2**20
     lines = ["| method | layers/stage | planned peak (MiB) | measured peak (MiB) | tracked peak (MiB) | val ppl | "
-             "WikiText ppl | tokens | FLOPs | wall (s) | last-stage step / vanilla step |",
+             "WikiText ppl | tokens | FLOPs | wall (s) | final-stage step / vanilla step |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        rel = f"{r['last_stage_step_seconds'] / ref_step_seconds:.2f}" if ref_step_seconds else "–"
+        rel = f"{tp[r['method']]['step_time_vs_vanilla']:.2f}" if tp and r["method"] in tp else "–"
         lines.append(f"| {r['method']} | {'→'.join(map(str, r['layers_per_stage']))} | "
                      f"{r['planned_peak_bytes'] / mib:.1f} | {r['measured_peak_bytes'] / mib:.1f} | "
                      f"{r['tracked_peak_bytes'] / mib:.1f} | {fmt_ppl(r['val_ppl'], r['val_ppl_spread'], r['n_seeds'])} | "
@@ -167,9 +234,16 @@ def table(rows: list[dict], ref_step_seconds: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def throughput_variants() -> dict[str, dict]:
+    budget = budget_row()
+    return {"vanilla": {}, "relora": RELORA, "galore": GALORE, "step-2stages": STEP,
+            "step-3stages": {**STEP, "step.n_stages": 3}, "step-2stages-budget": budget,
+            f"vanilla-{budget['model.n_layers']}-layers": {"model.n_layers": budget["model.n_layers"]}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="all", choices=["all", *SUITES])
+    ap.add_argument("--suite", default="all", choices=["all", "throughput", *SUITES])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
     if not (DATA / "gutenberg" / "train.jsonl.gz").is_file():
@@ -178,8 +252,23 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     SUITES["main"]["step-2stages-budget"] = [budget_row()]
     t_start = time.perf_counter()
-    report = {}
-    for suite in ([*SUITES] if a.suite == "all" else [a.suite]):
+    minutes = {}
+    suites = ["throughput", *(s for s in SUITES if s != "lr")] if a.suite == "all" else [a.suite]
+    tp = None
+    if (out / "throughput_methods.json").is_file():
+        tp = {r["method"]: r for r in json.loads((out / "throughput_methods.json").read_text())}
+    for suite in suites:
+        t_suite = time.perf_counter()
+        if suite == "throughput":
+            print("[throughput] every method's final stage, interleaved", file=sys.stderr, flush=True)
+            tp_rows = throughput(throughput_variants())
+            tp = {r["method"]: r for r in tp_rows}
+            md = throughput_table(tp_rows)
+            (out / "throughput_methods.md").write_text(f"### Throughput per method (final stage, interleaved)\n\n{md}\n")
+            (out / "throughput_methods.json").write_text(json.dumps(tp_rows, indent=2))
+            print(f"\n{md}\n")
+            minutes[suite] = (time.perf_counter() - t_suite) / 60
+            continue
         rows = []
         for method, variants in SUITES[suite].items():
             print(f"[{suite}] {method}: {len(variants)} run(s)  ({(time.perf_counter() - t_start) / 60:.1f} min so far)",
@@ -190,12 +279,11 @@ def main():
                 s["seed"] = v.get("train.seed", 0)
                 summaries.append(s)
             rows.append(row(method, summaries))
-        report[suite] = rows
-        van = next((r for r in rows if r["method"] == "vanilla"), None)
-        md = table(rows, van["first_stage_step_seconds"] if van else None)
-        title = {"main": "Table 2 (main comparison)"}.get(suite, f"{suite} ablation — {PAPER_TRENDS.get(suite, '')}")
-        (out / f"{'replication' if suite == 'main' else suite}.md").write_text(f"### {title}\n\n{md}\n")
-        (out / f"{'replication' if suite == 'main' else suite}.json").write_text(json.dumps(rows, indent=2))
+        md = table(rows, tp if suite == "main" else None)
+        title = {"main": "Table 2 (main comparison)", "lr": "Vanilla learning-rate sweep (not in the paper)"}.get(suite, f"{suite} ablation — {PAPER_TRENDS.get(suite, '')}")
+        name = "replication" if suite == "main" else suite
+        (out / f"{name}.md").write_text(f"### {title}\n\n{md}\n")
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
         print(f"\n### {title}\n\n{md}\n")
         if suite == "main":
             by = {r["method"]: r for r in rows}
@@ -203,8 +291,16 @@ def main():
             plot_memory(by["step-3stages"]["run_dirs"][0], out / "memory_step3.png",
                         vanilla_dir=by["vanilla"]["run_dirs"][0])
             print(f"memory budget for the planner row: {budget_bytes() / 2**20:.2f} MiB of layer states "
-                  f"(vanilla's at 8 layers)")
-    print(f"total wall time: {(time.perf_counter() - t_start) / 60:.1f} min", file=sys.stderr)
+                  f"(vanilla's at {BASE['model.n_layers']} layers)")
+        minutes[suite] = (time.perf_counter() - t_suite) / 60
+    total = (time.perf_counter() - t_start) / 60
+    if a.suite == "all":  # what made the committed results, and how long it took
+        meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                "minutes_per_suite": minutes, "total_minutes": total,
+                "runs": len(list((out / "runs").glob("*/summary.json")))}
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"total wall time: {total:.1f} min", file=sys.stderr)
 
 
 if __name__ == "__main__":
