@@ -5,6 +5,7 @@ vanilla's FLOPs (paper convention), plus the plots.
     python benchmarks/replicate.py --suite table4      # one ablation
     python benchmarks/replicate.py --suite throughput  # only the interleaved per-method step timing
     python benchmarks/replicate.py --suite lr          # vanilla lr sweep (not part of "all")
+    python benchmarks/replicate.py --suite flops       # STEP / ReLoRA at equal corrected FLOPs (not in "all")
 
 Finished runs are cached in benchmarks/results/runs/ by config; delete that folder for a clean
 re-run (the wall-time column and meta.json's run time are only meaningful then).
@@ -93,6 +94,11 @@ SUITES = {
     "table9": {f"{i}{' + FPI' if f else ''}": [{**STEP, "step.init": i, "step.fpi": f}]
                for i in ("copy", "mean") for f in (False, True)},
     "table10": {f"grow at {int(g * 100)} %": [{**STEP, "step.growth_fraction": g}] for g in (0.25, 0.5, 0.75, 1.0)},
+    # Not part of "all": the budget matched with the corrected FLOPs count (frozen layers 4N, head,
+    # attention), under which the cheap stages buy fewer extra tokens than under the paper's 2N.
+    "flops": {"step-2stages, corrected FLOPs": [{**STEP, "step.flops_convention": "corrected", "train.seed": s}
+                                                for s in SEEDS],
+              "relora, corrected FLOPs": [{**RELORA, "step.flops_convention": "corrected"}]},
     # Not part of "all": checks that vanilla's lr (shared by every method but GaLore) is not a handicap.
     "lr": {f"vanilla lr={lr:g}": [{"train.lr": lr, "train.seed": s} for s in SEEDS] for lr in (1e-3, 2e-3, 3e-3, 6e-3)},
 }
@@ -102,6 +108,7 @@ PAPER_TRENDS = {
     "table9": "paper: Mean without FPI best",
     "table10": "paper: growing at 75 % best",
     "lr": "vanilla learning-rate sweep (not in the paper)",
+    "flops": "budget matched with the corrected FLOPs count (not in the paper)",
 }
 
 
@@ -253,7 +260,7 @@ def main():
     SUITES["main"]["step-2stages-budget"] = [budget_row()]
     t_start = time.perf_counter()
     minutes = {}
-    suites = ["throughput", *(s for s in SUITES if s != "lr")] if a.suite == "all" else [a.suite]
+    suites = ["throughput", *(s for s in SUITES if s not in ("lr", "flops"))] if a.suite == "all" else [a.suite]
     tp = None
     if (out / "throughput_methods.json").is_file():
         tp = {r["method"]: r for r in json.loads((out / "throughput_methods.json").read_text())}
@@ -280,7 +287,8 @@ def main():
                 summaries.append(s)
             rows.append(row(method, summaries))
         md = table(rows, tp if suite == "main" else None)
-        title = {"main": "Table 2 (main comparison)", "lr": "Vanilla learning-rate sweep (not in the paper)"}.get(suite, f"{suite} ablation — {PAPER_TRENDS.get(suite, '')}")
+        title = {"main": "Table 2 (main comparison)", "lr": "Vanilla learning-rate sweep (not in the paper)",
+                 "flops": "Equal FLOPs under the corrected count (not in the paper)"}.get(suite, f"{suite} ablation — {PAPER_TRENDS.get(suite, '')}")
         name = "replication" if suite == "main" else suite
         (out / f"{name}.md").write_text(f"### {title}\n\n{md}\n")
         (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
