@@ -87,19 +87,19 @@ SUITES = {
         "galore": [GALORE],
         "step-2stages": [{**STEP, "train.seed": s} for s in SEEDS],
         "step-3stages": [{**STEP, "step.n_stages": 3}],
-        "step-2stages-budget": [None],  # filled by budget_row()
+        "step-2stages-budget": [None],  # sized from BASE by budget_row(), see suite()
     },
     "table4": {f"position={p}": [{**STEP, "step.position": p}] for p in ("upper", "intermediate", "lower", "random")},
     "table5": {"with PET": [STEP], "without PET": [{"method": "step-no-pet"}]},
     "table9": {f"{i}{' + FPI' if f else ''}": [{**STEP, "step.init": i, "step.fpi": f}]
                for i in ("copy", "mean") for f in (False, True)},
     "table10": {f"grow at {int(g * 100)} %": [{**STEP, "step.growth_fraction": g}] for g in (0.25, 0.5, 0.75, 1.0)},
-    # Not part of "all": the budget matched with the corrected FLOPs count (frozen layers 4N, head,
+    # Not part of "all" (EXTRA_SUITES): the budget matched with the corrected FLOPs count (frozen layers 4N, head,
     # attention), under which the cheap stages buy fewer extra tokens than under the paper's 2N.
     "flops": {"step-2stages, corrected FLOPs": [{**STEP, "step.flops_convention": "corrected", "train.seed": s}
                                                 for s in SEEDS],
               "relora, corrected FLOPs": [{**RELORA, "step.flops_convention": "corrected"}]},
-    # Not part of "all": checks that vanilla's lr (shared by every method but GaLore) is not a handicap.
+    # Not part of "all" (EXTRA_SUITES): checks that vanilla's lr (shared by every method but GaLore) is not a handicap.
     "lr": {f"vanilla lr={lr:g}": [{"train.lr": lr, "train.seed": s} for s in SEEDS] for lr in (1e-3, 2e-3, 3e-3, 6e-3)},
 }
 PAPER_TRENDS = {
@@ -107,9 +107,19 @@ PAPER_TRENDS = {
     "table5": "paper: with PET better than without",
     "table9": "paper: Mean without FPI best",
     "table10": "paper: growing at 75 % best",
-    "lr": "vanilla learning-rate sweep (not in the paper)",
-    "flops": "budget matched with the corrected FLOPs count (not in the paper)",
 }
+TITLES = {"main": "Table 2 (main comparison)", "lr": "Vanilla learning-rate sweep (not in the paper)",
+          "flops": "Equal FLOPs under the corrected count (not in the paper)",
+          **{k: f"{k} ablation — {v}" for k, v in PAPER_TRENDS.items()}}
+EXTRA_SUITES = ("flops", "lr")
+
+
+def suite(name: str) -> dict[str, list[dict]]:
+    """A suite's variants per method, with the budget row sized from the current BASE."""
+    out = dict(SUITES[name])
+    if name == "main":
+        out["step-2stages-budget"] = [budget_row()]
+    return out
 
 
 def cached(cfg, out_root: Path) -> Path | None:
@@ -242,10 +252,10 @@ def table(rows: list[dict], tp: dict[str, dict] | None = None) -> str:
 
 
 def throughput_variants() -> dict[str, dict]:
-    budget = budget_row()
-    return {"vanilla": {}, "relora": RELORA, "galore": GALORE, "step-2stages": STEP,
-            "step-3stages": {**STEP, "step.n_stages": 3}, "step-2stages-budget": budget,
-            f"vanilla-{budget['model.n_layers']}-layers": {"model.n_layers": budget["model.n_layers"]}}
+    """The main table's methods (first seed), plus a vanilla as deep as the budget row."""
+    variants = {m: vs[0] for m, vs in suite("main").items()}
+    L = variants["step-2stages-budget"]["model.n_layers"]
+    return {**variants, f"vanilla-{L}-layers": {"model.n_layers": L}}
 
 
 def main():
@@ -257,16 +267,15 @@ def main():
         sys.exit(f"replicate: error: {DATA} lacks gutenberg/train.jsonl.gz (the shared data)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    SUITES["main"]["step-2stages-budget"] = [budget_row()]
     t_start = time.perf_counter()
     minutes = {}
-    suites = ["throughput", *(s for s in SUITES if s not in ("lr", "flops"))] if a.suite == "all" else [a.suite]
+    suites = ["throughput", *(s for s in SUITES if s not in EXTRA_SUITES)] if a.suite == "all" else [a.suite]
     tp = None
     if (out / "throughput_methods.json").is_file():
         tp = {r["method"]: r for r in json.loads((out / "throughput_methods.json").read_text())}
-    for suite in suites:
+    for name in suites:
         t_suite = time.perf_counter()
-        if suite == "throughput":
+        if name == "throughput":
             print("[throughput] every method's final stage, interleaved", file=sys.stderr, flush=True)
             tp_rows = throughput(throughput_variants())
             tp = {r["method"]: r for r in tp_rows}
@@ -274,11 +283,11 @@ def main():
             (out / "throughput_methods.md").write_text(f"### Throughput per method (final stage, interleaved)\n\n{md}\n")
             (out / "throughput_methods.json").write_text(json.dumps(tp_rows, indent=2))
             print(f"\n{md}\n")
-            minutes[suite] = (time.perf_counter() - t_suite) / 60
+            minutes[name] = (time.perf_counter() - t_suite) / 60
             continue
         rows = []
-        for method, variants in SUITES[suite].items():
-            print(f"[{suite}] {method}: {len(variants)} run(s)  ({(time.perf_counter() - t_start) / 60:.1f} min so far)",
+        for method, variants in suite(name).items():
+            print(f"[{name}] {method}: {len(variants)} run(s)  ({(time.perf_counter() - t_start) / 60:.1f} min so far)",
                   file=sys.stderr, flush=True)
             summaries = []
             for v in variants:
@@ -286,21 +295,20 @@ def main():
                 s["seed"] = v.get("train.seed", 0)
                 summaries.append(s)
             rows.append(row(method, summaries))
-        md = table(rows, tp if suite == "main" else None)
-        title = {"main": "Table 2 (main comparison)", "lr": "Vanilla learning-rate sweep (not in the paper)",
-                 "flops": "Equal FLOPs under the corrected count (not in the paper)"}.get(suite, f"{suite} ablation — {PAPER_TRENDS.get(suite, '')}")
-        name = "replication" if suite == "main" else suite
-        (out / f"{name}.md").write_text(f"### {title}\n\n{md}\n")
-        (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+        md = table(rows, tp if name == "main" else None)
+        title = TITLES[name]
+        stem = "replication" if name == "main" else name
+        (out / f"{stem}.md").write_text(f"### {title}\n\n{md}\n")
+        (out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
         print(f"\n### {title}\n\n{md}\n")
-        if suite == "main":
+        if name == "main":
             by = {r["method"]: r for r in rows}
             plot_loss_vs_flops({m: by[m]["run_dirs"][0] for m in by}, out / "loss_vs_flops.png")
             plot_memory(by["step-3stages"]["run_dirs"][0], out / "memory_step3.png",
                         vanilla_dir=by["vanilla"]["run_dirs"][0])
             print(f"memory budget for the planner row: {budget_bytes() / 2**20:.2f} MiB of layer states "
                   f"(vanilla's at {BASE['model.n_layers']} layers)")
-        minutes[suite] = (time.perf_counter() - t_suite) / 60
+        minutes[name] = (time.perf_counter() - t_suite) / 60
     total = (time.perf_counter() - t_start) / 60
     if a.suite == "all":  # what made the committed results, and how long it took
         meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
