@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from steplm import config, planner  # noqa: E402
 from steplm.evaluate import perplexity  # noqa: E402
 from steplm.report import plot_loss_vs_flops, plot_memory  # noqa: E402
-from steplm.train import Trainer, layer_shape  # noqa: E402
+from steplm.stages import layer_shape, plan_run  # noqa: E402
+from steplm.train import Trainer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 STEPS = 100
@@ -66,7 +67,7 @@ WIKI_TOKENS = 65536
 def budget_bytes() -> int:
     """The named memory budget for the planner row: vanilla's layer states at its depth (Eq. 1)."""
     cfg = config.load(None, [f"{k}={v}" for k, v in BASE.items()])
-    return planner.vanilla_bytes(cfg.model.n_layers, planner.params_per_layer(layer_shape(cfg.model)))
+    return plan_run(cfg).vanilla["planned_state_bytes"]["layers"]
 
 
 def budget_row() -> dict:

@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from steplm import config, planner  # noqa: E402
 from steplm.report import plot_loss_vs_flops, plot_memory  # noqa: E402
-from steplm.train import Trainer, layer_shape  # noqa: E402
+from steplm.stages import layer_shape  # noqa: E402
+from steplm.train import Trainer  # noqa: E402
 
 
 def main():

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, shared, tiny_overrides
 from steplm import planner
 from steplm.config import load
-from steplm.train import layer_shape
+from steplm.stages import layer_shape
 
 
 @pytest.fixture

@@ -111,7 +111,7 @@ def test_growth_frees_old_optimizer_state(tmp_path):
     emb_state = tr.optimizer.state[emb]["exp_avg"].clone()
     ref = weakref.ref(tr.optimizer)
     moments = [weakref.ref(tr.optimizer.state[p]["exp_avg"]) for p in old_layer_params]
-    tr.grow_stage()
+    tr.next_stage()
     gc.collect()
     assert ref() is None and all(m() is None for m in moments)  # the tensors are gone, not just unreachable
     trainable = {id(p) for p in tr.model.parameters() if p.requires_grad}
@@ -128,7 +128,7 @@ def test_lr_rewarms_each_stage(tmp_path):
     tr = make(tmp_path, **{"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]",
                            "train.max_steps": 40, "train.warmup_steps": 4})
     peak = tr.cfg.train.lr
-    n1 = tr.nominal_steps[0]
+    n1 = tr.plan.stages[0].schedule_steps
     end_of_stage1 = tr.lr_at(tr.stage_steps[0] - 1)
     assert end_of_stage1 < peak
     tr.stage = 1
@@ -165,7 +165,7 @@ def test_relora_phases_memory_and_resets(tmp_path):
     tr = make(tmp_path, **relora_overrides())
     assert tr.stage_steps[0] == 3 and tr.stage_steps[1] > 9  # the LoRA phase is cheaper: more steps, same FLOPs
     resets = []
-    import steplm.train as train_mod
+    import steplm.lora as train_mod  # the ReLoRA reset hook calls lora.merge_and_reinit
     orig = train_mod.merge_and_reinit
     train_mod.merge_and_reinit = lambda *a, **k: resets.append(tr.step) or orig(*a, **k)
     try:

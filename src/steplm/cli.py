@@ -112,9 +112,30 @@ def cmd_export(a):
     print(f"exported to {out}/ (load with AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
 
 
+def _plan_config(a):
+    """`steplm plan CONFIG.yaml [--set ...]`: the whole StagePlan of a run config, before training."""
+    from . import config
+    from .stages import format_plan, plan_run
+
+    shape_flags = [f for f in ("preset", "hidden", "layers", "stages", "lora_rank", "layers_per_stage", "ffn_hidden",
+                               "n_heads", "n_kv_heads", "budget_gb") if getattr(a, f)]
+    if shape_flags:
+        flag = "--" + shape_flags[0].replace("_", "-")
+        raise UserError(f"{flag}: not used with a CONFIG; change the config with --set (e.g. --set model.n_layers=24)")
+    cfg = config.load(a.config, a.set or [])
+    config.validate(cfg)
+    try:
+        plan = plan_run(cfg)
+    except ValueError as e:
+        raise UserError(f"step.layers_per_stage: {e}")
+    print(json.dumps(plan.to_dict()) if a.json else format_plan(plan))
+
+
 def cmd_plan(a):
     from . import planner
 
+    if a.config or a.set:  # like `train`, --set alone starts from the default config
+        return _plan_config(a)
     if a.preset:
         p = planner.PRESETS[a.preset]
         a.hidden = a.hidden or p["d_model"]
@@ -295,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", required=True, help="output directory")
     x.set_defaults(fn=cmd_export)
 
-    pl = sub.add_parser("plan", help="STEP memory planner (paper Eq. 1-5, Eq. 3 ILP)")
+    pl = sub.add_parser("plan", help="STEP memory planner (paper Eq. 1-5, Eq. 3 ILP); with CONFIG, a run's stage plan")
+    pl.add_argument("config", nargs="?", help="a run config (YAML): print its stage plan (a dry run of `train`)")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (with CONFIG)")
     pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"])
     pl.add_argument("--hidden", type=_positive_int, help="d")
     pl.add_argument("--layers", type=_positive_int, help="final layer count L")

@@ -18,7 +18,9 @@ import yaml
 from .errors import UserError
 from .model import ModelConfig
 
-METHODS = ("vanilla", "step", "step-no-pet", "relora", "galore")
+from .methods import REGISTRY as _METHODS
+
+METHODS = tuple(_METHODS)
 POSITIONS = ("upper", "intermediate", "lower", "random")
 INITS = ("mean", "copy")
 
@@ -154,7 +156,7 @@ class StepConfig:
 @dataclass
 class RunConfig:
     method: str = "vanilla"
-    """vanilla, step, step-no-pet, relora or galore."""
+    """vanilla, step, step-no-pet, relora or galore (registered in steplm.methods)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -324,8 +326,6 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"lora.reset_prune: must be in (0, 1) or null, got {lo.reset_prune!r}")
     if not (0 <= lo.warm_start_fraction < 1):
         out.append(f"lora.warm_start_fraction: must be in [0, 1), got {lo.warm_start_fraction!r}")
-    if cfg.method == "relora" and not lo.relora_interval:
-        out.append("lora.relora_interval: method relora needs a positive reset interval (steps)")
     g = cfg.galore
     if not (isinstance(g.rank, int) and g.rank > 0):
         out.append(f"galore.rank: must be a positive integer, got {g.rank!r}")
@@ -348,8 +348,6 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"step.n_stages: must be a positive integer, got {s.n_stages!r}")
     elif L and s.n_stages > L:
         out.append(f"step.n_stages: must be at most model.n_layers ({L}), got {s.n_stages}")
-    if cfg.method in ("step", "step-no-pet") and isinstance(s.n_stages, int) and s.n_stages < 2:
-        out.append(f"step.n_stages: method {cfg.method} needs at least 2 stages, got {s.n_stages}")
     if s.layers_per_stage is not None:
         lps = s.layers_per_stage
         if not (isinstance(lps, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lps)):
@@ -359,6 +357,8 @@ def problems(cfg: RunConfig) -> list[str]:
                 out.append(f"step.layers_per_stage: needs step.n_stages ({s.n_stages}) entries, got {len(lps)}")
             if L and sum(lps) != L:
                 out.append(f"step.layers_per_stage: must sum to model.n_layers ({L}), got {sum(lps)}")
+    if cfg.method in _METHODS:
+        out += _METHODS[cfg.method].problems(cfg)
     return out
 
 

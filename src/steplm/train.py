@@ -24,12 +24,11 @@ from safetensors.torch import load_file, save_file
 from . import checkpoint
 from . import config as config_mod
 from . import distributed
-from . import flops as flops_mod
-from . import planner
+from . import methods
+from .stages import Stage, plan_run
 from .data import BatchSampler, TokenShard, eval_windows, prepare
 from .errors import UserError
-from .growth import grow
-from .lora import LoRALinear, apply_lora, is_frozen_block, lora_modules, merge_and_reinit, merged_state_dict
+from .lora import LoRALinear, apply_lora, merged_state_dict
 from .model import LLaMA, ModelConfig, build_model, count_params, from_state_dict
 
 
@@ -73,10 +72,6 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def layer_shape(cfg: ModelConfig) -> planner.LayerShape:
-    return planner.LayerShape(cfg.d_model, cfg.ffn_hidden, cfg.n_kv_heads * cfg.head_dim)
 
 
 def state_bytes(model: LLaMA, optimizer: torch.optim.Optimizer) -> dict:
@@ -134,85 +129,6 @@ def _cpu_peak_step(step_fn, model, optimizer, trainer=None) -> int | None:
     return int(next(iter(peak.values()))["Total"]) if peak else None
 
 
-# ---------------------------------------------------------------------------- stage plan
-def resolve_layers_per_stage(cfg: config_mod.RunConfig) -> list[int]:
-    """n_1..n_K from the config, or from the Eq. 3 optimiser for the model's real layer shape."""
-    s, L = cfg.step, cfg.model.n_layers
-    if cfg.method not in ("step", "step-no-pet"):
-        return [L]
-    if s.layers_per_stage:
-        return list(s.layers_per_stage)
-    rank = cfg.lora.rank if cfg.method == "step" else 0
-    return planner.optimize(L, s.n_stages, layer_shape(cfg.model), rank, s.cap_growth).layers_per_stage
-
-
-STAGED = ("step", "step-no-pet")
-
-
-def relora_warm_steps(cfg: config_mod.RunConfig) -> int:
-    return round(cfg.train.max_steps * cfg.lora.warm_start_fraction)
-
-
-def relora_phase_counts(cfg: config_mod.RunConfig, P: int, E: int) -> tuple[dict, dict]:
-    """ReLoRA's warm start (all full-rank) and LoRA phase (linears frozen; norms and adapters train)."""
-    L, norms = cfg.model.n_layers, 2 * cfg.model.d_model
-    full = {"layers": L, "new_layers": L, "trainable": L * P, "frozen": 0, "lora": 0}
-    lora = {"layers": L, "new_layers": 0, "trainable": L * (norms + E), "frozen": L * (P - norms), "lora": L * E}
-    return full, lora
-
-
-def stage_param_counts(cfg: config_mod.RunConfig, layers_per_stage: list[int]) -> list[dict]:
-    """Non-embedding trainable / frozen / adapter parameter counts of each stage. ReLoRA has two
-    stages: the full-rank warm start and the LoRA phase (skipped when the warm start is 0)."""
-    shape = layer_shape(cfg.model)
-    P = planner.params_per_layer(shape)
-    E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method in ("step", "relora") else 0
-    if cfg.method == "relora":
-        full, lora = relora_phase_counts(cfg, P, E)
-        return [full, lora] if relora_warm_steps(cfg) else [lora]
-    out, before = [], 0
-    for n in layers_per_stage:
-        out.append({"layers": before + n, "new_layers": n, "trainable": n * P + before * E,
-                    "frozen": before * P, "lora": before * E})
-        before += n
-    return out
-
-
-def stage_flops_per_token(cfg, counts: dict, convention: str) -> int:
-    m = cfg.model
-    return flops_mod.flops_per_token(counts["trainable"], counts["frozen"], convention, n_layers=counts["layers"],
-                                     d_model=m.d_model, seq_len=cfg.train.seq_len, vocab_size=m.vocab_size)
-
-
-def schedule(cfg: config_mod.RunConfig, layers_per_stage: list[int]) -> list[int]:
-    """Optimizer steps of each stage: vanilla's FLOPs budget (or step count) split across stages."""
-    t, s = cfg.train, cfg.step
-    if cfg.method == "relora":
-        # The full-rank warm start costs what vanilla does; the cheaper LoRA phase gets the rest of
-        # vanilla's FLOPs (budget_match flops) or of its steps (budget_match steps).
-        warm = relora_warm_steps(cfg)
-        if s.budget_match == "steps":
-            rest = t.max_steps - warm
-        else:
-            shape = layer_shape(cfg.model)
-            P, E = planner.params_per_layer(shape), planner.lora_params_per_layer(shape, cfg.lora.rank)
-            full, lora = [stage_flops_per_token(cfg, c, s.flops_convention) for c in relora_phase_counts(cfg, P, E)]
-            rest = max(1, round((t.max_steps - warm) * full / lora))
-        return [warm, rest] if warm else [rest]
-    if len(layers_per_stage) == 1:
-        return [t.max_steps]
-    if s.budget_match == "steps":
-        per = [1.0] * len(layers_per_stage)
-        budget = float(t.max_steps)
-    else:
-        conv = s.flops_convention
-        full = {"layers": cfg.model.n_layers, "trainable": cfg.model.n_layers * planner.params_per_layer(
-            layer_shape(cfg.model)), "frozen": 0}
-        budget = float(stage_flops_per_token(cfg, full, conv)) * t.max_steps
-        per = [float(stage_flops_per_token(cfg, c, conv)) for c in stage_param_counts(cfg, layers_per_stage)]
-    return flops_mod.split_budget(budget, per, s.growth_fraction)
-
-
 # ---------------------------------------------------------------------------- trainer
 class Trainer:
     """Owns model, optimizer, schedule, data position, step, stage and RNG state of one run."""
@@ -240,16 +156,16 @@ class Trainer:
                             f"({cfg.model.vocab_size}); raise model.vocab_size")
         self.train_shard = TokenShard.open(self.shard_dir / "train.bin")
         self.val_tokens = np.asarray(TokenShard.open(self.shard_dir / "val.bin").tokens)
-        self.layers_per_stage = resolve_layers_per_stage(cfg)
-        self.stage_steps = schedule(cfg, self.layers_per_stage)
-        self.nominal_steps = flops_mod.nominal_lengths(self.stage_steps, cfg.step.growth_fraction)
-        self.counts = stage_param_counts(cfg, self.layers_per_stage)
+        self.plan = plan_run(cfg)
+        self.method = methods.get(self.plan.method)
+        self.layers_per_stage = self.plan.layers_per_stage
+        self.stage_steps = self.plan.steps
 
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)  # adapters, growth
-        stage1 = replace(cfg.model, n_layers=self.layers_per_stage[0])
+        stage1 = replace(cfg.model, n_layers=self.plan.stages[0].layers)
         self.model = build_model(stage1, seed=cfg.train.seed, device=self.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.sampler = BatchSampler(self.train_shard, cfg.train.seq_len, cfg.train.micro_batch, cfg.train.seed,
@@ -262,8 +178,7 @@ class Trainer:
         self.metrics_bytes = 0  # length of metrics.jsonl at the last checkpoint
         self.resumed_from: Path | None = None
         self.after_micro_batch = None  # set while the CPU peak tracker watches a step
-        if cfg.method == "relora" and self.stage_steps[0] == cfg.train.max_steps:
-            self._enter_lora_phase()  # no warm start: LoRA from the first step
+        self.method.enter_stage(self.model, self.current_stage, self.gen, cfg)
         self.optimizer = self._build_optimizer()
         self._compile()
         latest = checkpoint.latest_valid(self.out / "checkpoints")
@@ -292,7 +207,6 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
             self.wrapped = DistributedDataParallel(self.model)
         self.loss_fn = torch.compile(self._loss) if self.cfg.train.compile else self._loss
-        self.adapters_active = bool(lora_modules(self.model))
 
     def _build_optimizer(self, previous: torch.optim.Optimizer | None = None, model: LLaMA | None = None
                          ) -> torch.optim.Optimizer:
@@ -309,94 +223,43 @@ class Trainer:
                 if not name.startswith("model.layers."):
                     carry.append(p)
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self.cfg.method == "galore":
-            opt = self._galore_optimizer(groups)
-        else:  # fused AdamW does not take FSDP2's DTensor shards
-            opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-                                    fused=t.fused_optimizer and not sharded)
+        # fused AdamW does not take FSDP2's DTensor shards
+        opt = self.method.build_optimizer(self.cfg, model, groups, fused=t.fused_optimizer and not sharded)
         if previous is not None:
             for p in carry:
                 if p in previous.state:
                     opt.state[p] = previous.state[p]
         return opt
 
-    def _galore_optimizer(self, groups):
-        """galore-torch's GaLoreAdamW: projected moments for the attention/MLP weights, plain AdamW
-        for embeddings, head and norms."""
-        try:
-            from galore_torch import GaLoreAdamW
-        except ImportError:
-            raise UserError("method: galore needs the optional extra: pip install 'steplm[galore]'")
-        t, g = self.cfg.train, self.cfg.galore
-        targets = {id(p) for n, p in self.model.named_parameters()
-                   if n.startswith("model.layers.") and n.endswith("_proj.weight")}
-        projected = [p for p in groups[0]["params"] if id(p) in targets]
-        plain = [p for p in groups[0]["params"] if id(p) not in targets]
-        return GaLoreAdamW([
-            {"params": projected, "weight_decay": t.weight_decay, "rank": g.rank,
-             "update_proj_gap": g.update_proj_gap, "scale": g.scale, "proj_type": g.proj_type},
-            {"params": plain, "weight_decay": t.weight_decay},
-            {"params": groups[1]["params"], "weight_decay": 0.0},
-        ], lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-
     # -- schedule ---------------------------------------------------------------------------
-    def lora_phase(self) -> bool:
-        """Whether adapters are being trained (STEP after the first growth, ReLoRA after its warm start)."""
-        return self.adapters_active
+    @property
+    def current_stage(self) -> Stage:
+        return self.plan.stages[self.stage]
 
     def lr_at(self, step_in_stage: int) -> float:
-        """Warmup then cosine, times the ReLoRA restart ramp (jagged cosine) after adapter resets.
-        STEP rewarms to the stage-1 peak each stage and decays over the stage's nominal length;
-        the other methods follow one cosine over train.max_steps."""
-        t = self.cfg.train
-        if self.cfg.method in STAGED:
-            s, total = step_in_stage, self.nominal_steps[self.stage]
-        else:
-            s, total = self.step, sum(self.stage_steps)
+        """LR at a step of the current stage: warmup then cosine over the stage's schedule (STEP
+        rewarms to the stage-1 peak each stage; the other methods follow one cosine over the run),
+        times ReLoRA's restart ramp (jagged cosine) in stages whose adapters are reset."""
+        t, st = self.cfg.train, self.current_stage
+        s = step_in_stage if st.schedule_restarts else self.step  # position in the schedule
+        total = st.schedule_steps
         if s < t.warmup_steps:
             lr = t.lr * (s + 1) / t.warmup_steps
         else:
             progress = min(1.0, (s - t.warmup_steps) / max(1, total - t.warmup_steps))
             lr = t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-        k, ramp = self.cfg.lora.relora_interval, self.cfg.lora.relora_warmup
-        if k and ramp and self.lora_phase():
-            # ReLoRA ramps after the switch to LoRA and after every reset; STEP's stage warmup covers its start.
-            if self.cfg.method == "relora" or step_in_stage >= k:
-                lr *= min(1.0, (step_in_stage % k + 1) / ramp)
+        if st.adapter_resets and self.cfg.lora.relora_warmup and step_in_stage >= st.restart_ramp_from:
+            lr *= methods.base.restart_ramp(self.cfg, step_in_stage)
         return lr
 
     # -- stage transitions --------------------------------------------------------------------
     def next_stage(self):
-        """Move to the next stage: grow (STEP) or switch to LoRA after the warm start (ReLoRA)."""
+        """Move to the next stage: the method's pass over the model (grow and freeze, or switch to
+        LoRA), then a new optimizer over the trainable parameters and a new compiled step."""
         self._unwrap()
-        if self.cfg.method in STAGED:
-            self.grow_stage()
-        else:
-            self.stage += 1
-            self.step_in_stage = 0
-            self._enter_lora_phase()
-            old = self.optimizer
-            self.optimizer = self._build_optimizer(previous=old)
-            del old
-            self._compile()
-
-    def _enter_lora_phase(self):
-        """ReLoRA: adapters on every attention and MLP linear; norms, embeddings and head stay trainable."""
-        for block in self.model.model.layers:
-            apply_lora(block, self.cfg.lora.rank, self.cfg.lora.alpha, self.gen, freeze_norms=False)
-
-    def grow_stage(self):
-        """Grow to the next stage: insert layers, freeze the old ones with adapters, new optimizer."""
-        cfg, s = self.cfg, self.cfg.step
         self.stage += 1
         self.step_in_stage = 0
-        merge_and_reinit(self.model, None, self.gen)  # earlier adapters fold into their bases
-        is_new = grow(self.model, self.layers_per_stage[self.stage], s.init, s.position, s.fpi,
-                      seed=cfg.train.seed + self.stage)
-        rank = cfg.lora.rank if cfg.method == "step" else 0
-        for block, new in zip(self.model.model.layers, is_new):
-            if not new and not is_frozen_block(block):
-                apply_lora(block, rank, cfg.lora.alpha, self.gen)
+        self.method.enter_stage(self.model, self.current_stage, self.gen, self.cfg)
         old = self.optimizer
         self.optimizer = self._build_optimizer(previous=old)
         del old
@@ -448,12 +311,10 @@ class Trainer:
         tokens = self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.cfg.train.seq_len
         self.tokens += tokens
         for conv in self.flops:
-            self.flops[conv] += stage_flops_per_token(self.cfg, self.counts[self.stage], conv) * tokens
+            self.flops[conv] += self.current_stage.flops_per_token[conv] * tokens
         self.step += 1
         self.step_in_stage += 1
-        k = self.cfg.lora.relora_interval
-        if k and self.step_in_stage % k == 0 and self.lora_phase():
-            merge_and_reinit(self.model, self.optimizer, self.gen, self.cfg.lora.reset_prune)
+        self.method.after_optimizer_step(self)
 
     @torch.no_grad()
     def evaluate(self, max_tokens: int | None = None) -> float:
@@ -472,20 +333,10 @@ class Trainer:
         return total / count
 
     def _stage_record(self, measured: dict, peak: int | None) -> dict:
-        cfg, c = self.cfg, self.counts[self.stage]
-        shape = layer_shape(cfg.model)
-        P = planner.params_per_layer(shape)
-        E = planner.lora_params_per_layer(shape, cfg.lora.rank) if cfg.method in ("step", "relora") else 0
-        if cfg.method == "relora" and c["lora"]:
-            planned_layers = planner.relora_bytes(c["layers"], P, E, 2 * cfg.model.d_model)
-        elif cfg.method == "galore":
-            planned_layers = c["layers"] * planner.galore_layer_bytes(shape, cfg.galore.rank)
-        else:
-            planned_layers = planner.stage_bytes(self.layers_per_stage[: self.stage + 1], P, E)[-1]
-        head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings)
-        return {"stage": self.stage, "layers": c["layers"], "new_layers": c["new_layers"],
-                "trainable_params": c["trainable"], "frozen_params": c["frozen"], "lora_params": c["lora"],
-                "planned_state_bytes": {"layers": planned_layers, "total": planned_layers + head},
+        st = self.current_stage
+        return {"stage": self.stage, "layers": st.layers, "new_layers": st.new_layers,
+                "trainable_params": st.trainable_params, "frozen_params": st.frozen_params,
+                "lora_params": st.lora_params, "planned_state_bytes": dict(st.planned_state_bytes),
                 "measured_state_bytes": {"layers": measured["layers"], "total": measured["total"]},
                 "optimizer_step_counter_bytes": measured["optimizer_step_counters"],
                 "peak_bytes": peak, "peak_source": "cuda.max_memory_allocated" if self.device.type == "cuda"
@@ -741,7 +592,7 @@ class Trainer:
         val = self.stage_records[-1]["val_loss"]
         params = count_params(self.model)
         summary = {
-            "method": self.cfg.method,
+            "method": self.method.name,
             "final_val_loss": val, "final_val_ppl": math.exp(val),
             "tokens_seen": self.tokens,
             "flops": self.flops[self.cfg.step.flops_convention],

@@ -1,0 +1,21 @@
+"""Pre-training methods as small registered objects (see ``base.Method``).
+
+Adding a method means adding one module with a ``Method`` subclass and one line in ``REGISTRY``.
+"""
+from __future__ import annotations
+
+from .base import Method
+from .galore import GaLore
+from .relora import ReLoRA
+from .step import Step, StepNoPet
+from .vanilla import Vanilla
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (Vanilla(), Step(), StepNoPet(), ReLoRA(), GaLore())}
+
+
+def get(name: str) -> Method:
+    """The registered method called ``name`` (KeyError if there is none)."""
+    return REGISTRY[name]
+
+
+__all__ = ["Method", "REGISTRY", "get"]

@@ -1,0 +1,143 @@
+"""The method protocol: what one pre-training method plans and what it does to the model.
+
+A method is a small object. Its planning half is pure (no torch import, like ``planner.py``): the
+layers each stage adds, the parameter counts of each stage, the steps each stage gets and the
+model-state bytes it holds. ``stages.plan_run`` assembles these into the ``StagePlan`` that the
+trainer, ``steplm plan CONFIG`` and the benchmarks all read. Its training half is a few hooks that
+the one ``Trainer`` calls: ``enter_stage`` (a pass over the model at a stage boundary: grow, freeze,
+add adapters), ``build_optimizer`` and ``after_optimizer_step`` (ReLoRA's merge and reset). The
+hooks import torch lazily, so importing a method stays pure.
+"""
+from __future__ import annotations
+
+from .. import flops as flops_mod
+from .. import planner
+
+CONVENTIONS = ("paper", "corrected")
+
+
+def layer_shape(model_cfg) -> planner.LayerShape:
+    """The planner's view of one decoder block of a ``ModelConfig``."""
+    return planner.LayerShape(model_cfg.d_model, model_cfg.ffn_hidden, model_cfg.n_kv_heads * model_cfg.head_dim)
+
+
+def tokens_per_step(cfg) -> int:
+    """Tokens in one optimizer step (the global batch): micro_batch · grad_accum · seq_len."""
+    t = cfg.train
+    return t.micro_batch * t.grad_accum * t.seq_len
+
+
+def flops_per_token(cfg, counts: dict, convention: str) -> int:
+    """Training FLOPs per token of a stage with these non-embedding parameter counts (``flops.py``)."""
+    m = cfg.model
+    return flops_mod.flops_per_token(counts["trainable"], counts["frozen"], convention, n_layers=counts["layers"],
+                                     d_model=m.d_model, seq_len=cfg.train.seq_len, vocab_size=m.vocab_size)
+
+
+def full_rank_counts(cfg) -> dict:
+    """Counts of the vanilla model at the final depth: every layer trainable."""
+    L, P = cfg.model.n_layers, planner.params_per_layer(layer_shape(cfg.model))
+    return {"layers": L, "new_layers": L, "trainable": L * P, "frozen": 0, "lora": 0}
+
+
+def vanilla_budget(cfg, convention: str) -> float:
+    """FLOPs of vanilla training for ``train.max_steps`` steps at the final depth."""
+    return float(flops_per_token(cfg, full_rank_counts(cfg), convention)) * cfg.train.max_steps * tokens_per_step(cfg)
+
+
+def restart_ramp(cfg, step_in_stage: int) -> float:
+    """ReLoRA's jagged-cosine factor: a linear re-warmup over lora.relora_warmup steps after each reset."""
+    k, ramp = cfg.lora.relora_interval, cfg.lora.relora_warmup
+    return min(1.0, (step_in_stage % k + 1) / ramp)
+
+
+def relora_reset(trainer) -> None:
+    """Every lora.relora_interval steps of a stage with adapters: merge them into their bases,
+    re-initialise them and clear (or prune) their Adam moments."""
+    from ..lora import merge_and_reinit
+
+    k = trainer.cfg.lora.relora_interval
+    if k and trainer.step_in_stage % k == 0 and trainer.current_stage.adapter_resets:
+        merge_and_reinit(trainer.model, trainer.optimizer, trainer.gen, trainer.cfg.lora.reset_prune)
+
+
+class Method:
+    """A full-rank, single-stage method with AdamW; subclasses override what differs."""
+
+    name = "vanilla"
+    staged = False
+    """Whether the LR schedule restarts every stage (STEP) rather than one cosine over the run."""
+
+    # -- planning (pure) --------------------------------------------------------------------------
+    def problems(self, cfg) -> list[str]:
+        """Config problems specific to this method, each naming the key to change."""
+        return []
+
+    def lora_rank(self, cfg) -> int:
+        """Adapter rank r on frozen linears (0: no adapters)."""
+        return 0
+
+    def layers_per_stage(self, cfg) -> list[int]:
+        """n_1..n_K, the layers each stage adds."""
+        return [cfg.model.n_layers]
+
+    def stage_counts(self, cfg, layers_per_stage: list[int]) -> list[dict]:
+        """Non-embedding parameter counts of each stage: ``layers``, ``new_layers``, ``trainable``,
+        ``frozen`` and ``lora`` (Eq. 2's terms; old layers are frozen and carry adapters)."""
+        shape = layer_shape(cfg.model)
+        P = planner.params_per_layer(shape)
+        rank = self.lora_rank(cfg)
+        E = planner.lora_params_per_layer(shape, rank) if rank else 0
+        out, before = [], 0
+        for n in layers_per_stage:
+            out.append({"layers": before + n, "new_layers": n, "trainable": n * P + before * E,
+                        "frozen": before * P, "lora": before * E})
+            before += n
+        return out
+
+    def stage_steps(self, cfg, counts: list[dict]) -> list[int]:
+        """Optimizer steps of each stage: vanilla's budget (FLOPs, or steps with
+        step.budget_match=steps) split so that stages 1..K-1 grow at step.growth_fraction."""
+        s = cfg.step
+        if len(counts) == 1:
+            return [cfg.train.max_steps]
+        if s.budget_match == "steps":
+            per, budget = [1.0] * len(counts), float(cfg.train.max_steps)
+        else:
+            per = [float(flops_per_token(cfg, c, s.flops_convention)) for c in counts]
+            budget = float(flops_per_token(cfg, full_rank_counts(cfg), s.flops_convention)) * cfg.train.max_steps
+        return flops_mod.split_budget(budget, per, s.growth_fraction)
+
+    def layer_state_bytes(self, cfg, layers_per_stage: list[int], counts: list[dict]) -> list[int]:
+        """Model-state bytes of the transformer layers in each stage (Eq. 2; Eq. 1 for one stage)."""
+        shape = layer_shape(cfg.model)
+        P = planner.params_per_layer(shape)
+        rank = self.lora_rank(cfg)
+        return planner.stage_bytes(layers_per_stage, P, planner.lora_params_per_layer(shape, rank) if rank else 0)
+
+    def outer_state_bytes(self, cfg) -> int:
+        """Model-state bytes of the embeddings, LM head and final norm, trainable in every stage."""
+        m = cfg.model
+        return planner.head_state_bytes(m.vocab_size, m.d_model, m.tie_embeddings)
+
+    def stage_kind(self, cfg, index: int, counts: dict) -> str:
+        """'full' (every layer trainable), 'grown' (old layers frozen) or 'lora' (all linears adapted)."""
+        return "full" if not counts["frozen"] else "grown"
+
+    def restart_ramp_from(self, cfg, kind: str) -> int:
+        """Step of a stage from which ReLoRA's restart ramp multiplies the LR."""
+        return cfg.lora.relora_interval
+
+    # -- training hooks (torch) ---------------------------------------------------------------------
+    def enter_stage(self, model, stage, generator, cfg) -> None:
+        """A pass over the model as ``stage`` begins (stage 0 right after the model is built)."""
+
+    def build_optimizer(self, cfg, model, groups: list[dict], fused: bool):
+        """The optimizer over the trainable parameter groups (decay, no-decay)."""
+        import torch
+
+        t = cfg.train
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
+
+    def after_optimizer_step(self, trainer) -> None:
+        """Called after every counted optimizer step."""

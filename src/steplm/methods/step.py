@@ -1,0 +1,54 @@
+"""STEP (Yano et al. 2025): grow at each stage boundary, freeze the old layers in bf16 with ReLoRA
+adapters, train the new layers and the adapters; the LR rewarms every stage (Eq. 2, Eq. 3)."""
+from __future__ import annotations
+
+from .. import planner
+from .base import Method, layer_shape, relora_reset
+
+
+class Step(Method):
+    name = "step"
+    staged = True
+
+    def problems(self, cfg) -> list[str]:
+        s = cfg.step
+        if isinstance(s.n_stages, int) and s.n_stages < 2:
+            return [f"step.n_stages: method {self.name} needs at least 2 stages, got {s.n_stages}"]
+        return []
+
+    def lora_rank(self, cfg) -> int:
+        return cfg.lora.rank
+
+    def layers_per_stage(self, cfg) -> list[int]:
+        """step.layers_per_stage, or the Eq. 3 optimum for the model's real layer shape."""
+        s = cfg.step
+        if s.layers_per_stage:
+            return list(s.layers_per_stage)
+        return planner.optimize(cfg.model.n_layers, s.n_stages, layer_shape(cfg.model), self.lora_rank(cfg),
+                                s.cap_growth).layers_per_stage
+
+    def enter_stage(self, model, stage, generator, cfg) -> None:
+        """Merge earlier adapters, insert the new layers (step.init/position/fpi), then freeze every
+        old layer that is not yet frozen and give it adapters of rank ``lora_rank``."""
+        if stage.index == 0:
+            return
+        from ..growth import grow
+        from ..lora import apply_lora, is_frozen_block, merge_and_reinit
+
+        s = cfg.step
+        merge_and_reinit(model, None, generator)  # earlier adapters fold into their bases
+        is_new = grow(model, stage.new_layers, s.init, s.position, s.fpi, seed=cfg.train.seed + stage.index)
+        for block, new in zip(model.model.layers, is_new):
+            if not new and not is_frozen_block(block):
+                apply_lora(block, self.lora_rank(cfg), cfg.lora.alpha, generator)
+
+    def after_optimizer_step(self, trainer) -> None:
+        relora_reset(trainer)
+
+
+class StepNoPet(Step):
+    """STEP without adapters: old layers are frozen and stay as they are (paper Table 5)."""
+    name = "step-no-pet"
+
+    def lora_rank(self, cfg) -> int:
+        return 0

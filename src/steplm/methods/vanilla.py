@@ -1,0 +1,6 @@
+"""Vanilla pre-training: every layer trainable from the first step, one cosine (paper Eq. 1)."""
+from .base import Method
+
+
+class Vanilla(Method):
+    name = "vanilla"

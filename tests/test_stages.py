@@ -1,0 +1,151 @@
+"""The stage plan (pure), methods as plug-ins, and `steplm plan CONFIG` against a real run."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from steplm import config, methods, planner
+from steplm.methods.base import Method
+from steplm.stages import plan_run
+from steplm.train import Trainer
+
+from conftest import ROOT, tiny_overrides
+from test_cli import assert_one_line_error, run_cli
+
+STEP3 = {"method": "step", "step.n_stages": 3, "step.layers_per_stage": "[2,1,1]", "train.max_steps": 16}
+
+
+def test_plan_modules_do_not_import_torch():
+    code = "import sys; import steplm.stages, steplm.methods, steplm.planner; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+def test_plan_cli_matches_trainer_records_of_a_3_stage_run(tmp_path):
+    """`steplm plan CONFIG --json` before training == what the trainer then did and measured."""
+    sets = [x for kv in tiny_overrides(tmp_path, **STEP3) for x in ("--set", kv)]
+    res = run_cli("plan", *sets, "--json")
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    res = run_cli("train", "--out", str(tmp_path / "run"), "--quiet", *sets)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    records = summary["stages"]
+    assert [s["steps"] for s in plan["stages"]] == summary["stage_steps"] == [r["steps"] for r in records]
+    assert plan["layers_per_stage"] == summary["layers_per_stage"] == [2, 1, 1]
+    flops_before = {"paper": 0, "corrected": 0}
+    tokens_before = 0
+    for planned, rec in zip(plan["stages"], records, strict=True):
+        for key in ("layers", "new_layers"):
+            assert planned[key] == rec[key]
+        for key in ("trainable_params", "frozen_params", "lora_params"):
+            assert planned[key] == rec[key]
+        # what the trainer counted while it trained
+        assert planned["tokens"] == rec["tokens"] - tokens_before
+        for conv in flops_before:
+            assert planned["flops"][conv] == rec["flops"][conv] - flops_before[conv]
+        flops_before, tokens_before = rec["flops"], rec["tokens"]
+        # memory: what the planner promised is what the live tensors held
+        assert planned["planned_state_bytes"] == rec["planned_state_bytes"] == rec["measured_state_bytes"]
+    assert plan["totals"]["tokens"] == summary["tokens_seen"]
+    assert plan["totals"]["flops"] == summary["flops_by_convention"]
+    # the parameter counts, from the model's real linears (not from the planner)
+    cfg = config.load(None, tiny_overrides(tmp_path, **STEP3))
+    d, f, r = cfg.model.d_model, cfg.model.ffn_hidden, cfg.lora.rank
+    P, E = 4 * d * d + 3 * d * f + 2 * d, r * (4 * 2 * d + 3 * (d + f))
+    assert [s["trainable_params"] for s in plan["stages"]] == [2 * P, P + 2 * E, P + 3 * E]
+    assert [s["frozen_params"] for s in plan["stages"]] == [0, 2 * P, 3 * P]
+    assert plan["vanilla"]["planned_state_bytes"]["layers"] == 16 * 4 * P  # Eq. 1
+
+
+def test_plan_cli_text_table(tmp_path):
+    res = run_cli("plan", "configs/paper-1.2b-3stage.yaml")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    rows = [ln.split() for ln in lines if ln.split() and ln.split()[0] in ("1", "2", "3")]
+    assert [int(r[2]) for r in rows] == [10, 18, 24]  # Eq. 3's optimum at d 2048, L 24, K 3
+    d = 2048
+    shape = planner.LayerShape(d, 5504)
+    P = planner.params_per_layer(shape)
+    assert "vanilla" in res.stdout and "peak model-state memory vs vanilla" in res.stdout
+    assert f"{16 * 24 * P / 1e9:.2f}" in res.stdout  # Eq. 1 for the vanilla row
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["configs/tiny.yaml", "--hidden", "64"], "--hidden"),
+    (["configs/tiny.yaml", "--set", "model.n_layers=0"], "model.n_layers"),
+    (["configs/tiny-step.yaml", "--set", "step.layers_per_stage=[1,1]"], "step.layers_per_stage"),
+    (["--hidden", "64", "--layers", "4", "--set", "train.lr=1"], "--hidden"),
+    (["configs/missing.yaml"], "config file not found"),
+])
+def test_plan_config_bad_input(args, needle):
+    assert_one_line_error(run_cli("plan", *args), needle)
+
+
+def test_relora_without_warm_start_trains_adapters_from_step_one(tmp_path):
+    """Under FLOPs matching the LoRA phase has more steps than train.max_steps; it must still be LoRA."""
+    cfg = config.load(None, tiny_overrides(tmp_path, **{"method": "relora", "lora.relora_interval": 4,
+                                                        "lora.warm_start_fraction": 0.0}))
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    assert len(tr.plan.stages) == 1 and tr.plan.stages[0].kind == "lora"
+    assert tr.plan.stages[0].steps > cfg.train.max_steps
+    s = tr.fit()
+    st = s["stages"][0]
+    assert st["measured_state_bytes"] == st["planned_state_bytes"]
+
+
+class SGDMethod(Method):
+    """A toy method defined outside the package: plain SGD, half the layers frozen from the start."""
+    name = "toy-sgd"
+
+    def stage_counts(self, cfg, layers_per_stage):
+        P = planner.params_per_layer(methods.base.layer_shape(cfg.model))
+        L = cfg.model.n_layers
+        return [{"layers": L, "new_layers": L, "trainable": (L - L // 2) * P, "frozen": L // 2 * P, "lora": 0}]
+
+    def layer_state_bytes(self, cfg, layers_per_stage, counts):
+        P = planner.params_per_layer(methods.base.layer_shape(cfg.model))
+        L = cfg.model.n_layers
+        return [8 * (L - L // 2) * P + 2 * (L // 2) * P]  # fp32 weight + grad, no moments; bf16 frozen
+
+    def outer_state_bytes(self, cfg):
+        m = cfg.model
+        return 8 * (2 * m.vocab_size * m.d_model + m.d_model)
+
+    def enter_stage(self, model, stage, generator, cfg):
+        from steplm.lora import apply_lora
+        for block in model.model.layers[: cfg.model.n_layers // 2]:
+            apply_lora(block, 0, 1.0)
+
+    def build_optimizer(self, cfg, model, groups, fused):
+        return torch.optim.SGD(groups, lr=cfg.train.lr)
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(methods.REGISTRY, SGDMethod.name, SGDMethod())
+    monkeypatch.setattr(config, "METHODS", tuple(methods.REGISTRY))
+    cfg = config.load(None, tiny_overrides(tmp_path, **{"method": "toy-sgd", "train.max_steps": 4}))
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    assert isinstance(tr.optimizer, torch.optim.SGD)
+    st = tr.fit()["stages"][0]
+    assert st["measured_state_bytes"] == st["planned_state_bytes"]
+    assert st["frozen_params"] == cfg.model.n_layers // 2 * planner.params_per_layer(
+        methods.base.layer_shape(cfg.model))
+
+
+@pytest.mark.parametrize("preset,conv", [("tiny-step3.yaml", "paper"), ("paper-1.2b-3stage.yaml", "paper"),
+                                         ("paper-368m.yaml", "corrected")])
+def test_staged_plan_spends_vanilla_flops(preset, conv):
+    """Budget matching: the stages' FLOPs add up to vanilla's within one step of the dearest stage."""
+    cfg = config.load(ROOT / "configs" / preset, ["method=step", f"step.flops_convention={conv}"])
+    plan = plan_run(cfg)
+    per_step = max(s.flops[conv] // s.steps for s in plan.stages)
+    assert abs(plan.totals()["flops"][conv] - plan.vanilla["flops"][conv]) <= per_step
+    # the cosine of every early stage is cut at step.growth_fraction of its nominal length
+    for s in plan.stages[:-1]:
+        assert s.steps == pytest.approx(cfg.step.growth_fraction * s.schedule_steps, abs=1)
+    assert [s.start_step for s in plan.stages] == [sum(plan.steps[:i]) for i in range(len(plan.stages))]
