@@ -30,7 +30,8 @@ IMPLEMENTED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 CHECKED = {"hidden_act", "pretraining_tp", "attention_dropout"}  # refused unless silu/swish, 1, 0
 NO_EFFECT = {"initializer_range", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id"}
 # Keys outside LlamaConfig that would change the computation if honoured: refused when set.
-REFUSED_EXTRA = {"sliding_window": "sliding-window attention", "quantization_config": "quantized weights"}
+REFUSED_EXTRA = {"sliding_window": "steplm has no sliding-window attention",
+                 "quantization_config": "steplm loads only unquantized weights"}
 ACTIVATIONS = ("silu", "swish")
 # steplm ModelConfig key -> config.json key, to name the right field in errors.
 HF_NAMES = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
@@ -130,7 +131,7 @@ def from_hf_config(d: dict) -> ModelConfig:
         _refuse("attention_dropout", f"{d['attention_dropout']!r} is not supported (only 0)")
     for key, what in REFUSED_EXTRA.items():
         if d.get(key) is not None:
-            _refuse(key, f"is set: {what} is not supported")
+            _refuse(key, f"is set, but {what}")
     for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if not isinstance(d.get(key, False), bool):
             _refuse(key, f"must be true or false, got {d[key]!r}")
@@ -164,11 +165,14 @@ def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
 def _load_bin(path: Path, device) -> dict[str, torch.Tensor]:
     """A pytorch_model.bin, unpickled with weights_only=True (tensors only, no code)."""
     import pickle
+    import warnings
     try:
-        state = torch.load(str(path), map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise UserError(f"MODEL: {path} cannot be loaded safely with weights_only=True "
-                        f"({str(e).splitlines()[0][:120]}); convert it to safetensors")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            state = torch.load(str(path), map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        raise UserError(f"MODEL: {path} holds more than tensors, so it cannot be loaded safely "
+                        "(torch.load weights_only=True); convert it to safetensors")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"MODEL: {path} is not a state dict of tensors")
     return state
