@@ -29,7 +29,7 @@ class ModelConfig:
     n_layers: int = 8
     """Number of decoder blocks L (the final depth for STEP)."""
     n_heads: int = 4
-    """Attention heads; d_model must be divisible by it."""
+    """Attention heads; d_model must be divisible by it unless head_dim is set."""
     n_kv_heads: int | None = None
     """Key/value heads for GQA; None means n_heads (plain multi-head attention)."""
     head_dim: int | None = None
