@@ -467,6 +467,9 @@ def test_export_bf16_sharded_with_history_round_trips(tiny_run, tmp_path, capsys
     assert "Hugging Face Llama" in text and f"layers per stage {summary['layers_per_stage']}" in text
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steplm"]["method"] == summary["method"]
+    assert main(["info", str(tiny_run)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("steplm run") and f"method {summary['method']}" in text and "'<|endoftext|>'" in text
 
 
 @pytest.mark.parametrize("args,needle", [
