@@ -61,6 +61,8 @@ TABLE = [
     # export
     (["export", f"{T}/full", "--to", f"{T}/x"], "RUN_DIR"),
     (["export", f"{T}/none", "--to", f"{T}/x"], "RUN_DIR"),
+    (["export", RUN, "--to", f"{T}/x", "--dtype", "fp16"], "--dtype"),
+    (["export", RUN, "--to", f"{T}/x", "--max-shard-size", "lots"], "--max-shard-size"),
     # sft
     (["sft", RUN, "--data", f"{T}/missing.json", "--out", f"{T}/o"], "--data"),
     (["sft", RUN, "--data", f"{T}/noinstr.json", "--out", f"{T}/o"], "instruction"),

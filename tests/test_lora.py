@@ -78,3 +78,36 @@ def test_merged_state_dict_drops_adapters():
     sd = merged_state_dict(wrapper)
     assert not any("lora_" in k for k in sd) and all(v.dtype == torch.float32 for v in sd.values())
     assert torch.allclose(sd["block.mlp.down_proj.weight"], block.mlp.down_proj.merged_weight())
+
+
+def test_biases_survive_freezing_growth_and_export():
+    from steplm.growth import effective_state
+    from steplm.model import build_model
+    cfg = ModelConfig(vocab_size=10, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, attention_bias=True,
+                      mlp_bias=True)
+    model = build_model(cfg, seed=0).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 10, (2, 8))
+    with torch.no_grad():
+        want = model(x)
+        for block in model.model.layers:
+            apply_lora(block, rank=2, alpha=2.0, frozen_dtype=torch.float32)
+        assert torch.allclose(model(x), want, atol=1e-6)  # frozen linears keep their biases (B = 0 at start)
+        for block in model.model.layers:
+            for m in block.modules():
+                if isinstance(m, LoRALinear):
+                    m.lora_B.normal_()
+                    m.merge()
+                    m.lora_B.zero_()
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+        assert not torch.equal(model(x), want)  # the merged updates changed the weights, not the biases
+    state = merged_state_dict(model)
+    bias_keys = {k for k in before if k.endswith(".bias")}
+    assert len(bias_keys) == 2 * 7 and bias_keys <= set(state)
+    assert all(torch.equal(state[k], before[k]) for k in bias_keys)
+    block_state = effective_state(model.model.layers[0])
+    assert torch.equal(block_state["mlp.up_proj.bias"], before["model.layers.0.mlp.up_proj.bias"])

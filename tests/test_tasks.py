@@ -49,9 +49,9 @@ def test_prompt_formats(eval_dir):
 def test_encode_pair_moves_trailing_spaces():
     def enc(s):
         return [ord(c) for c in s]
-    ctx, cont = tasks.encode_pair(enc, "Answer: ", "yes", eos=0)
+    ctx, cont = tasks.encode_pair(enc, "Answer: ", "yes", prefix=0)
     assert ctx == enc("Answer:") and cont == enc(" yes")
-    assert tasks.encode_pair(enc, "", "hi", eos=7) == ([7], enc("hi"))
+    assert tasks.encode_pair(enc, "", "hi", prefix=7) == ([7], enc("hi"))
 
 
 def test_batched_scores_match_unbatched_brute_force(tiny_run):

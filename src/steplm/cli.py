@@ -70,7 +70,7 @@ def _tasks_dir(given: str | None) -> str:
 
 
 def cmd_eval(a):
-    from .evaluate import load_model, perplexity
+    from .evaluate import load, perplexity
 
     if a.tasks:
         from .tasks import TASKS, evaluate_tasks
@@ -78,8 +78,9 @@ def cmd_eval(a):
         unknown = [t for t in names if t not in TASKS]
         if unknown:
             raise UserError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-        model, tok = load_model(a.model)
-        res = evaluate_tasks(model, tok, names, _tasks_dir(a.tasks_dir), a.limit, a.batch_size, progress=not a.json)
+        m = load(a.model)
+        res = evaluate_tasks(m.model, m.tokenizer, names, _tasks_dir(a.tasks_dir), a.limit, a.batch_size,
+                             progress=not a.json, special=m.special)
         if a.json:
             print(json.dumps(res))
         else:
@@ -93,18 +94,30 @@ def cmd_eval(a):
     print(json.dumps(res) if a.json else f"loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  tokens {res['tokens']}")
 
 
+def _size(s):
+    """Bytes from '5GB', '500MB', '64KB' or a plain integer (argparse type for --max-shard-size)."""
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", s, re.IGNORECASE)
+    unit = {"": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}[(m.group(2) or "").upper()] if m else 0
+    if not m or float(m.group(1)) * unit < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or 1000000, got {s!r}")
+    return int(float(m.group(1)) * unit)
+
+
 def cmd_export(a):
-    from .hf import export
+    from .hf import export, run_history
+    from .tokens import read_special_tokens
     from .train import load_run
 
     src = Path(a.run_dir)
     if not src.is_dir():
         raise UserError(f"RUN_DIR: {src} does not exist")
     model, tok = load_run(src)
+    special = read_special_tokens(src, tok)
     out = Path(a.to)
     created = not out.exists()
     try:
-        export(model, tok, out)
+        export(model, tok, out, special, dtype=a.dtype, max_shard_size=a.max_shard_size, history=run_history(src))
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -223,18 +236,43 @@ def _sampling(a) -> dict:
 
 
 def cmd_generate(a):
-    from .evaluate import load_model
+    from .evaluate import load
     from .generate import alpaca_prompt, complete
 
     if not a.prompt:
         raise UserError("--prompt: give a non-empty prompt")
-    model, tok = load_model(a.model)
+    m = load(a.model)
     text = alpaca_prompt(a.prompt) if a.alpaca else a.prompt
-    print(complete(model, tok, text, **_sampling(a)))
+    print(complete(m.model, m.tokenizer, text, m.special, **_sampling(a)))
+
+
+def cmd_info(a):
+    from .hf import describe
+
+    if not Path(a.model).is_dir():
+        raise UserError(f"MODEL: {a.model} is not a directory")
+    d = describe(a.model)
+    if a.json:
+        print(json.dumps(d))
+        return
+    m = d["model"]
+    rope = m["rope_scaling"] or {"rope_type": "default"}
+    print(f"{d['kind']}: {m['n_layers']} layers, d {m['d_model']}, {m['n_heads']} heads ({m['n_kv_heads']} kv) "
+          f"of {m['head_dim']}, ffn {m['ffn_hidden']}, vocab {m['vocab_size']}, max_seq_len {m['max_seq_len']}, "
+          f"rope {rope['rope_type']} theta {m['rope_theta']:g}, tied {m['tie_embeddings']}")
+    if d.get("special_tokens"):
+        s = d["special_tokens"]
+        print(f"eos {s['eos']!r} ({s['eos_id']}), stop ids {s['stop_ids']}, bos id {s['bos_id']}")
+    h = d.get("steplm") or {}
+    if "layers_per_stage" in h:
+        print(f"steplm: method {h.get('method')}, layers per stage {h['layers_per_stage']}, "
+              f"steps per stage {h.get('stage_steps')}" + (f", then SFT {h['sft']}" if "sft" in h else ""))
+    elif "sft" in h:
+        print(f"steplm: SFT {h['sft']}")
 
 
 def cmd_sft(a):
-    from .evaluate import load_model
+    from .evaluate import load
     from .sft import read_examples, train_sft
 
     examples = read_examples(a.data)
@@ -243,10 +281,10 @@ def cmd_sft(a):
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {out} is not empty; choose another directory")
-    model, tok = load_model(a.model)
+    m = load(a.model)
     try:
-        s = train_sft(model, tok, examples, out, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
-                      batch_size=a.batch_size, seed=a.seed, progress=not a.quiet)
+        s = train_sft(m.model, m.tokenizer, examples, out, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
+                      batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, special=m.special)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -254,15 +292,15 @@ def cmd_sft(a):
 
 
 def cmd_mt_bench(a):
-    from .evaluate import load_model
+    from .evaluate import load
     from .generate import mt_bench_answers
 
-    model, tok = load_model(a.model)
+    m = load(a.model)
     out = Path(a.out)
     if not out.parent.is_dir():
         raise UserError(f"--out: directory {out.parent} does not exist")
-    n = mt_bench_answers(model, tok, a.questions, out, a.model_id or Path(a.model).name, a.limit,
-                         progress=True, **_sampling(a))
+    n = mt_bench_answers(m.model, m.tokenizer, a.questions, out, a.model_id or Path(a.model).name, a.limit,
+                         progress=True, special=m.special, **_sampling(a))
     print(f"wrote {n} answers to {out}", file=sys.stderr)
 
 
@@ -314,7 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a Hugging Face Llama directory")
     x.add_argument("run_dir")
     x.add_argument("--to", required=True, help="output directory")
+    x.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype in the files")
+    x.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="split the weights into model-0000i-of-0000n.safetensors shards of at most this size "
+                        "(5GB, 500MB, or bytes), with model.safetensors.index.json")
     x.set_defaults(fn=cmd_export)
+
+    inf = sub.add_parser("info", help="what a run or HF directory holds: shape, special tokens, STEP stages")
+    inf.add_argument("model", help="run directory or HF Llama directory")
+    inf.add_argument("--json", action="store_true", help="print one JSON line")
+    inf.set_defaults(fn=cmd_info)
 
     pl = sub.add_parser("plan", help="STEP memory planner (paper Eq. 1-5, Eq. 3 ILP); with CONFIG, a run's stage plan")
     pl.add_argument("config", nargs="?", help="a run config (YAML): print its stage plan (a dry run of `train`)")

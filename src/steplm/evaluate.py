@@ -12,17 +12,25 @@ from .data import eval_windows, read_documents
 from .errors import UserError
 
 
-def load_model(path: str | Path, device="cpu"):
-    """(model, tokenizers.Tokenizer) from a run directory or an HF Llama directory."""
-    from .hf import load_hf_dir
+def load(path: str | Path, device="cpu"):
+    """``hf.Pretrained`` (model, config, tokenizer, special tokens) of a run directory or an HF Llama directory."""
+    from .hf import Pretrained, load_pretrained
+    from .tokens import read_special_tokens
     from .train import load_run
 
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"MODEL: {p} is not a directory (give a steplm run directory or an HF model directory)")
     if (p / "model_config.json").is_file():
-        return load_run(p, device)
-    return load_hf_dir(p, device)
+        model, tok = load_run(p, device)
+        return Pretrained(model, model.config, tok, read_special_tokens(p, tok))
+    return load_pretrained(p, device)
+
+
+def load_model(path: str | Path, device="cpu"):
+    """(model, tokenizers.Tokenizer) from a run directory or an HF Llama directory; see ``load``."""
+    p = load(path, device)
+    return p.model, p.tokenizer
 
 
 def token_stream(path: str, encode, eos: int) -> np.ndarray:
@@ -55,9 +63,9 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
     if not Path(data).exists():
         raise UserError(f"--data: {data} does not exist")
     if backend == "steplm":
-        model, tok = load_model(model_path)
-        from .data import eos_id
-        stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, eos_id(tok))
+        p = load(model_path)
+        model, tok = p.model, p.tokenizer
+        stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, p.special.eos_id)
         T = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
         logits_fn = model
     elif backend == "transformers":
@@ -65,11 +73,14 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         p = Path(model_path)
         if not (p / "config.json").is_file():
             raise UserError(f"MODEL: --backend transformers needs an HF directory (run `steplm export {p} --to DIR`)")
-        from .hf import from_hf_config
         import json
-        from_hf_config(json.loads((p / "config.json").read_text()))  # refuses non-Llama configs
+        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        if model_type != "llama":
+            raise UserError(f"MODEL: config.json has model_type {model_type!r}; only Llama models are supported")
         hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
         hf_tok = AutoTokenizer.from_pretrained(str(p))
+        if hf_tok.eos_token_id is None:
+            raise UserError(f"MODEL: {p} tokenizer_config.json names no eos_token")
         stream = token_stream(data, lambda t: hf_tok(t, add_special_tokens=False)["input_ids"], hf_tok.eos_token_id)
         T = min(seq_len or hf.config.max_position_embeddings, hf.config.max_position_embeddings)
         logits_fn = lambda x: hf(input_ids=x).logits  # noqa: E731

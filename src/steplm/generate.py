@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
 from .model import KVCache
+from .tokens import SpecialTokens, gpt2_special_tokens
 
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                 "context. Write a response that appropriately completes the request.\n\n"
@@ -43,12 +45,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], max_new_tokens: int, eos: int | None = None, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[int]:
-    """New token ids after ``prompt_ids`` (stops at EOS, which is not returned). One forward of the
-    prompt, then one token per step against the KV cache."""
+def generate(model, prompt_ids: list[int], max_new_tokens: int, eos: int | Iterable[int] | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0) -> list[int]:
+    """New token ids after ``prompt_ids``; stops at ``eos`` (an id or several, not returned). One forward
+    of the prompt, then one token per step against the KV cache."""
     if not prompt_ids:
         raise UserError("--prompt: the prompt encodes to no tokens")
+    stop = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     limit = model.config.max_seq_len
     prompt_ids = prompt_ids[-(limit - 1):]
     max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
@@ -59,7 +63,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, eos: int | None 
     out: list[int] = []
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, gen)
-        if nxt == eos:
+        if nxt in stop:
             break
         out.append(nxt)
         if len(out) == max_new_tokens:
@@ -68,14 +72,17 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, eos: int | None 
     return out
 
 
-def complete(model, tokenizer, text: str, **kw) -> str:
-    from .data import eos_id
-    ids = generate(model, tokenizer.encode(text, add_special_tokens=False).ids, eos=eos_id(tokenizer), **kw)
+def complete(model, tokenizer, text: str, special: SpecialTokens | None = None, **kw) -> str:
+    """The decoded continuation of ``text``, which is encoded with the tokenizer's own template (a Llama
+    tokenizer adds its BOS); generation stops at any of the model's stop ids."""
+    special = special or gpt2_special_tokens(tokenizer)
+    ids = generate(model, tokenizer.encode(text).ids, eos=special.stop_ids, **kw)
     return tokenizer.decode(ids)
 
 
 def mt_bench_answers(model, tokenizer, questions: str | Path, out: str | Path, model_id: str,
-                     limit: int | None = None, progress: bool = False, **kw) -> int:
+                     limit: int | None = None, progress: bool = False, special: SpecialTokens | None = None,
+                     **kw) -> int:
     """Answer both turns of every MT-Bench question; write FastChat llm_judge answer JSONL. Returns the count."""
     from tqdm import tqdm
 
@@ -94,7 +101,7 @@ def mt_bench_answers(model, tokenizer, questions: str | Path, out: str | Path, m
                 conversation, turns = "", []
                 for turn in q["turns"]:
                     conversation += alpaca_prompt(turn) if not turns else f"\n\n### Instruction:\n{turn}\n\n### Response:\n"
-                    answer = complete(model, tokenizer, conversation, **kw).strip()
+                    answer = complete(model, tokenizer, conversation, special, **kw).strip()
                     conversation += answer
                     turns.append(answer)
                 f.write(json.dumps({"question_id": q["question_id"], "answer_id": uuid.uuid4().hex[:22],

@@ -49,8 +49,8 @@ def effective_state(block: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in block.state_dict().items():
         if "lora_" in name:
             continue
-        mod = name.rsplit(".", 1)[0]
-        out[name] = lora[mod].merged_weight() if mod in lora else t.detach().float()
+        mod, leaf = name.rsplit(".", 1)
+        out[name] = lora[mod].merged_weight() if mod in lora and leaf == "weight" else t.detach().float()
     return out
 
 

@@ -2,107 +2,379 @@
 
 steplm's parameter names already are HF's, so the key map is the identity over the names a plain
 (merged) model has; it is spelled out so that any future rename shows up here.
+
+Import is exact or refuses: every ``LlamaConfig`` field that changes the computation is either
+implemented (``IMPLEMENTED``) or checked and refused with one line naming it (``CHECKED``);
+``NO_EFFECT`` lists the fields that cannot change the logits. ``tests/test_hf.py`` checks that
+these three sets cover transformers' own ``LlamaConfig``.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+import torch
 
 from .errors import UserError
-from .model import LLaMA, ModelConfig, from_state_dict
+from .model import ROPE_SCALING_KEYS, LLaMA, ModelConfig, from_state_dict
+from .tokens import SpecialTokens, gpt2_special_tokens, read_special_tokens, write_special_tokens
 
-_LAYER_KEYS = ["input_layernorm.weight", "post_attention_layernorm.weight",
-               *(f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
-               *(f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))]
+# LlamaConfig fields, by what import does with them.
+IMPLEMENTED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+               "tie_word_embeddings", "attention_bias", "mlp_bias"}
+CHECKED = {"hidden_act", "pretraining_tp", "attention_dropout"}  # refused unless silu/swish, 1, 0
+NO_EFFECT = {"initializer_range", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id"}
+# Keys outside LlamaConfig that would change the computation if honoured: refused when set.
+REFUSED_EXTRA = {"sliding_window": "steplm has no sliding-window attention",
+                 "quantization_config": "steplm loads only unquantized weights"}
+ACTIVATIONS = ("silu", "swish")
+# steplm ModelConfig key -> config.json key, to name the right field in errors.
+HF_NAMES = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+            "ffn_hidden": "intermediate_size", "max_seq_len": "max_position_embeddings",
+            "rope_scaling": "rope_parameters", "attention_bias": "attention_bias", "mlp_bias": "mlp_bias"}
+_IGNORED_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old checkpoints' RoPE buffer
+
+_LINEARS = [*(f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            *(f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj"))]
 
 
 def key_map(cfg: ModelConfig) -> dict[str, str]:
     """steplm parameter name -> HF LlamaForCausalLM parameter name."""
+    layer = ["input_layernorm.weight", "post_attention_layernorm.weight", *(f"{n}.weight" for n in _LINEARS)]
+    layer += [f"{n}.bias" for n in _LINEARS if cfg.attention_bias and n.startswith("self_attn")]
+    layer += [f"{n}.bias" for n in _LINEARS if cfg.mlp_bias and n.startswith("mlp")]
     keys = ["model.embed_tokens.weight", "model.norm.weight"]
-    keys += [f"model.layers.{i}.{k}" for i in range(cfg.n_layers) for k in _LAYER_KEYS]
+    keys += [f"model.layers.{i}.{k}" for i in range(cfg.n_layers) for k in layer]
     if not cfg.tie_embeddings:
         keys.append("lm_head.weight")
     return {k: k for k in keys}
 
 
-def to_hf_config(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
-    return {
+# ---------------------------------------------------------------------------- config
+def to_hf_config(cfg: ModelConfig, special: SpecialTokens | None = None, dtype: str = "float32",
+                 history: dict | None = None) -> dict:
+    """config.json for ``cfg``; ``history`` (steplm's stage record) goes under the key "steplm"."""
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    out = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "dtype": "float32",
-        "initializer_range": cfg.init_std, "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+        "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+        "hidden_act": "silu", "attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype, "dtype": dtype,
+        "initializer_range": cfg.init_std,
     }
+    if special is not None:
+        out["bos_token_id"] = special.bos_id
+        out["eos_token_id"] = special.stop_ids[0] if len(special.stop_ids) == 1 else list(special.stop_ids)
+    if history:
+        out["steplm"] = history
+    return out
+
+
+def _refuse(field: str, problem: str):
+    raise UserError(f"MODEL: config.json {field} {problem}")
+
+
+def _rope(d: dict) -> tuple[float, dict | None]:
+    """(rope_theta, ModelConfig.rope_scaling) with transformers' precedence: legacy rope_scaling over
+    rope_parameters, a theta inside the dict over the top-level rope_theta."""
+    field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    rope = d.get(field) or {}
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        _refuse(field, "must be one mapping (per-layer RoPE is not supported)")
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        _refuse("rope_theta", f"must be a positive number, got {theta!r}")
+    for where, v in ((field, rope.get("partial_rotary_factor")), ("", d.get("partial_rotary_factor"))):
+        if v not in (None, 1, 1.0):
+            _refuse(f"{where} partial_rotary_factor".strip(), f"{v!r} is not supported (RoPE on the whole head only)")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind not in ROPE_SCALING_KEYS:
+        _refuse(f"{field} rope_type", f"{kind!r} is not supported (steplm implements default, "
+                                      f"{', '.join(ROPE_SCALING_KEYS)})")
+    if importlib.util.find_spec("transformers") is None:
+        _refuse(f"{field} rope_type", f"{kind!r} needs transformers installed (pip install 'steplm[hf]')")
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
+    scaling["rope_type"] = kind
+    if kind in ("llama3", "yarn"):  # transformers: a top-level original_max_position_embeddings wins
+        if "original_max_position_embeddings" in d:
+            scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
+    return float(theta), scaling
 
 
 def from_hf_config(d: dict) -> ModelConfig:
+    """The ModelConfig of an HF Llama config.json, or a one-line UserError naming the field steplm cannot honour."""
     if d.get("model_type") != "llama":
         raise UserError(f"MODEL: config.json has model_type {d.get('model_type')!r}; only Llama models are supported")
-    theta = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return ModelConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
-                       n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads"),
-                       ffn_hidden=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
-                       rope_theta=float(theta), norm_eps=d.get("rms_norm_eps", 1e-6),
-                       tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in d]
+    if missing:
+        raise UserError(f"MODEL: config.json lacks {missing[0]}")
+    act = d.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        _refuse("hidden_act", f"{act!r} is not supported (steplm's MLP is SwiGLU: {' or '.join(ACTIVATIONS)})")
+    if d.get("pretraining_tp", 1) not in (None, 1):
+        _refuse("pretraining_tp", f"{d['pretraining_tp']!r} is not supported (only 1)")
+    if d.get("attention_dropout") not in (None, 0, 0.0):
+        _refuse("attention_dropout", f"{d['attention_dropout']!r} is not supported (only 0)")
+    for key, what in REFUSED_EXTRA.items():
+        if d.get(key) is not None:
+            _refuse(key, f"is set, but {what}")
+    for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if not isinstance(d.get(key, False), bool):
+            _refuse(key, f"must be true or false, got {d[key]!r}")
+    theta, scaling = _rope(d)
+    eps = d.get("rms_norm_eps", 1e-6)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        _refuse("rms_norm_eps", f"must be a positive number, got {eps!r}")
+    cfg = ModelConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
+                      n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads"),
+                      head_dim=d.get("head_dim"), ffn_hidden=d["intermediate_size"],
+                      max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=theta, rope_scaling=scaling,
+                      norm_eps=float(eps), tie_embeddings=d.get("tie_word_embeddings", False),
+                      attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False))
+    problems = cfg.problems()
+    if problems:
+        msg = re.sub(r"model\.(\w+)", lambda m: HF_NAMES.get(m.group(1), m.group(1)), problems[0])
+        raise UserError(f"MODEL: config.json {msg}")
+    return cfg
 
 
-def save_tokenizer(tokenizer, out: Path, max_len: int):
-    """tokenizer.json + tokenizer_config.json that AutoTokenizer loads offline."""
-    from transformers import PreTrainedTokenizerFast
-
-    from .data import EOS
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS,
-                                   unk_token=EOS, model_max_length=max_len)
-    fast.save_pretrained(str(out))
-
-
-def export(model: LLaMA, tokenizer, out_dir: str | Path):
-    """Write an HF Llama directory: config.json, model.safetensors, tokenizer files."""
-    from .data import eos_id
-    from .lora import merged_state_dict
-
-    out = Path(out_dir)
+# ---------------------------------------------------------------------------- weights
+def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--to: cannot create {out} ({e.strerror})")
-    state = merged_state_dict(model)
-    kmap = key_map(model.config)
-    if set(state) != set(kmap):
-        raise RuntimeError(f"key map mismatch: {sorted(set(state) ^ set(kmap))[:5]}")
-    hf_state = {kmap[k]: v for k, v in state.items()}
-    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    eos = eos_id(tokenizer)
-    (out / "config.json").write_text(json.dumps(to_hf_config(model.config, eos), indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": eos}))
-    save_tokenizer(tokenizer, out, model.config.max_seq_len)
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:
+        raise UserError(f"MODEL: {path} is not a readable safetensors file ({e})")
 
 
-def load_hf_dir(path: str | Path, device="cpu") -> tuple[LLaMA, object]:
-    """A steplm model and ``tokenizers.Tokenizer`` from an HF Llama directory (no transformers needed)."""
+def _load_bin(path: Path, device) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin, unpickled with weights_only=True (tensors only, no code)."""
+    import pickle
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            state = torch.load(str(path), map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        raise UserError(f"MODEL: {path} holds more than tensors, so it cannot be loaded safely "
+                        "(torch.load weights_only=True); convert it to safetensors")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"MODEL: {path} is not a state dict of tensors")
+    return state
+
+
+def read_weights(model_dir: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of an HF model directory: sharded safetensors (with model.safetensors.index.json),
+    model.safetensors, or pytorch_model.bin (sharded or not), in its stored dtype."""
+    d = Path(model_dir)
+    for index_name, load in (("model.safetensors.index.json", _load_safetensors),
+                             ("pytorch_model.bin.index.json", _load_bin)):
+        index = d / index_name
+        if not index.is_file():
+            continue
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, AttributeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"MODEL: {index} has no weight_map")
+        state: dict[str, torch.Tensor] = {}
+        for name in sorted(set(weight_map.values())):
+            if not (d / name).is_file():
+                raise UserError(f"MODEL: {index_name} lists {name}, which is not in {d}")
+            state.update(load(d / name, device))
+        absent = sorted(set(weight_map) - set(state))
+        if absent:
+            raise UserError(f"MODEL: {index_name} maps {absent[0]} to {weight_map[absent[0]]}, which lacks it")
+        return state
+    if (d / "model.safetensors").is_file():
+        return _load_safetensors(d / "model.safetensors", device)
+    if (d / "pytorch_model.bin").is_file():
+        return _load_bin(d / "pytorch_model.bin", device)
+    raise UserError(f"MODEL: {d} has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+
+
+def _check_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """Validate ``state`` against ``cfg`` (names, shapes, float dtypes) and resolve tying as transformers does:
+    a stored lm_head.weight that differs from the embedding wins, with a warning. Returns the config to build."""
+    for k in [k for k in state if _IGNORED_TENSOR.fullmatch(k)]:
+        del state[k]
+    if cfg.tie_embeddings and "lm_head.weight" in state:
+        head, emb = state["lm_head.weight"], state.get("model.embed_tokens.weight")
+        if emb is not None and head.shape == emb.shape and torch.equal(head, emb):
+            del state["lm_head.weight"]
+        else:
+            print("steplm: warning: config.json tie_word_embeddings is true but the weights hold their own "
+                  "lm_head.weight, which differs from the embedding; using lm_head.weight, as transformers does",
+                  file=sys.stderr)
+            cfg = replace(cfg, tie_embeddings=False)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LLaMA(_plain_rope(cfg)).state_dict().items()
+                    if k in key_map(cfg)}
+    absent = [k for k in expected if k not in state]
+    if absent:
+        raise UserError(f"MODEL: the weights lack {absent[0]}, which config.json implies")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UserError(f"MODEL: the weights hold {extra[0]}, which config.json does not describe "
+                        "(a bias with attention_bias/mlp_bias false, or a layer steplm does not implement)")
+    for k, shape in expected.items():
+        t = state[k]
+        if tuple(t.shape) != shape:
+            raise UserError(f"MODEL: {k} has shape {tuple(t.shape)} but config.json implies {shape}")
+        if not t.is_floating_point() or t.element_size() < 2:
+            raise UserError(f"MODEL: {k} is stored as {str(t.dtype).replace('torch.', '')}; "
+                            "only fp32, fp16 and bf16 weights are supported")
+    return cfg
+
+
+def _plain_rope(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` without RoPE scaling: same parameter shapes, no transformers call (for shape checks)."""
+    return replace(cfg, rope_scaling=None)
+
+
+# ---------------------------------------------------------------------------- import
+@dataclass
+class Pretrained:
+    """A loaded model directory: the steplm model (fp32, eval mode), its config, tokenizer and special tokens."""
+    model: LLaMA
+    config: ModelConfig
+    tokenizer: object
+    """A ``tokenizers.Tokenizer``."""
+    special: SpecialTokens
+
+
+def load_pretrained(path: str | Path, device="cpu") -> Pretrained:
+    """A steplm model, its ModelConfig, tokenizer and special tokens from an HF Llama directory
+    (no transformers needed unless the config scales RoPE). Refuses what it cannot load exactly."""
     from tokenizers import Tokenizer
 
     d = Path(path)
     if not (d / "config.json").is_file():
         raise UserError(f"MODEL: {d} has no config.json (give a steplm run directory or an HF model directory)")
-    cfg = from_hf_config(json.loads((d / "config.json").read_text()))
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"MODEL: {d} has no *.safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f), device=str(device)))
-    inverse = {v: k for k, v in key_map(cfg).items()}
-    missing = set(inverse) - set(state)
-    if missing:
-        raise UserError(f"MODEL: {d} lacks Llama weights such as {sorted(missing)[0]}")
-    model = from_state_dict(cfg, {inverse[k]: state[k].float() for k in inverse}, device)
+    try:
+        hf_cfg = json.loads((d / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"MODEL: {d / 'config.json'} is not valid JSON")
+    cfg = from_hf_config(hf_cfg)
     if not (d / "tokenizer.json").is_file():
         raise UserError(f"MODEL: {d} has no tokenizer.json")
-    return model, Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    special = read_special_tokens(d, tok)
+    state = read_weights(d, device)
+    cfg = _check_weights(cfg, state)
+    model = from_state_dict(cfg, {k: v.float() for k, v in state.items()}, device)
+    return Pretrained(model, cfg, tok, special)
+
+
+def load_hf_dir(path: str | Path, device="cpu") -> tuple[LLaMA, object]:
+    """(model, tokenizers.Tokenizer) from an HF Llama directory; see ``load_pretrained``."""
+    p = load_pretrained(path, device)
+    return p.model, p.tokenizer
+
+
+# ---------------------------------------------------------------------------- export
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def save_tokenizer(tokenizer, out: Path, max_len: int, special: SpecialTokens | None = None):
+    """tokenizer.json + tokenizer_config.json that AutoTokenizer loads offline, naming the model's EOS/BOS."""
+    from transformers import PreTrainedTokenizerFast
+
+    special = special or gpt2_special_tokens(tokenizer)
+    eos = tokenizer.id_to_token(special.eos_id)
+    bos = None if special.bos_id is None else tokenizer.id_to_token(special.bos_id)
+    unk = eos if eos == "<|endoftext|>" else None  # GPT-2's convention; other tokenizers keep their own
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=bos, unk_token=unk,
+                                   model_max_length=max_len)
+    fast.save_pretrained(str(out))
+
+
+def export(model: LLaMA, tokenizer, out_dir: str | Path, special: SpecialTokens | None = None,
+           dtype: str = "fp32", max_shard_size: int | str = "5GB", history: dict | None = None):
+    """Write an HF Llama directory: config.json, model.safetensors (or shards of at most ``max_shard_size``
+    bytes plus model.safetensors.index.json) in ``dtype``, generation_config.json and tokenizer files."""
+    from huggingface_hub import save_torch_state_dict
+
+    from .lora import merged_state_dict
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--to: cannot create {out} ({e.strerror})")
+    special = special or gpt2_special_tokens(tokenizer)
+    state = merged_state_dict(model)
+    kmap = key_map(model.config)
+    if set(state) != set(kmap):
+        raise RuntimeError(f"key map mismatch: {sorted(set(state) ^ set(kmap))[:5]}")
+    hf_state = {kmap[k]: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+    save_torch_state_dict(hf_state, out, max_shard_size=max_shard_size)
+    torch_name = str(DTYPES[dtype]).replace("torch.", "")
+    cfg = to_hf_config(model.config, special, torch_name, history)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_tokenizer(tokenizer, out, model.config.max_seq_len, special)
+    write_special_tokens(out, tokenizer, special)
+
+
+def run_history(run_dir: str | Path) -> dict:
+    """steplm's record of how a run directory's model was made, for config.json's "steplm" key:
+    method, layers per stage, steps per stage (from summary.json), SFT epochs/steps (from sft_summary.json)."""
+    from . import __version__
+
+    d = Path(run_dir)
+    out: dict = {"version": __version__}
+    for name, keys in (("summary.json", ("method", "layers_per_stage", "stage_steps", "tokens_seen",
+                                         "final_val_loss")),
+                       ("sft_summary.json", ("examples", "epochs", "steps", "final_loss"))):
+        try:
+            s = json.loads((d / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        part = {k: s[k] for k in keys if k in s}
+        if name == "summary.json":
+            out.update(part)
+        else:
+            out["sft"] = part
+    return out
+
+
+def describe(path: str | Path) -> dict:
+    """What a run or HF model directory holds, without loading weights: architecture, special tokens,
+    and steplm's stage history ("steplm" in config.json, or the run's summary.json)."""
+    from tokenizers import Tokenizer
+
+    d = Path(path)
+    if (d / "model_config.json").is_file():
+        cfg, kind = ModelConfig.from_dict(json.loads((d / "model_config.json").read_text())), "steplm run"
+        history = run_history(d)
+    elif (d / "config.json").is_file():
+        hf_cfg = json.loads((d / "config.json").read_text())
+        cfg, kind = from_hf_config(hf_cfg), "Hugging Face Llama"
+        history = hf_cfg.get("steplm")
+    else:
+        raise UserError(f"MODEL: {d} is neither a steplm run directory nor an HF model directory")
+    out = {"path": str(d), "kind": kind, "model": cfg.to_dict(), "steplm": history}
+    if (d / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        s = read_special_tokens(d, tok)
+        out["special_tokens"] = {"eos": tok.id_to_token(s.eos_id), "eos_id": s.eos_id, "stop_ids": list(s.stop_ids),
+                                 "bos_id": s.bos_id}
+    return out

@@ -26,6 +26,8 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank if rank else 0.0
         self.weight = nn.Parameter(base.weight.detach().to(frozen_dtype), requires_grad=False)
+        bias = None if base.bias is None else nn.Parameter(base.bias.detach().to(frozen_dtype), requires_grad=False)
+        self.register_parameter("bias", bias)  # only models whose config asks for biases have one
         if rank:
             dev = base.weight.device
             self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
@@ -55,8 +57,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast F.linear casts the bf16 weight itself; outside it, match the input dtype.
-        w = self.weight if torch.is_autocast_enabled(x.device.type) else self.weight.to(x.dtype)
-        y = F.linear(x, w)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        w = self.weight if autocast else self.weight.to(x.dtype)
+        b = self.bias if self.bias is None or autocast else self.bias.to(x.dtype)
+        y = F.linear(x, w, b)
         if self.rank:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
         return y
@@ -128,8 +132,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         if "lora_" in name:
             continue
-        mod = name.rsplit(".", 1)[0]
-        if mod in lora_names:
+        mod, leaf = name.rsplit(".", 1)
+        if mod in lora_names and leaf == "weight":
             t = model.get_submodule(mod).merged_weight()
         out[name] = t.detach().float().contiguous()
     if getattr(getattr(model, "config", None), "tie_embeddings", False):

@@ -29,15 +29,24 @@ class ModelConfig:
     n_layers: int = 8
     """Number of decoder blocks L (the final depth for STEP)."""
     n_heads: int = 4
-    """Attention heads; d_model must be divisible by it."""
+    """Attention heads; d_model must be divisible by it unless head_dim is set."""
     n_kv_heads: int | None = None
     """Key/value heads for GQA; None means n_heads (plain multi-head attention)."""
+    head_dim: int | None = None
+    """Width of one attention head; None means d_model / n_heads (HF head_dim)."""
     ffn_hidden: int | None = None
     """SwiGLU hidden size; None means 8/3·d rounded up to a multiple of 64."""
     max_seq_len: int = 256
     """Longest sequence the model is trained on (RoPE is computed up to it)."""
     rope_theta: float = 10000.0
     """RoPE base."""
+    rope_scaling: dict | None = None
+    """RoPE frequency scaling, HF rope_parameters without rope_theta, e.g. {rope_type: linear, factor: 4};
+    rope_type linear, llama3 or yarn (computed by transformers' own functions). None: plain RoPE."""
+    attention_bias: bool = False
+    """Biases on the q/k/v/o projections (HF attention_bias)."""
+    mlp_bias: bool = False
+    """Biases on the gate/up/down projections (HF mlp_bias)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
@@ -50,25 +59,29 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden is None:
             self.ffn_hidden = default_ffn_hidden(self.d_model)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        if self.head_dim is None and _positive_int(self.d_model) and _positive_int(self.n_heads) \
+                and self.d_model % self.n_heads == 0:
+            self.head_dim = self.d_model // self.n_heads  # left None otherwise; problems() names d_model
 
     def problems(self) -> list[str]:
         """Every inconsistency in this config, each naming the key to change."""
         out = []
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not _positive_int(v):
                 out.append(f"model.{name}: must be a positive integer, got {v!r}")
         if not out:
-            if self.d_model % self.n_heads:
-                out.append(f"model.d_model: must be divisible by model.n_heads ({self.n_heads}), got {self.d_model}")
-            elif self.head_dim % 2:
-                out.append(f"model.d_model: head size d_model/n_heads must be even for RoPE, got {self.head_dim}")
+            if self.head_dim is None:
+                out.append(f"model.d_model: must be divisible by model.n_heads ({self.n_heads}), got {self.d_model} "
+                           "(or set model.head_dim)")
+            elif not _positive_int(self.head_dim) or self.head_dim % 2:
+                out.append(f"model.head_dim: must be a positive even integer for RoPE, got {self.head_dim!r}")
             if self.n_heads % self.n_kv_heads:
                 out.append(f"model.n_kv_heads: must divide model.n_heads ({self.n_heads}), got {self.n_kv_heads}")
+        out += rope_scaling_problems(self.rope_scaling)
+        for name in ("attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"model.{name}: must be true or false, got {getattr(self, name)!r}")
         return out
 
     def to_dict(self) -> dict:
@@ -78,6 +91,35 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+# RoPE scaling types steplm computes, and the keys each needs (HF rope_parameters names).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+
+
+def rope_scaling_problems(scaling) -> list[str]:
+    """What is wrong with a ``model.rope_scaling`` value (empty if it is None or usable)."""
+    if scaling is None:
+        return []
+    if not isinstance(scaling, dict):
+        return [f"model.rope_scaling: must be a mapping such as {{rope_type: linear, factor: 4}}, got {scaling!r}"]
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        return [f"model.rope_scaling: rope_type must be one of {', '.join(ROPE_SCALING_KEYS)}, got {kind!r}"]
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        return [f"model.rope_scaling: rope_type {kind} needs a number for {', '.join(missing)}"]
+    if "rope_theta" in scaling:
+        return ["model.rope_scaling: give the base as model.rope_theta, not inside rope_scaling"]
+    return []
 
 
 class RMSNorm(nn.Module):
@@ -92,13 +134,33 @@ class RMSNorm(nn.Module):
         return y * self.weight.to(x.dtype)
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (seq_len, head_dim), HF's non-interleaved layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
-    t = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+def rope_inv_freq(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies (head_dim/2,) in rad/token, and the factor on cos/sin (1 unless yarn).
+
+    Plain RoPE is computed here; scaled types (``cfg.rope_scaling``) by transformers' own
+    ``ROPE_INIT_FUNCTIONS``, so they match ``LlamaForCausalLM`` exactly."""
+    hs = cfg.head_dim
+    if cfg.rope_scaling is None:
+        return 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, device=device, dtype=torch.int64).float() / hs)), 1.0
+    try:
+        from transformers import LlamaConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    except ImportError as e:
+        raise ImportError("model.rope_scaling needs transformers (pip install 'steplm[hf]')") from e
+    hf = LlamaConfig(hidden_size=cfg.n_heads * hs, num_attention_heads=cfg.n_heads, head_dim=hs,
+                     max_position_embeddings=cfg.max_seq_len,
+                     rope_parameters={**cfg.rope_scaling, "rope_theta": cfg.rope_theta})
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[cfg.rope_scaling["rope_type"]](hf, device)
+    return inv_freq.float(), float(scale)
+
+
+def rope_cache(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_seq_len, head_dim), HF's non-interleaved layout."""
+    inv_freq, scale = rope_inv_freq(cfg, device)
+    t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq.to(device))  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -112,14 +174,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        d, q, kv, bias = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(d, q, bias=bias)
+        self.k_proj = nn.Linear(d, kv, bias=bias)
+        self.v_proj = nn.Linear(d, kv, bias=bias)
+        self.o_proj = nn.Linear(q, d, bias=bias)
 
     def forward(self, x, cos, sin, kv_cache=None):
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -132,16 +194,16 @@ class Attention(nn.Module):
             raise ValueError("multi-token decode against a cache is not supported")
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, d)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh·hs)
         return self.o_proj(y)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -193,7 +255,7 @@ class LLaMA(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
-        cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cache(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
@@ -216,8 +278,7 @@ class LLaMA(nn.Module):
         nn.init.ones_(self.model.norm.weight)
         for layer_id, block in enumerate(self.model.layers):
             init_block(block, layer_id, std, generator)
-        cos, sin = rope_cache(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta,
-                              device=self.rope_cos.device)
+        cos, sin = rope_cache(self.config, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
@@ -246,6 +307,8 @@ def init_block(block: Block, layer_id: int, std: float, generator=None):
         if isinstance(mod, nn.Linear):
             s = out_std if name.endswith(("o_proj", "down_proj")) else std
             nn.init.normal_(mod.weight, std=s, generator=generator)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
         elif isinstance(mod, RMSNorm):
             nn.init.ones_(mod.weight)
 
@@ -272,7 +335,7 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], device="cp
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
-        cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device)
+        cos, sin = rope_cache(cfg, device=device)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)
     return model.eval()

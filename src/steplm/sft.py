@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 from .generate import alpaca_prompt
+from .tokens import SpecialTokens, gpt2_special_tokens, write_special_tokens
 
 IGNORE = -100
 
@@ -47,8 +48,9 @@ def read_examples(path: str | Path) -> list[dict]:
 
 
 def build_example(tokenizer, ex: dict, eos: int, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels; prompt positions are labelled IGNORE so only the response (+EOS) is learned."""
-    prompt = tokenizer.encode(alpaca_prompt(ex["instruction"], ex["input"]), add_special_tokens=False).ids
+    """Token ids and labels; prompt positions are labelled IGNORE so only the response (+EOS) is learned.
+    The prompt is encoded with the tokenizer's own template (a Llama tokenizer adds BOS), as generation does."""
+    prompt = tokenizer.encode(alpaca_prompt(ex["instruction"], ex["input"])).ids
     response = tokenizer.encode(ex["output"], add_special_tokens=False).ids + [eos]
     ids = (prompt + response)[:max_len]
     labels = ([IGNORE] * len(prompt) + response)[:max_len]
@@ -63,16 +65,17 @@ def sft_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_sft(model, tokenizer, examples: list[dict], out_dir: str | Path, epochs: int = 2, lr: float = 1e-4,
               warmup_steps: int = 100, batch_size: int = 8, weight_decay: float = 0.0, seed: int = 0,
-              progress: bool = True) -> dict:
-    """Fine-tune in place, save a run directory (weights, config, tokenizer, sft_summary.json)."""
+              progress: bool = True, special: SpecialTokens | None = None) -> dict:
+    """Fine-tune in place, save a run directory (weights, config, tokenizer, special tokens, sft_summary.json).
+    Responses end with ``special.eos_id`` (default: GPT-2's <|endoftext|>)."""
     from tqdm import tqdm
 
-    from .data import eos_id
     from .lora import merged_state_dict
 
+    special = special or gpt2_special_tokens(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    eos = eos_id(tokenizer)
+    eos = special.eos_id
     data = [build_example(tokenizer, ex, eos, model.config.max_seq_len) for ex in examples]
     data = [d for d in data if any(label != IGNORE for label in d[1][1:])]
     if not data:
@@ -115,6 +118,7 @@ def train_sft(model, tokenizer, examples: list[dict], out_dir: str | Path, epoch
     save_file(merged_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     tokenizer.save(str(out / "tokenizer.json"))
+    write_special_tokens(out, tokenizer, special)
     summary = {"examples": len(data), "epochs": epochs, "steps": step, "lr": lr, "warmup_steps": warmup,
                "first_loss": losses[0], "final_loss": losses[-1], "losses": losses}
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))

@@ -7,7 +7,9 @@ word (acc = greedy match, ppl = exp(-mean log-likelihood)). ``acc_norm`` divides
 log-likelihood by the character length of the choice string, exactly as lm-eval does (identical to
 its byte length for ASCII text). Context/continuation splitting copies lm-eval's HF model: trailing
 spaces of the context move to the continuation, and the continuation tokens are what the encoding
-of context+continuation adds after the context's own encoding.
+of context+continuation adds after the context's own encoding. Where one token spans the join, so
+that nothing would be left to score, the boundary token is moved into the continuation (lm-eval
+asserts there); an empty context is replaced by the model's prefix token (BOS, else EOS).
 """
 from __future__ import annotations
 
@@ -90,29 +92,45 @@ def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list
     return docs[:limit] if limit else docs
 
 
-def encode_pair(encode, context: str, continuation: str, eos: int) -> tuple[list[int], list[int]]:
-    """lm-eval's split of a request into context and continuation token ids."""
+def encode_pair(encode, context: str, continuation: str, prefix: int) -> tuple[list[int], list[int]]:
+    """lm-eval's split of a request into context and continuation token ids, both non-empty.
+
+    ``prefix`` (BOS, else EOS) stands in for an empty context. When the whole string encodes to no
+    more tokens than the context alone (one token spans the join), the last token of the whole
+    encoding becomes the continuation, so a choice is never scored as probability 1."""
+    if not continuation:
+        raise UserError(f"--tasks-dir: an empty continuation after context {context[-40:]!r}")
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
     if not context:
-        return [eos], encode(continuation)
-    whole, ctx = encode(context + continuation), encode(context)
-    return ctx, whole[len(ctx):]
+        cont = encode(continuation)
+        if len(cont) > 1 and cont[0] == prefix:  # lm-eval: the continuation's own first token is the prefix
+            return cont[:1], cont[1:]
+        ctx = [prefix]
+    else:
+        whole, ctx = encode(context + continuation), encode(context)
+        cont = whole[len(ctx):]
+        if not cont:  # the boundary token swallowed the continuation: score it as part of the continuation
+            ctx, cont = whole[:-1] or [prefix], whole[-1:]
+    if not cont:
+        raise UserError(f"--tasks-dir: continuation {continuation!r} encodes to no tokens")
+    return ctx, cont
 
 
 @torch.no_grad()
-def loglikelihoods(model, encode, eos: int, requests: list[tuple[str, str]], batch_size: int = 16,
+def loglikelihoods(model, encode, prefix: int, requests: list[tuple[str, str]], batch_size: int = 16,
                    progress: bool = False) -> list[tuple[float, bool]]:
     """(sum of continuation log-probs, whether greedy decoding reproduces it) for each request, fp32.
-    Requests run longest-first in padded batches; only continuation positions go through the head."""
+    ``prefix`` is the token for an empty context (BOS, else EOS). Requests run longest-first in padded
+    batches; only continuation positions go through the head."""
     from tqdm import tqdm
 
     max_len = model.config.max_seq_len
     encoded = []
     for ctx, cont in requests:
-        c, k = encode_pair(encode, ctx, cont, eos)
+        c, k = encode_pair(encode, ctx, cont, prefix)
         seq = (c + k)[-(max_len + 1):][:-1]  # left-truncated to the model's window, as lm-eval does
         encoded.append((seq, k[-len(seq):]))  # a continuation longer than the window is scored on its tail
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -137,19 +155,20 @@ def loglikelihoods(model, encode, eos: int, requests: list[tuple[str, str]], bat
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None,
-                   batch_size: int = 16, progress: bool = False) -> dict:
-    """{"tasks": {name: metrics}}: acc/acc_norm/n for multiple choice, acc/ppl/n for LAMBADA, acc/n for WinoGrande."""
-    from .data import eos_id
+                   batch_size: int = 16, progress: bool = False, special=None) -> dict:
+    """{"tasks": {name: metrics}}: acc/acc_norm/n for multiple choice, acc/ppl/n for LAMBADA, acc/n for WinoGrande.
+    ``special`` (tokens.SpecialTokens) gives the empty-context prefix; default GPT-2's <|endoftext|>."""
+    from .tokens import gpt2_special_tokens
 
     def encode(s):
         return tokenizer.encode(s, add_special_tokens=False).ids
 
-    eos = eos_id(tokenizer)
+    prefix = (special or gpt2_special_tokens(tokenizer)).prefix_id
     result = {}
     for name in tasks:
         docs = load_task(name, data_dir, limit)
         flat = [r for doc in docs for r in doc.requests]
-        scores = loglikelihoods(model, encode, eos, flat, batch_size, progress)
+        scores = loglikelihoods(model, encode, prefix, flat, batch_size, progress)
         pos, acc, acc_norm, lls = 0, 0.0, 0.0, []
         for doc in docs:
             k = len(doc.requests)
