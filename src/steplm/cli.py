@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +23,36 @@ def _positive_int(s):
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _int_up_to(limit: int, what: str = "the planner's bound"):
+    """An argparse type: a positive integer of at most ``limit``."""
+    def parse(s):
+        v = _positive_int(s)
+        if v > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit} ({what}), got {v}")
+        return v
+    return parse
+
+
+def _positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
+    return v
+
+
+def _seed(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
     return v
 
 
@@ -143,8 +174,6 @@ def cmd_plan(a):
             L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing)
     try:
         if a.budget_gb is not None:
-            if a.budget_gb <= 0:
-                raise UserError(f"--budget-gb: must be positive, got {a.budget_gb}")
             plan = planner.deepest_within(a.budget_gb * planner.GB, a.stages, shape, a.lora_rank, a.cap_growth, extra)
         else:
             if not a.layers:
@@ -152,7 +181,13 @@ def cmd_plan(a):
             if a.stages > a.layers:
                 raise UserError(f"--stages: must be at most --layers ({a.layers}), got {a.stages}")
             if a.layers_per_stage:
-                split = [int(x) for x in a.layers_per_stage.split(",")]
+                try:
+                    split = [int(x) for x in a.layers_per_stage.split(",")]
+                except ValueError:
+                    raise UserError(f"--layers-per-stage: expected comma-separated integers, got {a.layers_per_stage!r}")
+                if len(split) > planner.MAX_STAGES:
+                    raise UserError(f"--layers-per-stage: at most {planner.MAX_STAGES} stages (the planner's bound), "
+                                    f"got {len(split)}")
                 if any(n < 1 for n in split):
                     raise UserError("--layers-per-stage: every stage needs at least one layer")
                 if sum(split) != a.layers:
@@ -184,8 +219,13 @@ def cmd_plan(a):
         print(f"{i:>5} {n:>4} {N:>6} {b / gb:>11.2f}")
     print(f"peak {plan.peak_bytes / gb:.2f} {unit} vs vanilla {plan.vanilla_bytes / gb:.2f} {unit} "
           f"(reduction {100 * plan.reduction:.1f} %)")
-    if len(plan.tied_optima) > 1:
+    if plan.tied_optima_truncated:
+        print(f"tied optima: more than {len(plan.tied_optima)} (--json lists the first {len(plan.tied_optima)})")
+    elif len(plan.tied_optima) > 1:
         print(f"tied optima: {plan.tied_optima}")
+    if plan.capped_at_layers:
+        print(f"capped: the budget fits at least {plan.capped_at_layers} layers, the planner's bound; "
+              f"the plan stops there")
     if plan.extended:
         e = plan.extended
         print(f"extended: + embeddings/head {e['embedding_head_norm_bytes'] / gb:.2f} {unit} + activations "
@@ -262,6 +302,7 @@ def cmd_plot(a):
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from . import planner  # pure Python: its bounds become the plan flags' limits
     p = _Parser(prog="steplm", description="STEP: staged parameter-efficient pre-training of LLaMA models.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -271,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="training data (sets data.path)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--max-steps", type=_positive_int, help="vanilla-equivalent step budget (train.max_steps)")
-    t.add_argument("--seed", type=int, help="train.seed")
+    t.add_argument("--seed", type=_seed, help="train.seed")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--fresh", action="store_true", help="refuse to start unless --out is empty (no resume)")
     t.set_defaults(fn=cmd_train)
@@ -297,20 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="STEP memory planner (paper Eq. 1-5, Eq. 3 ILP)")
     pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"])
-    pl.add_argument("--hidden", type=_positive_int, help="d")
-    pl.add_argument("--layers", type=_positive_int, help="final layer count L")
-    pl.add_argument("--stages", type=_positive_int, help="K (default 2)")
-    pl.add_argument("--lora-rank", type=_positive_int, help="r (default min(128, d), the paper's rank)")
+    width, big = _int_up_to(planner.MAX_WIDTH), _int_up_to(1 << 30, "a sanity bound")
+    pl.add_argument("--hidden", type=width, help="d")
+    pl.add_argument("--layers", type=_int_up_to(planner.MAX_LAYERS), help="final layer count L")
+    pl.add_argument("--stages", type=_int_up_to(planner.MAX_STAGES), help="K (default 2)")
+    pl.add_argument("--lora-rank", type=width, help="r (default min(128, d), the paper's rank)")
     pl.add_argument("--layers-per-stage", help="evaluate this split instead of optimising, e.g. 7,5")
-    pl.add_argument("--ffn-hidden", type=_positive_int, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
-    pl.add_argument("--n-heads", type=_positive_int, help="attention heads (for GQA and activations)")
-    pl.add_argument("--n-kv-heads", type=_positive_int, help="key/value heads (GQA)")
+    pl.add_argument("--ffn-hidden", type=width, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
+    pl.add_argument("--n-heads", type=width, help="attention heads (for GQA and activations)")
+    pl.add_argument("--n-kv-heads", type=width, help="key/value heads (GQA)")
     pl.add_argument("--cap-growth", action="store_true", help="require n_(i+1) <= N_i")
-    pl.add_argument("--budget-gb", type=float, help="deepest model whose peak fits this many GB (1e9 B)")
+    pl.add_argument("--budget-gb", type=_positive_float, help="deepest model whose peak fits this many GB (1e9 B); "
+                    f"stops at {planner.MAX_LAYERS} layers and says so")
     pl.add_argument("--extended", action="store_true", help="add embeddings, head, norms and activations")
-    pl.add_argument("--vocab-size", type=_positive_int, default=50257)
-    pl.add_argument("--seq-len", type=_positive_int, default=1024)
-    pl.add_argument("--micro-batch", type=_positive_int, default=1)
+    pl.add_argument("--vocab-size", type=big, default=50257)
+    pl.add_argument("--seq-len", type=big, default=1024)
+    pl.add_argument("--micro-batch", type=big, default=1)
     pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing (extended model)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=cmd_plan)
