@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
 from pathlib import Path
 
 from .errors import UserError
+from .runguard import dumps
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +23,16 @@ def _positive_int(s):
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _non_negative_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {v}")
     return v
 
 
@@ -78,9 +88,11 @@ def cmd_train(a):
     try:
         trainer = Trainer(cfg, out, progress=not a.quiet)
         summary = trainer.fit()
-    except BaseException:
+    except BaseException as e:
         from .checkpoint import list_steps
-        if created and not list_steps(out / "checkpoints"):  # nothing half-written left behind
+        from .runguard import RunDirInUse
+        # Nothing half-written left behind, unless the directory belongs to the run that holds it.
+        if created and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
@@ -88,7 +100,7 @@ def cmd_train(a):
     if not trainer.main:
         return
     keys = ("method", "final_val_loss", "final_val_ppl", "tokens_seen", "flops", "train_seconds", "weights_sha256")
-    print(json.dumps({k: summary[k] for k in keys}))
+    print(dumps({k: summary[k] for k in keys}))
     print(f"run written to {out}/ (summary.json, metrics.jsonl, model.safetensors)", file=sys.stderr)
 
 
@@ -112,7 +124,7 @@ def cmd_eval(a):
         model, tok = load_model(a.model)
         res = evaluate_tasks(model, tok, names, _tasks_dir(a.tasks_dir), a.limit, a.batch_size, progress=not a.json)
         if a.json:
-            print(json.dumps(res))
+            print(dumps(res))
         else:
             for name, m in res["tasks"].items():
                 print(f"{name:<14} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -121,7 +133,7 @@ def cmd_eval(a):
     if not a.data:
         raise UserError("--data: give a text file to score (e.g. ../shared/data/wikitext2/valid.txt)")
     res = perplexity(a.model, a.data, a.max_tokens, a.backend, a.seq_len, a.batch_size)
-    print(json.dumps(res) if a.json else f"loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  tokens {res['tokens']}")
+    print(dumps(res) if a.json else f"loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  tokens {res['tokens']}")
 
 
 def cmd_export(a):
@@ -209,7 +221,7 @@ def cmd_plan(a):
         plan.extended["peak_bytes"] = plan.peak_bytes + plan.extended["embedding_head_norm_bytes"] + \
             plan.extended["activation_bytes"]
     if a.json:
-        print(json.dumps(plan.to_dict()))
+        print(dumps(plan.to_dict()))
         return
     gb, unit = (planner.GB, "GB") if plan.vanilla_bytes >= planner.GB else (1e6, "MB")
     print(f"d={a.hidden} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)} r={a.lora_rank}  "
@@ -233,8 +245,8 @@ def cmd_plan(a):
 
 
 def _sampling(a) -> dict:
-    if a.temperature < 0:
-        raise UserError(f"--temperature: must be >= 0, got {a.temperature}")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise UserError(f"--temperature: must be a finite number >= 0, got {a.temperature}")
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise UserError(f"--top-p: must be in (0, 1], got {a.top_p}")
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k,
@@ -269,7 +281,7 @@ def cmd_sft(a):
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    print(json.dumps({k: s[k] for k in ("examples", "epochs", "steps", "first_loss", "final_loss")}))
+    print(dumps({k: s[k] for k in ("examples", "epochs", "steps", "first_loss", "final_loss")}))
 
 
 def cmd_mt_bench(a):
@@ -370,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True, help="Alpaca JSON (instruction/input/output) or seed-task JSONL")
     f.add_argument("--out", required=True)
     f.add_argument("--epochs", type=_positive_int, default=2)
-    f.add_argument("--lr", type=float, default=1e-4)
-    f.add_argument("--warmup-steps", type=int, default=100)
+    f.add_argument("--lr", type=_positive_float, default=1e-4)
+    f.add_argument("--warmup-steps", type=_non_negative_int, default=100)
     f.add_argument("--batch-size", type=_positive_int, default=8)
     f.add_argument("--limit", type=_positive_int, help="use only the first N examples")
     f.add_argument("--seed", type=int, default=0)
@@ -396,21 +408,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, Preempted, \
+        TrainingStopped
     try:
         args = build_parser().parse_args(argv)
         args.fn(args)
     except UserError as e:
         print(f"steplm: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from .train import TrainingStopped
-        if not isinstance(e, TrainingStopped):
-            raise
+        return EXIT_USER_ERROR
+    except TrainingStopped as e:
         print(f"steplm: stopped: {e}", file=sys.stderr)
-        return 1
+        return EXIT_TRAINING_STOPPED
+    except Preempted as e:
+        print(f"steplm: preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("steplm: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 
