@@ -361,13 +361,15 @@ def _publish(tmp: Path, out: Path) -> bool:
 
 def _fault_wait_for_peers(cache_root: Path, key: str):
     """Test hook STEPLM_FAULT=cache_race:N: before publishing, wait (up to a minute) until N
-    processes are tokenizing this entry, so that they race for the same cache entry."""
+    processes are tokenizing this entry, or one of them has published it, so that they race for
+    the same cache entry."""
     import time
     fault = os.environ.get("STEPLM_FAULT", "")
     if not fault.startswith("cache_race:"):
         return
     deadline = time.time() + 60
-    while time.time() < deadline and len(list(cache_root.glob(f"{key}.tmp*"))) < int(fault.split(":")[1]):
+    while (time.time() < deadline and not (cache_root / key / "val.json").is_file()
+           and len(list(cache_root.glob(f"{key}.tmp*"))) < int(fault.split(":")[1])):
         time.sleep(0.05)
 
 
