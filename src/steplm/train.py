@@ -813,7 +813,7 @@ class Trainer:
         params = count_params(self.model)
         summary = {
             "method": self.cfg.method,
-            "final_val_loss": val, "final_val_ppl": math.exp(val),
+            "final_val_loss": val, "final_val_ppl": math.exp(val) if val < 700 else math.inf,
             "tokens_seen": self.tokens,
             "flops": self.flops[self.cfg.step.flops_convention],
             "flops_convention": self.cfg.step.flops_convention,
