@@ -435,8 +435,28 @@ def _get(cfg: RunConfig, key: str):
     return obj
 
 
+def type_problems(cfg: RunConfig) -> list[str]:
+    """Every value of ``cfg`` that does not match its field's annotation (``from_dict`` and ``load``
+    refuse such values already; this covers configs built in code)."""
+    out: list[str] = []
+    check_value(cfg.method, str, "method", out)
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        if not isinstance(section, cls):
+            out.append(f"{name}: must be a {cls.__name__}, got {_show(section)}")
+            continue
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            check_value(getattr(section, f.name), hints[f.name], f"{name}.{f.name}", out)
+    return out
+
+
 def problems(cfg: RunConfig) -> list[str]:
-    """Every problem in a type-checked config (see ``from_dict``), each naming the key to change."""
+    """Every problem in the config, each naming the key to change: wrong types first (nothing else
+    is checked then), else ranges, choices and consistency."""
+    out = type_problems(cfg)
+    if out:
+        return out
     out = list(cfg.model.problems())
     for key in {**RANGES, **CHOICES}:
         found = _value_problem(key, _get(cfg, key))
