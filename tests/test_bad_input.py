@@ -6,6 +6,7 @@ import json
 import pytest
 
 from steplm.cli import main
+from steplm.runguard import RunLock
 
 from conftest import shared
 
@@ -26,6 +27,15 @@ TABLE = [
     (["plan", "--hidden", "2048", "--budget-gb", "-1"], "--budget-gb"),
     (["plan", "--layers", "4"], "--hidden"),
     (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "4", "--n-kv-heads", "3"], "--n-kv-heads"),
+    # plan: inputs beyond the planner's bounds are refused with the bound (not left running)
+    (["plan", "--hidden", "1024", "--layers", "100000000", "--stages", "50"], "at most 1000000"),
+    (["plan", "--hidden", "1024", "--layers", "100000", "--stages", "5000"], "--stages"),
+    (["plan", "--hidden", "99999999", "--layers", "4"], "--hidden"),
+    (["plan", "--hidden", "1024", "--budget-gb", "nan"], "--budget-gb"),
+    (["plan", "--hidden", "1024", "--budget-gb", "inf"], "--budget-gb"),
+    (["plan", "--hidden", "1024", "--budget-gb", "1e12", "--stages", "0"], "--stages"),
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "3,x"], "--layers-per-stage"),
+    (["plan", "--hidden", "64", "--layers", "4", "--extended", "--seq-len", "99999999999"], "--seq-len"),
     # train: data
     (["train", "--out", f"{T}/o", "--data", f"{T}/missing.txt"], "data.path"),
     (["train", "--out", f"{T}/o", "--data", f"{T}/empty.txt", "--set", "data.tokenizer=bpe:300"], "empty corpus"),
@@ -51,6 +61,52 @@ TABLE = [
     (["train", "--out", f"{T}/o", "--set", "step.n_stages=20", "--set", "model.n_layers=8"], "step.n_stages"),
     (["train", "--out", f"{T}/o", "--set", "train.seq_len=9999"], "train.seq_len"),
     (["train", "--out", f"{T}/o", "--set", "train.lr=fast"], "train.lr"),
+    # train: every value is checked against its field's type before anything is built
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "model.d_model=abc"], "model.d_model"),
+    (["train", "--out", f"{T}/o", "--set", "train.max_steps=true"], "train.max_steps: must be an integer"),
+    (["train", "--out", f"{T}/o", "--set", "train.micro_batch=2.5"], "train.micro_batch"),
+    (["train", "--out", f"{T}/o", "--set", "train.lr=[1]"], "train.lr: must be a number"),
+    (["train", "--out", f"{T}/o", "--set", "train.lr={a: [1, {b: 2}]}"], "train.lr"),
+    (["train", "--out", f"{T}/o", "--set", "train.lr=[1"], "train.lr: cannot read"),
+    (["train", "--out", f"{T}/o", "--set", "train.compile=maybe"], "train.compile: must be true or false"),
+    (["train", "--out", f"{T}/o", "--set", "train.compile=1"], "train.compile"),
+    (["train", "--out", f"{T}/o", "--set", "data.max_train_tokens=lots"], "data.max_train_tokens"),
+    (["train", "--out", f"{T}/o", "--set", "data.exclude=[1,2]"], "data.exclude[0]"),
+    (["train", "--out", f"{T}/o", "--set", "step.layers_per_stage=[1,[2,3]]"], "step.layers_per_stage[1]"),
+    (["train", "--out", f"{T}/o", "--set", "model.n_kv_heads=[2]"], "model.n_kv_heads"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", f"{T}/list.yaml"], "top level must be a mapping"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", f"{T}/scalar.yaml"], "top level must be a mapping"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", f"{T}/list_section.yaml"], "train: must be a mapping"),
+    (["train", "--out", f"{T}/o", f"{T}/list_section.yaml", "--set", "train.lr=1"], "train: must be a mapping"),
+    (["train", "--out", f"{T}/o", f"{T}/mapping_str.yaml"], "data.tokenizer: must be a string"),
+    (["train", "--out", f"{T}/o", f"{T}/yes_lr.yaml"], "train.lr: must be a number"),
+    (["train", "--out", f"{T}/o", f"{T}/nested.yaml"], "model.d_model: must be an integer"),
+    (["train", "--out", f"{T}/o", f"{T}/str_int.yaml"], "train.max_steps: must be an integer"),
+    # train: non-finite and out-of-range hyperparameters
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "train.lr=inf"], "train.lr: must be a finite"),
+    (["train", "--out", f"{T}/o", "--set", "train.lr=nan"], "train.lr: must be a finite"),
+    (["train", "--out", f"{T}/o", "--set", "train.lr=-inf"], "train.lr: must be a finite"),
+    (["train", "--out", f"{T}/o", "--set", "train.beta1=nan"], "train.beta1"),
+    (["train", "--out", f"{T}/o", "--set", "train.weight_decay=.inf"], "train.weight_decay"),
+    (["train", "--out", f"{T}/o", "--set", "train.max_grad_norm=1e999"], "train.max_grad_norm"),
+    (["train", "--out", f"{T}/o", "--set", "lora.alpha=NaN"], "lora.alpha"),
+    (["train", "--out", f"{T}/o", "--set", "model.norm_eps=-.inf"], "model.norm_eps"),
+    (["train", "--out", f"{T}/o", "--set", "step.growth_fraction=nan"], "step.growth_fraction"),
+    (["train", "--out", f"{T}/o", f"{T}/inf.yaml"], "train.grad_clip: must be a finite"),
+    (["train", "--out", f"{T}/o", "--set", "train.beta2=1.5"], "train.beta2"),
+    (["train", "--out", f"{T}/o", "--set", "train.weight_decay=-0.1"], "train.weight_decay"),
+    (["train", "--out", f"{T}/o", "--set", "train.log_every=0"], "train.log_every"),
+    (["train", "--out", f"{T}/o", "--set", "train.seed=-1"], "train.seed"),
+    (["train", "--out", f"{T}/o", "--set", "lora.merge_rounding=up"], "lora.merge_rounding"),
+    # train: flags
+    (["train", "--out", f"{T}/o", "--max-steps", "abc"], "--max-steps"),
+    (["train", "--out", f"{T}/o", "--max-steps", "0"], "--max-steps"),
+    (["train", "--out", f"{T}/o", "--max-steps", "1.5"], "--max-steps"),
+    (["train", "--out", f"{T}/o", "--seed", "x"], "--seed"),
+    (["train", "--out", f"{T}/o", "--seed", "-1"], "--seed"),
+    (["train", "--out", f"{T}/o", "--seed", "99999999999"], "--seed"),
+    # train: one writer per run directory
+    (["train", "--out", f"{T}/locked", "--data", f"{T}/ok.txt"], "in use by another steplm train"),
     (["train", "--out", f"{T}/afile/sub", "--data", f"{T}/ok.txt"], "--out"),
     (["train", "--out", f"{T}/full", "--fresh", "--data", f"{T}/ok.txt"], "--fresh"),
     # eval
@@ -67,10 +123,13 @@ TABLE = [
     (["sft", RUN, "--data", f"{T}/missing.json", "--out", f"{T}/o"], "--data"),
     (["sft", RUN, "--data", f"{T}/noinstr.json", "--out", f"{T}/o"], "instruction"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/full"], "--out"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--lr", "nan"], "--lr"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--lr", "-1"], "--lr"),
     # generate
     (["generate", RUN, "--prompt", ""], "--prompt"),
     (["generate", RUN, "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
     (["generate", RUN, "--prompt", "hi", "--temperature", "-1"], "--temperature"),
+    (["generate", RUN, "--prompt", "hi", "--temperature", "nan"], "--temperature"),
     (["generate", RUN, "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
 ]
 
@@ -89,6 +148,15 @@ def inputs(tmp):
     (tmp / "gpt2dir" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp / "noinstr.json").write_text(json.dumps([{"prompt": "x", "output": "y"}]))
     (tmp / "alpaca.json").write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}]))
+    (tmp / "list.yaml").write_text("- a\n")
+    (tmp / "scalar.yaml").write_text("5\n")
+    (tmp / "list_section.yaml").write_text("train: [1, 2]\n")
+    (tmp / "mapping_str.yaml").write_text("data:\n  tokenizer: {a: 1}\n")
+    (tmp / "yes_lr.yaml").write_text("train:\n  lr: yes\n")
+    (tmp / "nested.yaml").write_text("model:\n  d_model: {a: [1, {b: 2}]}\n")
+    (tmp / "str_int.yaml").write_text("train:\n  max_steps: '12'\n")
+    (tmp / "inf.yaml").write_text("train:\n  grad_clip: .inf\n")
+    (tmp / "locked").mkdir()
 
 
 def snapshot(tmp):
@@ -106,13 +174,28 @@ def test_bad_input(tiny_run, tmp_path, capsys, monkeypatch, args, needle):
     work.mkdir()
     inputs(work)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    before = snapshot(work)
     argv = [a.replace(T, str(work)).replace(RUN, str(tiny_run)).replace("{gpt2}", str(shared("tokenizers/gpt2")))
             for a in args]
     if argv[0] == "train":
         argv += ["--set", f"data.cache_dir={tmp_path / 'cache'}", "--quiet"]
-    assert main(argv) == 2
+    holder = RunLock(work / "locked")  # a live run holding {tmp}/locked
+    before = snapshot(work)
+    try:
+        assert main(argv) == 2
+    finally:
+        holder.release()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert needle in err, err
     assert snapshot(work) == before  # nothing half-written
+
+
+def test_all_type_problems_in_one_line(tmp_path, capsys):
+    argv = ["train", "--out", str(tmp_path / "o"), "--set", "model.d_model=abc", "--set", "train.lr=inf",
+            "--set", "train.compile=1", "--set", "train.beta2=2", "--set", "lora.bogus=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for key in ("unknown config key: lora.bogus", "model.d_model", "train.lr", "train.compile", "train.beta2"):
+        assert key in err, err
+    assert not (tmp_path / "o").exists()

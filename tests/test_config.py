@@ -44,3 +44,32 @@ def test_field_docs_exist_for_every_field():
     for cls in (config.TrainConfig, config.DataConfig, config.LoraConfig, config.StepConfig):
         docs = config.field_docs(cls)
         assert {f.name for f in dataclasses.fields(cls)} == set(docs)
+
+
+def test_configs_built_in_code_are_type_checked_too():
+    import dataclasses
+    cfg = config.RunConfig()
+    cfg.train = dataclasses.replace(cfg.train, lr="fast", compile=1, beta1=float("nan"))
+    cfg.step = dataclasses.replace(cfg.step, layers_per_stage=[2, "x"])
+    msg = "; ".join(config.problems(cfg))
+    for key in ("train.lr", "train.compile", "train.beta1: must be a finite", "step.layers_per_stage[1]"):
+        assert key in msg, msg
+
+
+@pytest.mark.parametrize("item,value", [
+    ("train.lr=1e-3", 1e-3), ("train.lr=2", 2.0), ("train.lr=1E+2", 100.0), ("train.lr=.5", 0.5),
+    ("data.max_train_tokens=null", None), ("data.max_train_tokens=1000", 1000), ("train.compile=true", True),
+    ("step.layers_per_stage=[3, 5]", [3, 5]), ("data.exclude=[a, b]", ["a", "b"]),
+])
+def test_well_typed_values_are_accepted(item, value):
+    key = item.split("=", 1)[0]
+    section, name = key.split(".")
+    got = getattr(getattr(config.load(None, [item]), section), name)
+    assert got == value and type(got) is type(value)
+
+
+def test_yaml_1_1_exponent_strings_are_numbers(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1e-3\n  weight_decay: 0\n")  # YAML 1.1: "1e-3" is a string, 0 an int
+    cfg = config.load(p)
+    assert cfg.train.lr == 1e-3 and cfg.train.weight_decay == 0.0 and type(cfg.train.weight_decay) is float

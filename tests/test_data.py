@@ -115,3 +115,47 @@ def test_single_document_gets_tail_split_wherever_it_hashes(tmp_path):
         train, val = TokenShard.open(out / "train.bin"), TokenShard.open(out / "val.bin")
         total = len(train) + len(val)
         assert len(val) == total - int(total * 0.75) and len(train) > len(val) > 0
+
+
+RACE = """
+import json, os, sys, types
+from pathlib import Path
+from steplm.data import prepare
+cfg = types.SimpleNamespace(path=sys.argv[1], val_path=None, val_fraction=0.5, tokenizer="bpe:512", text_field="text",
+                            exclude=[], max_train_tokens=None)
+out, tok = prepare(cfg, Path(sys.argv[2]), progress=False)
+print(json.dumps({"dir": str(out), "inode": os.stat(out / "train.bin").st_ino, "vocab": tok.get_vocab_size()}))
+"""
+
+
+def test_concurrent_tokenization_into_one_cache(tmp_path):
+    """Two processes tokenize the same corpus into the same cache at the same time (the cache_race
+    hook holds each one before publishing until both have tokenized). Both succeed, both read the one
+    entry that won (it is never replaced under a reader), and its shards are byte-identical to a
+    tokenization done alone."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    corpus = str(shared("shakespeare/input.txt"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), STEPLM_FAULT="cache_race:2")
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, corpus, str(cache)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out))
+    entry = cache / results[0]["dir"].rsplit("/", 1)[1]
+    assert results[0]["dir"] == results[1]["dir"] == str(entry)
+    assert results[0]["inode"] == results[1]["inode"] == os.stat(entry / "train.bin").st_ino
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name]  # no temporary leftovers
+    env.pop("STEPLM_FAULT")
+    alone = subprocess.run([sys.executable, "-c", RACE, corpus, str(tmp_path / "alone")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    solo = tmp_path / "alone" / entry.name
+    for name in ("train.bin", "val.bin", "train.json", "val.json", "tokenizer.json"):
+        assert (solo / name).read_bytes() == (entry / name).read_bytes(), name

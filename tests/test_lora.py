@@ -111,3 +111,109 @@ def test_biases_survive_freezing_growth_and_export():
     assert all(torch.equal(state[k], before[k]) for k in bias_keys)
     block_state = effective_state(model.model.layers[0])
     assert torch.equal(block_state["mlp.up_proj.bias"], before["model.layers.0.mlp.up_proj.bias"])
+
+
+# ---------------------------------------------------------------------------- merge precision
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from steplm.lora import round_to  # noqa: E402
+
+
+def bf16_brackets(x32: np.ndarray):
+    """The bf16 values just below and above each fp32 value in magnitude, by bit arithmetic in numpy
+    (independent of torch's conversion)."""
+    bits = x32.view(np.uint32)
+    low = (bits & np.uint32(0xFFFF0000)).view(np.float32)
+    high = ((bits & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32)
+    exact = (bits & np.uint32(0xFFFF)) == 0
+    return low.astype(np.float64), np.where(exact, low, high.astype(np.float64)), exact
+
+
+def brute_nearest(x32: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even to bf16, element by element."""
+    low, high, exact = bf16_brackets(x32)
+    x = x32.astype(np.float64)
+    d_low, d_high = np.abs(x - low), np.abs(high - x)
+    low_is_even = ((low.astype(np.float32).view(np.uint32) >> 16) & 1) == 0
+    pick_low = exact | (d_low < d_high) | ((d_low == d_high) & low_is_even)
+    return np.where(pick_low, low, high)
+
+
+def lora_at_ratio(rho: float, seed: int = 0) -> LoRALinear:
+    """A bf16-based LoRALinear whose update has rms(update)/rms(W) = rho."""
+    torch.manual_seed(seed)
+    lin = LoRALinear(nn.Linear(64, 48, bias=False), rank=4, alpha=4.0)
+    with torch.no_grad():
+        lin.lora_B.normal_()
+        w_rms, u_rms = lin.weight.float().pow(2).mean().sqrt(), lin.delta().pow(2).mean().sqrt()
+        lin.lora_B.mul_(rho * w_rms / u_rms)
+    return lin
+
+
+@pytest.mark.parametrize("rho", [1e-4, 1e-3, 3e-3, 1e-2])
+def test_nearest_merge_and_its_kept_share_match_brute_force(rho):
+    lin = lora_at_ratio(rho)
+    w, u = lin.weight.float().numpy().astype(np.float64), lin.delta().detach().numpy().astype(np.float64)
+    x32 = (lin.weight.float() + lin.delta()).detach().numpy()  # the fp32 sum the merge rounds
+    expected = brute_nearest(x32)
+    share = float(((expected - w) * u).sum() / (u * u).sum())
+    holder = nn.Module()
+    holder.lin = lin
+    stats = {}
+    merge_and_reinit(holder, stats=stats)
+    assert np.array_equal(lin.weight.float().numpy().astype(np.float64), expected)
+    assert stats["kept_share"] == pytest.approx(share, rel=1e-5, abs=1e-6)
+    assert stats["update_rms_ratio"] == pytest.approx(rho, rel=1e-3)
+    # The issue's measurements: 1e-4 keeps ~6 %, 1e-3 ~55 %, 3e-3 ~93 %, 1e-2 all of it.
+    lo, hi = {1e-4: (0.0, 0.2), 1e-3: (0.35, 0.75), 3e-3: (0.85, 0.99), 1e-2: (0.99, 1.01)}[rho]
+    assert lo < share < hi
+
+
+def test_stochastic_merge_is_unbiased_over_seeds():
+    """At rho = 1e-3, where round-to-nearest keeps about half the update, stochastic rounding's mean
+    applied update over S seeds matches the fp32 update: the kept share within 5 standard errors,
+    and a chi-square over every element. The tolerances come from each element's Bernoulli variance
+    spacing²·p·(1-p), where p is its distance from the bf16 value below as a share of the spacing."""
+    lin = lora_at_ratio(1e-3)
+    w0 = lin.weight.detach().clone()
+    w, u = w0.float().numpy().astype(np.float64), lin.delta().detach().numpy().astype(np.float64)
+    x32 = (w0.float() + lin.delta()).detach().numpy()
+    low, high, exact = bf16_brackets(x32)
+    target = x32.astype(np.float64) - w  # what an unbiased rounding applies on average
+    spacing = np.abs(high - low)
+    p = np.where(exact, 0.0, np.abs(x32 - low) / np.where(exact, 1.0, spacing))
+    var = spacing ** 2 * p * (1 - p)
+    S = 400
+    applied = np.empty((S,) + w.shape)
+    shares = np.empty(S)
+    for seed in range(S):
+        with torch.no_grad():
+            lin.weight.copy_(w0)
+        dot, uu, _ = lin.merge("stochastic", torch.Generator().manual_seed(seed)).tolist()
+        applied[seed] = lin.weight.float().numpy() - w
+        shares[seed] = dot / uu
+    uu = (u * u).sum()
+    expected_share = (target * u).sum() / uu
+    se_share = math.sqrt((u * u * var).sum()) / uu / math.sqrt(S)
+    assert abs(shares.mean() - expected_share) < 5 * se_share, (shares.mean(), expected_share, se_share)
+    assert abs(expected_share - 1) < 1e-3  # and that target is the update itself, up to fp32 addition
+    assert np.all(applied[:, exact] == target[exact])  # representable sums are never moved
+    n = int((~exact).sum())
+    chi2 = (((applied.mean(0) - target)[~exact]) ** 2 / (var[~exact] / S)).sum()
+    assert chi2 < n + 6 * math.sqrt(2 * n), (chi2, n)
+    # The same test rejects round-to-nearest by a wide margin, so it can fail.
+    with torch.no_grad():
+        lin.weight.copy_(w0)
+    dot, uu_t, _ = lin.merge("nearest").tolist()
+    assert abs(dot / uu_t - expected_share) > 50 * se_share
+
+
+def test_round_to_keeps_sign_and_range():
+    x = torch.tensor([1.0 + 2**-10, -(1.0 + 2**-10), 3e38, -0.0, 1e-40])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        y = round_to(x, torch.bfloat16, "stochastic", g).float()
+        assert y[0] in (1.0, 1.0 + 2**-7) and y[1] in (-1.0, -(1.0 + 2**-7))
+        assert torch.isfinite(y[:2]).all() and y[3] == 0 and y[4] >= 0
+    assert torch.equal(round_to(x, torch.float32, "stochastic", g), x)  # only bf16 targets are randomised

@@ -1,4 +1,5 @@
-"""Planner: Eq. 1-5 numbers derived by hand, DP and HiGHS against brute force, ties, budget mode."""
+"""Planner: Eq. 1-5 numbers derived by hand, exact solver and HiGHS against brute force, ties, budget mode,
+bounds on every input."""
 import itertools
 import json
 
@@ -75,8 +76,8 @@ def test_dp_and_milp_match_brute_force(d, r):
     for L in range(1, 25):
         for K in range(1, min(6, L) + 1):
             best, arg = brute_force(L, K, d, r)
-            peak, ties = planner.solve_dp(L, K, P, E)
-            assert peak == best and ties == sorted(arg), (L, K)
+            sol = planner.solve_exact(L, K, P, E)
+            assert sol.peak == best and sol.ties == sorted(arg) and sol.latest == max(arg), (L, K)
             milp = planner.solve_milp(L, K, P, E)
             assert max(planner.stage_bytes(milp, P, E)) == best, (L, K, milp)
 
@@ -90,7 +91,8 @@ def test_cap_growth_constraint_matches_brute_force():
             best, arg = brute_force(L, K, 512, 16, cap=True)
             if best is None:
                 continue
-            assert planner.solve_dp(L, K, P, E, cap_growth=True) == (best, sorted(arg))
+            sol = planner.solve_exact(L, K, P, E, cap_growth=True)
+            assert (sol.peak, sol.ties, sol.latest) == (best, sorted(arg), max(arg))
             assert max(planner.stage_bytes(planner.solve_milp(L, K, P, E, cap_growth=True), P, E)) == best
 
 
@@ -137,3 +139,113 @@ def test_plan_bad_input(capsys, args, flag):
     assert main(["plan", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert flag in err and len(err.splitlines()) == 1
+
+
+def brute_force_bytes(L, K, g, k, cap=False):
+    """Minimum of max_i(g·n_i + k·N_(i-1)) over every composition, and the argmins (any g, k)."""
+    best, arg = None, []
+    for cuts in itertools.combinations(range(1, L), K - 1):
+        split = [b - a for a, b in zip((0,) + cuts, cuts + (L,))]
+        if cap and any(split[i] > sum(split[:i]) for i in range(1, K)):
+            continue
+        peak = max(g * n + k * sum(split[:i]) for i, n in enumerate(split))
+        if best is None or peak < best:
+            best, arg = peak, [split]
+        elif peak == best:
+            arg.append(split)
+    return best, arg
+
+
+def test_exact_solver_matches_brute_force_on_random_shapes():
+    """Random P and E, so the frozen cost k = 2P + 16E falls below, equals or exceeds g = 16P."""
+    import random
+    rng = random.Random(0)
+    cases = [(rng.randint(1, 14), rng.randint(1, 60), rng.choice([0, rng.randint(0, 90)]), rng.random() < 0.5)
+             for _ in range(400)] + [(12, 8, 7, False), (12, 8, 7, True)]  # 16P == 2P + 16E
+    for L, P, E, cap in cases:
+        for K in range(1, min(L, 5) + 1):
+            best, arg = brute_force_bytes(L, K, 16 * P, 2 * P + 16 * E, cap)
+            if best is None:
+                with pytest.raises(ValueError):
+                    planner.solve_exact(L, K, P, E, cap)
+                continue
+            sol = planner.solve_exact(L, K, P, E, cap, max_ties=10**6)
+            assert (sol.peak, sol.ties, sol.latest, sol.truncated) == (best, sorted(arg), max(arg), False), \
+                (L, K, P, E, cap)
+            few = planner.solve_exact(L, K, P, E, cap, max_ties=2)
+            assert few.ties == sorted(arg)[:2] and few.truncated == (len(arg) > 2)
+
+
+@pytest.fixture(scope="module")
+def warm_imports():
+    """The timing below is the planner's, not the interpreter's first import of scipy.optimize."""
+    import scipy.optimize  # noqa: F401
+    assert main(["plan", "--hidden", "64", "--layers", "8", "--json"]) == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["--hidden", "1024", "--layers", "100000", "--stages", "50"],
+    ["--hidden", "1024", "--layers", "100000", "--stages", "50", "--cap-growth"],
+    ["--hidden", "1048576", "--layers", str(planner.MAX_LAYERS), "--stages", str(planner.MAX_STAGES)],
+    ["--hidden", "1024", "--layers", "5000", "--stages", "64", "--lora-rank", "1024"],
+    ["--hidden", "1024", "--budget-gb", "1e12"],
+    ["--hidden", "1024", "--budget-gb", "1e300", "--stages", str(planner.MAX_STAGES), "--cap-growth"],
+    ["--hidden", "2048", "--budget-gb", "1e9", "--stages", "64", "--extended", "--seq-len", "1073741824",
+     "--micro-batch", "1073741824", "--vocab-size", "1073741824"],
+    ["--hidden", "1024", "--layers", "300000", "--stages", "3", "--layers-per-stage", "100000,100000,100000"],
+])
+def test_huge_inputs_answer_within_a_second(warm_imports, capsys, args):
+    import time
+    t0 = time.perf_counter()
+    rc = main(["plan", *args, "--json"])
+    elapsed = time.perf_counter() - t0
+    out, err = capsys.readouterr()
+    assert elapsed < 1.0, (args, elapsed)
+    if rc == 0:
+        plan = json.loads(out)
+        assert plan["peak_bytes"] == max(plan["stage_bytes"])
+    else:
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args,flag,bound", [
+    (["--hidden", "1024", "--layers", str(planner.MAX_LAYERS + 1)], "--layers", str(planner.MAX_LAYERS)),
+    (["--hidden", "1024", "--layers", "5000", "--stages", str(planner.MAX_STAGES + 1)], "--stages",
+     str(planner.MAX_STAGES)),
+    (["--hidden", str(planner.MAX_WIDTH + 1), "--layers", "4"], "--hidden", str(planner.MAX_WIDTH)),
+    (["--hidden", "64", "--layers", "4", "--ffn-hidden", str(planner.MAX_WIDTH + 1)], "--ffn-hidden",
+     str(planner.MAX_WIDTH)),
+    (["--hidden", "64", "--layers", "2000", "--stages", "1025", "--layers-per-stage", ",".join(["1"] * 1025)],
+     "--stages", str(planner.MAX_STAGES)),
+    (["--hidden", "64", "--layers", "2000", "--layers-per-stage", ",".join(["1"] * 2000)], "--layers-per-stage",
+     str(planner.MAX_STAGES)),
+    (["--hidden", "64", "--budget-gb", "inf"], "--budget-gb", "finite"),
+    (["--hidden", "64", "--budget-gb", "nan"], "--budget-gb", "finite"),
+    (["--hidden", "64", "--budget-gb", "lots"], "--budget-gb", "number"),
+    (["--hidden", "64", "--layers", "4", "--layers-per-stage", "2,x"], "--layers-per-stage", "integers"),
+    (["--hidden", "64", "--layers", "4", "--seq-len", str(2**40)], "--seq-len", str(2**30)),
+])
+def test_out_of_bound_inputs_are_refused_with_the_bound(capsys, args, flag, bound):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err and bound in err, err
+
+
+def test_budget_mode_says_when_it_stops_at_the_cap(capsys):
+    assert main(["plan", "--hidden", "1024", "--budget-gb", "1e12", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert sum(plan["layers_per_stage"]) == plan["capped_at_layers"] == planner.MAX_LAYERS
+    assert main(["plan", "--hidden", "1024", "--budget-gb", "1e12"]) == 0
+    assert f"capped: the budget fits at least {planner.MAX_LAYERS} layers" in capsys.readouterr().out
+    assert main(["plan", "--hidden", "1024", "--budget-gb", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["capped_at_layers"] is None
+    plan = planner.deepest_within(1e30, 2, LayerShape(64), 8, max_layers=100)
+    assert sum(plan.layers_per_stage) == plan.capped_at_layers == 100
+
+
+def test_budget_mode_with_extra_bytes_matches_brute_force():
+    shape, r = LayerShape(256), 8
+    extra = lambda L: 3_000_000 * L  # noqa: E731
+    for budget in (5e7, 2e8, 1e9):
+        L = sum(planner.deepest_within(budget, 3, shape, r, extra_bytes=extra).layers_per_stage)
+        assert brute_force(L, 3, 256, r)[0] + extra(L) <= budget < brute_force(L + 1, 3, 256, r)[0] + extra(L + 1)

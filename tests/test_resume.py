@@ -1,4 +1,5 @@
-"""Kill-and-resume with real subprocesses and real SIGKILLs, checkpoint corruption, faults."""
+"""Kill-and-resume with real subprocesses and real SIGKILLs, preemption by real SIGTERM/SIGUSR1,
+checkpoint corruption, faults."""
 import json
 import os
 import signal
@@ -7,6 +8,9 @@ import sys
 import time
 
 import pytest
+
+from steplm.checkpoint import list_steps
+from steplm.errors import EXIT_PREEMPTED, EXIT_TRAINING_STOPPED
 
 from conftest import ROOT, tiny_overrides
 
@@ -21,7 +25,7 @@ METHODS = {
 
 def cmd(tmp_path, out, method, **extra):
     sets = tiny_overrides(tmp_path, **{"train.max_steps": 16, "train.checkpoint_every": 1,
-                                       "train.keep_checkpoints": 2, "train.eval_every": 5}, **METHODS[method], **extra)
+                                       "train.keep_checkpoints": 2, "train.eval_every": 5, **METHODS[method], **extra})
     return [sys.executable, "-m", "steplm", "train", "--out", str(out), "--quiet",
             *[x for kv in sets for x in ("--set", kv)]]
 
@@ -152,13 +156,15 @@ def test_nan_loss_is_skipped_and_counted(references, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert rows[4]["step"] == 5 and rows[4]["loss"] == "nan" and rows[4]["skipped"] == 1
     assert rows[-1]["skipped"] == 1
+    for line in (out / "metrics.jsonl").read_text().splitlines():  # strict JSON: no bare NaN/Infinity
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c} in {line}"))
 
 
 def test_nan_loss_stops_keeping_last_good_checkpoint(references, tmp_path):
     _, _, cache_tmp = references["vanilla"]
     out = tmp_path / "run"
     res = run(cmd(cache_tmp, out, "vanilla", **{"train.on_nonfinite": "stop"}), fault="nan_at_step:5")
-    assert res.returncode == 1
+    assert res.returncode == EXIT_TRAINING_STOPPED
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "step 5" in lines[0] and "last good checkpoint is kept" in lines[0]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
@@ -176,3 +182,73 @@ def test_resume_refuses_a_different_config_but_allows_safe_keys(references, tmp_
     assert res.returncode == 0, res.stderr
     fresh = run(args + ["--fresh"])
     assert fresh.returncode == 2 and "--fresh" in fresh.stderr
+
+
+def only_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("method,where,signame", [("vanilla", "inside", "SIGTERM"), ("step3", "stage2", "SIGUSR1")])
+def test_preemption_signal_checkpoints_and_resume_is_identical(references, tmp_path, method, where, signame):
+    """The process sends itself a real SIGTERM/SIGUSR1 after step N. Periodic checkpoints are off, so
+    the only checkpoint is the one the signal caused."""
+    ref, ref_losses, cache_tmp = references[method]
+    step = {"inside": 3, "stage2": ref["stage_steps"][0] + 2}[where]
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, method, **{"train.checkpoint_every": 0})
+    stopped = run(args, fault=f"{signame.lower()}_after_step:{step}")
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr
+    line = only_line(stopped.stderr)
+    assert "preempted" in line and signame in line and f"after step {step}" in line and "resume" in line, line
+    assert list_steps(out / "checkpoints") == [step]
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights_sha256"] == ref["weights_sha256"]
+    assert losses(out) == ref_losses
+
+
+def test_preemption_signal_from_outside(references, tmp_path):
+    """SIGTERM from another process at whatever step the run has reached."""
+    ref, ref_losses, cache_tmp = references["step3"]
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, "step3", **{"train.checkpoint_every": 0})
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("STEPLM_FAULT", None)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.is_file() and m.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "preempted: SIGTERM after step" in only_line(err)
+    steps = list_steps(out / "checkpoints")
+    assert len(steps) == 1 and 1 <= steps[0] < sum(ref["stage_steps"])
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["weights_sha256"] == ref["weights_sha256"]
+    assert losses(out) == ref_losses
+
+
+@pytest.mark.parametrize("checks", ["log_step", "checkpoint"])
+def test_weights_that_turn_non_finite_stop_the_run(references, tmp_path, checks):
+    """Finite hyperparameters can still poison the weights: lr·weight_decay = 1e40 overflows fp32, so
+    step 1's decay makes the weights infinite. Whichever check sees it first (the log step's, or the
+    checkpoint's) stops the run with its own exit code; no poisoned checkpoint or model is written."""
+    _, _, cache_tmp = references["vanilla"]
+    out = tmp_path / "run"
+    every = {"log_step": {"train.checkpoint_every": 0, "train.log_every": 1},
+             "checkpoint": {"train.checkpoint_every": 1, "train.log_every": 100}}[checks]
+    res = run(cmd(cache_tmp, out, "vanilla", **{"train.lr": 1e30, "train.weight_decay": 1e10, **every}))
+    assert res.returncode == EXIT_TRAINING_STOPPED, res.stderr
+    line = only_line(res.stderr)
+    assert "step 1: the weights are not finite" in line and checks.replace("_", " ") in line, line
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+    assert list_steps(out / "checkpoints") == []

@@ -116,9 +116,9 @@ class SGDMethod(Method):
         m = cfg.model
         return 8 * (2 * m.vocab_size * m.d_model + m.d_model)
 
-    def enter_stage(self, model, stage, generator, cfg):
+    def enter_stage(self, run, stage):
         from steplm.lora import apply_lora
-        for block in model.model.layers[: cfg.model.n_layers // 2]:
+        for block in run.model.model.layers[: run.cfg.model.n_layers // 2]:
             apply_lora(block, 0, 1.0)
 
     def build_optimizer(self, cfg, model, groups, fused):

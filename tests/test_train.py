@@ -227,3 +227,27 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path):
     assert b["tokens_seen"] == a["tokens_seen"]
     assert abs(b["final_val_loss"] - a["final_val_loss"]) < 1e-3
     assert b["stages"][0]["peak_bytes"] > 0
+
+
+def test_every_merge_logs_the_kept_share_and_warns_once(tmp_path, capsys):
+    """A learning rate so small that each ReLoRA merge is a tiny update against its bf16 weights: every
+    merge writes a metrics row with the share the rounding kept, and one warning names the knobs."""
+    tr = make(tmp_path, **relora_overrides(**{"train.lr": 1e-6}))
+    tr.fit()
+    rows = [json.loads(x) for x in (tr.out / "metrics.jsonl").read_text().splitlines()]
+    merges = [r for r in rows if "merge_kept_share" in r]
+    assert [r["step"] for r in merges] == list(range(6, sum(tr.stage_steps) + 1, 3))  # every reset
+    assert all(0 <= r["merge_kept_share"] < 0.9 and r["merge_rounding"] == "nearest" and r["merged_adapters"] == 28
+               for r in merges)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "lora.relora_interval" in warnings[0] and "train.lr" in warnings[0]
+    assert "lora.merge_rounding=stochastic" in warnings[0]
+
+
+@pytest.mark.slow
+def test_stochastic_merges_are_logged_and_reproducible(tmp_path):
+    extra = relora_overrides(**{"lora.merge_rounding": "stochastic", "train.max_steps": 6, "train.eval_tokens": 256})
+    a, b = make(tmp_path, "a", **extra).fit(), make(tmp_path, "b", **extra).fit()
+    assert a["weights_sha256"] == b["weights_sha256"]  # the rounding noise comes from the run's generator
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["merge_rounding"] for r in rows if "merge_kept_share" in r} == {"stochastic"}

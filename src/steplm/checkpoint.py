@@ -25,6 +25,15 @@ def fault_active(point: str, step: int) -> bool:
     return os.environ.get("STEPLM_FAULT", "") == f"{point}:{step}"
 
 
+def signal_fault(step: int):
+    """Fault injection: STEPLM_FAULT=sigterm_after_step:N (or sigusr1_after_step:N) makes this process
+    send itself that real signal once optimizer step N is done."""
+    import signal
+    for point, sig in (("sigterm_after_step", signal.SIGTERM), ("sigusr1_after_step", signal.SIGUSR1)):
+        if fault_active(point, step):
+            os.kill(os.getpid(), sig)
+
+
 def _fault(point: str, step: int):
     """A real SIGKILL of this process, or an ENOSPC, at an injected point."""
     if fault_active(point, step):
@@ -74,7 +83,7 @@ def save(root: Path, step: int, writers: dict, keep: int) -> Path:
             _fault("kill_in_checkpoint", step)
             _fault("enospc_in_checkpoint", step)
         with open(tmp / MANIFEST, "w") as f:
-            json.dump({"step": step, "sha256": sums}, f)
+            json.dump({"step": step, "sha256": sums}, f, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)

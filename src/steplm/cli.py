@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
 from .errors import UserError
+from .runguard import dumps
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,6 +23,46 @@ def _positive_int(s):
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _non_negative_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {v}")
+    return v
+
+
+def _int_up_to(limit: int, what: str = "the planner's bound"):
+    """An argparse type: a positive integer of at most ``limit``."""
+    def parse(s):
+        v = _positive_int(s)
+        if v > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit} ({what}), got {v}")
+        return v
+    return parse
+
+
+def _positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
+    return v
+
+
+def _seed(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
     return v
 
 
@@ -47,9 +88,11 @@ def cmd_train(a):
     try:
         trainer = Trainer(cfg, out, progress=not a.quiet)
         summary = trainer.fit()
-    except BaseException:
+    except BaseException as e:
         from .checkpoint import list_steps
-        if created and not list_steps(out / "checkpoints"):  # nothing half-written left behind
+        from .runguard import RunDirInUse
+        # Nothing half-written left behind, unless the directory belongs to the run that holds it.
+        if created and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
@@ -57,7 +100,7 @@ def cmd_train(a):
     if not trainer.main:
         return
     keys = ("method", "final_val_loss", "final_val_ppl", "tokens_seen", "flops", "train_seconds", "weights_sha256")
-    print(json.dumps({k: summary[k] for k in keys}))
+    print(dumps({k: summary[k] for k in keys}))
     print(f"run written to {out}/ (summary.json, metrics.jsonl, model.safetensors)", file=sys.stderr)
 
 
@@ -82,7 +125,7 @@ def cmd_eval(a):
         res = evaluate_tasks(m.model, m.tokenizer, names, _tasks_dir(a.tasks_dir), a.limit, a.batch_size,
                              progress=not a.json, special=m.special)
         if a.json:
-            print(json.dumps(res))
+            print(dumps(res))
         else:
             for name, m in res["tasks"].items():
                 print(f"{name:<14} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -91,7 +134,7 @@ def cmd_eval(a):
     if not a.data:
         raise UserError("--data: give a text file to score (e.g. ../shared/data/wikitext2/valid.txt)")
     res = perplexity(a.model, a.data, a.max_tokens, a.backend, a.seq_len, a.batch_size)
-    print(json.dumps(res) if a.json else f"loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  tokens {res['tokens']}")
+    print(dumps(res) if a.json else f"loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  tokens {res['tokens']}")
 
 
 def _size(s):
@@ -141,7 +184,7 @@ def _plan_config(a):
         plan = plan_run(cfg)
     except ValueError as e:
         raise UserError(f"step.layers_per_stage: {e}")
-    print(json.dumps(plan.to_dict()) if a.json else format_plan(plan))
+    print(dumps(plan.to_dict()) if a.json else format_plan(plan))
 
 
 def cmd_plan(a):
@@ -177,8 +220,6 @@ def cmd_plan(a):
             L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing)
     try:
         if a.budget_gb is not None:
-            if a.budget_gb <= 0:
-                raise UserError(f"--budget-gb: must be positive, got {a.budget_gb}")
             plan = planner.deepest_within(a.budget_gb * planner.GB, a.stages, shape, a.lora_rank, a.cap_growth, extra)
         else:
             if not a.layers:
@@ -186,7 +227,13 @@ def cmd_plan(a):
             if a.stages > a.layers:
                 raise UserError(f"--stages: must be at most --layers ({a.layers}), got {a.stages}")
             if a.layers_per_stage:
-                split = [int(x) for x in a.layers_per_stage.split(",")]
+                try:
+                    split = [int(x) for x in a.layers_per_stage.split(",")]
+                except ValueError:
+                    raise UserError(f"--layers-per-stage: expected comma-separated integers, got {a.layers_per_stage!r}")
+                if len(split) > planner.MAX_STAGES:
+                    raise UserError(f"--layers-per-stage: at most {planner.MAX_STAGES} stages (the planner's bound), "
+                                    f"got {len(split)}")
                 if any(n < 1 for n in split):
                     raise UserError("--layers-per-stage: every stage needs at least one layer")
                 if sum(split) != a.layers:
@@ -208,7 +255,7 @@ def cmd_plan(a):
         plan.extended["peak_bytes"] = plan.peak_bytes + plan.extended["embedding_head_norm_bytes"] + \
             plan.extended["activation_bytes"]
     if a.json:
-        print(json.dumps(plan.to_dict()))
+        print(dumps(plan.to_dict()))
         return
     gb, unit = (planner.GB, "GB") if plan.vanilla_bytes >= planner.GB else (1e6, "MB")
     print(f"d={a.hidden} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)} r={a.lora_rank}  "
@@ -218,8 +265,13 @@ def cmd_plan(a):
         print(f"{i:>5} {n:>4} {N:>6} {b / gb:>11.2f}")
     print(f"peak {plan.peak_bytes / gb:.2f} {unit} vs vanilla {plan.vanilla_bytes / gb:.2f} {unit} "
           f"(reduction {100 * plan.reduction:.1f} %)")
-    if len(plan.tied_optima) > 1:
+    if plan.tied_optima_truncated:
+        print(f"tied optima: more than {len(plan.tied_optima)} (--json lists the first {len(plan.tied_optima)})")
+    elif len(plan.tied_optima) > 1:
         print(f"tied optima: {plan.tied_optima}")
+    if plan.capped_at_layers:
+        print(f"capped: the budget fits at least {plan.capped_at_layers} layers, the planner's bound; "
+              f"the plan stops there")
     if plan.extended:
         e = plan.extended
         print(f"extended: + embeddings/head {e['embedding_head_norm_bytes'] / gb:.2f} {unit} + activations "
@@ -227,8 +279,8 @@ def cmd_plan(a):
 
 
 def _sampling(a) -> dict:
-    if a.temperature < 0:
-        raise UserError(f"--temperature: must be >= 0, got {a.temperature}")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise UserError(f"--temperature: must be a finite number >= 0, got {a.temperature}")
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise UserError(f"--top-p: must be in (0, 1], got {a.top_p}")
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k,
@@ -253,7 +305,7 @@ def cmd_info(a):
         raise UserError(f"MODEL: {a.model} is not a directory")
     d = describe(a.model)
     if a.json:
-        print(json.dumps(d))
+        print(dumps(d))
         return
     m = d["model"]
     rope = m["rope_scaling"] or {"rope_type": "default"}
@@ -288,7 +340,7 @@ def cmd_sft(a):
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    print(json.dumps({k: s[k] for k in ("examples", "epochs", "steps", "first_loss", "final_loss")}))
+    print(dumps({k: s[k] for k in ("examples", "epochs", "steps", "first_loss", "final_loss")}))
 
 
 def cmd_mt_bench(a):
@@ -321,6 +373,7 @@ def cmd_plot(a):
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from . import planner  # pure Python: its bounds become the plan flags' limits
     p = _Parser(prog="steplm", description="STEP: staged parameter-efficient pre-training of LLaMA models.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -330,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="training data (sets data.path)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--max-steps", type=_positive_int, help="vanilla-equivalent step budget (train.max_steps)")
-    t.add_argument("--seed", type=int, help="train.seed")
+    t.add_argument("--seed", type=_seed, help="train.seed")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--fresh", action="store_true", help="refuse to start unless --out is empty (no resume)")
     t.set_defaults(fn=cmd_train)
@@ -367,20 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config", nargs="?", help="a run config (YAML): print its stage plan (a dry run of `train`)")
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (with CONFIG)")
     pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"])
-    pl.add_argument("--hidden", type=_positive_int, help="d")
-    pl.add_argument("--layers", type=_positive_int, help="final layer count L")
-    pl.add_argument("--stages", type=_positive_int, help="K (default 2)")
-    pl.add_argument("--lora-rank", type=_positive_int, help="r (default min(128, d), the paper's rank)")
+    width, big = _int_up_to(planner.MAX_WIDTH), _int_up_to(1 << 30, "a sanity bound")
+    pl.add_argument("--hidden", type=width, help="d")
+    pl.add_argument("--layers", type=_int_up_to(planner.MAX_LAYERS), help="final layer count L")
+    pl.add_argument("--stages", type=_int_up_to(planner.MAX_STAGES), help="K (default 2)")
+    pl.add_argument("--lora-rank", type=width, help="r (default min(128, d), the paper's rank)")
     pl.add_argument("--layers-per-stage", help="evaluate this split instead of optimising, e.g. 7,5")
-    pl.add_argument("--ffn-hidden", type=_positive_int, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
-    pl.add_argument("--n-heads", type=_positive_int, help="attention heads (for GQA and activations)")
-    pl.add_argument("--n-kv-heads", type=_positive_int, help="key/value heads (GQA)")
+    pl.add_argument("--ffn-hidden", type=width, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
+    pl.add_argument("--n-heads", type=width, help="attention heads (for GQA and activations)")
+    pl.add_argument("--n-kv-heads", type=width, help="key/value heads (GQA)")
     pl.add_argument("--cap-growth", action="store_true", help="require n_(i+1) <= N_i")
-    pl.add_argument("--budget-gb", type=float, help="deepest model whose peak fits this many GB (1e9 B)")
+    pl.add_argument("--budget-gb", type=_positive_float, help="deepest model whose peak fits this many GB (1e9 B); "
+                    f"stops at {planner.MAX_LAYERS} layers and says so")
     pl.add_argument("--extended", action="store_true", help="add embeddings, head, norms and activations")
-    pl.add_argument("--vocab-size", type=_positive_int, default=50257)
-    pl.add_argument("--seq-len", type=_positive_int, default=1024)
-    pl.add_argument("--micro-batch", type=_positive_int, default=1)
+    pl.add_argument("--vocab-size", type=big, default=50257)
+    pl.add_argument("--seq-len", type=big, default=1024)
+    pl.add_argument("--micro-batch", type=big, default=1)
     pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing (extended model)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=cmd_plan)
@@ -397,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True, help="Alpaca JSON (instruction/input/output) or seed-task JSONL")
     f.add_argument("--out", required=True)
     f.add_argument("--epochs", type=_positive_int, default=2)
-    f.add_argument("--lr", type=float, default=1e-4)
-    f.add_argument("--warmup-steps", type=int, default=100)
+    f.add_argument("--lr", type=_positive_float, default=1e-4)
+    f.add_argument("--warmup-steps", type=_non_negative_int, default=100)
     f.add_argument("--batch-size", type=_positive_int, default=8)
     f.add_argument("--limit", type=_positive_int, help="use only the first N examples")
     f.add_argument("--seed", type=int, default=0)
@@ -423,21 +478,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, Preempted, \
+        TrainingStopped
     try:
         args = build_parser().parse_args(argv)
         args.fn(args)
     except UserError as e:
         print(f"steplm: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from .train import TrainingStopped
-        if not isinstance(e, TrainingStopped):
-            raise
+        return EXIT_USER_ERROR
+    except TrainingStopped as e:
         print(f"steplm: stopped: {e}", file=sys.stderr)
-        return 1
+        return EXIT_TRAINING_STOPPED
+    except Preempted as e:
+        print(f"steplm: preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("steplm: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +120,8 @@ class LoraConfig:
     """At a ReLoRA reset, zero the adapters' Adam moments (None) or prune this fraction by magnitude."""
     warm_start_fraction: float = 0.25
     """method relora: share of train.max_steps trained full-rank before switching to LoRA."""
+    merge_rounding: str = "nearest"
+    """Rounding when adapters merge into frozen bf16 weights: 'nearest' or 'stochastic' (unbiased)."""
 
 
 @dataclass
@@ -168,7 +173,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-STRING_KEYS = {"data.path", "data.val_path", "data.cache_dir", "data.tokenizer", "data.text_field"}
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
             "galore": GaloreConfig, "step": StepConfig}
 
@@ -184,54 +188,148 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _coerce(value: Any, default: Any, key: str) -> Any:
-    """Turn a YAML/CLI value into the type of the field's default where that is unambiguous."""
-    if isinstance(value, str) and not isinstance(default, str) and key not in STRING_KEYS:
+class _Raw(str):
+    """A --set value as typed: kept as text for string fields, read as YAML for the others."""
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _describe(hint) -> str:
+    """What a value of this annotation looks like, for error messages."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s"
+    return _KINDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _accepts_str(hint) -> bool:
+    return hint is str or (typing.get_origin(hint) in (types.UnionType, typing.Union) and str in typing.get_args(hint))
+
+
+def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
+    """``value`` checked against the field annotation ``hint`` (bool, int, float, str, ``X | None``,
+    ``list[X]``): returns it (ints widened to float for float fields, YAML 1.1's "1e-3" strings read
+    as numbers), or appends a problem naming ``key`` and returns None. Bools are not integers, and a
+    float must be finite."""
+    if isinstance(value, _Raw):
+        if _accepts_str(hint):
+            return str(value)
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise UserError(f"{key}: cannot parse value {value!r}")
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise UserError(f"{key}: must be true or false, got {value!r}")
-    elif isinstance(default, float) and isinstance(value, str):
-        try:
-            value = float(value)  # YAML 1.1 reads "1e-3" as a string
-        except ValueError:
-            raise UserError(f"{key}: must be a number, got {value!r}")
-    elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    return value
+            problems.append(f"{key}: cannot read {str(value)!r} as {_describe(hint)}")
+            return None
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        if len(options) != 1:
+            raise TypeError(f"{key}: unsupported annotation {hint}")  # a programming error, not bad input
+        mine: list[str] = []
+        out = check_value(value, options[0], key, mine)
+        problems += [m.replace(f"must be {_describe(options[0])}", f"must be {_describe(hint)}") for m in mine]
+        return out
+    bad = f"{key}: must be {_describe(hint)}, got {_show(value)}"
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            problems.append(bad)
+            return None
+        (item,) = typing.get_args(hint)
+        return [check_value(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if hint is bool or hint is str:
+        if not isinstance(value, hint):
+            problems.append(bad)
+            return None
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(bad)
+            return None
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                number = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+            except ValueError:
+                problems.append(bad)
+                return None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                problems.append(f"{key}: must be a finite number, got {_show(value)}")
+                return None
+        else:
+            problems.append(bad)
+            return None
+        if not math.isfinite(number):
+            problems.append(f"{key}: must be a finite number, got {_show(value)}")
+            return None
+        return number
+    raise TypeError(f"{key}: unsupported annotation {hint}")
+
+
+def _section(cls, value: Any, name: str, problems: list[str], unknown: list[str], ranges: list[str]):
+    """One config section built from a mapping, every value checked first; None if anything is wrong.
+    Range problems of values that did type-check go to ``ranges``, reported only with type problems
+    (otherwise ``validate`` reports them)."""
+    if not isinstance(value, dict):
+        problems.append(f"{name}: must be a mapping of {name} keys, got {_show(value)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    given, before = {}, len(problems)
+    for k, v in value.items():
+        if k not in names:
+            unknown.append(f"{name}.{k}")
+            continue
+        mine: list[str] = []
+        given[k] = check_value(v, hints[k], f"{name}.{k}", mine)
+        problems += mine
+        if not mine and _value_problem(f"{name}.{k}", given[k]):
+            ranges.append(_value_problem(f"{name}.{k}", given[k]))
+    if len(problems) > before:
+        return None
+    # Built only from checked values, so __post_init__ (derived n_kv_heads, ffn_hidden) sees no garbage.
+    return cls(**given)
 
 
 def from_dict(d: dict) -> RunConfig:
-    """Build a RunConfig from nested dicts; unknown keys are errors naming the key."""
+    """Build a RunConfig from nested dicts. Every value is checked against its field's annotation
+    before any object is built; unknown keys and wrong types are reported together in one error."""
     if not isinstance(d, dict):
-        raise UserError("config: top level must be a mapping of sections (model, data, train, lora, galore, step)")
+        raise UserError(f"config: top level must be a mapping of sections (method, {', '.join(SECTIONS)}), "
+                        f"got {_show(d)}")
     cfg = RunConfig()
-    unknown = []
+    unknown: list[str] = []
+    problems: list[str] = []
+    ranges: list[str] = []
     for key, value in d.items():
         if key == "method":
-            cfg.method = value
+            method = check_value(value, str, "method", problems)
+            if method is not None:
+                cfg.method = method
         elif key in SECTIONS:
             if value is None:
                 continue
-            if not isinstance(value, dict):
-                raise UserError(f"{key}: must be a mapping, got {value!r}")
-            section = getattr(cfg, key)
-            names = {f.name for f in dataclasses.fields(section)}
-            given = {}
-            for k, v in value.items():
-                if k not in names:
-                    unknown.append(f"{key}.{k}")
-                else:
-                    given[k] = _coerce(v, getattr(section, k), f"{key}.{k}")
-            # Rebuild so that derived defaults (model.n_kv_heads, model.ffn_hidden) follow the given keys.
-            setattr(cfg, key, SECTIONS[key](**given))
+            section = _section(SECTIONS[key], value, key, problems, unknown, ranges)
+            if section is not None:
+                setattr(cfg, key, section)
         else:
-            unknown.append(key)
+            unknown.append(str(key))
+    found = []
     if unknown:
-        raise UserError(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        found.append(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+    if found or problems:
+        raise UserError("; ".join(found + problems + (ranges if problems else [])))
     return cfg
 
 
@@ -246,18 +344,24 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
             d = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {p} cannot be read ({e})")
+        if not isinstance(d, dict):
+            raise UserError(f"config file {p}: top level must be a mapping of sections "
+                            f"(method, {', '.join(SECTIONS)}), got {_show(d)}")
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-3")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) == 1 and parts[0] == "method":
-            d["method"] = value
+            d["method"] = _Raw(value)
         elif len(parts) == 2:
             section = d.get(parts[0])
-            if not isinstance(section, dict):
+            if section is None:
                 section = d[parts[0]] = {}
-            section[parts[1]] = value
+            if isinstance(section, dict):  # otherwise from_dict names the section that is not a mapping
+                section[parts[1]] = _Raw(value)
         else:
             raise UserError(f"--set {item!r}: key must look like section.name, e.g. train.lr")
     return from_dict(d)
@@ -285,77 +389,97 @@ def differing_keys(a: RunConfig, b: RunConfig) -> list[str]:
     return out
 
 
+_POSITIVE = (lambda v: v > 0, "must be positive")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be non-negative")
+_UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_UNIT_OPEN = (lambda v: 0 < v < 1, "must be in (0, 1)")
+_UNIT_RIGHT_OPEN = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+_UNIT_LEFT_OPEN = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+# The range of every numeric field (None values of optional fields are not checked).
+RANGES = {
+    "model.rope_theta": _POSITIVE, "model.norm_eps": _POSITIVE, "model.init_std": _POSITIVE,
+    "data.val_fraction": _UNIT_OPEN, "data.max_train_tokens": _POSITIVE,
+    "train.max_steps": _POSITIVE, "train.micro_batch": _POSITIVE, "train.grad_accum": _POSITIVE,
+    "train.seq_len": _POSITIVE, "train.lr": _POSITIVE, "train.min_lr_ratio": _UNIT,
+    "train.warmup_steps": _NON_NEGATIVE, "train.weight_decay": _NON_NEGATIVE, "train.beta1": _UNIT_RIGHT_OPEN,
+    "train.beta2": _UNIT_RIGHT_OPEN, "train.grad_clip": _NON_NEGATIVE,
+    "train.seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),
+    "train.eval_every": _NON_NEGATIVE, "train.eval_tokens": _POSITIVE, "train.checkpoint_every": _NON_NEGATIVE,
+    "train.log_every": _POSITIVE, "train.keep_checkpoints": _POSITIVE, "train.max_grad_norm": _NON_NEGATIVE,
+    "train.max_skipped": _NON_NEGATIVE,
+    "lora.rank": _POSITIVE, "lora.alpha": _POSITIVE, "lora.relora_interval": _NON_NEGATIVE,
+    "lora.relora_warmup": _NON_NEGATIVE, "lora.reset_prune": _UNIT_OPEN, "lora.warm_start_fraction": _UNIT_RIGHT_OPEN,
+    "galore.rank": _POSITIVE, "galore.update_proj_gap": _POSITIVE, "galore.scale": _POSITIVE,
+    "step.n_stages": _POSITIVE, "step.growth_fraction": _UNIT_LEFT_OPEN,
+}
+CHOICES = {
+    "method": _METHODS, "train.dtype": ("auto", "bf16", "fp32"), "train.device": ("auto", "cpu", "cuda"),
+    "train.parallel": ("ddp", "fsdp2"), "train.on_nonfinite": ("skip", "stop"),
+    "lora.merge_rounding": ("nearest", "stochastic"), "galore.proj_type": ("std", "left", "right", "full"),
+    "step.init": INITS, "step.position": POSITIONS, "step.budget_match": ("flops", "steps"),
+    "step.flops_convention": ("paper", "corrected"),
+}
+
+
+def _value_problem(key: str, v) -> str | None:
+    """The range or choice problem of one type-checked value, if any."""
+    if key in RANGES and v is not None and not RANGES[key][0](v):
+        return f"{key}: {RANGES[key][1]}, got {v!r}"
+    if key in CHOICES and v not in CHOICES[key]:
+        return f"{key}: must be one of {', '.join(CHOICES[key])}, got {v!r}"
+    return None
+
+
+def _get(cfg: RunConfig, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def type_problems(cfg: RunConfig) -> list[str]:
+    """Every value of ``cfg`` that does not match its field's annotation (``from_dict`` and ``load``
+    refuse such values already; this covers configs built in code)."""
+    out: list[str] = []
+    check_value(cfg.method, str, "method", out)
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        if not isinstance(section, cls):
+            out.append(f"{name}: must be a {cls.__name__}, got {_show(section)}")
+            continue
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            check_value(getattr(section, f.name), hints[f.name], f"{name}.{f.name}", out)
+    return out
+
+
 def problems(cfg: RunConfig) -> list[str]:
-    """Every problem in the config, each naming the key to change."""
+    """Every problem in the config, each naming the key to change: wrong types first (nothing else
+    is checked then), else ranges, choices and consistency."""
+    out = type_problems(cfg)
+    if out:
+        return out
     out = list(cfg.model.problems())
-    t, s, lo = cfg.train, cfg.step, cfg.lora
-    if cfg.method not in METHODS:
-        out.append(f"method: must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    for name in ("max_steps", "micro_batch", "grad_accum", "seq_len"):
-        v = getattr(t, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            out.append(f"train.{name}: must be a positive integer, got {v!r}")
-    if isinstance(t.seq_len, int) and isinstance(cfg.model.max_seq_len, int) and t.seq_len > cfg.model.max_seq_len:
-        out.append(f"train.seq_len: must be at most model.max_seq_len ({cfg.model.max_seq_len}), got {t.seq_len}")
-    if not (isinstance(t.lr, (int, float)) and t.lr > 0):
-        out.append(f"train.lr: must be positive, got {t.lr!r}")
-    if not (0 <= t.min_lr_ratio <= 1):
-        out.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
-    if not (isinstance(t.warmup_steps, int) and t.warmup_steps >= 0):
-        out.append(f"train.warmup_steps: must be a non-negative integer, got {t.warmup_steps!r}")
-    if t.parallel not in ("ddp", "fsdp2"):
-        out.append(f"train.parallel: must be ddp or fsdp2, got {t.parallel!r}")
-    if t.on_nonfinite not in ("skip", "stop"):
-        out.append(f"train.on_nonfinite: must be skip or stop, got {t.on_nonfinite!r}")
-    if not (isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1):
-        out.append(f"train.keep_checkpoints: must be a positive integer, got {t.keep_checkpoints!r}")
-    if t.dtype not in ("auto", "bf16", "fp32"):
-        out.append(f"train.dtype: must be auto, bf16 or fp32, got {t.dtype!r}")
-    if t.device not in ("auto", "cpu", "cuda"):
-        out.append(f"train.device: must be auto, cpu or cuda, got {t.device!r}")
-    if not (0 < cfg.data.val_fraction < 1):
-        out.append(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
-    # PET / STEP
-    if not (isinstance(lo.rank, int) and lo.rank > 0):
-        out.append(f"lora.rank: must be a positive integer, got {lo.rank!r}")
-    elif isinstance(cfg.model.d_model, int) and lo.rank > cfg.model.d_model:
-        out.append(f"lora.rank: must be at most model.d_model ({cfg.model.d_model}), got {lo.rank}")
-    if not (isinstance(lo.relora_interval, int) and lo.relora_interval >= 0):
-        out.append(f"lora.relora_interval: must be a non-negative integer, got {lo.relora_interval!r}")
-    if lo.reset_prune is not None and not (0 < lo.reset_prune < 1):
-        out.append(f"lora.reset_prune: must be in (0, 1) or null, got {lo.reset_prune!r}")
-    if not (0 <= lo.warm_start_fraction < 1):
-        out.append(f"lora.warm_start_fraction: must be in [0, 1), got {lo.warm_start_fraction!r}")
-    g = cfg.galore
-    if not (isinstance(g.rank, int) and g.rank > 0):
-        out.append(f"galore.rank: must be a positive integer, got {g.rank!r}")
-    if not (isinstance(g.update_proj_gap, int) and g.update_proj_gap > 0):
-        out.append(f"galore.update_proj_gap: must be a positive integer, got {g.update_proj_gap!r}")
-    if g.proj_type not in ("std", "left", "right", "full"):
-        out.append(f"galore.proj_type: must be std, left, right or full, got {g.proj_type!r}")
-    if s.init not in INITS:
-        out.append(f"step.init: must be one of {', '.join(INITS)}, got {s.init!r}")
-    if s.position not in POSITIONS:
-        out.append(f"step.position: must be one of {', '.join(POSITIONS)}, got {s.position!r}")
-    if s.budget_match not in ("flops", "steps"):
-        out.append(f"step.budget_match: must be flops or steps, got {s.budget_match!r}")
-    if s.flops_convention not in ("paper", "corrected"):
-        out.append(f"step.flops_convention: must be paper or corrected, got {s.flops_convention!r}")
-    if not (isinstance(s.growth_fraction, (int, float)) and 0 < s.growth_fraction <= 1):
-        out.append(f"step.growth_fraction: must be in (0, 1], got {s.growth_fraction!r}")
-    L = cfg.model.n_layers if isinstance(cfg.model.n_layers, int) else None
-    if not (isinstance(s.n_stages, int) and s.n_stages >= 1):
-        out.append(f"step.n_stages: must be a positive integer, got {s.n_stages!r}")
-    elif L and s.n_stages > L:
+    for key in {**RANGES, **CHOICES}:
+        found = _value_problem(key, _get(cfg, key))
+        if found:
+            out.append(found)
+    t, s, lo, m = cfg.train, cfg.step, cfg.lora, cfg.model
+    if t.seq_len > m.max_seq_len > 0:
+        out.append(f"train.seq_len: must be at most model.max_seq_len ({m.max_seq_len}), got {t.seq_len}")
+    if lo.rank > m.d_model > 0:
+        out.append(f"lora.rank: must be at most model.d_model ({m.d_model}), got {lo.rank}")
+    L = m.n_layers
+    if s.n_stages > L > 0:
         out.append(f"step.n_stages: must be at most model.n_layers ({L}), got {s.n_stages}")
     if s.layers_per_stage is not None:
         lps = s.layers_per_stage
-        if not (isinstance(lps, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lps)):
+        if not all(n >= 1 for n in lps):
             out.append(f"step.layers_per_stage: must be a list of positive integers, got {lps!r}")
         else:
-            if isinstance(s.n_stages, int) and len(lps) != s.n_stages:
+            if len(lps) != s.n_stages:
                 out.append(f"step.layers_per_stage: needs step.n_stages ({s.n_stages}) entries, got {len(lps)}")
-            if L and sum(lps) != L:
+            if L > 0 and sum(lps) != L:
                 out.append(f"step.layers_per_stage: must sum to model.n_layers ({L}), got {sum(lps)}")
     if cfg.method in _METHODS:
         out += _METHODS[cfg.method].problems(cfg)

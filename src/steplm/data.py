@@ -330,12 +330,47 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
             raise UserError(f"data.val_fraction: no document of {data_cfg.path} was held out for validation "
                             f"({writers['train'].n_docs} documents); raise it or set data.val_path")
         tok.save(str(tmp / "tokenizer.json"))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _fault_wait_for_peers(cache_root, key)
+        if not _publish(tmp, out):  # another process finished the same entry first: use its shards
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, tok
+
+
+def _publish(tmp: Path, out: Path) -> bool:
+    """Move a finished cache entry into place with one atomic rename. Returns False when a complete
+    entry is already there (a concurrent tokenization of the same corpus won; it is never replaced,
+    since its owner may be reading it). An incomplete leftover (no val.json) is moved aside first."""
+    if not (out / "val.json").is_file() and out.exists():
+        aside = out.with_name(f"{out.name}.stale{os.getpid()}")
+        try:
+            os.rename(out, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+    try:
+        os.rename(tmp, out)  # fails if out exists and is not empty
+        return True
+    except OSError:
+        if (out / "val.json").is_file():
+            return False
+        raise
+
+
+def _fault_wait_for_peers(cache_root: Path, key: str):
+    """Test hook STEPLM_FAULT=cache_race:N: before publishing, wait (up to a minute) until N
+    processes are tokenizing this entry, or one of them has published it, so that they race for
+    the same cache entry."""
+    import time
+    fault = os.environ.get("STEPLM_FAULT", "")
+    if not fault.startswith("cache_race:"):
+        return
+    deadline = time.time() + 60
+    while (time.time() < deadline and not (cache_root / key / "val.json").is_file()
+           and len(list(cache_root.glob(f"{key}.tmp*"))) < int(fault.split(":")[1])):
+        time.sleep(0.05)
 
 
 def tokenize_file(path: str, tok, text_field: str = "text") -> np.ndarray:

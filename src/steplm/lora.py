@@ -45,10 +45,17 @@ class LoRALinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     @torch.no_grad()
-    def merge(self):
-        """Add the update into the frozen base weight (in its storage dtype)."""
-        if self.rank:
-            self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
+    def merge(self, rounding: str = "nearest", generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Add the update into the frozen base weight, rounded to its storage dtype (see ``round_to``).
+        Returns fp32 [<applied, update>, ||update||², ||W||²] on the weight's device (None at rank 0),
+        where applied is what the stored weight actually moved: the kept share is the first over the second."""
+        if not self.rank:
+            return None
+        w, update = self.weight.float(), self.delta()
+        merged = round_to(w + update, self.weight.dtype, rounding, generator)
+        applied = merged.float() - w
+        self.weight.copy_(merged)
+        return torch.stack([(applied * update).sum(), update.square().sum(), w.square().sum()])
 
     def merged_weight(self) -> torch.Tensor:
         """The effective weight in fp32, without changing the module."""
@@ -67,6 +74,25 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+@torch.no_grad()
+def round_to(x: torch.Tensor, dtype: torch.dtype, rounding: str = "nearest",
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 ``x`` in ``dtype``. 'nearest' is round-to-nearest-even. 'stochastic' (bf16 only; other
+    dtypes round to nearest) rounds each element's magnitude up with probability equal to its distance
+    from the bf16 value below, so E[result] = x: it adds uniform noise to the 16 fp32 mantissa bits
+    that bf16 drops, then truncates them. The noise comes from a generator on x's device seeded from
+    ``generator``, so a run's merges are reproducible from its checkpointed generator state."""
+    if rounding == "nearest" or dtype != torch.bfloat16:
+        return x.to(dtype)
+    if rounding != "stochastic":
+        raise ValueError(f"rounding must be nearest or stochastic, got {rounding!r}")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    noise_gen = torch.Generator(device=x.device).manual_seed(seed)
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=noise_gen, device=x.device, dtype=torch.int32)
+    return ((bits + noise) & -65536).view(torch.float32).to(dtype)  # -65536 == 0xFFFF0000: exact in bf16
 
 
 def apply_lora(block: nn.Module, rank: int, alpha: float, generator=None,
@@ -97,13 +123,17 @@ def is_frozen_block(block: nn.Module) -> bool:
 
 @torch.no_grad()
 def merge_and_reinit(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, generator=None,
-                     prune_ratio: float | None = None) -> int:
+                     prune_ratio: float | None = None, rounding: str = "nearest", stats: dict | None = None) -> int:
     """ReLoRA restart: merge every adapter into its base, re-initialise A and B, and zero their Adam
     moments (or, with ``prune_ratio``, keep only the largest-magnitude 1 - prune_ratio of them).
-    Returns the number of adapters reset."""
+    Returns the number of adapters reset. A ``stats`` dict receives, over all adapters, the share of
+    the update that the rounding into the bases kept (``kept_share`` = <applied, update> / ||update||²,
+    None without an update) and ``update_rms_ratio`` = rms(update) / rms(W) (one host sync)."""
     mods = lora_modules(model)
+    sums = None
     for m in mods:
-        m.merge()
+        s = m.merge(rounding, generator)
+        sums = s if sums is None else sums + s
         m.reset_adapter(generator)
         if optimizer is None:
             continue
@@ -122,6 +152,11 @@ def merge_and_reinit(model: nn.Module, optimizer: torch.optim.Optimizer | None =
                     if k:
                         cut = t.abs().flatten().kthvalue(k).values
                         t.masked_fill_(t.abs() <= cut, 0.0)
+    if stats is not None and sums is not None:
+        sums = sums.full_tensor() if hasattr(sums, "full_tensor") else sums
+        dot, update_sq, weight_sq = sums.tolist()
+        stats.update(kept_share=dot / update_sq if update_sq > 0 else None,
+                     update_rms_ratio=math.sqrt(update_sq / weight_sq) if weight_sq > 0 else None)
     return len(mods)
 
 

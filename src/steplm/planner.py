@@ -8,8 +8,9 @@ measures equal ``stage_bytes`` here.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from typing import NamedTuple
 
 TRAINABLE_BYTES = 16
 FROZEN_BYTES = 2
@@ -95,56 +96,153 @@ def cumulative(layers_per_stage: list[int]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- Eq. 3 solvers
+# Bounds on the planner's inputs. The exact solver is O(K·log(peak)), so they are far above any real
+# model (the deepest LLaMA has 126 layers) and exist to answer every input within a second; the
+# HiGHS cross-check is run only up to MILP_MAX_STAGES stages.
+MAX_LAYERS = 1_000_000
+MAX_STAGES = 1024
+MAX_WIDTH = 1 << 20  # d_model, ffn_hidden, kv_dim
+MAX_TIES = 64  # tied optima listed (the count can grow exponentially with K)
+MILP_MAX_STAGES = 64
+MILP_TIME_LIMIT_S = 0.3
+
+
 def _check(n_layers: int, n_stages: int):
-    if n_layers < 1:
-        raise ValueError(f"layer count must be positive, got {n_layers}")
-    if not 1 <= n_stages <= n_layers:
-        raise ValueError(f"stage count must be in [1, {n_layers}], got {n_stages}")
+    if not 1 <= n_layers <= MAX_LAYERS:
+        raise ValueError(f"layer count must be in [1, {MAX_LAYERS}], got {n_layers}")
+    if not 1 <= n_stages <= min(n_layers, MAX_STAGES):
+        raise ValueError(f"stage count must be in [1, {min(n_layers, MAX_STAGES)}], got {n_stages}")
 
 
-def solve_dp(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = False) -> tuple[int, list[list[int]]]:
-    """Exact min-max of Eq. 3 in integer bytes, and every split that attains it (lexicographic order)."""
+def check_shape(shape: LayerShape):
+    """Raise ValueError unless every width of ``shape`` is a positive integer within MAX_WIDTH."""
+    for name in ("d_model", "ffn_hidden", "kv_dim"):
+        v = getattr(shape, name)
+        if v is not None and not 1 <= v <= MAX_WIDTH:
+            raise ValueError(f"{name} must be in [1, {MAX_WIDTH}], got {v}")
+
+
+class _Stages:
+    """Eq. 3's constraints for a candidate peak M, as intervals of cumulative layer counts.
+
+    Stage i (1-based) adding n layers on top of N = N_(i-1) costs g·n + k·N bytes with g = 16·P and
+    k = 2·P + 16·E. Under peak M the most layers stage i can reach from N is
+    top(i, N) = floor((M + (g - k)·N) / g) (and at most 2·N with cap_growth), and it can add one at
+    all only if N <= (M - g) // k. Both bounds are monotone in N, so the counts reachable after each
+    stage, and those from which exactly L layers can still be reached, are integer intervals.
+    """
+
+    def __init__(self, n_layers, n_stages, g, k, cap_growth, M):
+        self.L, self.K, self.g, self.k, self.cap, self.M = n_layers, n_stages, g, k, cap_growth, M
+        self.x_max = (M - g) // k  # largest N from which one more layer fits
+
+    def top(self, i: int, N: int) -> int:
+        t = (self.M + (self.g - self.k) * N) // self.g
+        return min(t, 2 * N) if self.cap and i > 1 else t
+
+    def feasible(self) -> bool:
+        """Whether some split has every stage within M (forward interval reach, O(K))."""
+        lo = hi = 0
+        for i in range(1, self.K + 1):
+            b = min(hi, self.x_max)
+            if b < lo:
+                return False
+            cands = {lo, b}
+            if self.cap and i > 1 and self.g < self.k:  # min(decreasing, 2N) peaks where they cross
+                x = self.M // (self.g + self.k)
+                cands |= {min(max(x, lo), b), min(max(x + 1, lo), b)}
+            lo, hi = lo + 1, min(self.L, max(self.top(i, x) for x in cands))
+        return hi >= self.L
+
+    def backward(self) -> list[tuple[int, int]]:
+        """back[i] = (a, b): the N_i from which exactly L layers are reachable in the remaining stages."""
+        back = [(0, -1)] * (self.K + 1)
+        back[self.K] = (self.L, self.L)
+        g, k, M = self.g, self.k, self.M
+        for i in range(self.K, 0, -1):
+            a, b = back[i]
+            lo, hi = i - 1, min(b - 1, self.x_max)
+            r = a * g - M  # top(i, x) >= a  <=>  (g - k)·x >= r  (and 2x >= a with the cap)
+            if g > k:
+                lo = max(lo, -(-r // (g - k)))
+            elif g < k:
+                hi = min(hi, (-r) // (k - g))
+            elif r > 0:
+                hi = lo - 1
+            if self.cap and i > 1:
+                lo = max(lo, -(-a // 2))
+            back[i - 1] = (lo, hi)
+        return back
+
+
+class Solution(NamedTuple):
+    peak: int
+    """Optimal peak of Eq. 3 in bytes."""
+    ties: list[list[int]]
+    """Splits attaining it, in lexicographic order (the first MAX_TIES)."""
+    truncated: bool
+    """More splits tie than ``ties`` lists."""
+    latest: list[int]
+    """The tied split that grows latest (largest n_1, then n_2, ...)."""
+
+
+def solve_exact(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = False,
+                max_ties: int = MAX_TIES) -> Solution:
+    """Exact min-max of Eq. 3 in integer bytes: bisection on the peak with an O(K) interval
+    feasibility test, then every tied split (up to ``max_ties``) read off the same intervals."""
     _check(n_layers, n_stages)
-    grow = TRAINABLE_BYTES * P
-    keep = FROZEN_BYTES * P + TRAINABLE_BYTES * E
-
-    @lru_cache(maxsize=None)
-    def best(i: int, before: int) -> float:
-        if i == n_stages:
-            return 0 if before == n_layers else float("inf")
-        left = n_stages - i - 1
-        hi = n_layers - before - left
-        if cap_growth and i > 0:
-            hi = min(hi, before)
-        return min((max(grow * n + keep * before, best(i + 1, before + n)) for n in range(1, hi + 1)),
-                   default=float("inf"))
-
-    peak = best(0, 0)
-    if peak == float("inf"):
+    g, k = TRAINABLE_BYTES * P, FROZEN_BYTES * P + TRAINABLE_BYTES * E
+    lo, hi = 0, (g + k) * n_layers  # infeasible, feasible (n = L-K+1, 1, ..., 1 fits under hi)
+    if not _Stages(n_layers, n_stages, g, k, cap_growth, hi).feasible():
         raise ValueError("no split satisfies the constraints")
-    splits: list[list[int]] = []
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _Stages(n_layers, n_stages, g, k, cap_growth, mid).feasible() else (mid, hi)
+    st = _Stages(n_layers, n_stages, g, k, cap_growth, hi)
+    back = st.backward()
 
-    def collect(i: int, before: int, prefix: list[int]):
-        if i == n_stages:
-            splits.append(prefix)
-            return
-        for n in range(1, n_layers - before + 1):
-            if cap_growth and i > 0 and n > before:
+    def choices(i: int, N: int) -> tuple[int, int]:  # the N_i allowed after N_(i-1) = N
+        a, b = back[i]
+        return max(N + 1, a), min(st.top(i, N), b)
+
+    latest, N = [], 0
+    for i in range(1, n_stages + 1):
+        nxt = choices(i, N)[1]
+        latest.append(nxt - N)
+        N = nxt
+    # Depth-first, smallest N_i first: every branch ends in an optimal split, so this is
+    # O(K·(listed + 1)), and the splits come out in lexicographic order.
+    ties, path, ends = [], [], []
+    first, last = choices(1, 0)
+    path.append(first)
+    ends.append(last)
+    truncated = False
+    while path:
+        if len(path) == n_stages:
+            if len(ties) == max_ties:
+                truncated = True
                 break
-            if grow * n + keep * before <= peak and best(i + 1, before + n) <= peak:
-                collect(i + 1, before + n, prefix + [n])
-
-    collect(0, 0, [])
-    return int(peak), splits
+            ties.append([b - a for a, b in zip([0] + path, path)])
+            while path and path[-1] == ends[-1]:
+                path.pop()
+                ends.pop()
+            if path:
+                path[-1] += 1
+        else:
+            first, last = choices(len(path) + 1, path[-1])
+            path.append(first)
+            ends.append(last)
+    return Solution(hi, ties, truncated, latest)
 
 
 def solve_milp(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = False,
-               scale: bool = True) -> list[int]:
+               scale: bool = True, time_limit: float | None = MILP_TIME_LIMIT_S) -> list[int]:
     """Eq. 3 as an integer program solved by HiGHS (scipy.optimize.milp).
 
     Variables are n_1..n_K (integers >= 1) and the peak M. With ``scale`` the stage constraints are
     divided by 16·P, so coefficients are O(1): in raw bytes HiGHS has returned a non-optimal
-    "optimal" vector (d 2048, L 24, K 10).
+    "optimal" vector (d 2048, L 24, K 10). Raises ValueError when HiGHS finds no optimum within
+    ``time_limit`` seconds.
     """
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -170,8 +268,11 @@ def solve_milp(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = 
     c = np.zeros(K + 1)
     c[K] = 1.0
     res = milp(c, constraints=rows, integrality=np.r_[np.ones(K), 0.0],
-               bounds=Bounds(np.r_[np.ones(K), 0.0], np.r_[np.full(K, n_layers), np.inf]))
-    if not res.success:
+               bounds=Bounds(np.r_[np.ones(K), 0.0], np.r_[np.full(K, n_layers), np.inf]),
+               options={"mip_rel_gap": 0.0, **({"time_limit": time_limit} if time_limit else {})})
+    if res.status == 1:
+        raise ValueError(f"timed out after {time_limit} s")
+    if not res.success or res.x is None:
         raise ValueError(f"HiGHS found no solution: {res.message}")
     return [int(round(v)) for v in res.x[:K]]
 
@@ -189,9 +290,12 @@ class Plan:
     params_per_layer: int
     lora_params_per_layer: int
     tied_optima: list[list[int]] = field(default_factory=list)
+    tied_optima_truncated: bool = False
     solver: str = "given"
     milp_layers_per_stage: list[int] | None = None
     extended: dict | None = None
+    capped_at_layers: int | None = None
+    """Budget mode: the budget fits deeper models than the planner's layer bound, which it stopped at."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,6 +303,8 @@ class Plan:
 
 def evaluate_split(layers_per_stage: list[int], shape: LayerShape, rank: int) -> Plan:
     """Memory of a given split (no optimisation)."""
+    check_shape(shape)
+    _check(sum(layers_per_stage), len(layers_per_stage))
     P, E = params_per_layer(shape), lora_params_per_layer(shape, rank)
     stages = stage_bytes(layers_per_stage, P, E)
     L = sum(layers_per_stage)
@@ -207,35 +313,56 @@ def evaluate_split(layers_per_stage: list[int], shape: LayerShape, rank: int) ->
 
 
 def optimize(n_layers: int, n_stages: int, shape: LayerShape, rank: int, cap_growth: bool = False) -> Plan:
-    """Eq. 3: the split minimising the largest stage. HiGHS is cross-checked against the exact DP;
-    the DP answer is returned when they disagree (``solver`` says which)."""
+    """Eq. 3: the split minimising the largest stage. HiGHS (up to MILP_MAX_STAGES stages, within
+    MILP_TIME_LIMIT_S) is cross-checked against the exact solver, whose answer is returned
+    (``solver`` says whether they agreed)."""
+    check_shape(shape)
     P, E = params_per_layer(shape), lora_params_per_layer(shape, rank)
-    peak, ties = solve_dp(n_layers, n_stages, P, E, cap_growth)
-    try:
-        milp_split = solve_milp(n_layers, n_stages, P, E, cap_growth)
-    except ValueError:
-        milp_split = None
-    milp_ok = milp_split is not None and max(stage_bytes(milp_split, P, E)) == peak
+    sol = solve_exact(n_layers, n_stages, P, E, cap_growth)
+    milp_split, why = None, ""
+    if n_stages > MILP_MAX_STAGES:
+        why = f"milp skipped: more than {MILP_MAX_STAGES} stages"
+    else:
+        try:
+            milp_split = solve_milp(n_layers, n_stages, P, E, cap_growth)
+        except ValueError as e:
+            why = f"milp failed: {e}"
+    if milp_split is not None:
+        why = "milp+exact (agree)" if max(stage_bytes(milp_split, P, E)) == sol.peak else "exact (milp disagreed)"
+    else:
+        why = f"exact ({why})"
     # Deterministic choice among ties: the split that grows latest (largest n_1, then n_2, ...).
-    chosen = max(ties)
-    plan = evaluate_split(chosen, shape, rank)
-    plan.tied_optima = ties
-    plan.solver = "milp+dp (agree)" if milp_ok else "dp (milp disagreed)"
+    plan = evaluate_split(sol.latest, shape, rank)
+    plan.tied_optima, plan.tied_optima_truncated = sol.ties, sol.truncated
+    plan.solver = why
     plan.milp_layers_per_stage = milp_split
     return plan
 
 
 def deepest_within(budget_bytes: float, n_stages: int, shape: LayerShape, rank: int,
-                   cap_growth: bool = False, extra_bytes=lambda L: 0, max_layers: int = 4096) -> Plan:
+                   cap_growth: bool = False, extra_bytes=lambda L: 0, max_layers: int = MAX_LAYERS) -> Plan:
     """Budget mode: the deepest model whose optimal peak (+ ``extra_bytes(L)``) fits ``budget_bytes``.
 
     The optimal peak never falls as L grows (drop a layer from the last stage holding two), so a
-    binary search over L is exact.
+    binary search over L is exact. When even ``max_layers`` layers fit, the plan stops there and
+    says so in ``capped_at_layers``.
     """
-    def fits(L):
-        return optimize(L, n_stages, shape, rank, cap_growth).peak_bytes + extra_bytes(L) <= budget_bytes
+    if not budget_bytes > 0:  # also refuses NaN
+        raise ValueError(f"the budget must be a positive number of bytes, got {budget_bytes}")
+    max_layers = min(max_layers, MAX_LAYERS)
+    check_shape(shape)
+    P, E = params_per_layer(shape), lora_params_per_layer(shape, rank)
+    g, k = TRAINABLE_BYTES * P, FROZEN_BYTES * P + TRAINABLE_BYTES * E
+
+    def fits(L):  # one O(K) feasibility pass under the bytes the layers may use
+        room = budget_bytes - extra_bytes(L)
+        if room == math.inf:  # a budget beyond float range fits every depth
+            return True
+        return room >= 0 and _Stages(L, n_stages, g, k, cap_growth, math.floor(room)).feasible()
 
     lo = n_stages
+    if lo > max_layers:
+        raise ValueError(f"stage count must be at most {max_layers}, got {lo}")
     if not fits(lo):
         raise ValueError(f"even {lo} layers in {lo} stages need more than {budget_bytes / GB:.3g} GB")
     hi = lo
@@ -246,7 +373,10 @@ def deepest_within(budget_bytes: float, n_stages: int, shape: LayerShape, rank: 
         while top - hi > 1:  # fits(hi) and not fits(top)
             mid = (hi + top) // 2
             hi, top = (mid, top) if fits(mid) else (hi, mid)
-    return optimize(hi, n_stages, shape, rank, cap_growth)
+    plan = optimize(hi, n_stages, shape, rank, cap_growth)
+    if hi == max_layers:
+        plan.capped_at_layers = max_layers
+    return plan
 
 
 # ---------------------------------------------------------------------------- extended model

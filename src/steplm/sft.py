@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 from .generate import alpaca_prompt
 from .tokens import SpecialTokens, gpt2_special_tokens, write_special_tokens
+from .runguard import all_finite, dumps
 
 IGNORE = -100
 
@@ -115,11 +116,14 @@ def train_sft(model, tokenizer, examples: list[dict], out_dir: str | Path, epoch
             bar.update(1)
     bar.close()
     model.eval()
-    save_file(merged_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    final = merged_state_dict(model)
+    if not all_finite(final.values()):
+        raise TrainingStopped(f"step {step}: the weights are not finite; no model was written (lower --lr)")
+    save_file(final, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model_config.json").write_text(dumps(model.config.to_dict(), indent=2))
     tokenizer.save(str(out / "tokenizer.json"))
     write_special_tokens(out, tokenizer, special)
     summary = {"examples": len(data), "epochs": epochs, "steps": step, "lr": lr, "warmup_steps": warmup,
                "first_loss": losses[0], "final_loss": losses[-1], "losses": losses}
-    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "sft_summary.json").write_text(dumps(summary, indent=2))
     return summary

@@ -24,21 +24,17 @@ from safetensors.torch import load_file, save_file
 from . import checkpoint
 from . import config as config_mod
 from . import distributed
-from . import methods
-from .stages import Stage, plan_run
+from . import methods, runguard
 from .data import BatchSampler, TokenShard, eval_windows, prepare
-from .errors import UserError
-from .lora import LoRALinear, apply_lora, merged_state_dict
+from .errors import Preempted, TrainingStopped, UserError
+from .lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
+from .stages import Stage, plan_run
 from .model import LLaMA, ModelConfig, build_model, count_params, from_state_dict
 
 
 def _fsdp_module_type():
     from torch.distributed.fsdp import FSDPModule
     return FSDPModule
-
-
-class TrainingStopped(Exception):
-    """Training stopped on a numerical fault; the last good checkpoint is kept."""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -142,6 +138,7 @@ class Trainer:
         self.main = self.rank == 0  # only rank 0 logs and writes
         self.fsdp = self.world > 1 and cfg.train.parallel == "fsdp2"
         self.progress = progress and self.main
+        self.lock = None
         if self.main:
             self._prepare_output_dir()
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out.parent / ".cache" / "steplm"
@@ -178,7 +175,10 @@ class Trainer:
         self.metrics_bytes = 0  # length of metrics.jsonl at the last checkpoint
         self.resumed_from: Path | None = None
         self.after_micro_batch = None  # set while the CPU peak tracker watches a step
-        self.method.enter_stage(self.model, self.current_stage, self.gen, cfg)
+        self.saved_step = None  # step of the checkpoint this process wrote last
+        self.merge_rows: list[dict] = []  # metrics rows of adapter merges, logged by fit
+        self.warned_merge = False
+        self.method.enter_stage(self, self.current_stage)
         self.optimizer = self._build_optimizer()
         self._compile()
         latest = checkpoint.latest_valid(self.out / "checkpoints")
@@ -188,13 +188,16 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------
     def _prepare_output_dir(self):
+        """Create the run directory and take its lock (one writer per directory; a dead holder's lock
+        is taken over). Creating the lock file doubles as the write test."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write_test"
-            probe.write_text("")
-            probe.unlink()
         except OSError as e:
             raise UserError(f"--out: cannot write to {self.out} ({e.strerror})")
+        self.lock = runguard.RunLock(self.out)
+        if self.lock.stale_pid and self.progress:
+            print(f"steplm: taking over {self.out} from pid {self.lock.stale_pid}, which died holding it",
+                  file=sys.stderr)
 
     def _compile(self):
         """(Re)wrap after every change of the model's shape: DDP across ranks, then compile forward +
@@ -259,11 +262,31 @@ class Trainer:
         self._unwrap()
         self.stage += 1
         self.step_in_stage = 0
-        self.method.enter_stage(self.model, self.current_stage, self.gen, self.cfg)
+        self.method.enter_stage(self, self.current_stage)
         old = self.optimizer
         self.optimizer = self._build_optimizer(previous=old)
         del old
         self._compile()
+
+    def merge_adapters(self, optimizer=None, prune_ratio=None) -> int:
+        """Fold every adapter into its frozen base and re-initialise it (``merge_and_reinit``), and
+        queue a metrics row with the share of the update that the rounding into bf16 kept. Warns once
+        when that share falls below 0.9."""
+        lo, stats = self.cfg.lora, {}
+        n = merge_and_reinit(self.model, optimizer, self.gen, prune_ratio, lo.merge_rounding, stats)
+        share = stats.get("kept_share")
+        if share is None:
+            return n
+        self.merge_rows.append({"step": self.step, "stage": self.stage, "merge_kept_share": share,
+                                "merge_update_rms_ratio": stats["update_rms_ratio"],
+                                "merge_rounding": lo.merge_rounding, "merged_adapters": n})
+        if share < 0.9 and not self.warned_merge and self.main:
+            self.warned_merge = True
+            print(f"steplm: warning: step {self.step}: rounding the merged adapters into bf16 kept {share:.0%} of "
+                  f"their update (update/weight rms {stats['update_rms_ratio']:.1e}); merge larger updates with a "
+                  f"longer lora.relora_interval or a higher train.lr, or set lora.merge_rounding=stochastic",
+                  file=sys.stderr)
+        return n
 
     # -- training ---------------------------------------------------------------------------
     def _loss(self, x, y):
@@ -437,11 +460,12 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Atomic checkpoint of weights + run state in the single-process format (every rank takes
         part under FSDP2; rank 0 writes); refuses to save a non-finite model."""
+        self.saved_step = self.step
         model, optimizer = self._gather_plain() if self.fsdp else (self.model, self.optimizer)
         if not self.main:
             return None
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise TrainingStopped(f"step {self.step}: the weights are not finite; the last good checkpoint is kept")
+        if not runguard.all_finite(model.parameters()):
+            raise self._nonfinite("checkpoint")
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if self.cfg.model.tie_embeddings:
             weights.pop("lm_head.weight", None)
@@ -472,7 +496,17 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train every stage (resuming where a checkpoint left off); write metrics.jsonl, checkpoints,
-        the final weights and summary.json. Returns the summary."""
+        the final weights and summary.json. Returns the summary. On SIGTERM or SIGUSR1 it finishes
+        the current optimizer step, writes a checkpoint and raises Preempted; it raises
+        TrainingStopped rather than write non-finite weights."""
+        try:
+            with runguard.Preemption() as self.preemption:
+                return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.train
@@ -482,7 +516,7 @@ class Trainer:
         def log(row):
             if metrics is None:
                 return
-            metrics.write(json.dumps(row) + "\n")
+            metrics.write(runguard.dumps(row) + "\n")
             metrics.flush()
             if board is not None:
                 for k, v in row.items():
@@ -496,6 +530,7 @@ class Trainer:
         while self.step < total_steps:
             if self.step_in_stage == self.stage_steps[self.stage]:  # the stage is done: grow / switch
                 self.next_stage()
+                self._log_merges(log)
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
             n_steps = self.stage_steps[self.stage]
@@ -515,6 +550,7 @@ class Trainer:
                 self.record["peak_bytes"] = peak
             self.optimizer.zero_grad(set_to_none=True)
             self._account()
+            self._log_merges(log)
             self.step_seconds += time.perf_counter() - t0
             tok_window += t.micro_batch * t.grad_accum * t.seq_len
             if self.world > 1:
@@ -528,6 +564,7 @@ class Trainer:
                      "flops": self.flops[cfg.step.flops_convention], "skipped": self.skipped,
                      "tok_per_s": round(tps, 1)})
                 bar.set_postfix(stage=self.stage, loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                self._check_weights_finite()  # after the row, so metrics.jsonl shows what happened
             if self.step_in_stage == n_steps:
                 self._finish_stage(log)
             elif t.eval_every and self.step % t.eval_every == 0:
@@ -541,12 +578,43 @@ class Trainer:
                     checkpoint._fault("kill_after_step", self.step)
                 distributed.barrier()
             bar.update(1)
+            checkpoint.signal_fault(self.step)
+            if self.preemption.requested(self.world):
+                self._stop_for_preemption(metrics)
         bar.close()
         if metrics is not None:
             metrics.close()
         if board is not None:
             board.close()
         return self._finish(self.step_seconds if self.resumed_from else time.perf_counter() - t_start)
+
+    def _log_merges(self, log):
+        while self.merge_rows:
+            log(self.merge_rows.pop(0))
+
+    def _check_weights_finite(self):
+        """Stop (exit 3) as soon as a parameter holds NaN/inf: one fused on-device reduction and one
+        host sync, at log steps only."""
+        finite = runguard.all_finite(self.model.parameters())
+        if self.world > 1:
+            finite = distributed.mean(float(finite)) == 1.0
+        if not finite:
+            raise self._nonfinite("log step")
+
+    def _nonfinite(self, where: str) -> TrainingStopped:
+        return TrainingStopped(f"step {self.step}: the weights are not finite (found at the {where}); the last good "
+                               f"checkpoint is kept and no model was written (lower train.lr)")
+
+    def _stop_for_preemption(self, metrics):
+        """Checkpoint the step just finished (unless that was already done) and raise Preempted."""
+        if self.saved_step != self.step:
+            if self.main:
+                self.metrics_bytes = metrics.tell()
+            self.save_checkpoint()
+            distributed.barrier()
+        raise Preempted(f"{self.preemption.name} after step {self.step}: checkpoint "
+                        f"{checkpoint.step_dir(self.out / 'checkpoints', self.step)} written; rerun the same "
+                        f"command to resume")
 
     def _open_metrics(self):
         config_mod.save(self.cfg, self.out / "config.yaml")
@@ -584,6 +652,8 @@ class Trainer:
         final = merged_state_dict(self.model)
         if not self.main:
             return {"weights_sha256": weights_sha256(final)}
+        if not runguard.all_finite(final.values()):  # never write a poisoned model as the result
+            raise self._nonfinite("final save")
         tmp = self.out / "model.safetensors.tmp"
         save_file(final, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.out / "model.safetensors")
@@ -593,7 +663,7 @@ class Trainer:
         params = count_params(self.model)
         summary = {
             "method": self.method.name,
-            "final_val_loss": val, "final_val_ppl": math.exp(val),
+            "final_val_loss": val, "final_val_ppl": math.exp(val) if val < 700 else math.inf,
             "tokens_seen": self.tokens,
             "flops": self.flops[self.cfg.step.flops_convention],
             "flops_convention": self.cfg.step.flops_convention,
@@ -608,7 +678,7 @@ class Trainer:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "stages": self.stage_records,
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.out / "summary.json").write_text(runguard.dumps(summary, indent=2))
         return summary
 
 

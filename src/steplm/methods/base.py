@@ -6,7 +6,8 @@ model-state bytes it holds. ``stages.plan_run`` assembles these into the ``Stage
 trainer, ``steplm plan CONFIG`` and the benchmarks all read. Its training half is a few hooks that
 the one ``Trainer`` calls: ``enter_stage`` (a pass over the model at a stage boundary: grow, freeze,
 add adapters), ``build_optimizer`` and ``after_optimizer_step`` (ReLoRA's merge and reset). The
-hooks import torch lazily, so importing a method stays pure.
+hooks receive the run (the ``Trainer``: ``model``, ``cfg``, ``gen``, ``optimizer``, ``step_in_stage``,
+``current_stage`` and ``merge_adapters``) and import torch lazily, so importing a method stays pure.
 """
 from __future__ import annotations
 
@@ -51,14 +52,12 @@ def restart_ramp(cfg, step_in_stage: int) -> float:
     return min(1.0, (step_in_stage % k + 1) / ramp)
 
 
-def relora_reset(trainer) -> None:
+def relora_reset(run) -> None:
     """Every lora.relora_interval steps of a stage with adapters: merge them into their bases,
-    re-initialise them and clear (or prune) their Adam moments."""
-    from ..lora import merge_and_reinit
-
-    k = trainer.cfg.lora.relora_interval
-    if k and trainer.step_in_stage % k == 0 and trainer.current_stage.adapter_resets:
-        merge_and_reinit(trainer.model, trainer.optimizer, trainer.gen, trainer.cfg.lora.reset_prune)
+    re-initialise them and clear (or prune) their Adam moments (``Trainer.merge_adapters``)."""
+    k = run.cfg.lora.relora_interval
+    if k and run.step_in_stage % k == 0 and run.current_stage.adapter_resets:
+        run.merge_adapters(run.optimizer, run.cfg.lora.reset_prune)
 
 
 class Method:
@@ -129,8 +128,8 @@ class Method:
         return cfg.lora.relora_interval
 
     # -- training hooks (torch) ---------------------------------------------------------------------
-    def enter_stage(self, model, stage, generator, cfg) -> None:
-        """A pass over the model as ``stage`` begins (stage 0 right after the model is built)."""
+    def enter_stage(self, run, stage) -> None:
+        """A pass over ``run.model`` as ``stage`` begins (stage 0 right after the model is built)."""
 
     def build_optimizer(self, cfg, model, groups: list[dict], fused: bool):
         """The optimizer over the trainable parameter groups (decay, no-decay)."""
@@ -139,5 +138,5 @@ class Method:
         t = cfg.train
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
 
-    def after_optimizer_step(self, trainer) -> None:
+    def after_optimizer_step(self, run) -> None:
         """Called after every counted optimizer step."""

@@ -60,14 +60,14 @@ class ReLoRA(Method):
     def restart_ramp_from(self, cfg, kind: str) -> int:
         return 0  # the LR ramps after the switch to LoRA too, not only after resets
 
-    def enter_stage(self, model, stage, generator, cfg) -> None:
+    def enter_stage(self, run, stage) -> None:
         """At the LoRA phase: adapters on every attention and MLP linear; norms stay trainable."""
         if stage.kind != "lora":
             return
         from ..lora import apply_lora
 
-        for block in model.model.layers:
-            apply_lora(block, cfg.lora.rank, cfg.lora.alpha, generator, freeze_norms=False)
+        for block in run.model.model.layers:
+            apply_lora(block, run.cfg.lora.rank, run.cfg.lora.alpha, run.gen, freeze_norms=False)
 
-    def after_optimizer_step(self, trainer) -> None:
-        relora_reset(trainer)
+    def after_optimizer_step(self, run) -> None:
+        relora_reset(run)

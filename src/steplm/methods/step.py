@@ -27,23 +27,23 @@ class Step(Method):
         return planner.optimize(cfg.model.n_layers, s.n_stages, layer_shape(cfg.model), self.lora_rank(cfg),
                                 s.cap_growth).layers_per_stage
 
-    def enter_stage(self, model, stage, generator, cfg) -> None:
+    def enter_stage(self, run, stage) -> None:
         """Merge earlier adapters, insert the new layers (step.init/position/fpi), then freeze every
         old layer that is not yet frozen and give it adapters of rank ``lora_rank``."""
         if stage.index == 0:
             return
         from ..growth import grow
-        from ..lora import apply_lora, is_frozen_block, merge_and_reinit
+        from ..lora import apply_lora, is_frozen_block
 
-        s = cfg.step
-        merge_and_reinit(model, None, generator)  # earlier adapters fold into their bases
-        is_new = grow(model, stage.new_layers, s.init, s.position, s.fpi, seed=cfg.train.seed + stage.index)
-        for block, new in zip(model.model.layers, is_new):
+        cfg, s = run.cfg, run.cfg.step
+        run.merge_adapters()  # earlier adapters fold into their bases
+        is_new = grow(run.model, stage.new_layers, s.init, s.position, s.fpi, seed=cfg.train.seed + stage.index)
+        for block, new in zip(run.model.model.layers, is_new):
             if not new and not is_frozen_block(block):
-                apply_lora(block, self.lora_rank(cfg), cfg.lora.alpha, generator)
+                apply_lora(block, self.lora_rank(cfg), cfg.lora.alpha, run.gen)
 
-    def after_optimizer_step(self, trainer) -> None:
-        relora_reset(trainer)
+    def after_optimizer_step(self, run) -> None:
+        relora_reset(run)
 
 
 class StepNoPet(Step):
