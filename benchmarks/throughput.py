@@ -1,14 +1,30 @@
-"""Train-step throughput: steplm (as users run it: bf16 autocast + torch.compile) against Hugging Face
-LlamaForCausalLM + torch.optim.AdamW in eager fp32, same shapes, same process, interleaved rounds.
+"""Train-step throughput, measured fairly: steplm against the loop a user writes in ten lines with
+Hugging Face, autocast, torch.compile and fused AdamW; all rows built in one process and
+timed in interleaved rounds (the order rotates every round), so that machine noise hits all alike.
 
-Config (issue #2): d 256, 8 layers, 4 heads, vocab 50257 (GPT-2), micro-batch 8 x 256 tokens.
-Prints tokens/s of each, their ratio, and the share of steplm's step time spent waiting for data.
+Rows (issue #11):
+- GPT-2 shape, d 256, 8 layers, 4 heads, vocabulary 50257, batch 8 x 256:
+  steplm; steplm with the unfused head + cross-entropy (the lever, before/after);
+  HF LlamaForCausalLM (sdpa) + autocast + torch.compile + fused AdamW; HF eager fp32 + AdamW.
+  Both steplm and the compiled HF loop train in bf16 autocast where the CPU has native bf16
+  matmuls (AVX-512 bf16 / AMX), and in fp32 where it has not (there bf16 is emulated, ~10x slower):
+  the same rule as train.dtype=auto.
+- Replication shape, vocabulary 8192, batch 16 x 256: steplm and the compiled HF loop; a STEP
+  2-stage run's final stage against vanilla of the same depth, with the FLOPs-predicted ratio.
+
+A large GEMM in that dtype probes the matmul ceiling; each row's MFU is its model FLOPs/s (the corrected
+count of flops.py: 6·N + 6·V·d + 12·L·s·d per token) over that ceiling. ``--profile`` prints
+torch.profiler's top operators for steplm's step with the fused and with the unfused loss, and the
+tracked peak memory of one step of each.
+
+    python benchmarks/throughput.py [--rounds 4 --steps 4] [--json benchmarks/results/throughput.json]
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import os
+import platform
 import sys
 import sysconfig
 import tempfile
@@ -20,80 +36,204 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from steplm import config  # noqa: E402
-from steplm.train import Trainer  # noqa: E402
+from steplm import config, flops  # noqa: E402
+from steplm.train import Trainer, _cpu_peak_step  # noqa: E402
+
+GPT2 = {"model.vocab_size": 50257, "model.d_model": 256, "model.n_layers": 8, "model.n_heads": 4,
+        "train.micro_batch": 8, "train.seq_len": 256}
+REPL = {**GPT2, "model.vocab_size": 8192, "train.micro_batch": 16}
+WARMUP = 2
 
 
 def gpt2_dir() -> str:
-    for cand in (os.environ.get("STEPLM_GPT2_DIR"), ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"):
-        if cand and (Path(cand) / "vocab.json").is_file():
-            return str(cand)
-    return "bpe:50257"
+    cand = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
+    return str(cand) if (cand / "vocab.json").is_file() else "bpe:50257"
+
+
+def steplm_trainer(shape: dict, tmp: Path, name: str, **extra) -> Trainer:
+    tok = gpt2_dir() if shape["model.vocab_size"] == 50257 else "bpe:8192"
+    sets = {"data.path": sysconfig.get_paths()["stdlib"], "data.tokenizer": tok, "data.max_train_tokens": 2_000_000,
+            "data.cache_dir": str(ROOT / ".cache" / "steplm"), "model.max_seq_len": shape["train.seq_len"],
+            "train.max_steps": 1000, "train.dtype": "auto", "train.compile": True, "train.warmup_steps": 10,
+            "train.eval_every": 0, **shape, **extra}
+    cfg = config.load(None, [f"{k}={v}" for k, v in sets.items()])
+    t = Trainer(cfg, tmp / name, progress=False)
+    while t.stage < len(t.stage_steps) - 1:  # a staged method: time its final stage
+        t.next_stage()
+    return t
+
+
+def trainer_step(t: Trainer):
+    def step():
+        t.train_step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.step_in_stage += 1
+    return step
+
+
+def bf16_fast() -> bool:
+    """Whether this CPU has native bf16 matmuls (AVX-512 bf16 / AMX); without them bf16 is emulated
+    and slower than fp32, and train.dtype=auto picks fp32 (so does the HF loop here)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def hf_step(shape: dict, compiled: bool):
+    """The user's own loop: LlamaForCausalLM, AdamW, clipping; compiled + fused (+ bf16 autocast where
+    the CPU has native bf16), or eager fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from steplm.model import default_ffn_hidden
+    d, V = shape["model.d_model"], shape["model.vocab_size"]
+    B, T = shape["train.micro_batch"], shape["train.seq_len"]
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=V, hidden_size=d, intermediate_size=default_ffn_hidden(d), num_hidden_layers=shape["model.n_layers"],
+        num_attention_heads=shape["model.n_heads"], max_position_embeddings=T, tie_word_embeddings=False,
+        attn_implementation="sdpa" if compiled else "eager"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=compiled)
+    g = torch.Generator().manual_seed(0)
+
+    def loss_fn(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compiled and bf16_fast()):
+            return model(input_ids=x, labels=x).loss
+
+    fn = torch.compile(loss_fn) if compiled else loss_fn
+
+    def step():
+        x = torch.randint(0, V, (B, T), generator=g)
+        fn(x).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def matmul_ceiling(n: int = 4096, reps: int = 10) -> float:
+    """GEMM FLOP/s of this machine's threads in the training dtype (bf16 where native, else fp32;
+    n x n x n, best of ``reps``)."""
+    dt = torch.bfloat16 if bf16_fast() else torch.float32
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def model_flops_per_token(shape: dict, trainable_layers: int | None = None, frozen_layers: int = 0) -> int:
+    """Corrected-count training FLOPs per token (flops.py), every layer trainable unless given."""
+    d, L = shape["model.d_model"], shape["model.n_layers"]
+    from steplm.model import default_ffn_hidden
+    P = 4 * d * d + 3 * d * default_ffn_hidden(d) + 2 * d
+    n_tr = P * (L if trainable_layers is None else trainable_layers)
+    return flops.flops_per_token(n_tr, frozen_layers * P, "corrected", n_layers=L, d_model=d,
+                                 seq_len=shape["train.seq_len"], vocab_size=shape["model.vocab_size"])
+
+
+def profile(t: Trainer, label: str, rows: int = 12):
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    step = trainer_step(t)
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            step()
+    print(f"\n== torch.profiler: {label} (2 steps, self CPU time)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def tracked_peak(shape: dict, tmp: Path, fused: bool) -> int:
+    """Peak tracked tensor bytes of one eager step (MemTracker), fused or unfused loss."""
+    t = steplm_trainer(shape, tmp, f"peak-{fused}", **{"train.compile": False, "train.fused_loss": fused})
+    t.train_step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return _cpu_peak_step(lambda: t.train_step(), t.model, t.optimizer, t)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per row per round")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables and tracked peaks")
+    ap.add_argument("--json", help="write the result here (e.g. benchmarks/results/throughput.json)")
     a = ap.parse_args()
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
-    B, T = 8, 256
-    cfg = config.load(None, [
-        f"data.path={sysconfig.get_paths()['stdlib']}", f"data.tokenizer={gpt2_dir()}",
-        "data.max_train_tokens=2000000", f"data.cache_dir={ROOT / '.cache' / 'steplm'}",
-        "model.vocab_size=50257", "model.d_model=256", "model.n_layers=8", "model.n_heads=4",
-        f"model.max_seq_len={T}", f"train.seq_len={T}", f"train.micro_batch={B}", "train.max_steps=1000",
-        "train.dtype=bf16", "train.compile=true", "train.warmup_steps=10"])
-    ours = Trainer(cfg, tmp / "run", progress=False)
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-    m = cfg.model
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_hidden,
-                                      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-                                      num_key_value_heads=m.n_kv_heads, max_position_embeddings=T,
-                                      attn_implementation="eager", tie_word_embeddings=False))
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-
-    def hf_step():
-        x = torch.randint(0, m.vocab_size, (B, T))
-        loss = hf(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
-
-    def our_step():
-        ours.train_step()
-        ours.optimizer.zero_grad(set_to_none=True)
-        ours.step_in_stage += 1
-
     t0 = time.perf_counter()
-    for _ in range(3):  # compile + warm-up
-        our_step()
-    print(f"steplm warm-up (torch.compile) took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    hf_step()
-    times = {"steplm": 0.0, "hf": 0.0}
-    ours.data_seconds = 0.0
+    trainers = {
+        "steplm": steplm_trainer(GPT2, tmp, "a"),
+        "steplm, unfused loss": steplm_trainer(GPT2, tmp, "b", **{"train.fused_loss": False}),
+        "steplm V8192": steplm_trainer(REPL, tmp, "c"),
+        "steplm V8192 STEP-2 final stage": steplm_trainer(REPL, tmp, "d", method="step", **{"step.n_stages": 2}),
+    }
+    steps = {name: trainer_step(t) for name, t in trainers.items()}
+    steps["HF compiled (sdpa, autocast, fused AdamW)"] = hf_step(GPT2, compiled=True)
+    steps["HF eager fp32"] = hf_step(GPT2, compiled=False)
+    steps["HF compiled V8192"] = hf_step(REPL, compiled=True)
+    shapes = {n: (REPL if "V8192" in n else GPT2) for n in steps}
+    for name, fn in steps.items():  # compile + warm-up
+        for _ in range(WARMUP):
+            fn()
+    print(f"build + compile + warm-up: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    times = {n: [] for n in steps}
+    names = list(steps)
     for r in range(a.rounds):
-        for name, fn in (("steplm", our_step), ("hf", hf_step)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
             for _ in range(a.steps):
-                fn()
-            times[name] += time.perf_counter() - t
+                steps[name]()
+            times[name].append((time.perf_counter() - t) / a.steps)
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
-    n_tokens = a.rounds * a.steps * B * T
-    res = {"config": "d256 L8 h4 V50257 batch 8x256", "threads": torch.get_num_threads(),
-           "steplm_tokens_per_s": n_tokens / times["steplm"], "hf_eager_fp32_tokens_per_s": n_tokens / times["hf"],
-           "data_wait_fraction": ours.data_seconds / times["steplm"], "dtype": str(ours.dtype), "compile": True}
-    res["ratio"] = res["steplm_tokens_per_s"] / res["hf_eager_fp32_tokens_per_s"]
-    print(f"steplm (bf16 autocast + torch.compile): {res['steplm_tokens_per_s']:,.0f} tok/s")
-    print(f"HF LlamaForCausalLM eager fp32:        {res['hf_eager_fp32_tokens_per_s']:,.0f} tok/s")
-    print(f"ratio steplm / HF: {res['ratio']:.2f}x   (target >= 2.5x)")
-    print(f"steplm step time waiting for data: {100 * res['data_wait_fraction']:.2f} %   (target < 2 %)")
+    ceiling = matmul_ceiling()
+    step_final = trainers["steplm V8192 STEP-2 final stage"]
+    st = step_final.current_stage
+    fpt = {n: model_flops_per_token(shapes[n]) for n in steps}
+    fpt["steplm V8192 STEP-2 final stage"] = st.flops_per_token["corrected"]
+    rows = []
+    for n in steps:
+        sec = sorted(times[n])[len(times[n]) // 2]
+        tok = shapes[n]["train.micro_batch"] * shapes[n]["train.seq_len"]
+        rows.append({"row": n, "shape": "V8192 batch 16x256" if shapes[n] is REPL else "V50257 batch 8x256",
+                     "step_seconds_median": sec, "tokens_per_s": tok / sec, "flops_per_token": fpt[n],
+                     "mfu": fpt[n] * tok / sec / ceiling})
+    by = {r["row"]: r for r in rows}
+    hf_gpt2 = by["HF compiled (sdpa, autocast, fused AdamW)"]["tokens_per_s"]
+    hf_repl = by["HF compiled V8192"]["tokens_per_s"]
+    van = by["steplm V8192"]
+    predicted = st.flops_per_token["corrected"] / van["flops_per_token"]
+    res = {
+        "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "native_bf16": bf16_fast(),
+        "dtype": str(trainers["steplm"].dtype).replace("torch.", ""), "rounds": a.rounds, "steps": a.steps,
+        "gemm_ceiling_flops_per_s": ceiling, "rows": rows,
+        "ratios": {
+            "steplm / HF compiled, V50257": by["steplm"]["tokens_per_s"] / hf_gpt2,
+            "steplm / HF compiled, V8192": van["tokens_per_s"] / hf_repl,
+            "steplm / HF eager fp32, V50257": by["steplm"]["tokens_per_s"] / by["HF eager fp32"]["tokens_per_s"],
+            "fused / unfused loss, V50257": by["steplm"]["tokens_per_s"] / by["steplm, unfused loss"]["tokens_per_s"],
+            "STEP final-stage step / vanilla step, V8192": (by["steplm V8192 STEP-2 final stage"]["step_seconds_median"]
+                                                           / van["step_seconds_median"]),
+            "STEP final stage, predicted by corrected FLOPs": predicted,
+        },
+        "targets": {"steplm / HF compiled, V50257": 1.5, "steplm / HF compiled, V8192": 1.3,
+                    "STEP final-stage step / vanilla step, V8192": f"<= {1.05 * predicted:.3f} (1.05 x predicted)"},
+        "step_final_stage_layers_per_stage": step_final.layers_per_stage,
+    }
+    print(f"{res['dtype']} GEMM ceiling: {ceiling / 1e12:.2f} TFLOP/s on {res['threads']} threads "
+          f"(native bf16: {res['native_bf16']})")
+    print(f"{'row':<52} {'tokens/s':>9} {'step s':>8} {'MFU':>6}")
+    for r in rows:
+        print(f"{r['row']:<52} {r['tokens_per_s']:>9,.0f} {r['step_seconds_median']:>8.3f} {100 * r['mfu']:>5.1f}%")
+    for k, v in res["ratios"].items():
+        print(f"{k}: {v:.3f}")
+    if a.profile:
+        peaks = {f: tracked_peak(GPT2, tmp, f) for f in (False, True)}
+        res["tracked_peak_bytes_one_step"] = {"unfused": peaks[False], "fused": peaks[True]}
+        print(f"tracked peak of one eager step, V50257 batch 8x256: unfused {peaks[False] / 2**20:.0f} MiB, "
+              f"fused {peaks[True] / 2**20:.0f} MiB")
+        profile(trainers["steplm, unfused loss"], "unfused head + cross-entropy")
+        profile(trainers["steplm"], "fused chunked linear + cross-entropy")
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":

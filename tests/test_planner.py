@@ -249,3 +249,26 @@ def test_budget_mode_with_extra_bytes_matches_brute_force():
     for budget in (5e7, 2e8, 1e9):
         L = sum(planner.deepest_within(budget, 3, shape, r, extra_bytes=extra).layers_per_stage)
         assert brute_force(L, 3, 256, r)[0] + extra(L) <= budget < brute_force(L + 1, 3, 256, r)[0] + extra(L + 1)
+
+
+@pytest.mark.parametrize("shape", [
+    {"B": 8, "T": 64, "d": 64, "h": 2, "L": 4, "V": 512},
+    {"B": 4, "T": 128, "d": 128, "h": 4, "L": 2, "V": 2048},
+])
+def test_extended_step_peak_matches_the_tracked_peak_of_a_real_step(tmp_path, capsys, shape):
+    """`plan --extended`'s step peak (activation model of the fused head + loss) against torch's
+    MemTracker over one real eager fp32 step of the same shape, within 10 %."""
+    from steplm import config
+    from steplm.train import Trainer
+
+    from conftest import tiny_overrides
+    B, T, d, h, L, V = (shape[k] for k in ("B", "T", "d", "h", "L", "V"))
+    cfg = config.load(None, tiny_overrides(tmp_path, **{
+        "model.d_model": d, "model.n_heads": h, "model.n_layers": L, "model.max_seq_len": T, "model.vocab_size": V,
+        "train.seq_len": T, "train.micro_batch": B, "train.max_steps": 3, "data.tokenizer": "bpe:512"}))
+    tracked = Trainer(cfg, tmp_path / "run", progress=False).fit()["stages"][0]["peak_bytes"]
+    assert main(["plan", "--hidden", str(d), "--layers", str(L), "--stages", "1", "--n-heads", str(h),
+                 "--ffn-hidden", str(cfg.model.ffn_hidden), "--vocab-size", str(V), "--seq-len", str(T),
+                 "--micro-batch", str(B), "--extended", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["extended"]["peak_bytes"]
+    assert planned == pytest.approx(tracked, rel=0.10)

@@ -165,7 +165,7 @@ def test_relora_phases_memory_and_resets(tmp_path):
     tr = make(tmp_path, **relora_overrides())
     assert tr.stage_steps[0] == 3 and tr.stage_steps[1] > 9  # the LoRA phase is cheaper: more steps, same FLOPs
     resets = []
-    import steplm.lora as train_mod  # the ReLoRA reset hook calls lora.merge_and_reinit
+    import steplm.train as train_mod
     orig = train_mod.merge_and_reinit
     train_mod.merge_and_reinit = lambda *a, **k: resets.append(tr.step) or orig(*a, **k)
     try:
@@ -251,3 +251,30 @@ def test_stochastic_merges_are_logged_and_reproducible(tmp_path):
     assert a["weights_sha256"] == b["weights_sha256"]  # the rounding noise comes from the run's generator
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert {r["merge_rounding"] for r in rows if "merge_kept_share" in r} == {"stochastic"}
+
+
+def test_one_compilation_per_stage(tmp_path, monkeypatch):
+    """torch.compile traces the step once per stage (the model changes shape only at growth)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=counter))
+    tr = make(tmp_path, **{"method": "step", "step.n_stages": 3, "step.layers_per_stage": "[2,1,1]",
+                           "train.compile": True, "train.max_steps": 12, "train.eval_every": 4})
+    tr.fit()
+    assert len(tr.stage_steps) == 3 and tr.step == sum(tr.stage_steps) > 3
+    assert counter.frame_count == 3
+
+
+def test_fused_loss_equals_unfused_training(tmp_path):
+    """The chunked head + cross-entropy trains the same model as logits + F.cross_entropy (fp32)."""
+    a = make(tmp_path, "fused", **{"train.max_steps": 6}).fit()
+    b = make(tmp_path, "unfused", **{"train.max_steps": 6, "train.fused_loss": False}).fit()
+    assert a["final_val_loss"] == pytest.approx(b["final_val_loss"], rel=1e-5)
+    from safetensors.torch import load_file
+    wa, wb = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("fused", "unfused"))
+    assert wa.keys() == wb.keys()
+    for k in wa:  # 6 AdamW steps of lr 3e-3 move weights by ~1e-2; the two losses agree far closer
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)

@@ -216,8 +216,11 @@ def cmd_plan(a):
         """Bytes beyond the layers' model states that --budget-gb must also fit (--extended)."""
         if not a.extended:
             return 0
-        return planner.head_state_bytes(a.vocab_size, a.hidden) + planner.activation_bytes(
-            L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing)
+        return planner.head_state_bytes(a.vocab_size, a.hidden) + activations(L)
+
+    def activations(L):
+        return planner.activation_bytes(L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing,
+                                        ffn_hidden=a.ffn_hidden, kv_dim=kv)
     try:
         if a.budget_gb is not None:
             plan = planner.deepest_within(a.budget_gb * planner.GB, a.stages, shape, a.lora_rank, a.cap_growth, extra)
@@ -248,12 +251,18 @@ def cmd_plan(a):
         L = sum(plan.layers_per_stage)
         plan.extended = {
             "embedding_head_norm_bytes": planner.head_state_bytes(a.vocab_size, a.hidden),
-            "activation_bytes": planner.activation_bytes(L, a.hidden, heads, a.seq_len, a.micro_batch,
-                                                         a.vocab_size, a.checkpointing),
-            "activation_formula": "Korthikanti et al. 2022: s*b*d*(34+5*a*s/d) per layer (2*s*b*d with checkpointing)",
+            "activation_bytes": activations(L),
+            "activation_formula": "steplm's graph, fp32: per token and layer (6d+3q+2kv+4f)*4 + (2+heads)*4 "
+                                  "(d*4 with checkpointing, plus one layer); head: d*4 per token + 4*V*d + "
+                                  "3 fp32 logits chunks (planner.activation_bytes)",
         }
-        plan.extended["peak_bytes"] = plan.peak_bytes + plan.extended["embedding_head_norm_bytes"] + \
-            plan.extended["activation_bytes"]
+        i = plan.stage_bytes.index(plan.peak_bytes)  # the largest stage
+        depth, before = plan.cumulative_layers[i], plan.cumulative_layers[i] - plan.layers_per_stage[i]
+        trainable = plan.layers_per_stage[i] * plan.params_per_layer + before * plan.lora_params_per_layer
+        head = plan.extended["embedding_head_norm_bytes"]
+        plan.extended["activation_bytes"] = activations(depth)
+        plan.extended["peak_bytes"] = planner.step_peak_bytes(
+            plan.peak_bytes + head, 4 * trainable + head // 4, 4 * a.vocab_size * a.hidden, activations(depth))
     if a.json:
         print(dumps(plan.to_dict()))
         return
@@ -274,8 +283,8 @@ def cmd_plan(a):
               f"the plan stops there")
     if plan.extended:
         e = plan.extended
-        print(f"extended: + embeddings/head {e['embedding_head_norm_bytes'] / gb:.2f} {unit} + activations "
-              f"{e['activation_bytes'] / gb:.2f} {unit} = {e['peak_bytes'] / gb:.2f} {unit}")
+        print(f"extended: embeddings/head/norm states {e['embedding_head_norm_bytes'] / gb:.2f} {unit}, activations "
+              f"{e['activation_bytes'] / gb:.2f} {unit}; peak of a training step {e['peak_bytes'] / gb:.2f} {unit}")
 
 
 def _sampling(a) -> dict:

@@ -90,6 +90,8 @@ class TrainConfig:
     """Write a metrics row every this many steps."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
+    fused_loss: bool = True
+    """Fuse the LM head with the cross-entropy, chunk by chunk, so the (tokens, vocab) logits are never whole."""
     fused_optimizer: bool = True
     """Use the fused AdamW kernel (FSDP2's sharded parameters always use the foreach kernel)."""
     parallel: str = "ddp"

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .loss import linear_cross_entropy
+
 
 def default_ffn_hidden(d_model: int, multiple_of: int = 64) -> int:
     """LLaMA's SwiGLU width: 8/3·d rounded up to a multiple of ``multiple_of``."""
@@ -283,8 +285,10 @@ class LLaMA(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T); hidden states (B, T, d) if ``return_hidden``."""
+                return_hidden: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T); hidden states (B, T, d) if ``return_hidden``;
+        with ``targets`` (B, T) the mean cross-entropy (nats), the head fused with the loss so that
+        the logits are never materialised whole (``loss.linear_cross_entropy``)."""
         B, T = idx.shape
         start = kv_caches[0].length if kv_caches else 0
         if start + T > self.rope_cos.shape[0]:
@@ -297,6 +301,8 @@ class LLaMA(nn.Module):
             else:
                 x = block(x, cos, sin, kv_caches[i] if kv_caches else None)
         x = self.model.norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x, self.lm_head.weight, targets)
         return x if return_hidden else self.lm_head(x)
 
 

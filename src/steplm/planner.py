@@ -385,12 +385,36 @@ def head_state_bytes(vocab_size: int, d_model: int, tied: bool = False) -> int:
     return TRAINABLE_BYTES * (vocab_size * d_model * (1 if tied else 2) + d_model)
 
 
+LOSS_CHUNK_BYTES = 32 * 2**20  # loss.linear_cross_entropy's default chunk of fp32 logits
+
+
 def activation_bytes(n_layers: int, d_model: int, n_heads: int, seq_len: int, micro_batch: int,
-                     vocab_size: int, checkpointing: bool = False) -> int:
-    """Activation estimate (Korthikanti et al. 2022, 16-bit activations): s·b·d·(34 + 5·a·s/d) bytes per
-    layer; with full activation checkpointing 2·s·b·d per layer plus one layer recomputed. The logits
-    add 8·s·b·V (fp32 logits and their gradient). An estimate, not a measurement."""
-    s, b, d = seq_len, micro_batch, d_model
-    per_layer = int(s * b * d * (34 + 5 * n_heads * s / d))
-    layers = (2 * s * b * d * n_layers + per_layer) if checkpointing else per_layer * n_layers
-    return layers + 8 * s * b * vocab_size
+                     vocab_size: int, checkpointing: bool = False, *, ffn_hidden: int | None = None,
+                     q_dim: int | None = None, kv_dim: int | None = None, act_bytes: int = 4,
+                     chunk_bytes: int = LOSS_CHUNK_BYTES) -> int:
+    """Bytes alive at the end of the forward pass beyond the parameters and optimizer moments, for
+    steplm's own implementation (model.py with the fused, chunked head + loss of loss.py).
+
+    Per layer and token the autograd graph keeps (``act_bytes`` each; 4 for fp32): the block input,
+    both RMSNorm outputs before and after the weight, the attention-norm output and the MLP-norm input
+    (6·d), rotated q and k, v, the SDPA output and o_proj's input (3·q + 2·kv), and gate, silu(gate),
+    up and their product (4·f); plus fp32 norm statistics (2) and SDPA's log-sum-exp (n_heads). With
+    activation checkpointing only the block inputs are kept, plus one block recomputed. The head and
+    loss add the hidden-state gradient (d per token), the head's fp32 weight gradient (4·V·d, formed
+    in the forward pass) and three chunks of fp32 logits. Full logits (tokens·V) never exist.
+    """
+    n, d = seq_len * micro_batch, d_model
+    f = ffn_hidden if ffn_hidden is not None else -(-8 * d // 3)
+    q, kv = q_dim or d, kv_dim or d
+    per_layer = n * (6 * d + 3 * q + 2 * kv + 4 * f) * act_bytes + n * (2 + n_heads) * 4
+    layers = (n * d * act_bytes * n_layers + per_layer) if checkpointing else per_layer * n_layers
+    rows = max(1, min(n, chunk_bytes // (4 * vocab_size)))
+    head = n * d * act_bytes + 4 * vocab_size * d + 3 * rows * vocab_size * 4
+    return layers + head
+
+
+def step_peak_bytes(state_bytes: int, grad_bytes: int, head_grad_bytes: int, activations: int) -> int:
+    """Peak of one training step: the larger of the model states with every gradient (at the
+    optimizer step) and, at the start of the backward pass, the states without the gradients that
+    backward has not formed yet (all but the head's) plus ``activation_bytes``."""
+    return max(state_bytes, state_bytes - grad_bytes + head_grad_bytes + activations)

@@ -290,7 +290,10 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------
     def _loss(self, x, y):
+        """Mean next-token loss of one micro-batch (x, y: (B, T) token ids), in nats."""
         with autocast(self.device, self.dtype):
+            if self.cfg.train.fused_loss:  # head + cross-entropy chunk by chunk (loss.py)
+                return self.wrapped(x, targets=y)
             logits = self.wrapped(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
@@ -300,7 +303,7 @@ class Trainer:
         self.model.train()
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step_in_stage)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for _ in range(t.grad_accum):
             t0 = time.perf_counter()
             x, y = self.sampler.next()
@@ -308,12 +311,13 @@ class Trainer:
             self.data_seconds += time.perf_counter() - t0
             loss = self.loss_fn(x, y) / t.grad_accum
             loss.backward()
-            total += loss.item()
+            total += loss.detach()  # stays on the device: no host synchronisation per micro-batch
             if self.after_micro_batch is not None:
                 self.after_micro_batch()
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
-        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        total, norm = torch.stack([total.float(), norm.float()]).tolist()  # one synchronisation per step
         if checkpoint.fault_active("nan_at_step", self.step + 1):
             total = float("nan")
         bad = not (math.isfinite(total) and math.isfinite(norm)) or (t.max_grad_norm and norm > t.max_grad_norm)
