@@ -66,14 +66,19 @@ def sft_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_sft(model, tokenizer, examples: list[dict], out_dir: str | Path, epochs: int = 2, lr: float = 1e-4,
               warmup_steps: int = 100, batch_size: int = 8, weight_decay: float = 0.0, seed: int = 0,
-              progress: bool = True, special: SpecialTokens | None = None) -> dict:
-    """Fine-tune in place, save a run directory (weights, config, tokenizer, special tokens, sft_summary.json).
-    Responses end with ``special.eos_id`` (default: GPT-2's <|endoftext|>)."""
+              progress: bool = True, special: SpecialTokens | None = None,
+              dtype: torch.dtype = torch.float32) -> dict:
+    """Fine-tune in place on the model's device, save a run directory (weights, config, tokenizer, special
+    tokens, sft_summary.json). Responses end with ``special.eos_id`` (default: GPT-2's <|endoftext|>).
+    ``dtype`` bf16 runs forward and backward under bf16 autocast; weights and AdamW stay fp32."""
+    from .devices import autocast, model_device
+
     from tqdm import tqdm
 
     from .lora import merged_state_dict
 
     special = special or gpt2_special_tokens(tokenizer)
+    device = model_device(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eos = special.eos_id
@@ -105,7 +110,8 @@ def train_sft(model, tokenizer, examples: list[dict], out_dir: str | Path, epoch
                 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
             for g in opt.param_groups:
                 g["lr"] = lr * scale
-            loss = sft_loss(model, ids, labels)
+            with autocast(device, dtype):
+                loss = sft_loss(model, ids.to(device), labels.to(device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
