@@ -354,7 +354,8 @@ def cmd_sft(a):
     m = load(a.model, device)
     try:
         s = train_sft(m.model, m.tokenizer, examples, out, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
-                      batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, special=m.special, dtype=dtype)
+                      batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, special=m.special, dtype=dtype,
+                      micro_batch=a.micro_batch)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -486,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=_positive_int, default=2)
     f.add_argument("--lr", type=_positive_float, default=1e-4)
     f.add_argument("--warmup-steps", type=_non_negative_int, default=100)
-    f.add_argument("--batch-size", type=_positive_int, default=8)
+    f.add_argument("--batch-size", type=_positive_int, default=8, help="examples per optimizer step")
+    f.add_argument("--micro-batch", type=_positive_int,
+                   help="examples per forward (gradient accumulation; default --batch-size)")
     f.add_argument("--limit", type=_positive_int, help="use only the first N examples")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--quiet", action="store_true")
