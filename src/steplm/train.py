@@ -24,7 +24,7 @@ from . import checkpoint
 from . import config as config_mod
 from . import distributed
 from . import methods, runguard
-from .devices import autocast, pick_device, pick_dtype  # noqa: F401 (re-exported)
+from .devices import autocast, pick_device, pick_dtype
 from .data import BatchSampler, TokenShard, eval_windows, prepare
 from .errors import Preempted, TrainingStopped, UserError
 from .lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
