@@ -91,3 +91,91 @@ def test_bad_input(tiny_run, tmp_path, capsys, args, needle):
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists() and not (tmp_path / "a.jsonl").exists()
+
+
+def _context_sensitive_model():
+    """A random GQA model whose greedy output depends strongly on the prompt (a 12-step run's does not)."""
+    from steplm.model import ModelConfig, build_model
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=40, init_std=0.2)
+    return build_model(cfg, seed=0).eval()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_batched_generation_matches_one_at_a_time(temperature):
+    from steplm.generate import generate_batch, generate_many
+
+    model = _context_sensitive_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (6, 1, 17, 3, 11)]  # real left padding
+    kw = {"max_new_tokens": 8, "temperature": temperature, "top_k": 20, "seed": 3}
+    one = [generate(model, p, eos=None, **kw) for p in prompts]
+    assert len({tuple(o) for o in one}) == len(one)  # the prompts lead to different outputs
+    assert generate_batch(model, prompts, eos=None, **kw) == one
+    assert generate_many(model, prompts, batch_size=2, eos=None, **kw) == one
+    # rows stopping early at an EOS leave the others unchanged
+    eos = next(t for o in one for t in o if len({len(x[:x.index(t)] if t in x else x) for x in one}) > 2)
+    want = [o[:o.index(eos)] if eos in o else o for o in one]
+    assert generate_batch(model, prompts, eos=eos, **kw) == want
+    # and so does a row that reaches max_seq_len (40) after 3 new tokens
+    near_end = [prompts[2] * 2 + [5, 6, 7], prompts[1], prompts[3]]
+    assert len(near_end[0]) == 37
+    got = generate_batch(model, near_end, eos=None, **kw)
+    assert len(got[0]) == 3 and got == [generate(model, p, eos=None, **kw) for p in near_end]
+
+
+def test_left_padded_logits_match_unpadded():
+    model = _context_sensitive_model()
+    a = [5, 9, 33, 2, 17, 40, 8]
+    b = a[:3]
+    x = torch.tensor([a, [0] * (len(a) - 3) + b])
+    valid = torch.ones(x.shape, dtype=torch.bool)
+    valid[1, :len(a) - 3] = False
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model(x, attention_mask=valid, position_ids=pos)
+        ref_a, ref_b = model(torch.tensor([a]))[0], model(torch.tensor([b]))[0]
+    torch.testing.assert_close(got[0], ref_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, len(a) - 3:], ref_b, atol=1e-5, rtol=1e-5)
+    # padding keys are really masked: unmasked, they change row 1
+    with torch.no_grad():
+        leaky = model(x, attention_mask=torch.ones_like(valid), position_ids=pos)
+    assert not torch.allclose(leaky[1, len(a) - 3:], ref_b, atol=1e-3)
+
+
+def test_accumulated_sft_loss_equals_one_batch():
+    """Micro-batches of unequal response counts: the loss normalised by the step's response tokens (not a
+    mean of micro-batch means) gives the one-batch loss and gradients."""
+    from steplm.sft import accumulate_response_loss
+
+    model = _context_sensitive_model().train()
+    batch = [([1, 2, 3, 4, 5, 6], [IGNORE, IGNORE, IGNORE, 4, 5, 6]),  # 3 response tokens
+             ([7, 8, 9], [IGNORE, IGNORE, 9]),  # 1
+             ([3, 1, 4, 1, 5, 9, 2, 6], [IGNORE, 1, 4, 1, 5, 9, 2, 6]),  # 7
+             ([2, 7, 1, 8], [IGNORE, IGNORE, 1, 8])]  # 2
+
+    def run(micro):
+        model.zero_grad(set_to_none=True)
+        loss = accumulate_response_loss(model, batch, micro, 0, torch.device("cpu"))
+        return loss, [p.grad.clone() for p in model.parameters()]
+    one, g1 = run(4)
+    acc, g2 = run(1)
+    assert acc == pytest.approx(one, rel=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # the mean of per-example means differs here, so the test tells the two normalisations apart
+    per_example = [accumulate_response_loss(model, [ex], 1, 0, torch.device("cpu")) for ex in batch]
+    assert abs(sum(per_example) / 4 - one) > 1e-3
+
+
+def test_sft_batches_resume_from_state_dict():
+    from steplm.sft import SFTBatches
+
+    data = [([i, i + 1], [IGNORE, i + 1]) for i in range(7)]
+    a = SFTBatches(data, 3, seed=5)
+    seen = [a.next() for _ in range(4)]  # 3 batches per epoch: crosses into epoch 1
+    assert a.batches_per_epoch == 3 and [len(b) for b in seen] == [3, 3, 1, 3]
+    assert sorted(x for b in seen[:3] for x in b) == data  # an epoch is a permutation
+    assert seen[:3] != [data[0:3], data[3:6], data[6:]]  # shuffled
+    b = SFTBatches(data, 3, seed=5)
+    b.load_state_dict(a.state_dict())
+    assert [b.next() for _ in range(5)] == [a.next() for _ in range(5)]

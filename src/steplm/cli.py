@@ -112,8 +112,19 @@ def _tasks_dir(given: str | None) -> str:
     raise UserError("--tasks-dir: give the directory holding the task files (or set STEPLM_TASKS_DIR)")
 
 
+def _precision(a):
+    """(torch.device, torch.dtype) from --device and --dtype, with train.device/train.dtype's meaning."""
+    from .devices import pick_device, pick_dtype
+
+    device = pick_device(a.device, "--device")
+    return device, pick_dtype(a.dtype, device)
+
+
 def cmd_eval(a):
+    from .devices import autocast
     from .evaluate import load, perplexity
+
+    device, dtype = _precision(a)
 
     if a.tasks:
         from .tasks import TASKS, evaluate_tasks
@@ -121,9 +132,11 @@ def cmd_eval(a):
         unknown = [t for t in names if t not in TASKS]
         if unknown:
             raise UserError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-        m = load(a.model)
-        res = evaluate_tasks(m.model, m.tokenizer, names, _tasks_dir(a.tasks_dir), a.limit, a.batch_size,
-                             progress=not a.json, special=m.special)
+        tasks_dir = _tasks_dir(a.tasks_dir)
+        m = load(a.model, device)
+        with autocast(device, dtype):
+            res = evaluate_tasks(m.model, m.tokenizer, names, tasks_dir, a.limit, a.batch_size,
+                                 progress=not a.json, special=m.special)
         if a.json:
             print(dumps(res))
         else:
@@ -133,7 +146,7 @@ def cmd_eval(a):
         return
     if not a.data:
         raise UserError("--data: give a text file to score (e.g. ../shared/data/wikitext2/valid.txt)")
-    res = perplexity(a.model, a.data, a.max_tokens, a.backend, a.seq_len, a.batch_size)
+    res = perplexity(a.model, a.data, a.max_tokens, a.backend, a.seq_len, a.batch_size, device=device, dtype=dtype)
     print(dumps(res) if a.json else f"loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  tokens {res['tokens']}")
 
 
@@ -297,14 +310,18 @@ def _sampling(a) -> dict:
 
 
 def cmd_generate(a):
+    from .devices import autocast
     from .evaluate import load
     from .generate import alpaca_prompt, complete
 
     if not a.prompt:
         raise UserError("--prompt: give a non-empty prompt")
-    m = load(a.model)
+    sampling = _sampling(a)
+    device, dtype = _precision(a)
+    m = load(a.model, device)
     text = alpaca_prompt(a.prompt) if a.alpaca else a.prompt
-    print(complete(m.model, m.tokenizer, text, m.special, **_sampling(a)))
+    with autocast(device, dtype):
+        print(complete(m.model, m.tokenizer, text, m.special, **sampling))
 
 
 def cmd_info(a):
@@ -342,10 +359,12 @@ def cmd_sft(a):
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {out} is not empty; choose another directory")
-    m = load(a.model)
+    device, dtype = _precision(a)
+    m = load(a.model, device)
     try:
         s = train_sft(m.model, m.tokenizer, examples, out, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
-                      batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, special=m.special)
+                      batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, special=m.special, dtype=dtype,
+                      micro_batch=a.micro_batch)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -353,16 +372,28 @@ def cmd_sft(a):
 
 
 def cmd_mt_bench(a):
+    from .devices import autocast
     from .evaluate import load
     from .generate import mt_bench_answers
 
-    m = load(a.model)
+    sampling = _sampling(a)
+    device, dtype = _precision(a)
     out = Path(a.out)
     if not out.parent.is_dir():
         raise UserError(f"--out: directory {out.parent} does not exist")
-    n = mt_bench_answers(m.model, m.tokenizer, a.questions, out, a.model_id or Path(a.model).name, a.limit,
-                         progress=True, special=m.special, **_sampling(a))
+    m = load(a.model, device)
+    with autocast(device, dtype):
+        n = mt_bench_answers(m.model, m.tokenizer, a.questions, out, a.model_id or Path(a.model).name, a.limit,
+                             progress=True, special=m.special, batch_size=a.batch_size, **sampling)
     print(f"wrote {n} answers to {out}", file=sys.stderr)
+
+
+def _add_precision(p, dtype_default="auto"):
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs; auto: the GPU when there is one (as train.device)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=dtype_default,
+                   help="compute precision, as train.dtype: bf16 runs under autocast with fp32 weights; "
+                        f"auto: bf16 where the device runs it natively (default {dtype_default})")
 
 
 def _add_sampling(p, max_new=128):
@@ -409,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks-dir", help="task files (default $STEPLM_TASKS_DIR or ../shared/data/eval)")
     e.add_argument("--limit", type=_positive_int, help="score only the first N items of each task")
     e.add_argument("--json", action="store_true", help="print one JSON line")
+    _add_precision(e, "fp32")  # fp32 is the reference for perplexity and task scores
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a Hugging Face Llama directory")
@@ -454,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--alpaca", action="store_true", help="wrap the prompt in the Alpaca instruction template")
     _add_sampling(g)
+    _add_precision(g)
     g.set_defaults(fn=cmd_generate)
 
     f = sub.add_parser("sft", help="instruction-tune (Alpaca template, loss on responses only)")
@@ -463,10 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=_positive_int, default=2)
     f.add_argument("--lr", type=_positive_float, default=1e-4)
     f.add_argument("--warmup-steps", type=_non_negative_int, default=100)
-    f.add_argument("--batch-size", type=_positive_int, default=8)
+    f.add_argument("--batch-size", type=_positive_int, default=8, help="examples per optimizer step")
+    f.add_argument("--micro-batch", type=_positive_int,
+                   help="examples per forward (gradient accumulation; default --batch-size)")
     f.add_argument("--limit", type=_positive_int, help="use only the first N examples")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--quiet", action="store_true")
+    _add_precision(f)
     f.set_defaults(fn=cmd_sft)
 
     mb = sub.add_parser("mt-bench", help="answer MT-Bench's two turns; FastChat llm_judge answer format")
@@ -475,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--out", required=True, help="answers .jsonl")
     mb.add_argument("--model-id", help="model_id in the answer file (default: the model directory's name)")
     mb.add_argument("--limit", type=_positive_int)
+    mb.add_argument("--batch-size", type=_positive_int, default=8, help="questions generated together")
     _add_sampling(mb, max_new=512)
+    _add_precision(mb)
     mb.set_defaults(fn=cmd_mt_bench)
 
     pt = sub.add_parser("plot", help="Figure 2: memory per stage of a run, as PNG")

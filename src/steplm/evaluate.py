@@ -46,24 +46,32 @@ def token_stream(path: str, encode, eos: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def windows_loss(logits_fn, windows: np.ndarray, batch_size: int) -> tuple[float, int]:
-    """Summed next-token NLL (nats) and predicted-token count over (N, T+1) windows."""
-    total, count = 0.0, 0
+def windows_loss(logits_fn, windows: np.ndarray, batch_size: int, device="cpu") -> tuple[float, int]:
+    """Summed next-token NLL (nats) and predicted-token count over (N, T+1) windows, in batches of
+    ``batch_size`` on ``device``. The windows are all one length, so no batch holds padding; the loss is
+    summed in fp32 whatever the compute dtype."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for i in range(0, len(windows), batch_size):
-        w = torch.from_numpy(windows[i:i + batch_size])
+        w = torch.from_numpy(windows[i:i + batch_size]).to(device)
         logits = logits_fn(w[:, :-1]).float()
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum").item()
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum")
         count += w[:, 1:].numel()
-    return total, count
+    return total.item(), count
 
 
 def perplexity(model_path: str, data: str, max_tokens: int | None = None, backend: str = "steplm",
-               seq_len: int | None = None, batch_size: int = 8, progress: bool = False) -> dict:
-    """{"loss", "ppl", "tokens"} on non-overlapping windows of ``data`` (fp32, CPU)."""
+               seq_len: int | None = None, batch_size: int = 8, progress: bool = False,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """{"loss", "ppl", "tokens"} on non-overlapping windows of ``data``, run on ``device``; ``dtype`` bf16 runs
+    the model under bf16 autocast (weights stay fp32), fp32 (the default) is the reference."""
+    from .devices import autocast
+
+    device = torch.device(device)
     if not Path(data).exists():
         raise UserError(f"--data: {data} does not exist")
     if backend == "steplm":
-        p = load(model_path)
+        p = load(model_path, device)
         model, tok = p.model, p.tokenizer
         stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, p.special.eos_id)
         T = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -77,7 +85,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         model_type = json.loads((p / "config.json").read_text()).get("model_type")
         if model_type != "llama":
             raise UserError(f"MODEL: config.json has model_type {model_type!r}; only Llama models are supported")
-        hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
+        hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).to(device).eval()
         hf_tok = AutoTokenizer.from_pretrained(str(p))
         if hf_tok.eos_token_id is None:
             raise UserError(f"MODEL: {p} tokenizer_config.json names no eos_token")
@@ -87,6 +95,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
     else:
         raise UserError(f"--backend: must be steplm or transformers, got {backend!r}")
     windows = eval_windows(stream, T, max_tokens)
-    total, count = windows_loss(logits_fn, windows, batch_size)
+    with autocast(device, dtype):
+        total, count = windows_loss(logits_fn, windows, batch_size, device)
     loss = total / count
     return {"loss": loss, "ppl": math.exp(loss), "tokens": count}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import model_device
 from .errors import UserError
 from .model import KVCache
 from .tokens import SpecialTokens, gpt2_special_tokens
@@ -44,48 +45,103 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
 
 
-@torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, eos: int | Iterable[int] | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0) -> list[int]:
     """New token ids after ``prompt_ids``; stops at ``eos`` (an id or several, not returned). One forward
     of the prompt, then one token per step against the KV cache."""
-    if not prompt_ids:
+    return generate_batch(model, [prompt_ids], max_new_tokens, eos, temperature, top_k, top_p, seed)[0]
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: int | Iterable[int] | None = None,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int = 0) -> list[list[int]]:
+    """New token ids after each prompt, as ``generate`` gives them one at a time: prompts are left-padded
+    into one batch (padding masked out, RoPE positions counted per row) and decoded against one KV cache.
+    Each row samples from its own generator seeded with ``seed``; a finished row feeds masked padding."""
+    if not prompts or any(not p for p in prompts):
         raise UserError("--prompt: the prompt encodes to no tokens")
     stop = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     limit = model.config.max_seq_len
-    prompt_ids = prompt_ids[-(limit - 1):]
-    max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
+    prompts = [p[-(limit - 1):] for p in prompts]
+    budget = [min(max_new_tokens, limit - len(p)) for p in prompts]  # new tokens each row may still add
+    B, P = len(prompts), max(len(p) for p in prompts)
+    device = model_device(model)
     model.eval()
+    ragged = any(len(p) != P for p in prompts)
+    x = torch.zeros(B, P, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        x[row, P - len(p):] = torch.tensor(p)  # left padding: every row's last prompt token is at P-1
+        valid[row, P - len(p):] = True
+    x, valid = x.to(device), valid.to(device)
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, P)
     caches = [KVCache() for _ in model.model.layers]
-    gen = torch.Generator().manual_seed(seed)
-    logits = model(torch.tensor([prompt_ids]), caches)[0, -1]
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, gen)
-        if nxt in stop:
+    gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+    logits = model(x, caches, attention_mask=valid if ragged else None,
+                   position_ids=positions if ragged else None)[:, -1]  # (B, V)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # real tokens per row so far
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [b == 0 for b in budget]
+    while not all(done):
+        nxt = torch.zeros(B, dtype=torch.long)
+        logits = logits.float().cpu()
+        for row in range(B):
+            if done[row]:
+                continue
+            tok = sample_next(logits[row], temperature, top_k, top_p, gens[row])
+            if tok in stop:
+                done[row] = True
+                continue
+            out[row].append(tok)
+            nxt[row] = tok
+            done[row] = len(out[row]) == budget[row]
+        if all(done):
             break
-        out.append(nxt)
-        if len(out) == max_new_tokens:
-            break
-        logits = model(torch.tensor([[nxt]]), caches)[0, -1]
+        live = torch.tensor([not d for d in done], device=device)  # a finished row's new token is padding
+        valid = torch.cat((valid, live[:, None]), dim=1)
+        step_pos = lengths.clamp(max=limit - 1)[:, None]  # (B, 1)
+        lengths = lengths + live.long()
+        logits = model(nxt[:, None].to(device), caches, attention_mask=valid if ragged or not live.all() else None,
+                       position_ids=step_pos if ragged or not live.all() else None)[:, -1]
+    return out
+
+
+def generate_many(model, prompts: list[list[int]], batch_size: int = 8, progress: bool = False,
+                  **kw) -> list[list[int]]:
+    """``generate_batch`` over many prompts, longest first in batches of ``batch_size``; results in input order."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int] | None] = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress):
+        idx = order[start:start + batch_size]
+        for i, ids in zip(idx, generate_batch(model, [prompts[i] for i in idx], **kw)):
+            out[i] = ids
     return out
 
 
 def complete(model, tokenizer, text: str, special: SpecialTokens | None = None, **kw) -> str:
     """The decoded continuation of ``text``, which is encoded with the tokenizer's own template (a Llama
     tokenizer adds its BOS); generation stops at any of the model's stop ids."""
+    return complete_many(model, tokenizer, [text], special, **kw)[0]
+
+
+def complete_many(model, tokenizer, texts: list[str], special: SpecialTokens | None = None, batch_size: int = 8,
+                  progress: bool = False, **kw) -> list[str]:
+    """``complete`` for each of ``texts``, generated in length-sorted batches of ``batch_size``."""
     special = special or gpt2_special_tokens(tokenizer)
-    ids = generate(model, tokenizer.encode(text).ids, eos=special.stop_ids, **kw)
-    return tokenizer.decode(ids)
+    prompts = [tokenizer.encode(t).ids for t in texts]
+    ids = generate_many(model, prompts, batch_size, progress, eos=special.stop_ids, **kw)
+    return [tokenizer.decode(x) for x in ids]
 
 
 def mt_bench_answers(model, tokenizer, questions: str | Path, out: str | Path, model_id: str,
                      limit: int | None = None, progress: bool = False, special: SpecialTokens | None = None,
-                     **kw) -> int:
-    """Answer both turns of every MT-Bench question; write FastChat llm_judge answer JSONL. Returns the count."""
-    from tqdm import tqdm
-
+                     batch_size: int = 8, **kw) -> int:
+    """Answer both turns of every MT-Bench question; write FastChat llm_judge answer JSONL. Returns the count.
+    Turn 1 of all questions is generated in length-sorted batches, then turn 2 (which needs turn 1's answer)."""
     qpath = Path(questions)
     if not qpath.is_file():
         raise UserError(f"--questions: {qpath} not found")
@@ -95,15 +151,19 @@ def mt_bench_answers(model, tokenizer, questions: str | Path, out: str | Path, m
     rows = rows[:limit] if limit else rows
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
+    conversations, answers = [""] * len(rows), [[] for _ in rows]
+    for t in range(max((len(q["turns"]) for q in rows), default=0)):  # turn t of every question in one pass
+        ask = [i for i, q in enumerate(rows) if t < len(q["turns"])]
+        for i in ask:
+            turn = rows[i]["turns"][t]
+            conversations[i] += alpaca_prompt(turn) if t == 0 else f"\n\n### Instruction:\n{turn}\n\n### Response:\n"
+        replies = complete_many(model, tokenizer, [conversations[i] for i in ask], special, batch_size, progress, **kw)
+        for i, reply in zip(ask, replies):
+            conversations[i] += reply.strip()
+            answers[i].append(reply.strip())
     try:
         with open(tmp, "w") as f:
-            for q in tqdm(rows, desc="mt-bench", disable=not progress):
-                conversation, turns = "", []
-                for turn in q["turns"]:
-                    conversation += alpaca_prompt(turn) if not turns else f"\n\n### Instruction:\n{turn}\n\n### Response:\n"
-                    answer = complete(model, tokenizer, conversation, special, **kw).strip()
-                    conversation += answer
-                    turns.append(answer)
+            for q, turns in zip(rows, answers):
                 f.write(json.dumps({"question_id": q["question_id"], "answer_id": uuid.uuid4().hex[:22],
                                     "model_id": model_id, "choices": [{"index": 0, "turns": turns}],
                                     "tstamp": time.time()}) + "\n")

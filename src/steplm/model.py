@@ -166,7 +166,7 @@ def rope_cache(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hs); cos/sin: (T, hs)
+    # x: (B, nh, T, hs); cos/sin: (T, hs), or (B, 1, T, hs) with per-row positions
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -182,7 +182,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=bias)
         self.o_proj = nn.Linear(q, d, bias=bias)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        # attn_mask: None (causal), or (B, 1, T, S) bool, True where a query may attend a key
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -190,12 +191,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        # Causal mask only when queries and keys start together (training, prefill).
-        causal = k.shape[2] == T
-        if not causal and T > 1:
-            raise ValueError("multi-token decode against a cache is not supported")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            # Causal mask only when queries and keys start together (training, prefill).
+            causal = k.shape[2] == T
+            if not causal and T > 1:
+                raise ValueError("multi-token decode against a cache is not supported without an attention mask")
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh·hs)
         return self.o_proj(y)
 
@@ -219,8 +223,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -285,21 +289,34 @@ class LLaMA(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None,
-                return_hidden: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
+                return_hidden: bool = False, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); hidden states (B, T, d) if ``return_hidden``;
         with ``targets`` (B, T) the mean cross-entropy (nats), the head fused with the loss so that
-        the logits are never materialised whole (``loss.linear_cross_entropy``)."""
+        the logits are never materialised whole (``loss.linear_cross_entropy``).
+
+        For left-padded batches give ``attention_mask`` (B, S) bool, True at real tokens of the cache plus
+        ``idx`` (S = cached + T), and ``position_ids`` (B, T), each row's RoPE positions (HF's meaning)."""
         B, T = idx.shape
         start = kv_caches[0].length if kv_caches else 0
-        if start + T > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len ({self.rope_cos.shape[0]})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if position_ids is None:
+            if start + T > self.rope_cos.shape[0]:
+                raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len ({self.rope_cos.shape[0]})")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
+        else:
+            cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, hs)
+        mask = None
+        if attention_mask is not None:
+            q_pos = torch.arange(start, start + T, device=idx.device)[:, None]  # (T, 1) index among the keys
+            k_pos = torch.arange(start + T, device=idx.device)[None, :]  # (1, S)
+            # causal and not padding; a query always sees itself, so a padding query's row is never empty
+            mask = ((k_pos <= q_pos) & attention_mask[:, None, None, :]) | (k_pos == q_pos)  # (B, 1, T, S)
         x = self.model.embed_tokens(idx)  # (B, T, d)
         for i, block in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, kv_caches[i] if kv_caches else None)
+                x = block(x, cos, sin, kv_caches[i] if kv_caches else None, mask)
         x = self.model.norm(x)
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .devices import model_device
 from .errors import UserError
 
 TASKS = ("lambada", "arc_easy", "arc_challenge", "winogrande", "piqa", "openbookqa", "hellaswag")
@@ -122,7 +123,8 @@ def encode_pair(encode, context: str, continuation: str, prefix: int) -> tuple[l
 @torch.no_grad()
 def loglikelihoods(model, encode, prefix: int, requests: list[tuple[str, str]], batch_size: int = 16,
                    progress: bool = False) -> list[tuple[float, bool]]:
-    """(sum of continuation log-probs, whether greedy decoding reproduces it) for each request, fp32.
+    """(sum of continuation log-probs, whether greedy decoding reproduces it) for each request; log-probs in
+    fp32 (under a bf16 autocast the hidden states and head matmul are bf16), on the model's device.
     ``prefix`` is the token for an empty context (BOS, else EOS). Requests run longest-first in padded
     batches; only continuation positions go through the head."""
     from tqdm import tqdm
@@ -135,6 +137,7 @@ def loglikelihoods(model, encode, prefix: int, requests: list[tuple[str, str]], 
         encoded.append((seq, k[-len(seq):]))  # a continuation longer than the window is scored on its tail
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     out: list[tuple[float, bool] | None] = [None] * len(encoded)
+    device = model_device(model)
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc="scoring", disable=not progress, mininterval=1):
         idx = order[start:start + batch_size]
@@ -143,13 +146,13 @@ def loglikelihoods(model, encode, prefix: int, requests: list[tuple[str, str]], 
         for row, i in enumerate(idx):
             seq = encoded[i][0]
             x[row, :len(seq)] = torch.tensor(seq)
-        hidden = model(x, return_hidden=True)  # (B, T, d)
+        hidden = model(x.to(device), return_hidden=True)  # (B, T, d)
         for row, i in enumerate(idx):
             seq, cont = encoded[i]
             n = len(cont)
             h = hidden[row, len(seq) - n:len(seq)]  # positions that predict the continuation
             logp = F.log_softmax(model.lm_head(h).float(), dim=-1)  # (n, V)
-            target = torch.tensor(cont)
+            target = torch.tensor(cont, device=device)
             out[i] = (logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all()))
     return out
 

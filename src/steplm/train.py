@@ -12,7 +12,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from . import checkpoint
 from . import config as config_mod
 from . import distributed
 from . import methods, runguard
+from .devices import autocast, pick_device, pick_dtype
 from .data import BatchSampler, TokenShard, eval_windows, prepare
 from .errors import Preempted, TrainingStopped, UserError
 from .lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
@@ -38,28 +38,6 @@ def _fsdp_module_type():
 
 
 # ---------------------------------------------------------------------------- helpers
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: cuda requested but no GPU is available; set train.device=cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over (name, dtype, shape, bytes) of every tensor, in sorted name order."""
     h = hashlib.sha256()

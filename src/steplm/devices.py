@@ -1,0 +1,51 @@
+"""Where and in what precision a command runs: ``auto|cpu|cuda`` and ``auto|fp32|bf16``, the same meaning
+for ``train.device``/``train.dtype`` and for the ``--device``/``--dtype`` flags of eval, generate, sft and
+mt-bench.
+
+bf16 is run as ``torch.autocast``: weights stay fp32 and matmuls run in bf16. That keeps one copy of the
+weights whatever the dtype (so fp32 scores are always one flag away), lets SFT update fp32 master weights,
+and keeps RMSNorm, softmax and the loss in fp32 as autocast does for training.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """The torch device for ``name``; ``auto`` is the GPU when there is one. ``key`` names the flag in errors."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        fix = "--device cpu" if key.startswith("--") else f"{key}=cpu"
+        raise UserError(f"{key}: cuda requested but no GPU is available; use {fix}")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"{key}: must be one of {', '.join(DEVICES)}, got {name!r}")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for ``name``; ``auto`` is bf16 where the device runs it natively, else fp32."""
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """A bf16 autocast context on ``device``, or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its inputs must go)."""
+    return next(model.parameters()).device

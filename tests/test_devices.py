@@ -1,0 +1,116 @@
+"""--device/--dtype on the model-reading commands: bf16 autocast against the fp32 reference, device errors."""
+import json
+
+import pytest
+import torch
+
+from steplm import tasks
+from steplm.cli import main
+from steplm.devices import autocast, pick_device, pick_dtype
+from steplm.errors import UserError
+from steplm.evaluate import load_model, perplexity
+
+from conftest import shared
+
+BF16 = torch.bfloat16
+
+
+def test_pick_device_and_dtype():
+    assert pick_device("cpu", "--device") == torch.device("cpu")
+    assert pick_device("auto", "--device").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_dtype("fp32", torch.device("cpu")) == torch.float32
+    assert pick_dtype("bf16", torch.device("cpu")) == BF16
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert pick_dtype("auto", torch.device("cpu")) == (BF16 if native else torch.float32)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="^--device: cuda requested"):
+            pick_device("cuda", "--device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("cmd", [
+    ["eval", "{run}", "--data", "{wiki}"],
+    ["eval", "{run}", "--tasks", "piqa"],
+    ["generate", "{run}", "--prompt", "x"],
+    ["sft", "{run}", "--data", "{alpaca}", "--out", "{tmp}/o"],
+    ["mt-bench", "{run}", "--questions", "{mt}", "--out", "{tmp}/a.jsonl"],
+])
+def test_cuda_without_gpu_is_one_line_exit_2(tiny_run, tmp_path, capsys, cmd):
+    paths = {"run": tiny_run, "tmp": tmp_path, "wiki": shared("wikitext2/valid.txt"),
+             "alpaca": shared("alpaca/seed_tasks.jsonl"), "mt": shared("eval/mt_bench/question.jsonl")}
+    assert main([a.format(**paths) for a in cmd] + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("steplm: error: --device: cuda") and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists() and not (tmp_path / "a.jsonl").exists()
+
+
+def test_every_model_reading_command_takes_device_and_dtype(capsys):
+    for cmd in ("eval", "generate", "sft", "mt-bench"):
+        assert main([cmd, "x", "--dtype", "fp16"]) == 2
+        assert "--dtype" in capsys.readouterr().err
+        assert main([cmd, "x", "--device", "tpu"]) == 2
+        assert "--device" in capsys.readouterr().err
+
+
+def test_bf16_perplexity_within_one_percent_of_fp32(tiny_run):
+    wiki = str(shared("wikitext2/valid.txt"))
+    fp32 = perplexity(str(tiny_run), wiki, max_tokens=512, seq_len=64)
+    bf16 = perplexity(str(tiny_run), wiki, max_tokens=512, seq_len=64, dtype=BF16)
+    assert fp32["tokens"] == bf16["tokens"] == 512
+    assert fp32["loss"] != bf16["loss"]  # bf16 really ran
+    assert abs(bf16["loss"] - fp32["loss"]) / fp32["loss"] < 0.01
+
+
+def test_bf16_task_choices_agree_with_fp32_where_the_margin_allows(tiny_run):
+    """Items whose fp32 margin between the best and second-best choice exceeds twice the largest bf16
+    log-likelihood error cannot change their answer; the test derives that bound and checks those items.
+    Items inside it may flip, and must be the only ones that do."""
+    model, tok = load_model(tiny_run)
+    docs = tasks.load_task("piqa", shared("eval"), limit=12) + tasks.load_task("arc_easy", shared("eval"), limit=12)
+    reqs = [r for d in docs for r in d.requests]
+
+    def enc(s):
+        return tok.encode(s, add_special_tokens=False).ids
+    ll32 = [ll for ll, _ in tasks.loglikelihoods(model, enc, 0, reqs, batch_size=8)]
+    with autocast(torch.device("cpu"), BF16):
+        ll16 = [ll for ll, _ in tasks.loglikelihoods(model, enc, 0, reqs, batch_size=8)]
+    err = max(abs(a - b) for a, b in zip(ll32, ll16))
+    assert 0 < err < 0.05 * max(abs(a) for a in ll32)  # bf16 really ran, and stays close
+    pos, checked = 0, 0
+    for d in docs:
+        k = len(d.requests)
+        a, b = ll32[pos:pos + k], ll16[pos:pos + k]
+        pos += k
+        top = sorted(a, reverse=True)
+        if top[0] - top[1] > 2 * err:
+            checked += 1
+            assert max(range(k), key=a.__getitem__) == max(range(k), key=b.__getitem__)
+    assert checked >= len(docs) // 2  # the bound is tight enough to test most items
+
+
+def test_cli_eval_and_generate_in_both_dtypes(tiny_run, capsys):
+    wiki = str(shared("wikitext2/valid.txt"))
+    res = {}
+    for dt in ("fp32", "bf16"):
+        assert main(["eval", str(tiny_run), "--data", wiki, "--max-tokens", "256", "--seq-len", "64", "--json",
+                     "--device", "cpu", "--dtype", dt]) == 0
+        res[dt] = json.loads(capsys.readouterr().out)
+        assert main(["generate", str(tiny_run), "--prompt", "ROMEO:", "--max-new-tokens", "3",
+                     "--device", "cpu", "--dtype", dt]) == 0
+        capsys.readouterr()
+    assert res["fp32"]["tokens"] == res["bf16"]["tokens"] == 256
+    assert abs(res["bf16"]["loss"] - res["fp32"]["loss"]) / res["fp32"]["loss"] < 0.01
+
+
+def test_sft_and_mt_bench_run_in_bf16(tiny_run, tmp_path, capsys):
+    out = tmp_path / "sft"
+    assert main(["sft", str(tiny_run), "--data", str(shared("alpaca/seed_tasks.jsonl")), "--out", str(out),
+                 "--limit", "4", "--epochs", "1", "--batch-size", "2", "--quiet", "--dtype", "bf16"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["steps"] == 2
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}  # fp32 weights
+    ans = tmp_path / "a.jsonl"
+    assert main(["mt-bench", str(out), "--questions", str(shared("eval/mt_bench/question.jsonl")), "--out", str(ans),
+                 "--limit", "2", "--max-new-tokens", "2", "--dtype", "bf16", "--device", "cpu"]) == 0
+    assert len(ans.read_text().splitlines()) == 2
