@@ -72,9 +72,10 @@ PRECISIONS = [p for p in (Precision(s, m) for m in MASTER_WEIGHTS for s in OPTIM
 """Every supported combination, fp32 first."""
 
 
-def tensor_state_bytes(numel: int, prec: Precision = FP32) -> int:
-    """Bytes of one trainable tensor of ``numel`` elements: weight + gradient + AdamW moments
-    (+ Kahan compensation, quantization scales and lookup tables)."""
+def tensor_state_bytes(numel: int, prec: Precision = FP32, n_tensors: int = 1) -> int:
+    """Bytes of ``n_tensors`` trainable tensors holding ``numel`` elements together (one tensor but
+    for the paper's idealised 8/3·d MLP): weight + gradient + AdamW moments (+ Kahan compensation,
+    quantization scales and one lookup table per tensor and moment)."""
     w = 4 if prec.master_weights == "fp32" else 2
     s = prec.optimizer_states
     if s == "fp32":
@@ -83,40 +84,40 @@ def tensor_state_bytes(numel: int, prec: Precision = FP32) -> int:
         moments = 2 * 2 * numel + 2 * numel  # two bf16 moments + bf16 Kahan compensation
     else:
         block, bits, qmap = QUANT[s]
-        if numel >= QUANT_MIN_NUMEL and numel % block == 0:
-            moments = 2 * (numel * bits // 8 + 4 * (numel // block) + 4 * qmap)
+        if numel >= QUANT_MIN_NUMEL * n_tensors and numel % block == 0:
+            moments = 2 * (numel * bits // 8 + 4 * (numel // block) + 4 * qmap * n_tensors)
         else:
             moments = 2 * w * numel  # plain moments in the parameter's dtype
     return 2 * w * numel + moments
 
 
-def _real_shape(shape: "LayerShape") -> "LayerShape":
-    """``shape`` with its FFN width filled in (the paper's 8/3·d must then be whole)."""
-    if shape.ffn_hidden is not None:
-        return shape
-    if 8 * shape.d_model % 3:
-        raise ValueError("per-tensor bytes need the real FFN width (ffn_hidden) when 8/3·d is not whole")
-    return LayerShape(shape.d_model, 8 * shape.d_model // 3, shape.kv_dim)
+def layer_tensors(shape: "LayerShape") -> list[tuple[int, int]]:
+    """(elements, tensors) of one block: the four attention weights, the MLP weights, then the two
+    norm vectors. With ffn_hidden None (the paper's 8/3·d, not always whole) the three MLP weights
+    are one entry of 8·d² elements in 3 tensors."""
+    d, kv = shape.d_model, shape.kv_dim or shape.d_model
+    attn = [(d * d, 1), (d * kv, 1), (d * kv, 1), (d * d, 1)]
+    f = shape.ffn_hidden
+    mlp = [(8 * d * d, 3)] if f is None else [(d * f, 1)] * 3
+    return attn + mlp + [(d, 1), (d, 1)]
 
 
-def layer_tensors(shape: "LayerShape") -> list[int]:
-    """Element counts of one block's tensors: the seven linear weights, then the two norm vectors."""
-    shape = _real_shape(shape)
-    return [i * o for i, o in shape.linears()] + [shape.d_model] * 2
-
-
-def lora_tensors(shape: "LayerShape", rank: int) -> list[int]:
-    """Element counts of one block's adapters: lora_A (r×in) and lora_B (out×r) per linear."""
+def lora_tensors(shape: "LayerShape", rank: int) -> list[tuple[int, int]]:
+    """(elements, tensors) of one block's adapters: lora_A (r×in) and lora_B (out×r) per linear
+    (with ffn_hidden None the MLP's six adapters as one entry of 11·r·d elements)."""
     if not rank:
         return []
-    return [n for i, o in _real_shape(shape).linears() for n in (rank * i, rank * o)]
+    d, kv, f = shape.d_model, shape.kv_dim or shape.d_model, shape.ffn_hidden
+    attn = [(rank * n, 1) for n in (d, d, d, kv, d, kv, d, d)]
+    mlp = [(11 * rank * d, 6)] if f is None else [(rank * n, 1) for n in (d, f, d, f, f, d)]
+    return attn + mlp
 
 
 def trainable_layer_bytes(shape: "LayerShape", prec: Precision = FP32) -> int:
     """Bytes of one trainable block (Eq. 1's 16·P at fp32)."""
     if prec == FP32:
         return TRAINABLE_BYTES * params_per_layer(shape)
-    return sum(tensor_state_bytes(n, prec) for n in layer_tensors(shape))
+    return sum(tensor_state_bytes(n, prec, t) for n, t in layer_tensors(shape))
 
 
 def adapter_layer_bytes(shape: "LayerShape", rank: int, prec: Precision = FP32) -> int:
@@ -125,7 +126,7 @@ def adapter_layer_bytes(shape: "LayerShape", rank: int, prec: Precision = FP32) 
         return 0
     if prec == FP32:
         return TRAINABLE_BYTES * lora_params_per_layer(shape, rank)
-    return sum(tensor_state_bytes(n, prec) for n in lora_tensors(shape, rank))
+    return sum(tensor_state_bytes(n, prec, t) for n, t in lora_tensors(shape, rank))
 
 
 def layer_costs(shape: "LayerShape", rank: int, prec: Precision = FP32) -> tuple[int, int]:
@@ -199,10 +200,8 @@ def relora_bytes(n_layers: int, P: int, E: int, norm_params: int) -> int:
 def relora_layer_bytes(shape: "LayerShape", rank: int, prec: Precision = FP32) -> int:
     """ReLoRA's LoRA phase, one block: linears frozen in bf16, the two norms and the adapters
     trainable at ``prec``."""
-    norms = layer_tensors(shape)[-2:] if prec != FP32 else None
-    if norms is None:
-        return relora_bytes(1, params_per_layer(shape), lora_params_per_layer(shape, rank), 2 * shape.d_model)
-    return (FROZEN_BYTES * (params_per_layer(shape) - sum(norms)) + sum(tensor_state_bytes(n, prec) for n in norms)
+    d = shape.d_model
+    return (FROZEN_BYTES * (params_per_layer(shape) - 2 * d) + 2 * tensor_state_bytes(d, prec)
             + adapter_layer_bytes(shape, rank, prec))
 
 
@@ -501,6 +500,46 @@ def deepest_within(budget_bytes: float, n_stages: int, shape: LayerShape, rank: 
     binary search over L is exact. When even ``max_layers`` layers fit, the plan stops there and
     says so in ``capped_at_layers``.
     """
+    hi = _deepest_layers(budget_bytes, n_stages, shape, rank, cap_growth, extra_bytes, max_layers, prec)
+    max_layers = min(max_layers, MAX_LAYERS)
+    plan = optimize(hi, n_stages, shape, rank, cap_growth, prec)
+    if hi == max_layers:
+        plan.capped_at_layers = max_layers
+    return plan
+
+
+MAX_SEARCH_STAGES = 8
+"""Budget mode without a stage count searches K = 1 (vanilla) .. MAX_SEARCH_STAGES."""
+
+
+def deepest_over(budget_bytes: float, stage_counts: list[int], precisions: list[Precision], shape: LayerShape,
+                 rank: int, cap_growth: bool = False, extra_bytes=lambda L, prec: 0,
+                 max_layers: int = MAX_LAYERS) -> Plan:
+    """Budget mode over stage counts and state precisions: the deepest model that fits, ties going
+    to fewer stages, then to the earlier precision in ``precisions`` (list the most precise first).
+    Only the winner is cross-checked with HiGHS, so the search stays within the planner's bound."""
+    best, last_error = None, None
+    for prec in precisions:
+        for K in stage_counts:
+            try:
+                L = _deepest_layers(budget_bytes, K, shape, rank, cap_growth, lambda n: extra_bytes(n, prec),
+                                    max_layers, prec)
+            except ValueError as e:
+                last_error = e
+                continue
+            if best is None or L > best[0] or (L == best[0] and K < best[1]):
+                best = (L, K, prec)
+    if best is None:
+        raise last_error
+    L, K, prec = best
+    plan = optimize(L, K, shape, rank, cap_growth, prec)
+    if L == min(max_layers, MAX_LAYERS):
+        plan.capped_at_layers = L
+    return plan
+
+
+def _deepest_layers(budget_bytes, n_stages, shape, rank, cap_growth, extra_bytes, max_layers, prec) -> int:
+    """The largest L whose optimal Eq. 3 peak (+ extra_bytes(L)) fits the budget (ValueError if none)."""
     if not budget_bytes > 0:  # also refuses NaN
         raise ValueError(f"the budget must be a positive number of bytes, got {budget_bytes}")
     max_layers = min(max_layers, MAX_LAYERS)
@@ -526,10 +565,7 @@ def deepest_within(budget_bytes: float, n_stages: int, shape: LayerShape, rank: 
         while top - hi > 1:  # fits(hi) and not fits(top)
             mid = (hi + top) // 2
             hi, top = (mid, top) if fits(mid) else (hi, mid)
-    plan = optimize(hi, n_stages, shape, rank, cap_growth, prec)
-    if hi == max_layers:
-        plan.capped_at_layers = max_layers
-    return plan
+    return hi
 
 
 # ---------------------------------------------------------------------------- extended model

@@ -96,15 +96,33 @@ def adamw(cfg, groups: list[dict], fused: bool):
         raise UserError(f"train.optimizer_states: {prec.optimizer_states} needs the optional extra: "
                         "pip install 'steplm[lowbit]'")
     cls = AdamW8bit if prec.optimizer_states == "8bit" else AdamW4bit
-    opt = cls(groups, bf16_stochastic_round=prec.master_weights == "bf16", **kw)
+    return _trainer_friendly(cls)(groups, bf16_stochastic_round=prec.master_weights == "bf16", **kw)
 
-    def lr_as_tensor(optimizer, args, kwargs):  # torchao keeps lr as a 0-d tensor; the trainer sets floats
-        for g in optimizer.param_groups:
-            if not torch.is_tensor(g["lr"]):
-                g["lr"] = torch.tensor(g["lr"], dtype=torch.float32)
 
-    opt.register_step_pre_hook(lr_as_tensor)
-    return opt
+def _trainer_friendly(cls):
+    """``cls`` (a torchao low-bit AdamW) adapted to the trainer: the trainer sets a float lr, which
+    torchao keeps as a 0-d tensor during ``step`` only; and under a torch dispatch mode (the CPU peak
+    measurement's MemTracker), where torch.compile cannot trace, its per-parameter step runs eagerly."""
+    import unittest.mock
+
+    import torch
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    class TrainerFriendly(cls):
+        def step(self, closure=None):
+            for g in self.param_groups:
+                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32)
+            try:
+                if is_in_torch_dispatch_mode(include_infra_modes=False):
+                    with unittest.mock.patch.object(torch, "compile", lambda fn, **kw: fn):
+                        return super().step(closure)
+                return super().step(closure)
+            finally:
+                for g in self.param_groups:
+                    g["lr"] = float(g["lr"])
+
+    TrainerFriendly.__name__ = TrainerFriendly.__qualname__ = cls.__name__
+    return TrainerFriendly
 
 
 class Method:
