@@ -96,6 +96,9 @@ def adamw(cfg, groups: list[dict], fused: bool):
         raise UserError(f"train.optimizer_states: {prec.optimizer_states} needs the optional extra: "
                         "pip install 'steplm[lowbit]'")
     cls = AdamW8bit if prec.optimizer_states == "8bit" else AdamW4bit
+    # torchao compiles one step per parameter shape and dtype; a model has more than dynamo's default
+    # 8 (embeddings, head, seven linears, norms, adapters), and fullgraph compile fails past the limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return _trainer_friendly(cls)(groups, bf16_stochastic_round=prec.master_weights == "bf16", **kw)
 
 
