@@ -187,7 +187,8 @@ def _plan_config(a):
     from .stages import format_plan, plan_run
 
     shape_flags = [f for f in ("preset", "hidden", "layers", "stages", "lora_rank", "layers_per_stage", "ffn_hidden",
-                               "n_heads", "n_kv_heads", "budget_gb") if getattr(a, f)]
+                               "n_heads", "n_kv_heads", "budget_gb", "optimizer_states", "master_weights")
+                   if getattr(a, f)]
     if shape_flags:
         flag = "--" + shape_flags[0].replace("_", "-")
         raise UserError(f"{flag}: not used with a CONFIG; change the config with --set (e.g. --set model.n_layers=24)")
@@ -205,6 +206,13 @@ def cmd_plan(a):
 
     if a.config or a.set:  # like `train`, --set alone starts from the default config
         return _plan_config(a)
+    search = a.budget_gb is not None and not a.optimizer_states and not a.master_weights
+    search_stages = a.budget_gb is not None and not a.stages and not a.preset
+    states = a.optimizer_states or ("bf16" if a.master_weights == "bf16" else "fp32")
+    prec = planner.Precision(states, a.master_weights or "fp32")
+    if prec.problems():
+        flag = "--" + prec.problems()[0].split(":")[0].split(".")[1].replace("_", "-")
+        raise UserError(f"{flag}: {prec.problems()[0].split(': ', 1)[1]}")
     if a.preset:
         p = planner.PRESETS[a.preset]
         a.hidden = a.hidden or p["d_model"]
@@ -225,18 +233,25 @@ def cmd_plan(a):
     shape = planner.LayerShape(a.hidden, a.ffn_hidden, kv)
     heads = a.n_heads or max(1, a.hidden // 128)
 
-    def extra(L):
+    def extra(L, prec=prec):
         """Bytes beyond the layers' model states that --budget-gb must also fit (--extended)."""
         if not a.extended:
             return 0
-        return planner.head_state_bytes(a.vocab_size, a.hidden) + activations(L)
+        return planner.head_state_bytes(a.vocab_size, a.hidden, prec=prec) + activations(L)
 
     def activations(L):
         return planner.activation_bytes(L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing,
                                         ffn_hidden=a.ffn_hidden, kv_dim=kv)
     try:
-        if a.budget_gb is not None:
-            plan = planner.deepest_within(a.budget_gb * planner.GB, a.stages, shape, a.lora_rank, a.cap_growth, extra)
+        if a.budget_gb is not None and (search or search_stages):
+            plan = planner.deepest_over(
+                a.budget_gb * planner.GB,
+                list(range(1, planner.MAX_SEARCH_STAGES + 1)) if search_stages else [a.stages],
+                planner.PRECISIONS if search else [prec], shape, a.lora_rank, a.cap_growth, extra)
+            prec = planner.Precision(plan.optimizer_states, plan.master_weights)
+        elif a.budget_gb is not None:
+            plan = planner.deepest_within(a.budget_gb * planner.GB, a.stages, shape, a.lora_rank, a.cap_growth, extra,
+                                          prec=prec)
         else:
             if not a.layers:
                 raise UserError("--layers: give the total layer count L (or --preset, or --budget-gb)")
@@ -254,16 +269,16 @@ def cmd_plan(a):
                     raise UserError("--layers-per-stage: every stage needs at least one layer")
                 if sum(split) != a.layers:
                     raise UserError(f"--layers-per-stage: must sum to --layers ({a.layers}), got {sum(split)}")
-                plan = planner.evaluate_split(split, shape, a.lora_rank)
+                plan = planner.evaluate_split(split, shape, a.lora_rank, prec)
             else:
-                plan = planner.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth)
+                plan = planner.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth, prec)
     except ValueError as e:
         flag = "--budget-gb" if a.budget_gb is not None else "--layers-per-stage"
         raise UserError(f"{flag}: {e}")
     if a.extended:
         L = sum(plan.layers_per_stage)
         plan.extended = {
-            "embedding_head_norm_bytes": planner.head_state_bytes(a.vocab_size, a.hidden),
+            "embedding_head_norm_bytes": planner.head_state_bytes(a.vocab_size, a.hidden, prec=prec),
             "activation_bytes": activations(L),
             "activation_formula": "steplm's graph, fp32: per token and layer (6d+3q+2kv+4f)*4 + (2+heads)*4 "
                                   "(d*4 with checkpointing, plus one layer); head: d*4 per token + 4*V*d + "
@@ -274,14 +289,18 @@ def cmd_plan(a):
         trainable = plan.layers_per_stage[i] * plan.params_per_layer + before * plan.lora_params_per_layer
         head = plan.extended["embedding_head_norm_bytes"]
         plan.extended["activation_bytes"] = activations(depth)
+        grad = 2 if prec.master_weights == "bf16" else 4  # bytes of one gradient element
+        head_params = 2 * a.vocab_size * a.hidden + a.hidden
         plan.extended["peak_bytes"] = planner.step_peak_bytes(
-            plan.peak_bytes + head, 4 * trainable + head // 4, 4 * a.vocab_size * a.hidden, activations(depth))
+            plan.peak_bytes + head, grad * (trainable + head_params), grad * a.vocab_size * a.hidden,
+            activations(depth))
     if a.json:
         print(dumps(plan.to_dict()))
         return
     gb, unit = (planner.GB, "GB") if plan.vanilla_bytes >= planner.GB else (1e6, "MB")
     print(f"d={a.hidden} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)} r={a.lora_rank}  "
           f"P={plan.params_per_layer:,} E={plan.lora_params_per_layer:,}  solver: {plan.solver}")
+    print(f"optimizer states {plan.optimizer_states}, master weights {plan.master_weights}")
     print(f"{'stage':>5} {'new':>4} {'layers':>6} {unit + ' (Eq. 2)':>11}")
     for i, (n, N, b) in enumerate(zip(plan.layers_per_stage, plan.cumulative_layers, plan.stage_bytes), 1):
         print(f"{i:>5} {n:>4} {N:>6} {b / gb:>11.2f}")
@@ -474,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget-gb", type=_positive_float, help="deepest model whose peak fits this many GB (1e9 B); "
                     f"stops at {planner.MAX_LAYERS} layers and says so")
     pl.add_argument("--extended", action="store_true", help="add embeddings, head, norms and activations")
+    pl.add_argument("--optimizer-states", choices=planner.OPTIMIZER_STATES,
+                    help="AdamW moments (default fp32; with --budget-gb and no value: search every supported "
+                         "precision, and every K from 1 to %d without --stages)" % planner.MAX_SEARCH_STAGES)
+    pl.add_argument("--master-weights", choices=planner.MASTER_WEIGHTS,
+                    help="trainable weights and gradients (default fp32, or bf16 with --optimizer-states bf16)")
     pl.add_argument("--vocab-size", type=big, default=50257)
     pl.add_argument("--seq-len", type=big, default=1024)
     pl.add_argument("--micro-batch", type=big, default=1)

@@ -22,6 +22,7 @@ from .errors import UserError
 from .model import ModelConfig
 
 from .methods import REGISTRY as _METHODS
+from .planner import MASTER_WEIGHTS, OPTIMIZER_STATES, Precision
 
 METHODS = tuple(_METHODS)
 POSITIONS = ("upper", "intermediate", "lower", "random")
@@ -94,6 +95,10 @@ class TrainConfig:
     """Fuse the LM head with the cross-entropy, chunk by chunk, so the (tokens, vocab) logits are never whole."""
     fused_optimizer: bool = True
     """Use the fused AdamW kernel (FSDP2's sharded parameters always use the foreach kernel)."""
+    optimizer_states: str = "fp32"
+    """AdamW moments: fp32 (torch), bf16 (torch-optimi, Kahan summation; needs master_weights bf16), 8bit or 4bit (torchao, block-wise quantized)."""
+    master_weights: str = "fp32"
+    """Trainable weights and gradients: fp32, or bf16 (needs optimizer_states bf16, 8bit or 4bit)."""
     parallel: str = "ddp"
     """Under torchrun with several processes: 'ddp' (DistributedDataParallel) or 'fsdp2' (fully_shard)."""
     tensorboard: bool = False
@@ -139,6 +144,18 @@ class GaloreConfig:
 
 
 @dataclass
+class ApolloConfig:
+    rank: int = 256
+    """APOLLO's random-projection rank for the attention and MLP weights (APOLLO-Mini: 1 with scale_type tensor)."""
+    update_proj_gap: int = 200
+    """Draw a new random projection every this many steps."""
+    scale: float = 1.0
+    """APOLLO's scale on the update (APOLLO-Mini: 128)."""
+    scale_type: str = "channel"
+    """Gradient scaling factor: channel-wise or tensor-wise."""
+
+
+@dataclass
 class StepConfig:
     n_stages: int = 1
     """K, the number of stages (methods other than step and step-no-pet ignore the step section)."""
@@ -163,12 +180,13 @@ class StepConfig:
 @dataclass
 class RunConfig:
     method: str = "vanilla"
-    """vanilla, step, step-no-pet, relora or galore (registered in steplm.methods)."""
+    """vanilla, step, step-no-pet, relora, galore or apollo (registered in steplm.methods)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
+    apollo: ApolloConfig = field(default_factory=ApolloConfig)
     step: StepConfig = field(default_factory=StepConfig)
 
     def to_dict(self) -> dict:
@@ -176,7 +194,7 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
-            "galore": GaloreConfig, "step": StepConfig}
+            "galore": GaloreConfig, "apollo": ApolloConfig, "step": StepConfig}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -412,12 +430,15 @@ RANGES = {
     "lora.rank": _POSITIVE, "lora.alpha": _POSITIVE, "lora.relora_interval": _NON_NEGATIVE,
     "lora.relora_warmup": _NON_NEGATIVE, "lora.reset_prune": _UNIT_OPEN, "lora.warm_start_fraction": _UNIT_RIGHT_OPEN,
     "galore.rank": _POSITIVE, "galore.update_proj_gap": _POSITIVE, "galore.scale": _POSITIVE,
+    "apollo.rank": _POSITIVE, "apollo.update_proj_gap": _POSITIVE, "apollo.scale": _POSITIVE,
     "step.n_stages": _POSITIVE, "step.growth_fraction": _UNIT_LEFT_OPEN,
 }
 CHOICES = {
     "method": _METHODS, "train.dtype": ("auto", "bf16", "fp32"), "train.device": ("auto", "cpu", "cuda"),
     "train.parallel": ("ddp", "fsdp2"), "train.on_nonfinite": ("skip", "stop"),
     "lora.merge_rounding": ("nearest", "stochastic"), "galore.proj_type": ("std", "left", "right", "full"),
+    "train.optimizer_states": OPTIMIZER_STATES, "train.master_weights": MASTER_WEIGHTS,
+    "apollo.scale_type": ("channel", "tensor"),
     "step.init": INITS, "step.position": POSITIONS, "step.budget_match": ("flops", "steps"),
     "step.flops_convention": ("paper", "corrected"),
 }
@@ -471,6 +492,9 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"train.seq_len: must be at most model.max_seq_len ({m.max_seq_len}), got {t.seq_len}")
     if lo.rank > m.d_model > 0:
         out.append(f"lora.rank: must be at most model.d_model ({m.d_model}), got {lo.rank}")
+    prec = Precision(t.optimizer_states, t.master_weights)
+    if prec.optimizer_states in OPTIMIZER_STATES and prec.master_weights in MASTER_WEIGHTS:
+        out += prec.problems()
     L = m.n_layers
     if s.n_stages > L > 0:
         out.append(f"step.n_stages: must be at most model.n_layers ({L}), got {s.n_stages}")

@@ -4,6 +4,12 @@ Bytes per parameter follow the paper's mixed-precision accounting: a trainable p
 16 B (fp32 weight 4 + fp32 gradient 4 + Adam moments 8), a frozen one 2 B (bf16 weight, no
 gradient, no optimizer state). The trainer stores tensors exactly this way, so the layer bytes it
 measures equal ``stage_bytes`` here.
+
+Eq. 2 generalised (``Precision``): with ``train.optimizer_states`` 8bit/4bit (torchao's block-wise
+quantized AdamW), bf16 (torch-optimi's AdamW with Kahan summation) or ``train.master_weights`` bf16,
+a trainable tensor costs ``tensor_state_bytes`` (weight + gradient + moments, with the quantization
+scales and lookup tables counted), so a new layer costs ``trainable_layer_bytes`` and an old one
+``2·P + adapter_layer_bytes``; Eq. 3 is solved with those two numbers.
 """
 from __future__ import annotations
 
@@ -15,6 +21,118 @@ from typing import NamedTuple
 TRAINABLE_BYTES = 16
 FROZEN_BYTES = 2
 GB = 1e9
+
+OPTIMIZER_STATES = ("fp32", "bf16", "8bit", "4bit")
+MASTER_WEIGHTS = ("fp32", "bf16")
+# torchao.optim's low-bit AdamW (0.18): a moment is quantized only when the tensor has at least
+# QUANT_MIN_NUMEL elements and a whole number of blocks; then it holds codes (1 B per element for
+# 8-bit, 1/2 B for 4-bit), one fp32 scale per block and its own fp32 lookup table (qmap). Smaller
+# tensors keep plain moments in the parameter's dtype. Checked against the live state tensors in
+# tests/test_precision.py.
+QUANT_MIN_NUMEL = 4096
+QUANT = {  # states: (block size, code bits, qmap entries)
+    "8bit": (256, 8, 256),
+    "4bit": (128, 4, 16),
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How trainable tensors are stored: optimizer moments and master weights (and gradients)."""
+    optimizer_states: str = "fp32"
+    """fp32 (torch AdamW), bf16 (torch-optimi AdamW, Kahan summation), 8bit or 4bit (torchao)."""
+    master_weights: str = "fp32"
+    """fp32, or bf16: weights and gradients in bf16 (Kahan summation with bf16 states, bf16
+    stochastic rounding with 8bit/4bit states)."""
+
+    def problems(self) -> list[str]:
+        """Unknown or unsupported combinations, each naming the config key."""
+        out = []
+        if self.optimizer_states not in OPTIMIZER_STATES:
+            out.append(f"train.optimizer_states: must be one of {', '.join(OPTIMIZER_STATES)}, got {self.optimizer_states!r}")
+        if self.master_weights not in MASTER_WEIGHTS:
+            out.append(f"train.master_weights: must be one of {', '.join(MASTER_WEIGHTS)}, got {self.master_weights!r}")
+        if out:
+            return out
+        if self.optimizer_states == "bf16" and self.master_weights == "fp32":
+            out.append("train.optimizer_states: bf16 moments need train.master_weights: bf16 (no kept library "
+                       "keeps bf16 moments for fp32 weights); use 8bit or 4bit states with fp32 weights")
+        if self.optimizer_states == "fp32" and self.master_weights == "bf16":
+            out.append("train.master_weights: bf16 weights need train.optimizer_states bf16, 8bit or 4bit "
+                       "(fp32 moments of bf16 weights are not supported)")
+        return out
+
+    @property
+    def label(self) -> str:
+        return f"states {self.optimizer_states}, weights {self.master_weights}"
+
+
+FP32 = Precision()
+PRECISIONS = [p for p in (Precision(s, m) for m in MASTER_WEIGHTS for s in OPTIMIZER_STATES) if not p.problems()]
+"""Every supported combination, fp32 first."""
+
+
+def tensor_state_bytes(numel: int, prec: Precision = FP32, n_tensors: int = 1) -> int:
+    """Bytes of ``n_tensors`` trainable tensors holding ``numel`` elements together (one tensor but
+    for the paper's idealised 8/3·d MLP): weight + gradient + AdamW moments (+ Kahan compensation,
+    quantization scales and one lookup table per tensor and moment)."""
+    w = 4 if prec.master_weights == "fp32" else 2
+    s = prec.optimizer_states
+    if s == "fp32":
+        moments = 8 * numel
+    elif s == "bf16":
+        moments = 2 * 2 * numel + 2 * numel  # two bf16 moments + bf16 Kahan compensation
+    else:
+        block, bits, qmap = QUANT[s]
+        if numel >= QUANT_MIN_NUMEL * n_tensors and numel % block == 0:
+            moments = 2 * (numel * bits // 8 + 4 * (numel // block) + 4 * qmap * n_tensors)
+        else:
+            moments = 2 * w * numel  # plain moments in the parameter's dtype
+    return 2 * w * numel + moments
+
+
+def layer_tensors(shape: "LayerShape") -> list[tuple[int, int]]:
+    """(elements, tensors) of one block: the four attention weights, the MLP weights, then the two
+    norm vectors. With ffn_hidden None (the paper's 8/3·d, not always whole) the three MLP weights
+    are one entry of 8·d² elements in 3 tensors."""
+    d, kv = shape.d_model, shape.kv_dim or shape.d_model
+    attn = [(d * d, 1), (d * kv, 1), (d * kv, 1), (d * d, 1)]
+    f = shape.ffn_hidden
+    mlp = [(8 * d * d, 3)] if f is None else [(d * f, 1)] * 3
+    return attn + mlp + [(d, 1), (d, 1)]
+
+
+def lora_tensors(shape: "LayerShape", rank: int) -> list[tuple[int, int]]:
+    """(elements, tensors) of one block's adapters: lora_A (r×in) and lora_B (out×r) per linear
+    (with ffn_hidden None the MLP's six adapters as one entry of 11·r·d elements)."""
+    if not rank:
+        return []
+    d, kv, f = shape.d_model, shape.kv_dim or shape.d_model, shape.ffn_hidden
+    attn = [(rank * n, 1) for n in (d, d, d, kv, d, kv, d, d)]
+    mlp = [(11 * rank * d, 6)] if f is None else [(rank * n, 1) for n in (d, f, d, f, f, d)]
+    return attn + mlp
+
+
+def trainable_layer_bytes(shape: "LayerShape", prec: Precision = FP32) -> int:
+    """Bytes of one trainable block (Eq. 1's 16·P at fp32)."""
+    if prec == FP32:
+        return TRAINABLE_BYTES * params_per_layer(shape)
+    return sum(tensor_state_bytes(n, prec, t) for n, t in layer_tensors(shape))
+
+
+def adapter_layer_bytes(shape: "LayerShape", rank: int, prec: Precision = FP32) -> int:
+    """Bytes of one block's trainable adapters (Eq. 2's 16·E at fp32)."""
+    if not rank:
+        return 0
+    if prec == FP32:
+        return TRAINABLE_BYTES * lora_params_per_layer(shape, rank)
+    return sum(tensor_state_bytes(n, prec, t) for n, t in lora_tensors(shape, rank))
+
+
+def layer_costs(shape: "LayerShape", rank: int, prec: Precision = FP32) -> tuple[int, int]:
+    """Eq. 2's two slopes in bytes: g per new (trainable) layer, k per old layer (frozen bf16 + adapters)."""
+    return (trainable_layer_bytes(shape, prec),
+            FROZEN_BYTES * params_per_layer(shape) + adapter_layer_bytes(shape, rank, prec))
 
 PRESETS = {
     # d, L, K, r: the paper's Table 1 rows (r = 128)
@@ -62,9 +180,14 @@ def vanilla_bytes(n_layers: int, P: int) -> int:
 
 def stage_bytes(layers_per_stage: list[int], P: int, E: int) -> list[int]:
     """Eq. 2 for every stage: 16·n_i·P + 2·N_(i-1)·P + 16·N_(i-1)·E bytes."""
+    return stage_bytes_from_costs(layers_per_stage, TRAINABLE_BYTES * P, FROZEN_BYTES * P + TRAINABLE_BYTES * E)
+
+
+def stage_bytes_from_costs(layers_per_stage: list[int], g: int, k: int) -> list[int]:
+    """Eq. 2 with general slopes (``layer_costs``): g·n_i + k·N_(i-1) bytes for every stage."""
     out, before = [], 0
     for n in layers_per_stage:
-        out.append(TRAINABLE_BYTES * n * P + FROZEN_BYTES * before * P + TRAINABLE_BYTES * before * E)
+        out.append(g * n + k * before)
         before += n
     return out
 
@@ -72,6 +195,14 @@ def stage_bytes(layers_per_stage: list[int], P: int, E: int) -> list[int]:
 def relora_bytes(n_layers: int, P: int, E: int, norm_params: int) -> int:
     """ReLoRA's LoRA phase: linears frozen in bf16 (2 B), norms and adapters trainable (16 B)."""
     return FROZEN_BYTES * n_layers * (P - norm_params) + TRAINABLE_BYTES * n_layers * (norm_params + E)
+
+
+def relora_layer_bytes(shape: "LayerShape", rank: int, prec: Precision = FP32) -> int:
+    """ReLoRA's LoRA phase, one block: linears frozen in bf16, the two norms and the adapters
+    trainable at ``prec``."""
+    d = shape.d_model
+    return (FROZEN_BYTES * (params_per_layer(shape) - 2 * d) + 2 * tensor_state_bytes(d, prec)
+            + adapter_layer_bytes(shape, rank, prec))
 
 
 def galore_layer_bytes(shape: LayerShape, rank: int) -> int:
@@ -82,6 +213,18 @@ def galore_layer_bytes(shape: LayerShape, rank: int) -> int:
     for n_in, n_out in _real_linears(shape):
         r = min(rank, n_in, n_out)
         total += 8 * n_in * n_out + 8 * r * max(n_in, n_out) + 4 * r * min(n_in, n_out)
+    return total
+
+
+def apollo_layer_bytes(shape: LayerShape, rank: int) -> int:
+    """APOLLO (apollo-torch, random projection, proj_type std) for one block: the same terms as
+    GaLore. Each m×n linear keeps fp32 weight and gradient (8·m·n), AdamW moments of the projected
+    gradient (8·r·max(m, n)) and the random projection it stores (4·r·min(m, n), regenerated from a
+    seed every update_proj_gap steps); the two norms are plain AdamW (16 B each). Unlike GaLore the
+    rank is not clamped to the matrix: apollo-torch projects to ``rank`` whatever the shape."""
+    total = TRAINABLE_BYTES * 2 * shape.d_model
+    for n_in, n_out in _real_linears(shape):
+        total += 8 * n_in * n_out + 8 * rank * max(n_in, n_out) + 4 * rank * min(n_in, n_out)
     return total
 
 
@@ -187,11 +330,12 @@ class Solution(NamedTuple):
 
 
 def solve_exact(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = False,
-                max_ties: int = MAX_TIES) -> Solution:
+                max_ties: int = MAX_TIES, costs: tuple[int, int] | None = None) -> Solution:
     """Exact min-max of Eq. 3 in integer bytes: bisection on the peak with an O(K) interval
-    feasibility test, then every tied split (up to ``max_ties``) read off the same intervals."""
+    feasibility test, then every tied split (up to ``max_ties``) read off the same intervals.
+    ``costs`` = (g, k) from ``layer_costs`` replaces the fp32 slopes (16·P, 2·P + 16·E)."""
     _check(n_layers, n_stages)
-    g, k = TRAINABLE_BYTES * P, FROZEN_BYTES * P + TRAINABLE_BYTES * E
+    g, k = costs or (TRAINABLE_BYTES * P, FROZEN_BYTES * P + TRAINABLE_BYTES * E)
     lo, hi = 0, (g + k) * n_layers  # infeasible, feasible (n = L-K+1, 1, ..., 1 fits under hi)
     if not _Stages(n_layers, n_stages, g, k, cap_growth, hi).feasible():
         raise ValueError("no split satisfies the constraints")
@@ -236,7 +380,8 @@ def solve_exact(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool =
 
 
 def solve_milp(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = False,
-               scale: bool = True, time_limit: float | None = MILP_TIME_LIMIT_S) -> list[int]:
+               scale: bool = True, time_limit: float | None = MILP_TIME_LIMIT_S,
+               costs: tuple[int, int] | None = None) -> list[int]:
     """Eq. 3 as an integer program solved by HiGHS (scipy.optimize.milp).
 
     Variables are n_1..n_K (integers >= 1) and the peak M. With ``scale`` the stage constraints are
@@ -249,9 +394,9 @@ def solve_milp(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = 
 
     _check(n_layers, n_stages)
     K = n_stages
-    unit = TRAINABLE_BYTES * P if scale else 1
-    grow = TRAINABLE_BYTES * P / unit
-    keep = (FROZEN_BYTES * P + TRAINABLE_BYTES * E) / unit
+    g, k = costs or (TRAINABLE_BYTES * P, FROZEN_BYTES * P + TRAINABLE_BYTES * E)
+    unit = g if scale else 1
+    grow, keep = g / unit, k / unit
     A = np.zeros((K, K + 1))
     for i in range(K):
         A[i, :i] = keep
@@ -296,43 +441,50 @@ class Plan:
     extended: dict | None = None
     capped_at_layers: int | None = None
     """Budget mode: the budget fits deeper models than the planner's layer bound, which it stopped at."""
+    optimizer_states: str = "fp32"
+    master_weights: str = "fp32"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def evaluate_split(layers_per_stage: list[int], shape: LayerShape, rank: int) -> Plan:
-    """Memory of a given split (no optimisation)."""
+def evaluate_split(layers_per_stage: list[int], shape: LayerShape, rank: int, prec: Precision = FP32) -> Plan:
+    """Memory of a given split (no optimisation); vanilla at the same depth uses the same precision."""
     check_shape(shape)
     _check(sum(layers_per_stage), len(layers_per_stage))
     P, E = params_per_layer(shape), lora_params_per_layer(shape, rank)
-    stages = stage_bytes(layers_per_stage, P, E)
+    g, k = layer_costs(shape, rank, prec)
+    stages = stage_bytes_from_costs(layers_per_stage, g, k)
     L = sum(layers_per_stage)
-    peak, van = max(stages), vanilla_bytes(L, P)
-    return Plan(list(layers_per_stage), cumulative(layers_per_stage), stages, peak, van, 1 - peak / van, P, E)
+    peak, van = max(stages), g * L
+    return Plan(list(layers_per_stage), cumulative(layers_per_stage), stages, peak, van, 1 - peak / van, P, E,
+                optimizer_states=prec.optimizer_states, master_weights=prec.master_weights)
 
 
-def optimize(n_layers: int, n_stages: int, shape: LayerShape, rank: int, cap_growth: bool = False) -> Plan:
-    """Eq. 3: the split minimising the largest stage. HiGHS (up to MILP_MAX_STAGES stages, within
-    MILP_TIME_LIMIT_S) is cross-checked against the exact solver, whose answer is returned
-    (``solver`` says whether they agreed)."""
+def optimize(n_layers: int, n_stages: int, shape: LayerShape, rank: int, cap_growth: bool = False,
+             prec: Precision = FP32) -> Plan:
+    """Eq. 3: the split minimising the largest stage at precision ``prec``. HiGHS (up to
+    MILP_MAX_STAGES stages, within MILP_TIME_LIMIT_S) is cross-checked against the exact solver,
+    whose answer is returned (``solver`` says whether they agreed)."""
     check_shape(shape)
     P, E = params_per_layer(shape), lora_params_per_layer(shape, rank)
-    sol = solve_exact(n_layers, n_stages, P, E, cap_growth)
+    costs = layer_costs(shape, rank, prec)
+    sol = solve_exact(n_layers, n_stages, P, E, cap_growth, costs=costs)
     milp_split, why = None, ""
     if n_stages > MILP_MAX_STAGES:
         why = f"milp skipped: more than {MILP_MAX_STAGES} stages"
     else:
         try:
-            milp_split = solve_milp(n_layers, n_stages, P, E, cap_growth)
+            milp_split = solve_milp(n_layers, n_stages, P, E, cap_growth, costs=costs)
         except ValueError as e:
             why = f"milp failed: {e}"
     if milp_split is not None:
-        why = "milp+exact (agree)" if max(stage_bytes(milp_split, P, E)) == sol.peak else "exact (milp disagreed)"
+        agree = max(stage_bytes_from_costs(milp_split, *costs)) == sol.peak
+        why = "milp+exact (agree)" if agree else "exact (milp disagreed)"
     else:
         why = f"exact ({why})"
     # Deterministic choice among ties: the split that grows latest (largest n_1, then n_2, ...).
-    plan = evaluate_split(sol.latest, shape, rank)
+    plan = evaluate_split(sol.latest, shape, rank, prec)
     plan.tied_optima, plan.tied_optima_truncated = sol.ties, sol.truncated
     plan.solver = why
     plan.milp_layers_per_stage = milp_split
@@ -340,19 +492,59 @@ def optimize(n_layers: int, n_stages: int, shape: LayerShape, rank: int, cap_gro
 
 
 def deepest_within(budget_bytes: float, n_stages: int, shape: LayerShape, rank: int,
-                   cap_growth: bool = False, extra_bytes=lambda L: 0, max_layers: int = MAX_LAYERS) -> Plan:
+                   cap_growth: bool = False, extra_bytes=lambda L: 0, max_layers: int = MAX_LAYERS,
+                   prec: Precision = FP32) -> Plan:
     """Budget mode: the deepest model whose optimal peak (+ ``extra_bytes(L)``) fits ``budget_bytes``.
 
     The optimal peak never falls as L grows (drop a layer from the last stage holding two), so a
     binary search over L is exact. When even ``max_layers`` layers fit, the plan stops there and
     says so in ``capped_at_layers``.
     """
+    hi = _deepest_layers(budget_bytes, n_stages, shape, rank, cap_growth, extra_bytes, max_layers, prec)
+    max_layers = min(max_layers, MAX_LAYERS)
+    plan = optimize(hi, n_stages, shape, rank, cap_growth, prec)
+    if hi == max_layers:
+        plan.capped_at_layers = max_layers
+    return plan
+
+
+MAX_SEARCH_STAGES = 8
+"""Budget mode without a stage count searches K = 1 (vanilla) .. MAX_SEARCH_STAGES."""
+
+
+def deepest_over(budget_bytes: float, stage_counts: list[int], precisions: list[Precision], shape: LayerShape,
+                 rank: int, cap_growth: bool = False, extra_bytes=lambda L, prec: 0,
+                 max_layers: int = MAX_LAYERS) -> Plan:
+    """Budget mode over stage counts and state precisions: the deepest model that fits, ties going
+    to fewer stages, then to the earlier precision in ``precisions`` (list the most precise first).
+    Only the winner is cross-checked with HiGHS, so the search stays within the planner's bound."""
+    best, last_error = None, None
+    for prec in precisions:
+        for K in stage_counts:
+            try:
+                L = _deepest_layers(budget_bytes, K, shape, rank, cap_growth, lambda n: extra_bytes(n, prec),
+                                    max_layers, prec)
+            except ValueError as e:
+                last_error = e
+                continue
+            if best is None or L > best[0] or (L == best[0] and K < best[1]):
+                best = (L, K, prec)
+    if best is None:
+        raise last_error
+    L, K, prec = best
+    plan = optimize(L, K, shape, rank, cap_growth, prec)
+    if L == min(max_layers, MAX_LAYERS):
+        plan.capped_at_layers = L
+    return plan
+
+
+def _deepest_layers(budget_bytes, n_stages, shape, rank, cap_growth, extra_bytes, max_layers, prec) -> int:
+    """The largest L whose optimal Eq. 3 peak (+ extra_bytes(L)) fits the budget (ValueError if none)."""
     if not budget_bytes > 0:  # also refuses NaN
         raise ValueError(f"the budget must be a positive number of bytes, got {budget_bytes}")
     max_layers = min(max_layers, MAX_LAYERS)
     check_shape(shape)
-    P, E = params_per_layer(shape), lora_params_per_layer(shape, rank)
-    g, k = TRAINABLE_BYTES * P, FROZEN_BYTES * P + TRAINABLE_BYTES * E
+    g, k = layer_costs(shape, rank, prec)
 
     def fits(L):  # one O(K) feasibility pass under the bytes the layers may use
         room = budget_bytes - extra_bytes(L)
@@ -373,16 +565,14 @@ def deepest_within(budget_bytes: float, n_stages: int, shape: LayerShape, rank: 
         while top - hi > 1:  # fits(hi) and not fits(top)
             mid = (hi + top) // 2
             hi, top = (mid, top) if fits(mid) else (hi, mid)
-    plan = optimize(hi, n_stages, shape, rank, cap_growth)
-    if hi == max_layers:
-        plan.capped_at_layers = max_layers
-    return plan
+    return hi
 
 
 # ---------------------------------------------------------------------------- extended model
-def head_state_bytes(vocab_size: int, d_model: int, tied: bool = False) -> int:
-    """Embedding + LM head + final norm, trainable in every stage (16 B per parameter)."""
-    return TRAINABLE_BYTES * (vocab_size * d_model * (1 if tied else 2) + d_model)
+def head_state_bytes(vocab_size: int, d_model: int, tied: bool = False, prec: Precision = FP32) -> int:
+    """Embedding + LM head + final norm, trainable in every stage (16 B per parameter at fp32)."""
+    tensors = [vocab_size * d_model] * (1 if tied else 2) + [d_model]
+    return sum(tensor_state_bytes(n, prec) for n in tensors)
 
 
 LOSS_CHUNK_BYTES = 32 * 2**20  # loss.linear_cross_entropy's default chunk of fp32 logits

@@ -26,8 +26,10 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     from .config import load
     cfg = load(Path(run_dir) / "config.yaml")
     shape = planner.LayerShape(cfg.model.d_model, cfg.model.ffn_hidden, cfg.model.n_kv_heads * cfg.model.head_dim)
-    head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings)
-    van_planned = planner.vanilla_bytes(cfg.model.n_layers, planner.params_per_layer(shape)) + head
+    from .methods.base import precision
+    prec = precision(cfg)
+    head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings, prec)
+    van_planned = cfg.model.n_layers * planner.trainable_layer_bytes(shape, prec) + head
     van_measured = None
     if vanilla_dir:
         van_measured = read_summary(vanilla_dir)["stages"][0]["measured_state_bytes"]["total"]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import flops as flops_mod
 from . import methods, planner
-from .methods.base import CONVENTIONS, flops_per_token, full_rank_counts, layer_shape, tokens_per_step
+from .methods.base import CONVENTIONS, flops_per_token, full_rank_counts, layer_shape, precision, tokens_per_step
 
 __all__ = ["Stage", "StagePlan", "plan_run", "layer_shape", "format_plan"]
 
@@ -102,7 +102,7 @@ class StagePlan:
 
 def _vanilla(cfg) -> dict:
     counts, tokens = full_rank_counts(cfg), cfg.train.max_steps * tokens_per_step(cfg)
-    layers = planner.vanilla_bytes(cfg.model.n_layers, planner.params_per_layer(layer_shape(cfg.model)))
+    layers = cfg.model.n_layers * planner.trainable_layer_bytes(layer_shape(cfg.model), precision(cfg))
     return {"layers": cfg.model.n_layers, "steps": cfg.train.max_steps, "tokens": tokens,
             "flops": {c: flops_per_token(cfg, counts, c) * tokens for c in CONVENTIONS},
             "planned_state_bytes": {"layers": layers, "total": layers + methods.get("vanilla").outer_state_bytes(cfg)}}

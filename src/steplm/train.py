@@ -48,6 +48,15 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds: for a tensor subclass (torchao's quantized optimizer states) the
+    sum over its inner tensors (codes, block scales, lookup table), not numel × nominal dtype."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def state_bytes(model: LLaMA, optimizer: torch.optim.Optimizer) -> dict:
     """Bytes held by parameters, gradients and per-element optimizer state (Adam moments), from the
     live tensors, split into transformer layers and the rest. Adam's 0-d step counters are reported
@@ -69,7 +78,7 @@ def state_bytes(model: LLaMA, optimizer: torch.optim.Optimizer) -> dict:
                 if t.dim() == 0:
                     counters += t.numel() * t.element_size()
                 else:
-                    b += t.numel() * t.element_size()
+                    b += _tensor_bytes(t)
         total += b
         if name.startswith("model.layers."):
             layers += b

@@ -4,13 +4,14 @@ Adding a method means adding one module with a ``Method`` subclass and one line 
 """
 from __future__ import annotations
 
+from .apollo import Apollo
 from .base import Method
 from .galore import GaLore
 from .relora import ReLoRA
 from .step import Step, StepNoPet
 from .vanilla import Vanilla
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Vanilla(), Step(), StepNoPet(), ReLoRA(), GaLore())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (Vanilla(), Step(), StepNoPet(), ReLoRA(), GaLore(), Apollo())}
 
 
 def get(name: str) -> Method:

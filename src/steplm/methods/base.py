@@ -22,6 +22,11 @@ def layer_shape(model_cfg) -> planner.LayerShape:
     return planner.LayerShape(model_cfg.d_model, model_cfg.ffn_hidden, model_cfg.n_kv_heads * model_cfg.head_dim)
 
 
+def precision(cfg) -> planner.Precision:
+    """The run's optimizer-state and master-weight precision (train.optimizer_states, train.master_weights)."""
+    return planner.Precision(cfg.train.optimizer_states, cfg.train.master_weights)
+
+
 def tokens_per_step(cfg) -> int:
     """Tokens in one optimizer step (the global batch): micro_batch · grad_accum · seq_len."""
     t = cfg.train
@@ -58,6 +63,69 @@ def relora_reset(run) -> None:
     k = run.cfg.lora.relora_interval
     if k and run.step_in_stage % k == 0 and run.current_stage.adapter_resets:
         run.merge_adapters(run.optimizer, run.cfg.lora.reset_prune)
+
+
+def adamw(cfg, groups: list[dict], fused: bool):
+    """AdamW at the run's precision. fp32 states: torch.optim.AdamW. 8bit/4bit states: torchao's
+    block-wise quantized AdamW8bit/AdamW4bit (bf16 stochastic rounding with bf16 weights). bf16
+    states: torch-optimi's AdamW with Kahan summation. With bf16 master weights the trainable
+    parameters are cast to bf16 in place first (their gradients follow)."""
+    import torch
+
+    from ..errors import UserError
+
+    t, prec = cfg.train, precision(cfg)
+    if prec.master_weights == "bf16":
+        for g in groups:
+            for p in g["params"]:
+                p.data = p.data.to(torch.bfloat16)
+                if p.grad is not None:
+                    p.grad = p.grad.to(torch.bfloat16)
+    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    if prec.optimizer_states == "fp32":
+        return torch.optim.AdamW(groups, fused=fused, **kw)
+    if prec.optimizer_states == "bf16":
+        try:
+            import optimi
+        except ImportError:
+            raise UserError("train.optimizer_states: bf16 needs the optional extra: pip install 'steplm[lowbit]'")
+        return optimi.AdamW(groups, kahan_sum=True, decouple_lr=False, **kw)
+    try:
+        from torchao.optim import AdamW4bit, AdamW8bit
+    except ImportError:
+        raise UserError(f"train.optimizer_states: {prec.optimizer_states} needs the optional extra: "
+                        "pip install 'steplm[lowbit]'")
+    cls = AdamW8bit if prec.optimizer_states == "8bit" else AdamW4bit
+    # torchao compiles one step per parameter shape and dtype; a model has more than dynamo's default
+    # 8 (embeddings, head, seven linears, norms, adapters), and fullgraph compile fails past the limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return _trainer_friendly(cls)(groups, bf16_stochastic_round=prec.master_weights == "bf16", **kw)
+
+
+def _trainer_friendly(cls):
+    """``cls`` (a torchao low-bit AdamW) adapted to the trainer: the trainer sets a float lr, which
+    torchao keeps as a 0-d tensor during ``step`` only; and under a torch dispatch mode (the CPU peak
+    measurement's MemTracker), where torch.compile cannot trace, its per-parameter step runs eagerly."""
+    import unittest.mock
+
+    import torch
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    class TrainerFriendly(cls):
+        def step(self, closure=None):
+            for g in self.param_groups:
+                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32)
+            try:
+                if is_in_torch_dispatch_mode(include_infra_modes=False):
+                    with unittest.mock.patch.object(torch, "compile", lambda fn, **kw: fn):
+                        return super().step(closure)
+                return super().step(closure)
+            finally:
+                for g in self.param_groups:
+                    g["lr"] = float(g["lr"])
+
+    TrainerFriendly.__name__ = TrainerFriendly.__qualname__ = cls.__name__
+    return TrainerFriendly
 
 
 class Method:
@@ -109,15 +177,13 @@ class Method:
 
     def layer_state_bytes(self, cfg, layers_per_stage: list[int], counts: list[dict]) -> list[int]:
         """Model-state bytes of the transformer layers in each stage (Eq. 2; Eq. 1 for one stage)."""
-        shape = layer_shape(cfg.model)
-        P = planner.params_per_layer(shape)
-        rank = self.lora_rank(cfg)
-        return planner.stage_bytes(layers_per_stage, P, planner.lora_params_per_layer(shape, rank) if rank else 0)
+        g, k = planner.layer_costs(layer_shape(cfg.model), self.lora_rank(cfg), precision(cfg))
+        return planner.stage_bytes_from_costs(layers_per_stage, g, k)
 
     def outer_state_bytes(self, cfg) -> int:
         """Model-state bytes of the embeddings, LM head and final norm, trainable in every stage."""
         m = cfg.model
-        return planner.head_state_bytes(m.vocab_size, m.d_model, m.tie_embeddings)
+        return planner.head_state_bytes(m.vocab_size, m.d_model, m.tie_embeddings, precision(cfg))
 
     def stage_kind(self, cfg, index: int, counts: dict) -> str:
         """'full' (every layer trainable), 'grown' (old layers frozen) or 'lora' (all linears adapted)."""
@@ -132,11 +198,9 @@ class Method:
         """A pass over ``run.model`` as ``stage`` begins (stage 0 right after the model is built)."""
 
     def build_optimizer(self, cfg, model, groups: list[dict], fused: bool):
-        """The optimizer over the trainable parameter groups (decay, no-decay)."""
-        import torch
-
-        t = cfg.train
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
+        """AdamW over the trainable parameter groups (decay, no-decay) at train.optimizer_states and
+        train.master_weights (``adamw``)."""
+        return adamw(cfg, groups, fused)
 
     def after_optimizer_step(self, run) -> None:
         """Called after every counted optimizer step."""

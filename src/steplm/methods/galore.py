@@ -9,6 +9,10 @@ from .base import Method, layer_shape
 class GaLore(Method):
     name = "galore"
 
+    def problems(self, cfg) -> list[str]:
+        from .apollo import _fp32_only
+        return _fp32_only(cfg, self.name)
+
     def layer_state_bytes(self, cfg, layers_per_stage: list[int], counts: list[dict]) -> list[int]:
         """Per block 8·m·n + 8·r·max(m, n) + 4·r·min(m, n) for each m×n linear, 16 B per norm weight."""
         per_layer = planner.galore_layer_bytes(layer_shape(cfg.model), cfg.galore.rank)

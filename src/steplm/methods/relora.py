@@ -4,7 +4,7 @@ steps under a jagged cosine. The LoRA phase gets the rest of vanilla's FLOPs (or
 from __future__ import annotations
 
 from .. import planner
-from .base import Method, flops_per_token, full_rank_counts, layer_shape, relora_reset
+from .base import Method, flops_per_token, full_rank_counts, layer_shape, precision, relora_reset
 
 
 def warm_steps(cfg) -> int:
@@ -48,11 +48,10 @@ class ReLoRA(Method):
 
     def layer_state_bytes(self, cfg, layers_per_stage: list[int], counts: list[dict]) -> list[int]:
         """Warm start: Eq. 1. LoRA phase: linears frozen in bf16, norms and adapters at 16 B."""
-        shape = layer_shape(cfg.model)
-        P, E = planner.params_per_layer(shape), planner.lora_params_per_layer(shape, cfg.lora.rank)
+        shape, prec = layer_shape(cfg.model), precision(cfg)
         L = cfg.model.n_layers
-        return [planner.relora_bytes(L, P, E, 2 * cfg.model.d_model) if c["lora"] else planner.vanilla_bytes(L, P)
-                for c in counts]
+        return [L * (planner.relora_layer_bytes(shape, cfg.lora.rank, prec) if c["lora"]
+                     else planner.trainable_layer_bytes(shape, prec)) for c in counts]
 
     def stage_kind(self, cfg, index: int, counts: dict) -> str:
         return "lora" if counts["lora"] else "full"

@@ -3,7 +3,7 @@ adapters, train the new layers and the adapters; the LR rewarms every stage (Eq.
 from __future__ import annotations
 
 from .. import planner
-from .base import Method, layer_shape, relora_reset
+from .base import Method, layer_shape, precision, relora_reset
 
 
 class Step(Method):
@@ -25,7 +25,7 @@ class Step(Method):
         if s.layers_per_stage:
             return list(s.layers_per_stage)
         return planner.optimize(cfg.model.n_layers, s.n_stages, layer_shape(cfg.model), self.lora_rank(cfg),
-                                s.cap_growth).layers_per_stage
+                                s.cap_growth, precision(cfg)).layers_per_stage
 
     def enter_stage(self, run, stage) -> None:
         """Merge earlier adapters, insert the new layers (step.init/position/fpi), then freeze every
