@@ -71,6 +71,7 @@ BASE = {
     "step.flops_convention": "corrected",
 }
 SEEDS = (0, 1, 2)
+WIKI_PATH = DATA / "wikitext2" / "test.txt"
 WIKI_TOKENS = 204_800          # ≥ 200k tokens of wikitext2/test.txt
 VAL_TOKENS = None              # None: all of gutenberg/valid.jsonl.gz
 TASK_LIMIT = 1000              # items per zero-shot task (the first 1000 in file order; None: all)
@@ -159,7 +160,7 @@ def evaluate_run(d: Path, with_tasks: bool) -> dict:
     if "val" not in ev:
         ev["val"] = perplexity(str(d), BASE["data.val_path"], VAL_TOKENS, seq_len=seq)
     if "wikitext" not in ev:
-        ev["wikitext"] = perplexity(str(d), str(DATA / "wikitext2" / "test.txt"), WIKI_TOKENS, seq_len=seq)
+        ev["wikitext"] = perplexity(str(d), str(WIKI_PATH), WIKI_TOKENS, seq_len=seq)
     if with_tasks and "tasks" not in ev:
         ev["tasks"] = zero_shot(d)
     f.write_text(json.dumps(ev, indent=2))
@@ -651,18 +652,23 @@ def run_suite(name: str, cache: Path, out: Path) -> None:
 
 def smoke_setup(cache: Path) -> None:
     """Shrink everything to a tiny config (seconds per run) for --suite smoke and the tests."""
-    global SEEDS, WIKI_TOKENS, VAL_TOKENS, TASK_LIMIT, LR_GRID, K_STAGES, TP_ROUNDS, TP_STEPS
+    global SEEDS, WIKI_PATH, WIKI_TOKENS, VAL_TOKENS, TASK_LIMIT, LR_GRID, K_STAGES, TP_ROUNDS, TP_STEPS
+    cache.mkdir(parents=True, exist_ok=True)
+    text = (DATA / "shakespeare" / "input.txt").read_text()
+    for name, part in (("train.txt", text[:200_000]), ("val.txt", text[200_000:212_000]), ("wiki.txt", text[-12_000:])):
+        if not (cache / name).is_file():
+            (cache / name).write_text(part)
     BASE.clear()
     BASE.update({
-        "data.path": str(DATA / "shakespeare" / "input.txt"), "data.val_path": str(DATA / "wikitext2" / "valid.txt"),
-        "data.tokenizer": "bpe:512", "data.cache_dir": str(cache / "tokens"), "data.max_train_tokens": 100_000,
+        "data.path": str(cache / "train.txt"), "data.val_path": str(cache / "val.txt"),
+        "data.tokenizer": "bpe:512", "data.cache_dir": str(cache / "tokens"),
         "model.vocab_size": 512, "model.d_model": 32, "model.n_layers": 12, "model.n_heads": 2,
         "model.max_seq_len": 32, "train.seq_len": 32, "train.micro_batch": 4, "train.max_steps": 12,
         "train.warmup_steps": 2, "train.eval_every": 0, "train.eval_tokens": 1024, "train.log_every": 4,
         "train.dtype": "fp32", "train.compile": False, "train.lr": 3e-3, "lora.rank": 4, "lora.alpha": 8,
         "step.n_stages": 2, "step.flops_convention": "corrected",
     })
-    SEEDS, WIKI_TOKENS, VAL_TOKENS, TASK_LIMIT = (0, 1), 2048, 2048, 8
+    SEEDS, WIKI_PATH, WIKI_TOKENS, VAL_TOKENS, TASK_LIMIT = (0, 1), cache / "wiki.txt", 2048, 2048, 4
     LR_GRID = {m: (1e-3, 3e-3, 1e-2) for m in LR_GRID}
     K_STAGES = (2, 3, 6)
     TP_ROUNDS, TP_STEPS = 1, 1
@@ -696,6 +702,7 @@ def main():
     for name in suites:
         t0 = time.perf_counter()
         run_suite(name, cache, out)
+        print(f"[{name}] {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr, flush=True)
         meta["minutes_per_suite"][name] = (time.perf_counter() - t0) / 60
         meta.update({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                      "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
