@@ -201,7 +201,7 @@ def run(overrides: dict, cache: Path, with_tasks: bool = False) -> dict:
 def memory_probe(overrides: dict, out_dir: Path) -> list[dict]:
     """Per-stage planned and measured model-state bytes and MemTracker peak, from PROBE_STEPS eager
     steps per stage (train.compile=false) of the same config; asserts planned == measured."""
-    cfg = resolve({**overrides, "train.compile": False})
+    cfg = resolve({**overrides, "train.compile": False, "train.device": "cpu"})  # MemTracker counts CPU tensors
     t = Trainer(cfg, out_dir, progress=False)
     rows = []
     while True:
@@ -227,7 +227,7 @@ def memory_probe(overrides: dict, out_dir: Path) -> list[dict]:
 
 def probe(overrides: dict, cache: Path) -> list[dict]:
     """The memory probe of a run's config, cached next to the run cache (it depends on the shape only)."""
-    cfg = resolve({**canonical(overrides), "train.compile": False})
+    cfg = resolve({**canonical(overrides), "train.compile": False, "train.device": "cpu"})
     f = cache / "probes" / f"{run_key(cfg)}.json"
     if not f.is_file():
         with tempfile.TemporaryDirectory() as tmp:
@@ -672,6 +672,7 @@ def smoke_setup(cache: Path) -> None:
     LR_GRID = {m: (1e-3, 3e-3, 1e-2) for m in LR_GRID}
     K_STAGES = (2, 3, 6)
     TP_ROUNDS, TP_STEPS = 1, 1
+    torch.set_num_threads(1)  # d 32: thread hand-offs cost more than the matmuls
 
 
 def main():
