@@ -139,10 +139,10 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     d = main["step-3stages"]["run_dirs"][0]
     args = shlex.split(main["step-3stages"]["command"])
     assert load(None, args[args.index("--set") + 1:]).to_dict() == load(f"{d}/config.yaml").to_dict()
-    runs = sorted((cache / "runs").iterdir())
+    runs = sorted((cache / "smoke" / "runs").iterdir())
     monkeypatch.setattr(rep, "Trainer", None)  # any training now would fail
-    rep.run_suite("main", cache, out)
-    assert sorted((cache / "runs").iterdir()) == runs
+    rep.run_suite("main", cache / "smoke", out)
+    assert sorted((cache / "smoke" / "runs").iterdir()) == runs
 
 
 def test_estimate_counts_every_distinct_run(rep):
