@@ -384,8 +384,9 @@ PAPER_TRENDS = {"table4": "Upper best (lowest perplexity)", "table5": "with PET 
 def ablation_variants(name: str, results: Path) -> dict[str, list[dict]]:
     base = {**STEP2, "train.lr": tuned_lr("step-2stages", results)}
     if name == "table4":
-        split = table4_split(int(BASE["model.n_layers"]), int(BASE.get("train.seed", 0)))
-        g = {p: insertion_gaps(split[0], split[1], p, 0) for p in ("upper", "intermediate", "lower", "random")}
+        seed = int(BASE.get("train.seed", 0)) + 1  # the growth into stage 2 seeds "random" with train.seed + 1
+        split = table4_split(int(BASE["model.n_layers"]), seed)
+        g = {p: insertion_gaps(split[0], split[1], p, seed) for p in ("upper", "intermediate", "lower", "random")}
         assert len({tuple(v) for v in g.values()}) == 4, g
         return {f"position={p}": [{**base, "step.position": p, "step.layers_per_stage": json.dumps(split)}] for p in g}
     if name == "table5":
