@@ -8,7 +8,8 @@ K-stage memory/quality curve.
     python benchmarks/replicate.py --suite kcurve      # STEP with K = 2, 3, 4, 6 at one final depth
     python benchmarks/replicate.py --suite table4      # one ablation (table4, table5, table9, table10)
     python benchmarks/replicate.py --suite throughput  # interleaved per-method step timing (eager)
-    python benchmarks/replicate.py --suite smoke       # the whole pipeline on a tiny config in < 1 min (CI)
+    python benchmarks/replicate.py --suite smoke       # the whole pipeline on a tiny config (CI)
+    python benchmarks/replicate.py --suite estimate    # time a few vanilla steps; print the suite's cost
 
 Order inside "all": sweep -> main -> kcurve -> ablations -> throughput. The main table reads each
 method's peak lr from the sweep's committed result (benchmarks/results/lr_sweep.json), never from
@@ -19,16 +20,19 @@ $STEPLM_REPLICATE_CACHE or ~/.cache/steplm/replicate (flag --cache), outside the
 a later session on the same machine keeps finished runs; an interrupted run resumes from its last
 checkpoint. Each row's `command` is the `steplm train` command that reproduces the run.
 
-Scale, and why (measured, not assumed): d 256, 12 layers, 4 heads, seq 256, 16 sequences per step
-(4096 tokens), an 8192-token BPE trained on the training text (GPT-2's 50257 tokens would make the
-embedding and head 80 % of the parameters), 600 vanilla steps (2.46M tokens). The issue measured
-d 256 / 8 layers / 600 steps at about 120 ppl on a CPU with native bf16; 12 layers (needed for a
-K = 6 curve) should land lower. This machine (AMD EPYC, AVX2, no native bf16, 2 cores shared) runs
-fp32 (train.dtype=auto): a timed 10-step run of the 12-layer model took ESTIMATE_STEP_SECONDS s per
-step under the load of four other sessions (see ESTIMATE below), so a 600-step vanilla run takes
-about 600 × that; the whole "all" suite is RUNS_ESTIMATE vanilla-run equivalents. Adapter and
-projection ranks are the paper's 128 at d 2048 scaled to d 256 (r = 16); ReLoRA's reset interval,
-restart warmup and warm start, and GaLore's projection gap, scale with the run length.
+Scale, and why: d 256, 12 layers, 4 heads, seq 256, 16 sequences per step (4096 tokens), an
+8192-token BPE trained on the training text (GPT-2's 50257 tokens would make the embedding and head
+80 % of the parameters), 600 vanilla steps (2.46M tokens). The issue measured d 256 / 8 layers at
+this budget at about 120 ppl (native-bf16 CPU, ~10 min); 12 layers, needed for a K = 6 curve and an
+8->4 Table 4 split, should land lower, well inside the <= 150 ppl target. Estimate on this machine
+(2026-11-29; AMD EPYC, AVX2, no native bf16, so train.dtype=auto runs fp32; 2 cores shared by five
+sessions, load ~6-10): a timed 12-step eager run of the 12-layer vanilla took a median 72 s per step,
+so one 600-step vanilla run is ~12 h here, and the whole "all" suite, which `--suite estimate` counts
+as 48 distinct runs = 40.8 vanilla-run equivalents (24,457 vanilla steps, corrected FLOPs), is
+~490 h here: run it on an idle machine, or on a GPU (train.device=auto), where it is minutes of
+compute. `--suite estimate` re-times the steps on the machine at hand. Adapter and projection ranks
+are the paper's 128 at d 2048 scaled to d 256 (r = 16); ReLoRA's reset interval, restart warmup and
+warm start, and GaLore's projection gap, scale with the run length.
 """
 from __future__ import annotations
 

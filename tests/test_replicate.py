@@ -100,6 +100,7 @@ def test_memory_probe_matches_the_plan_per_stage(rep, tmp_path):
     assert all(r["tracked_peak_bytes"] > r["measured_state_bytes"]["total"] for r in rows)
 
 
+@pytest.mark.slow
 def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     out, cache = tmp_path / "results", tmp_path / "cache"
     monkeypatch.setattr(sys, "argv", ["replicate.py", "--suite", "smoke", "--cache", str(cache), "--out", str(out)])
