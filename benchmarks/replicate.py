@@ -82,6 +82,7 @@ TASK_LIMIT = 1000              # items per zero-shot task (the first 1000 in fil
 TASKS_ON = ("main",)           # suites whose rows get the seven zero-shot tasks
 SWEEP_FRACTION = 1 / 3         # the lr sweep's budget, as a share of STEPS
 PROBE_STEPS = 2                # eager steps per stage in the memory probe
+SCALE_TARGET = {"val_ppl": 150.0, "seed_cv": 0.03}  # the issue's bar for vanilla: ppl and seed SD / mean
 Z_VERDICT = 2.0                # an ablation difference counts when it exceeds this many noise SDs
 # Peak-lr grids per method (≥ 3 values each); GaLore's paper lr is 1e-2, the others' a few 1e-4 at
 # 100x the width, so the grids differ.
@@ -630,6 +631,12 @@ def run_suite(name: str, cache: Path, out: Path) -> None:
         for conv, stem in (("corrected", "replication"), ("paper", "replication_paper_flops")):
             rows = train_rows(f"main/{conv}", main_variants(out), cache, conv, "main" in TASKS_ON)
             md = main_table(rows)
+            van = next(r for r in rows if r["method"] == "vanilla")
+            cv = van["val_ppl_spread"] / van["val_ppl"]
+            ok = van["val_ppl"] <= SCALE_TARGET["val_ppl"] and cv <= SCALE_TARGET["seed_cv"]
+            md += (f"\n\nScale check: vanilla {van['val_ppl']:.1f} ppl (target ≤ {SCALE_TARGET['val_ppl']:g}), seed SD "
+                   f"{100 * cv:.1f} % of the mean (target ≤ {100 * SCALE_TARGET['seed_cv']:g} %): "
+                   f"**{'met' if ok else 'NOT met: raise STEPS'}**.")
             if conv == "corrected":
                 md += "\n\n#### Zero-shot tasks\n\n" + tasks_table(rows)
                 by = {r["method"]: r for r in rows}
