@@ -1,34 +1,80 @@
-"""The replication benchmark's machinery at a tiny scale: the interleaved throughput phase, the
-budget-planner row and the run cache (the full benchmark is `make replicate`)."""
+"""The replication benchmark's machinery: the smoke suite end to end (sweep -> main -> stats ->
+ablation verdicts -> K-curve -> JSON/MD), the ratio CI, the verdict logic, the Table 4 split,
+the budget-planner row, the run cache and the reproduce commands (the full run is
+`python benchmarks/replicate.py`)."""
 import importlib.util
 import json
+import math
+import random
+import shlex
+import sys
 
 import pytest
 
-from conftest import ROOT, shared, tiny_overrides
+from conftest import ROOT, shared
 from steplm import planner
 from steplm.config import load
+from steplm.growth import insertion_gaps
 from steplm.stages import layer_shape
 
 
-@pytest.fixture
-def rep(tmp_path, monkeypatch):
+def _load():
     spec = importlib.util.spec_from_file_location("replicate", ROOT / "benchmarks" / "replicate.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    tiny = tiny_overrides(tmp_path, **{"model.d_model": 64, "lora.rank": 4, "step.n_stages": 2})
-    base = dict(item.split("=", 1) for item in tiny)
-    monkeypatch.setattr(mod, "BASE", base)
-    monkeypatch.setattr(mod, "GALORE", {**mod.GALORE, "galore.rank": 4})
-    monkeypatch.setattr(mod, "WIKI_TOKENS", 2048)
-    monkeypatch.setattr(mod, "TP_ROUNDS", 2)
-    monkeypatch.setattr(mod, "TP_STEPS", 1)
     return mod
+
+
+@pytest.fixture
+def rep(tmp_path):
+    shared("shakespeare/input.txt")
+    mod = _load()
+    mod.smoke_setup(tmp_path / "cache")
+    return mod
+
+
+def test_ratio_ci_covers_the_true_ratio_95_percent_of_the_time(rep):
+    # Brute force: lognormal seeds with a known ratio of geometric means; Welch's interval on log
+    # ppl must cover it about 95 % of the time with 3 seeds a side (binomial SD ~0.5 % at 2000).
+    rng = random.Random(0)
+    true_ratio, hits, n = 0.9, 0, 2000
+    for _ in range(n):
+        van = [math.exp(rng.gauss(math.log(120), 0.02)) for _ in range(3)]
+        step = [math.exp(rng.gauss(math.log(120 * true_ratio), 0.04)) for _ in range(3)]
+        ratio, (lo, hi) = rep.ratio_ci95(step, van)
+        hits += lo <= true_ratio <= hi
+        assert lo < ratio < hi
+    assert 0.93 <= hits / n <= 0.975
+
+
+def test_ratio_ci_textbook_case_and_single_seed(rep):
+    # Equal variances and sizes: Welch = pooled t; d = -0.1, se = sqrt(2 * 0.01 / 3), t(4) = 2.776.
+    van = [math.exp(x) for x in (4.9, 5.0, 5.1)]
+    step = [math.exp(x) for x in (4.8, 4.9, 5.0)]
+    ratio, (lo, hi) = rep.ratio_ci95(step, van)
+    half = 2.7764451051977987 * math.sqrt(2 * 0.01 / 3)
+    assert ratio == pytest.approx(math.exp(-0.1))
+    assert lo == pytest.approx(math.exp(-0.1 - half)) and hi == pytest.approx(math.exp(-0.1 + half))
+    assert rep.ratio_ci95([100.0], van)[1] is None
+
+
+def test_verdict_is_judged_against_the_seed_spread(rep):
+    assert rep.verdict("a", {"a": 100.0, "b": 110.0}, noise_sd=1.0) == "reproduced"
+    assert rep.verdict("a", {"a": 100.0, "b": 102.0}, noise_sd=1.0) == "same order, within noise"
+    assert rep.verdict("a", {"a": 110.0, "b": 100.0}, noise_sd=1.0) == "contradicted"
+    assert rep.verdict("a", {"a": 101.0, "b": 100.0, "c": 120.0}, noise_sd=1.0) == "not resolved (within noise)"
+
+
+def test_table4_split_separates_the_four_positions(rep):
+    for L in (12, 8):
+        n_old, n_new = rep.table4_split(L, 0)
+        gaps = {p: tuple(insertion_gaps(n_old, n_new, p, 0)) for p in ("upper", "intermediate", "lower", "random")}
+        assert n_old + n_new == L and len(set(gaps.values())) == 4
 
 
 def test_budget_row_is_deepest_split_within_vanilla_memory(rep):
     row = rep.budget_row()
-    cfg = load(None, [f"{k}={v}" for k, v in rep.BASE.items()])
+    cfg = rep.resolve({})
     P = planner.params_per_layer(layer_shape(cfg.model))
     E = planner.lora_params_per_layer(layer_shape(cfg.model), cfg.lora.rank)
     budget = 16 * cfg.model.n_layers * P  # Eq. 1 at vanilla's depth
@@ -40,38 +86,69 @@ def test_budget_row_is_deepest_split_within_vanilla_memory(rep):
     L = row["model.n_layers"]
     assert sum(split) == L and peak(split) <= budget
     assert all(peak([a, L + 1 - a]) > budget for a in range(1, L + 1))  # one layer deeper never fits
-    assert row["train.max_steps"] == round(int(rep.BASE["train.max_steps"]) * cfg.model.n_layers / L)
 
 
-def test_throughput_times_each_final_stage_against_vanilla_of_same_depth(rep):
-    variants = rep.throughput_variants()
-    rows = {r["method"]: r for r in rep.throughput(variants)}
-    L = rep.budget_row()["model.n_layers"]
-    depth = int(rep.BASE["model.n_layers"])
-    assert rows["vanilla"]["step_time_vs_vanilla"] == 1.0
-    assert rows[f"vanilla-{L}-layers"]["step_time_vs_vanilla"] == 1.0
-    assert rows["step-2stages-budget"]["vanilla_reference"] == f"vanilla-{L}-layers"
-    for m in ("relora", "galore", "step-2stages", "step-3stages"):
-        assert rows[m]["final_layers"] == depth and rows[m]["vanilla_reference"] == "vanilla"
-        assert rows[m]["step_seconds"] > 0 and rows[m]["steps_timed"] == 2
-    # The timed models really are in their last stage: trainable = new layers + adapters of the old
-    # ones + the always-trainable embeddings, head and final norm.
-    cfg = load(None, [f"{k}={v}" for k, v in rep.BASE.items()])
-    P = planner.params_per_layer(layer_shape(cfg.model))
-    E = planner.lora_params_per_layer(layer_shape(cfg.model), cfg.lora.rank)
-    outer = rows["vanilla"]["trainable_params"] - depth * P
-    n1, n2 = planner.optimize(depth, 2, layer_shape(cfg.model), cfg.lora.rank).layers_per_stage
-    assert rows["step-2stages"]["trainable_params"] == outer + n2 * P + n1 * E
-    assert rows["relora"]["trainable_params"] == outer + depth * (E + 2 * cfg.model.d_model)  # + norms
+def test_canonical_shares_runs_whose_plan_ignores_the_flops_convention(rep):
+    assert rep.canonical({"step.flops_convention": "paper"})["step.flops_convention"] == "corrected"
+    assert rep.canonical({**rep.STEP2, "step.flops_convention": "paper"})["step.flops_convention"] == "paper"
 
 
-def test_run_cache_reuses_a_finished_identical_run(rep, tmp_path):
-    shared("wikitext2/test.txt")
-    short = {"train.max_steps": 4}
-    first = rep.run(short, tmp_path / "out")
-    stamp = (tmp_path / "out" / "runs").stat().st_mtime_ns, sorted((tmp_path / "out" / "runs").iterdir())
-    again = rep.run(short, tmp_path / "out")
-    assert again["run_dir"] == first["run_dir"] and again["final_val_ppl"] == first["final_val_ppl"]
-    assert sorted((tmp_path / "out" / "runs").iterdir()) == stamp[1]
-    other = rep.run({"train.max_steps": 5}, tmp_path / "out")  # a different config trains anew
-    assert other["run_dir"] != first["run_dir"] and other["tokens_seen"] > first["tokens_seen"]
+def test_memory_probe_matches_the_plan_per_stage(rep, tmp_path):
+    rows = rep.memory_probe({**rep.STEP3}, tmp_path / "probe")
+    assert [r["stage"] for r in rows] == [0, 1, 2]
+    assert all(r["planned_state_bytes"] == r["measured_state_bytes"] for r in rows)
+    assert all(r["tracked_peak_bytes"] > r["measured_state_bytes"]["total"] for r in rows)
+
+
+@pytest.mark.slow
+def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    monkeypatch.setattr(sys, "argv", ["replicate.py", "--suite", "smoke", "--cache", str(cache), "--out", str(out)])
+    rep.main()
+    sweep = json.loads((out / "lr_sweep.json").read_text())
+    assert {r["method"] for r in sweep} == set(rep.LR_GRID)
+    assert all(sum(r["chosen"] for r in sweep if r["method"] == m) == 1 for m in rep.LR_GRID)
+    main = {r["method"]: r for r in json.loads((out / "replication.json").read_text())}
+    assert list(main) == ["vanilla", "relora", "galore", "step-2stages", "step-3stages", "step-2stages-budget"]
+    chosen = {r["method"]: r["lr"] for r in sweep if r["chosen"]}
+    for m, r in main.items():  # the sweep's choice feeds the table
+        assert r["lr"] == chosen["step-2stages" if m == "step-2stages-budget" else m]
+        assert r["planned_peak_bytes"] == r["measured_peak_bytes"]
+        assert r["tokens"] > 0 and r["wall_seconds"] > 0 and r["tokens_per_second"] > 0
+        assert r["command"].startswith("steplm train --out ")
+    assert main["vanilla"]["n_seeds"] == len(rep.SEEDS) and "val_ppl_ratio" not in main["vanilla"]
+    lo, hi = main["step-2stages"]["val_ppl_ratio_ci95"]
+    assert lo <= main["step-2stages"]["val_ppl_ratio"] <= hi
+    assert main["relora"]["single_seed"] and main["relora"]["val_ppl_ratio_ci95"] is None
+    for t, m in main["vanilla"]["tasks"].items():
+        assert 0 <= m["acc"] <= 1 and m["chance"] == (0.0 if t == "lambada" else pytest.approx(m["chance"]))
+    assert main["vanilla"]["tasks"]["piqa"]["chance"] == 0.5
+    paper = {r["method"]: r for r in json.loads((out / "replication_paper_flops.json").read_text())}
+    assert paper["vanilla"]["run_dirs"] == main["vanilla"]["run_dirs"]  # shared: same run
+    assert paper["step-2stages"]["run_dirs"] != main["step-2stages"]["run_dirs"]
+    for name in ("table4", "table5", "table9", "table10"):
+        t = json.loads((out / f"{name}.json").read_text())
+        assert t["verdict"] in ("reproduced", "same order, within noise", "contradicted", "not resolved (within noise)")
+        assert t["noise_sd"] == main["step-2stages"]["val_ppl_spread"]
+    k = json.loads((out / "kcurve.json").read_text())
+    assert [len(r["layers_per_stage"]) for r in k[1:]] == list(rep.K_STAGES)
+    assert (out / "kcurve.png").stat().st_size > 0 and (out / "replication.md").is_file()
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(meta["minutes_per_suite"]) == set(rep.ALL)
+
+    # The command reproduces the run's config; a second invocation trains nothing.
+    d = main["step-3stages"]["run_dirs"][0]
+    args = shlex.split(main["step-3stages"]["command"])
+    assert load(None, args[args.index("--set") + 1:]).to_dict() == load(f"{d}/config.yaml").to_dict()
+    runs = sorted((cache / "smoke" / "runs").iterdir())
+    monkeypatch.setattr(rep, "Trainer", None)  # any training now would fail
+    rep.run_suite("main", cache / "smoke", out)
+    assert sorted((cache / "smoke" / "runs").iterdir()) == runs
+
+
+def test_estimate_counts_every_distinct_run(rep):
+    runs = rep.planned_runs()
+    est = rep.estimate(1.0)
+    assert est["runs"] == len(runs) and est["hours"] == pytest.approx(est["vanilla_step_equivalents"] / 3600)
+    # vanilla at the paper count is the same run as at the corrected count: counted once
+    assert sum(1 for r in runs if r.get("method", "vanilla") == "vanilla" and "train.max_steps" not in r) == len(rep.SEEDS)

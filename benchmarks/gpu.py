@@ -1,0 +1,189 @@
+"""GPU memory and throughput at the paper's 368M shape, next to the paper's Table 2 and the planner.
+
+    PYTHONPATH=src python3 benchmarks/gpu.py                 # one H100/H200-class GPU, about 5-8 minutes
+    PYTHONPATH=src python3 benchmarks/gpu.py --dry-run       # tiny shape on CPU, seconds (the test runs this)
+
+For vanilla, STEP-2stages (7 -> 12 layers), ReLoRA and GaLore at d 1600, 12 layers, 25 heads,
+seq 1024, GPT-2's vocabulary (50257), bf16 autocast, activation checkpointing and one shared
+micro-batch, it trains STEPS_PER_STAGE optimizer steps in every stage (moving through the stages
+with Trainer.next_stage(), as a real run does at its growth steps) and records per stage
+torch.cuda.max_memory_allocated, the live model-state bytes, the planner's prediction (Eq. 1-2 +
+embeddings) and tokens/s over the timed steps. Writes benchmarks/results/gpu.json (and .md).
+
+Tokens are drawn uniformly from the whole vocabulary: memory and speed do not depend on the text,
+and the device machine has no copy of the shared data. GaLore needs galore-torch; where it is not
+installed, the wheel in shared/wheels/ is put on sys.path (it is pure Python), and where neither
+is there the GaLore row is skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from steplm import config  # noqa: E402
+from steplm.train import Trainer, state_bytes  # noqa: E402
+
+# The paper's Table 2, 368M model, memory column (GB), in its row order Vanilla, ReLoRA, GaLore, STEP.
+PAPER_TABLE2_GB = {"vanilla": 5.9, "relora": 5.9, "galore": 3.3, "step-2stages": 3.4}
+SHAPE = {"model.vocab_size": 50257, "model.d_model": 1600, "model.n_layers": 12, "model.n_heads": 25,
+         "model.max_seq_len": 1024, "train.seq_len": 1024}
+TINY = {"model.vocab_size": 512, "model.d_model": 32, "model.n_layers": 4, "model.n_heads": 2,
+        "model.max_seq_len": 32, "train.seq_len": 32}
+COMMON = {"train.micro_batch": 8, "train.grad_accum": 1, "train.activation_checkpointing": True,
+          "train.dtype": "auto", "train.lr": 5e-4, "train.warmup_steps": 10, "train.max_steps": 1000,
+          "train.eval_every": 0, "lora.rank": 128, "lora.alpha": 256, "galore.rank": 128,
+          "galore.update_proj_gap": 200, "galore.scale": 0.25, "step.n_stages": 2}
+METHODS = {"vanilla": {}, "step-2stages": {"method": "step", "step.layers_per_stage": "[7,5]"},
+           "relora": {"method": "relora", "lora.relora_interval": 5000, "lora.relora_warmup": 500},
+           "galore": {"method": "galore", "train.lr": 1e-2}}
+STEPS_PER_STAGE, WARMUP = 100, 5
+GB = 1e9
+
+
+def galore_available() -> bool:
+    """Whether galore_torch imports, after putting a carried wheel (shared/wheels) on sys.path."""
+    try:
+        import galore_torch  # noqa: F401
+        return True
+    except ImportError:
+        for whl in sorted((ROOT / "shared" / "wheels").glob("galore_torch-*.whl")):
+            sys.path.insert(0, str(whl))
+            try:
+                import galore_torch  # noqa: F401
+                return True
+            except ImportError:
+                sys.path.remove(str(whl))
+        return False
+
+
+class RandomTokens:
+    """Stands in for the trainer's BatchSampler: (x, y) batches of uniform random token ids."""
+
+    def __init__(self, vocab: int, batch: int, seq: int, seed: int = 0):
+        self.vocab, self.batch, self.seq = vocab, batch, seq
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        t = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=self.gen)  # (B, T+1)
+        return t[:, :-1], t[:, 1:]
+
+
+def corpus(d: Path, name: str, seed: int) -> Path:
+    """A small text file for the trainer's tokenizer and data set-up (its tokens are not trained on)."""
+    words = ["the", "of", "memory", "stage", "layer", "growth", "token", "model", "adapter", "frozen"]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(words), (60_000,), generator=g).tolist()
+    text = "\n".join(" ".join(words[i] for i in idx[k:k + 12]) for k in range(0, len(idx), 12))
+    f = d / name
+    f.write_text(text)
+    return f
+
+
+def measure(method: str, overrides: dict, steps: int, warmup: int, tmp: Path) -> dict:
+    """Per-stage peak allocated bytes, model-state bytes (live and planned) and tokens/s."""
+    cfg = config.load(None, [f"{k}={v}" for k, v in overrides.items()])
+    t = Trainer(cfg, tmp / method, progress=False)
+    t.sampler = RandomTokens(cfg.model.vocab_size, cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed)
+    cuda = t.device.type == "cuda"
+    stages = []
+    while True:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(steps):
+            if i == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                t0, tokens0 = time.perf_counter(), t.tokens
+            t.train_step()
+            if i == steps - 1:  # gradients still held: the paper's 16 B/param counts them
+                live = state_bytes(t.model, t.optimizer)
+            t.optimizer.zero_grad(set_to_none=True)
+            t._account()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        st = t.current_stage
+        stages.append({"stage": t.stage, "layers": st.layers, "kind": st.kind,
+                       "max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+                       "model_state_bytes": live["total"], "planned_state_bytes": st.planned_state_bytes["total"],
+                       "tokens_per_second": (t.tokens - tokens0) / seconds, "steps": steps})
+        if t.stage == len(t.stage_steps) - 1:
+            break
+        t.next_stage()
+    del t
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"method": method, "paper_table2_gb": PAPER_TABLE2_GB.get(method),
+            "peak_allocated_gb": max((s["max_memory_allocated"] or 0) for s in stages) / GB,
+            "peak_model_state_gb": max(s["model_state_bytes"] for s in stages) / GB,
+            "planned_peak_gb": max(s["planned_state_bytes"] for s in stages) / GB, "stages": stages}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | stages (layers) | paper Table 2 (GB) | planned model states (GB) | live model states (GB) | "
+             "max allocated (GB) | tokens/s per stage |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        lines.append(f"| {r['method']} | {'→'.join(str(s['layers']) for s in r['stages'])} | "
+                     f"{r['paper_table2_gb']} | {r['planned_peak_gb']:.2f} | {r['peak_model_state_gb']:.2f} | "
+                     f"{r['peak_allocated_gb']:.2f} | {', '.join(format(s['tokens_per_second'], ',.0f') for s in r['stages'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="tiny shape on CPU, 3 steps per stage (for tests)")
+    ap.add_argument("--steps", type=int, default=STEPS_PER_STAGE, help="optimizer steps per stage")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = ap.parse_args(argv)
+    if not a.dry_run and not torch.cuda.is_available():
+        sys.exit("gpu.py: error: no CUDA device; use --dry-run for the CPU path")
+    shape = TINY if a.dry_run else SHAPE
+    steps, warmup = (3, 1) if a.dry_run else (a.steps, WARMUP)
+    extra = {"train.device": "cpu", "train.dtype": "fp32", "lora.rank": 4, "galore.rank": 4,
+             "step.layers_per_stage": "[2,2]", "data.tokenizer": "bpe:320"} if a.dry_run else {"data.tokenizer": "bpe:320"}
+    rows = []
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = {**COMMON, **shape, "data.path": str(corpus(tmp, "train.txt", 0)),
+                "data.val_path": str(corpus(tmp, "val.txt", 1)),
+                "data.cache_dir": str(tmp / "cache")}
+        for method, over in METHODS.items():
+            if method == "galore" and not galore_available():
+                rows.append({"method": method, "skipped": "galore_torch not importable (no shared/wheels wheel)"})
+                continue
+            o = {**base, **over, **extra}
+            if method == "step-2stages" and a.dry_run:
+                o["step.layers_per_stage"] = "[2,2]"
+            elif method != "step-2stages":
+                o.pop("step.layers_per_stage", None)
+            print(f"[gpu] {method}", file=sys.stderr, flush=True)
+            rows.append(measure(method, o, steps, warmup, tmp))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not a.dry_run else "cpu",
+              "torch": torch.__version__, "dry_run": a.dry_run, "shape": shape, "common": COMMON,
+              "steps_per_stage": steps, "timed_from_step": warmup, "minutes": (time.perf_counter() - t_start) / 60,
+              "rows": rows}
+    (out / "gpu.json").write_text(json.dumps(result, indent=2))
+    md = table(rows)
+    (out / "gpu.md").write_text(f"### GPU memory and throughput, 368M shape ({result['device']})\n\n{md}\n")
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

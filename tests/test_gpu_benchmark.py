@@ -1,0 +1,23 @@
+"""benchmarks/gpu.py's CPU dry-run path: every method moves through its stages and the record
+holds the planner's prediction next to the live model-state bytes (the GPU run is by hand)."""
+import importlib.util
+
+from conftest import ROOT
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--dry-run", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"vanilla", "step-2stages", "relora", "galore"}
+    assert [s["layers"] for s in rows["step-2stages"]["stages"]] == [2, 4]
+    assert [s["kind"] for s in rows["relora"]["stages"]] == ["full", "lora"]
+    for r in rows.values():
+        if "skipped" in r:
+            continue
+        for s in r["stages"]:
+            assert s["model_state_bytes"] == s["planned_state_bytes"] and s["tokens_per_second"] > 0
+    assert rows["step-2stages"]["planned_peak_gb"] < rows["vanilla"]["planned_peak_gb"]
+    assert rows["vanilla"]["paper_table2_gb"] == 5.9 and (tmp_path / "gpu.json").is_file()
