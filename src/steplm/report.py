@@ -24,8 +24,9 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     summary = read_summary(run_dir)
     stages = summary["stages"]
     from .config import load
+    from .methods.base import layer_shape
     cfg = load(Path(run_dir) / "config.yaml")
-    shape = planner.LayerShape(cfg.model.d_model, cfg.model.ffn_hidden, cfg.model.n_kv_heads * cfg.model.head_dim)
+    shape = layer_shape(cfg.model)
     head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings)
     van_planned = planner.vanilla_bytes(cfg.model.n_layers, planner.params_per_layer(shape)) + head
     van_measured = None

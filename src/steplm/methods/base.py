@@ -18,8 +18,10 @@ CONVENTIONS = ("paper", "corrected")
 
 
 def layer_shape(model_cfg) -> planner.LayerShape:
-    """The planner's view of one decoder block of a ``ModelConfig``."""
-    return planner.LayerShape(model_cfg.d_model, model_cfg.ffn_hidden, model_cfg.n_kv_heads * model_cfg.head_dim)
+    """The planner's view of one decoder block of a ``ModelConfig``: its real widths and biases."""
+    m = model_cfg
+    return planner.LayerShape(m.d_model, m.ffn_hidden, m.n_kv_heads * m.head_dim, m.n_heads * m.head_dim,
+                              m.attention_bias, m.mlp_bias)
 
 
 def tokens_per_step(cfg) -> int:
