@@ -24,6 +24,16 @@ def layer_shape(model_cfg) -> planner.LayerShape:
                               m.attention_bias, m.mlp_bias)
 
 
+def init_depth(cfg) -> int | None:
+    """Layers of the checkpoint stage 1 starts from (model.init_from's num_hidden_layers), None without one.
+    Reads only that directory's config.json, which config validation has checked."""
+    if not cfg.model.init_from:
+        return None
+    import json
+    from pathlib import Path
+    return int(json.loads((Path(cfg.model.init_from) / "config.json").read_text())["num_hidden_layers"])
+
+
 def tokens_per_step(cfg) -> int:
     """Tokens in one optimizer step (the global batch): micro_batch · grad_accum · seq_len."""
     t = cfg.train
@@ -72,6 +82,14 @@ class Method:
     # -- planning (pure) --------------------------------------------------------------------------
     def problems(self, cfg) -> list[str]:
         """Config problems specific to this method, each naming the key to change."""
+        return []
+
+    def init_problems(self, cfg, depth: int) -> list[str]:
+        """Config problems of starting from model.init_from, a checkpoint of ``depth`` layers. A method
+        that does not grow trains the checkpoint at its own depth."""
+        if cfg.model.n_layers != depth:
+            return [f"model.n_layers: method {self.name} trains model.init_from {cfg.model.init_from} at its "
+                    f"depth ({depth}); set model.n_layers to {depth}, got {cfg.model.n_layers}"]
         return []
 
     def lora_rank(self, cfg) -> int:
