@@ -139,8 +139,6 @@ def test_cli_refusal_exit_2_writes_nothing(hf_dir, text, tmp_path):
     args = [x for s in sets(tmp_path, text, **{"model.d_model": 256}) for x in ("--set", s)]
     r = run_cli("train", *args, "--init-from", str(hf_dir), "--out", str(out))
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines() == [f"steplm: error: model.d_model: 256 conflicts with --init-from {hf_dir} "
-                                             f"(hidden_size 64)"] or "Traceback" not in r.stderr
     assert f"model.d_model: 256 conflicts with --init-from {hf_dir} (hidden_size 64)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
     r = run_cli("train", *args[:-2], "--init-from", str(tmp_path / "absent"), "--out", str(out))
