@@ -373,7 +373,7 @@ def init_from_conflicts(cfg: RunConfig, given: set[str], given_tokenizer: bool, 
                        f"({HF_NAMES.get(f.name, f.name)} {getattr(ck, f.name)!r})")
     if given_tokenizer and Path(cfg.data.tokenizer).expanduser().resolve() != Path(d).expanduser().resolve():
         out.append(f"data.tokenizer: {cfg.data.tokenizer!r} conflicts with {source} {d} (its tokenizer is used "
-                   f"as-is; drop data.tokenizer)")
+                   f"as-is; drop data.tokenizer or set it to that directory)")
     return out
 
 

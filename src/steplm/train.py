@@ -165,6 +165,10 @@ class Trainer:
         if self.main:
             distributed.barrier()
         n_vocab = self.tokenizer.get_vocab_size()
+        if n_vocab > cfg.model.vocab_size and cfg.model.init_from:
+            raise UserError(f"model.init_from: {cfg.model.init_from}'s tokenizer has no <|endoftext|> token, which "
+                            f"steplm ends every training document with; adding it would outgrow the model's "
+                            f"vocabulary ({cfg.model.vocab_size})")
         if n_vocab > cfg.model.vocab_size:
             raise UserError(f"model.vocab_size: the tokenizer has {n_vocab} tokens, more than model.vocab_size "
                             f"({cfg.model.vocab_size}); raise model.vocab_size")
