@@ -204,3 +204,20 @@ def test_export_loads_in_transformers_with_parity(run, tmp_path):
     model, _ = load_run(run["out"])
     with torch.no_grad():
         assert (model(run["x"]) - hf(input_ids=run["x"]).logits).abs().max().item() <= 2e-5
+
+
+def test_plan_cli_takes_init_from(hf_dir):
+    r = run_cli("plan", "--init-from", str(hf_dir), "--set", "method=step", "--set", "model.n_layers=7",
+                "--set", "step.n_stages=3", "--set", "lora.rank=4", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["layers_per_stage"][0] == 2 and sum(plan["layers_per_stage"]) == 7
+
+
+def test_a_tokenizer_without_endoftext_is_refused(text, tmp_path):
+    from steplm.train import Trainer
+    d = tmp_path / "llama_tok"
+    make_hf_dir(d, llama_tok=True, **ARCH)
+    cfg = config.load(None, sets(tmp_path, text), init_from=str(d))
+    with pytest.raises(UserError, match=r"^model.init_from: .* has no <\|endoftext\|> token"):
+        Trainer(cfg, tmp_path / "run", progress=False)
