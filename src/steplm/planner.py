@@ -164,9 +164,9 @@ class _Stages:
 
     def top(self, i: int, N: int) -> int:
         t = (self.M + (self.g - self.k) * N) // self.g
-        if i == 1 and self.first is not None:
-            return min(t, self.first)
-        return min(t, 2 * N) if self.cap and i > 1 else t
+        if i == 1:
+            return t if self.first is None else min(t, self.first)
+        return min(t, 2 * N) if self.cap else t
 
     def low(self, i: int, N: int) -> int:
         """The fewest layers the model can have after stage i, from N after stage i-1."""
@@ -183,7 +183,8 @@ class _Stages:
             if self.cap and i > 1 and self.g < self.k:  # min(decreasing, 2N) peaks where they cross
                 x = self.M // (self.g + self.k)
                 cands |= {min(max(x, lo), b), min(max(x + 1, lo), b)}
-            lo, hi = self.low(i, lo), min(self.L, max(self.top(i, x) for x in cands))
+            lo, hi = (lo + 1 if i > 1 or self.first is None else self.first), \
+                min(self.L, max(self.top(i, x) for x in cands))
             if hi < lo:
                 return False
         return hi >= self.L
