@@ -132,8 +132,9 @@ def pretrained_model(stage1: ModelConfig, device: torch.device) -> LLaMA:
 
     src = stage1.init_from
     loaded = load_pretrained(src, device)
-    free = {"n_layers": stage1.n_layers, "init_std": stage1.init_std, "init_from": src}
-    if replace(loaded.config, **free) != stage1 or loaded.config.n_layers != stage1.n_layers:
+    if loaded.config.n_layers != stage1.n_layers:  # validation and the planner make n_1 the checkpoint's depth
+        raise RuntimeError(f"stage 1 has {stage1.n_layers} layers, the checkpoint {loaded.config.n_layers}")
+    if replace(loaded.config, init_std=stage1.init_std, init_from=src) != stage1:
         # only when the weights disagree with config.json (an untied lm_head.weight): hf.load_pretrained warned
         raise UserError(f"model.init_from: {src}'s weights do not match its config.json "
                         f"(tie_word_embeddings {stage1.tie_embeddings}); fix config.json")
@@ -166,8 +167,8 @@ class Trainer:
             distributed.barrier()
         n_vocab = self.tokenizer.get_vocab_size()
         if n_vocab > cfg.model.vocab_size and cfg.model.init_from:
-            raise UserError(f"model.init_from: {cfg.model.init_from}'s tokenizer has no <|endoftext|> token, which "
-                            f"steplm ends every training document with; adding it would outgrow the model's "
+            raise UserError(f"model.init_from: {cfg.model.init_from}'s tokenizer, with the <|endoftext|> token "
+                            f"steplm ends every training document with, has {n_vocab} tokens, more than its model's "
                             f"vocabulary ({cfg.model.vocab_size})")
         if n_vocab > cfg.model.vocab_size:
             raise UserError(f"model.vocab_size: the tokenizer has {n_vocab} tokens, more than model.vocab_size "
