@@ -219,6 +219,6 @@ def test_a_tokenizer_without_endoftext_is_refused(text, tmp_path):
     d = tmp_path / "llama_tok"
     make_hf_dir(d, llama_tok=True, **ARCH)
     cfg = config.load(None, sets(tmp_path, text), init_from=str(d))
-    with pytest.raises(UserError, match=r"^model.init_from: .*'s tokenizer, with the <\|endoftext\|> token .* has \d+ tokens, more than "
-                       r"its model's vocabulary \(\d+\)"):
+    with pytest.raises(UserError, match=r"^model.init_from: .*'s tokenizer, with the <\|endoftext\|> token .* "
+                                        r"has \d+ tokens, more than its model's vocabulary \(\d+\)"):
         Trainer(cfg, tmp_path / "run", progress=False)
