@@ -208,7 +208,7 @@ def test_export_loads_in_transformers_with_parity(run, tmp_path):
 
 def test_plan_cli_takes_init_from(hf_dir):
     r = run_cli("plan", "--init-from", str(hf_dir), "--set", "method=step", "--set", "model.n_layers=7",
-                "--set", "step.n_stages=3", "--set", "lora.rank=4", "--json")
+                "--set", "step.n_stages=3", "--set", "lora.rank=4", "--set", "train.seq_len=32", "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["layers_per_stage"][0] == 2 and sum(plan["layers_per_stage"]) == 7
