@@ -78,7 +78,7 @@ def cmd_train(a):
         overrides.append(f"train.max_steps={a.max_steps}")
     if a.seed is not None:
         overrides.append(f"train.seed={a.seed}")
-    cfg = config.load(a.config, overrides)
+    cfg = config.load(a.config, overrides, init_from=a.init_from)
     config.validate(cfg)
     out = Path(a.out)
     if a.fresh and out.exists() and any(out.iterdir()):
@@ -192,7 +192,7 @@ def _plan_config(a):
     if shape_flags:
         flag = "--" + shape_flags[0].replace("_", "-")
         raise UserError(f"{flag}: not used with a CONFIG; change the config with --set (e.g. --set model.n_layers=24)")
-    cfg = config.load(a.config, a.set or [])
+    cfg = config.load(a.config, a.set or [], init_from=a.init_from)
     config.validate(cfg)
     try:
         plan = plan_run(cfg)
@@ -204,7 +204,7 @@ def _plan_config(a):
 def cmd_plan(a):
     from . import planner
 
-    if a.config or a.set:  # like `train`, --set alone starts from the default config
+    if a.config or a.set or a.init_from:  # like `train`, --set alone starts from the default config
         return _plan_config(a)
     search = a.budget_gb is not None and not a.optimizer_states and not a.master_weights
     search_stages = a.budget_gb is not None and not a.stages and not a.preset
@@ -445,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_seed, help="train.seed")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--fresh", action="store_true", help="refuse to start unless --out is empty (no resume)")
+    t.add_argument("--init-from", metavar="HF_DIR", help="start stage 1 from this HF Llama directory and use its "
+                   "tokenizer (model.init_from); model.n_layers is the final depth")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="held-out perplexity of a run or HF directory")
@@ -479,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="STEP memory planner (paper Eq. 1-5, Eq. 3 ILP); with CONFIG, a run's stage plan")
     pl.add_argument("config", nargs="?", help="a run config (YAML): print its stage plan (a dry run of `train`)")
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (with CONFIG)")
+    pl.add_argument("--init-from", metavar="HF_DIR", help="plan STEP from this HF Llama directory (model.init_from)")
     pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"])
     width, big = _int_up_to(planner.MAX_WIDTH), _int_up_to(1 << 30, "a sanity bound")
     pl.add_argument("--hidden", type=width, help="d")

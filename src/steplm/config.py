@@ -22,6 +22,7 @@ from .errors import UserError
 from .model import ModelConfig
 
 from .methods import REGISTRY as _METHODS
+from .methods.base import init_depth
 from .planner import MASTER_WEIGHTS, OPTIMIZER_STATES, Precision
 
 METHODS = tuple(_METHODS)
@@ -322,9 +323,11 @@ def _section(cls, value: Any, name: str, problems: list[str], unknown: list[str]
     return cls(**given)
 
 
-def from_dict(d: dict) -> RunConfig:
+def from_dict(d: dict, init_source: str = "model.init_from") -> RunConfig:
     """Build a RunConfig from nested dicts. Every value is checked against its field's annotation
-    before any object is built; unknown keys and wrong types are reported together in one error."""
+    before any object is built; unknown keys and wrong types are reported together in one error.
+    With model.init_from, the model keys not given are taken from that directory (``resolve_init_from``);
+    ``init_source`` is how errors name it (``--init-from`` when it came from the flag)."""
     if not isinstance(d, dict):
         raise UserError(f"config: top level must be a mapping of sections (method, {', '.join(SECTIONS)}), "
                         f"got {_show(d)}")
@@ -350,11 +353,68 @@ def from_dict(d: dict) -> RunConfig:
         found.append(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
     if found or problems:
         raise UserError("; ".join(found + problems + (ranges if problems else [])))
+    if cfg.model.init_from:
+        given_model = set(d["model"]) if isinstance(d.get("model"), dict) else set()
+        given_data = set(d["data"]) if isinstance(d.get("data"), dict) else set()
+        conflicts = resolve_init_from(cfg, given_model, "tokenizer" in given_data, init_source)
+        if conflicts:
+            raise UserError("; ".join(conflicts))
     return cfg
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or the defaults if ``path`` is None) and apply ``key=value`` overrides."""
+# ModelConfig keys that model.init_from does not fix: the final depth, and how weights are initialised.
+NOT_FROM_CHECKPOINT = ("n_layers", "init_std", "init_from")
+
+
+def _checkpoint_config(cfg: RunConfig, source: str) -> ModelConfig:
+    """The ModelConfig of model.init_from's config.json, or a UserError naming ``source``."""
+    from .hf import read_config
+
+    d = Path(cfg.model.init_from)
+    try:
+        ck = read_config(d)
+    except UserError as e:
+        raise UserError(str(e).replace("MODEL:", f"{source}:", 1))
+    if not (d / "tokenizer.json").is_file():
+        raise UserError(f"{source}: {d} has no tokenizer.json (its tokenizer is used as-is)")
+    return ck
+
+
+def init_from_conflicts(cfg: RunConfig, given: set[str], given_tokenizer: bool, ck: ModelConfig,
+                        source: str = "model.init_from") -> list[str]:
+    """The model keys in ``given`` (and data.tokenizer) whose values differ from model.init_from's
+    checkpoint ``ck``, each naming both sides."""
+    from .hf import HF_NAMES
+
+    m, d, out = cfg.model, cfg.model.init_from, []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in given and f.name not in NOT_FROM_CHECKPOINT and getattr(m, f.name) != getattr(ck, f.name):
+            out.append(f"model.{f.name}: {getattr(m, f.name)!r} conflicts with {source} {d} "
+                       f"({HF_NAMES.get(f.name, f.name)} {getattr(ck, f.name)!r})")
+    if given_tokenizer and Path(cfg.data.tokenizer).expanduser().resolve() != Path(d).expanduser().resolve():
+        out.append(f"data.tokenizer: {cfg.data.tokenizer!r} conflicts with {source} {d} (its tokenizer is used "
+                   f"as-is; drop data.tokenizer or set it to that directory)")
+    return out
+
+
+def resolve_init_from(cfg: RunConfig, given: set[str], given_tokenizer: bool,
+                      source: str = "model.init_from") -> list[str]:
+    """Fill ``cfg`` in place from model.init_from: every architecture key from its config.json,
+    data.tokenizer = the directory, model.n_layers = its depth unless given. Returns the conflicts
+    with keys the user gave (``given``: model keys; ``given_tokenizer``: data.tokenizer), if any."""
+    ck = _checkpoint_config(cfg, source)
+    conflicts = init_from_conflicts(cfg, given, given_tokenizer, ck, source)
+    if not conflicts:
+        n_layers = cfg.model.n_layers if "n_layers" in given else ck.n_layers
+        cfg.model = dataclasses.replace(ck, n_layers=n_layers, init_std=cfg.model.init_std,
+                                        init_from=cfg.model.init_from)
+        cfg.data.tokenizer = cfg.model.init_from
+    return conflicts
+
+
+def load(path: str | Path | None, overrides: list[str] = (), init_from: str | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults if ``path`` is None) and apply ``key=value`` overrides, then
+    ``init_from`` (the --init-from flag, which sets model.init_from)."""
     d: dict = {}
     if path is not None:
         p = Path(path)
@@ -384,6 +444,11 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
                 section[parts[1]] = _Raw(value)
         else:
             raise UserError(f"--set {item!r}: key must look like section.name, e.g. train.lr")
+    if init_from is not None:
+        if not isinstance(d.get("model", {}), dict):
+            return from_dict(d)  # names the model section that is not a mapping
+        d.setdefault("model", {})["init_from"] = init_from
+        return from_dict(d, "--init-from")
     return from_dict(d)
 
 
@@ -509,6 +574,17 @@ def problems(cfg: RunConfig) -> list[str]:
                 out.append(f"step.layers_per_stage: must sum to model.n_layers ({L}), got {sum(lps)}")
     if cfg.method in _METHODS:
         out += _METHODS[cfg.method].problems(cfg)
+    if m.init_from:
+        # A config built in code must agree with the checkpoint on every architecture key.
+        mine = init_from_conflicts(cfg, {f.name for f in dataclasses.fields(ModelConfig)}, True,
+                                   _checkpoint_config(cfg, "model.init_from"))
+        depth = init_depth(cfg)
+        if not mine and isinstance(L, int) and L < depth:
+            mine.append(f"model.n_layers: the final depth must be at least model.init_from {m.init_from}'s "
+                        f"({depth}), got {L}")
+        if not mine and not out and cfg.method in _METHODS:
+            mine += _METHODS[cfg.method].init_problems(cfg, depth)
+        out = mine + out
     return out
 
 

@@ -5,7 +5,7 @@ A new layer in gap g is made from its two neighbours:
 - interpolation-copy: phi_new = phi_g;
 - interpolation-mean: phi_new = (phi_g + phi_(g+1)) / 2, for every parameter of the block, norms included.
 Frozen neighbours contribute their effective weight (base + adapter update).
-FPI additionally zeroes the new layer's o_proj and down_proj, so its residual branches output 0
+FPI additionally zeroes the new layer's o_proj and down_proj (weights and any biases), so its residual branches output 0
 and growth preserves the function.
 
 Positions (paper Fig. 3): ``upper`` uses the highest gaps (the k-th new layer sits between old
@@ -67,9 +67,11 @@ def make_layer(cfg: ModelConfig, lower: nn.Module, upper: nn.Module, init: str, 
         raise ValueError(f"unknown init {init!r}")
     block = Block(cfg).to(device)
     block.load_state_dict(state)
-    if fpi:
-        block.self_attn.o_proj.weight.zero_()
-        block.mlp.down_proj.weight.zero_()
+    if fpi:  # the residual branches output exactly 0: weights and, in models with them, biases
+        for out_proj in (block.self_attn.o_proj, block.mlp.down_proj):
+            out_proj.weight.zero_()
+            if out_proj.bias is not None:
+                out_proj.bias.zero_()
     return block
 
 

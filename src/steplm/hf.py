@@ -37,7 +37,8 @@ ACTIVATIONS = ("silu", "swish")
 HF_NAMES = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
             "ffn_hidden": "intermediate_size", "max_seq_len": "max_position_embeddings",
-            "rope_scaling": "rope_parameters", "attention_bias": "attention_bias", "mlp_bias": "mlp_bias"}
+            "rope_scaling": "rope_parameters", "attention_bias": "attention_bias", "mlp_bias": "mlp_bias",
+            "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
 _IGNORED_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old checkpoints' RoPE buffer
 
 _LINEARS = [*(f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -259,11 +260,8 @@ class Pretrained:
     special: SpecialTokens
 
 
-def load_pretrained(path: str | Path, device="cpu") -> Pretrained:
-    """A steplm model, its ModelConfig, tokenizer and special tokens from an HF Llama directory
-    (no transformers needed unless the config scales RoPE). Refuses what it cannot load exactly."""
-    from tokenizers import Tokenizer
-
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of an HF Llama directory's config.json (no weights read), or a one-line UserError."""
     d = Path(path)
     if not (d / "config.json").is_file():
         raise UserError(f"MODEL: {d} has no config.json (give a steplm run directory or an HF model directory)")
@@ -271,7 +269,18 @@ def load_pretrained(path: str | Path, device="cpu") -> Pretrained:
         hf_cfg = json.loads((d / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"MODEL: {d / 'config.json'} is not valid JSON")
-    cfg = from_hf_config(hf_cfg)
+    if not isinstance(hf_cfg, dict):
+        raise UserError(f"MODEL: {d / 'config.json'} is not a JSON object")
+    return from_hf_config(hf_cfg)
+
+
+def load_pretrained(path: str | Path, device="cpu") -> Pretrained:
+    """A steplm model, its ModelConfig, tokenizer and special tokens from an HF Llama directory
+    (no transformers needed unless the config scales RoPE). Refuses what it cannot load exactly."""
+    from tokenizers import Tokenizer
+
+    d = Path(path)
+    cfg = read_config(d)
     if not (d / "tokenizer.json").is_file():
         raise UserError(f"MODEL: {d} has no tokenizer.json")
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))

@@ -55,6 +55,11 @@ class ModelConfig:
     """Share the token embedding with the LM head."""
     init_std: float = 0.02
     """Std of the normal init; output projections are further scaled by depth."""
+    init_from: str | None = None
+    """An HF Llama directory that stage 1 starts from instead of a random init (`steplm train --init-from`).
+    Its config.json fixes every architecture key (a conflicting model.* key is an error) and its tokenizer
+    is used as-is; model.n_layers is the final depth, at least the checkpoint's (STEP grows it to that).
+    The model classes ignore it: it says where the weights come from, as init_std does for a random init."""
 
     def __post_init__(self):
         if self.n_kv_heads is None:

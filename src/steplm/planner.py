@@ -92,14 +92,17 @@ def tensor_state_bytes(numel: int, prec: Precision = FP32, n_tensors: int = 1) -
 
 
 def layer_tensors(shape: "LayerShape") -> list[tuple[int, int]]:
-    """(elements, tensors) of one block: the four attention weights, the MLP weights, then the two
-    norm vectors. With ffn_hidden None (the paper's 8/3·d, not always whole) the three MLP weights
+    """(elements, tensors) of one block: the four attention weights, the MLP weights, the two norm
+    vectors, then any biases. With ffn_hidden None (the paper's 8/3·d, not always whole) the three MLP weights
     are one entry of 8·d² elements in 3 tensors."""
-    d, kv = shape.d_model, shape.kv_dim or shape.d_model
-    attn = [(d * d, 1), (d * kv, 1), (d * kv, 1), (d * d, 1)]
+    d, kv, q = shape.d_model, shape.kv_dim or shape.d_model, shape.q_dim or shape.d_model
+    attn = [(d * q, 1), (d * kv, 1), (d * kv, 1), (q * d, 1)]
     f = shape.ffn_hidden
     mlp = [(8 * d * d, 3)] if f is None else [(d * f, 1)] * 3
-    return attn + mlp + [(d, 1), (d, 1)]
+    biases = [(q, 1), (kv, 1), (kv, 1), (d, 1)] if shape.attention_bias else []
+    if shape.mlp_bias:
+        biases += [(f, 1), (f, 1), (d, 1)]
+    return attn + mlp + [(d, 1), (d, 1)] + biases
 
 
 def lora_tensors(shape: "LayerShape", rank: int) -> list[tuple[int, int]]:
@@ -107,8 +110,8 @@ def lora_tensors(shape: "LayerShape", rank: int) -> list[tuple[int, int]]:
     (with ffn_hidden None the MLP's six adapters as one entry of 11·r·d elements)."""
     if not rank:
         return []
-    d, kv, f = shape.d_model, shape.kv_dim or shape.d_model, shape.ffn_hidden
-    attn = [(rank * n, 1) for n in (d, d, d, kv, d, kv, d, d)]
+    d, kv, f, q = shape.d_model, shape.kv_dim or shape.d_model, shape.ffn_hidden, shape.q_dim or shape.d_model
+    attn = [(rank * n, 1) for n in (d, q, d, kv, d, kv, q, d)]  # A (r×in), B (out×r) of q, k, v, o
     mlp = [(11 * rank * d, 6)] if f is None else [(rank * n, 1) for n in (d, f, d, f, f, d)]
     return attn + mlp
 
@@ -145,31 +148,52 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class LayerShape:
-    """Sizes of one decoder block. ffn_hidden None means the paper's 8/3·d exactly."""
+    """Sizes of one decoder block. ffn_hidden None means the paper's 8/3·d exactly.
+
+    The defaults describe the paper's block (Eq. 4/5): q and o are d×d, no biases. An imported
+    model may differ: q_dim = n_heads·head_dim (head_dim need not be d/n_heads), kv_dim =
+    n_kv_heads·head_dim, and HF's attention_bias / mlp_bias add bias vectors, which are parameters
+    like any other (16 B trainable, 2 B frozen in bf16)."""
     d_model: int
     ffn_hidden: int | None = None
     kv_dim: int | None = None  # n_kv_heads·head_dim for GQA; None means d_model
+    q_dim: int | None = None  # n_heads·head_dim; None means d_model
+    attention_bias: bool = False
+    """Biases on q, k, v and o (q_dim + 2·kv_dim + d_model parameters)."""
+    mlp_bias: bool = False
+    """Biases on gate, up and down (2·ffn_hidden + d_model parameters)."""
 
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of the seven linears: q, k, v, o, gate, up, down."""
-        d, kv = self.d_model, self.kv_dim or self.d_model
+        d, kv, q = self.d_model, self.kv_dim or self.d_model, self.q_dim or self.d_model
         f = self.ffn_hidden
-        return [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]
+        return [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+
+    def bias_params(self) -> int:
+        """Bias parameters of one block (0 for the paper's block)."""
+        d, kv, q = self.d_model, self.kv_dim or self.d_model, self.q_dim or self.d_model
+        n = q + 2 * kv + d if self.attention_bias else 0
+        if self.mlp_bias:
+            if self.ffn_hidden is None:
+                raise ValueError("mlp_bias needs the real FFN width (ffn_hidden)")
+            n += 2 * self.ffn_hidden + d
+        return n
 
 
 def params_per_layer(shape: LayerShape) -> int:
-    """Eq. 4 generalised: parameters of one block (attention + SwiGLU + two RMSNorm vectors)."""
-    d, kv = shape.d_model, shape.kv_dim or shape.d_model
-    attn = 2 * d * d + 2 * d * kv
+    """Eq. 4 generalised: parameters of one block (attention + SwiGLU + two RMSNorm vectors + biases)."""
+    d, kv, q = shape.d_model, shape.kv_dim or shape.d_model, shape.q_dim or shape.d_model
+    attn = 2 * d * q + 2 * d * kv
     mlp = 8 * d * d if shape.ffn_hidden is None else 3 * d * shape.ffn_hidden
-    return attn + mlp + 2 * d  # paper default: 12d² + 2d
+    return attn + mlp + 2 * d + shape.bias_params()  # paper default: 12d² + 2d
 
 
 def lora_params_per_layer(shape: LayerShape, rank: int) -> int:
     """Eq. 5 generalised: adapter parameters r·(in+out) summed over the seven linears (paper: 19·r·d)."""
     if shape.ffn_hidden is None:
-        d, kv = shape.d_model, shape.kv_dim or shape.d_model
-        return rank * (4 * d + 4 * kv) + 11 * rank * d
+        d, kv, q = shape.d_model, shape.kv_dim or shape.d_model, shape.q_dim or shape.d_model
+        # q and o: r·(d + q) each; k and v: r·(d + kv) each; gate, up, down with f = 8/3·d: 11·r·d
+        return rank * (4 * d + 2 * q + 2 * kv) + 11 * rank * d
     return sum(rank * (i + o) for i, o in shape.linears())
 
 
@@ -208,8 +232,8 @@ def relora_layer_bytes(shape: "LayerShape", rank: int, prec: Precision = FP32) -
 def galore_layer_bytes(shape: LayerShape, rank: int) -> int:
     """GaLore (proj_type std) for one block: each m×n linear keeps fp32 weight and gradient (8·m·n),
     Adam moments of the projected gradient (8·r·max(m, n)) and the projection (4·r·min(m, n));
-    the two norms are plain AdamW (16 B each)."""
-    total = TRAINABLE_BYTES * 2 * shape.d_model
+    the two norms and any biases are plain AdamW (16 B each)."""
+    total = TRAINABLE_BYTES * (2 * shape.d_model + shape.bias_params())  # norms and biases: plain AdamW
     for n_in, n_out in _real_linears(shape):
         r = min(rank, n_in, n_out)
         total += 8 * n_in * n_out + 8 * r * max(n_in, n_out) + 4 * r * min(n_in, n_out)
@@ -244,22 +268,25 @@ def cumulative(layers_per_stage: list[int]) -> list[int]:
 # HiGHS cross-check is run only up to MILP_MAX_STAGES stages.
 MAX_LAYERS = 1_000_000
 MAX_STAGES = 1024
-MAX_WIDTH = 1 << 20  # d_model, ffn_hidden, kv_dim
+MAX_WIDTH = 1 << 20  # d_model, ffn_hidden, kv_dim, q_dim
 MAX_TIES = 64  # tied optima listed (the count can grow exponentially with K)
 MILP_MAX_STAGES = 64
 MILP_TIME_LIMIT_S = 0.3
 
 
-def _check(n_layers: int, n_stages: int):
+def _check(n_layers: int, n_stages: int, first: int | None = None):
     if not 1 <= n_layers <= MAX_LAYERS:
         raise ValueError(f"layer count must be in [1, {MAX_LAYERS}], got {n_layers}")
     if not 1 <= n_stages <= min(n_layers, MAX_STAGES):
         raise ValueError(f"stage count must be in [1, {min(n_layers, MAX_STAGES)}], got {n_stages}")
+    if first is not None and not 1 <= first <= n_layers - n_stages + 1:
+        raise ValueError(f"a first stage of {first} layers leaves no room for {n_stages - 1} more stages "
+                         f"within {n_layers} layers")
 
 
 def check_shape(shape: LayerShape):
     """Raise ValueError unless every width of ``shape`` is a positive integer within MAX_WIDTH."""
-    for name in ("d_model", "ffn_hidden", "kv_dim"):
+    for name in ("d_model", "ffn_hidden", "kv_dim", "q_dim"):
         v = getattr(shape, name)
         if v is not None and not 1 <= v <= MAX_WIDTH:
             raise ValueError(f"{name} must be in [1, {MAX_WIDTH}], got {v}")
@@ -273,15 +300,23 @@ class _Stages:
     top(i, N) = floor((M + (g - k)·N) / g) (and at most 2·N with cap_growth), and it can add one at
     all only if N <= (M - g) // k. Both bounds are monotone in N, so the counts reachable after each
     stage, and those from which exactly L layers can still be reached, are integer intervals.
+    With ``first`` (a pretrained model's depth) stage 1 adds exactly that many layers.
     """
 
-    def __init__(self, n_layers, n_stages, g, k, cap_growth, M):
+    def __init__(self, n_layers, n_stages, g, k, cap_growth, M, first=None):
         self.L, self.K, self.g, self.k, self.cap, self.M = n_layers, n_stages, g, k, cap_growth, M
+        self.first = first
         self.x_max = (M - g) // k  # largest N from which one more layer fits
 
     def top(self, i: int, N: int) -> int:
         t = (self.M + (self.g - self.k) * N) // self.g
-        return min(t, 2 * N) if self.cap and i > 1 else t
+        if i == 1:
+            return t if self.first is None else min(t, self.first)
+        return min(t, 2 * N) if self.cap else t
+
+    def low(self, i: int, N: int) -> int:
+        """The fewest layers the model can have after stage i, from N after stage i-1."""
+        return self.first if i == 1 and self.first is not None else N + 1
 
     def feasible(self) -> bool:
         """Whether some split has every stage within M (forward interval reach, O(K))."""
@@ -294,7 +329,10 @@ class _Stages:
             if self.cap and i > 1 and self.g < self.k:  # min(decreasing, 2N) peaks where they cross
                 x = self.M // (self.g + self.k)
                 cands |= {min(max(x, lo), b), min(max(x + 1, lo), b)}
-            lo, hi = lo + 1, min(self.L, max(self.top(i, x) for x in cands))
+            lo, hi = (lo + 1 if i > 1 or self.first is None else self.first), \
+                min(self.L, max(self.top(i, x) for x in cands))
+            if hi < lo:
+                return False
         return hi >= self.L
 
     def backward(self) -> list[tuple[int, int]]:
@@ -330,24 +368,26 @@ class Solution(NamedTuple):
 
 
 def solve_exact(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = False,
-                max_ties: int = MAX_TIES, costs: tuple[int, int] | None = None) -> Solution:
+                max_ties: int = MAX_TIES, costs: tuple[int, int] | None = None,
+                first: int | None = None) -> Solution:
     """Exact min-max of Eq. 3 in integer bytes: bisection on the peak with an O(K) interval
     feasibility test, then every tied split (up to ``max_ties``) read off the same intervals.
-    ``costs`` = (g, k) from ``layer_costs`` replaces the fp32 slopes (16·P, 2·P + 16·E)."""
-    _check(n_layers, n_stages)
+    ``costs`` = (g, k) from ``layer_costs`` replaces the fp32 slopes (16·P, 2·P + 16·E).
+    ``first`` fixes n_1 (a pretrained model's depth); the other n_i are optimised."""
+    _check(n_layers, n_stages, first)
     g, k = costs or (TRAINABLE_BYTES * P, FROZEN_BYTES * P + TRAINABLE_BYTES * E)
     lo, hi = 0, (g + k) * n_layers  # infeasible, feasible (n = L-K+1, 1, ..., 1 fits under hi)
-    if not _Stages(n_layers, n_stages, g, k, cap_growth, hi).feasible():
+    if not _Stages(n_layers, n_stages, g, k, cap_growth, hi, first).feasible():
         raise ValueError("no split satisfies the constraints")
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if _Stages(n_layers, n_stages, g, k, cap_growth, mid).feasible() else (mid, hi)
-    st = _Stages(n_layers, n_stages, g, k, cap_growth, hi)
+        lo, hi = (lo, mid) if _Stages(n_layers, n_stages, g, k, cap_growth, mid, first).feasible() else (mid, hi)
+    st = _Stages(n_layers, n_stages, g, k, cap_growth, hi, first)
     back = st.backward()
 
     def choices(i: int, N: int) -> tuple[int, int]:  # the N_i allowed after N_(i-1) = N
         a, b = back[i]
-        return max(N + 1, a), min(st.top(i, N), b)
+        return max(st.low(i, N), a), min(st.top(i, N), b)
 
     latest, N = [], 0
     for i in range(1, n_stages + 1):
@@ -381,7 +421,7 @@ def solve_exact(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool =
 
 def solve_milp(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = False,
                scale: bool = True, time_limit: float | None = MILP_TIME_LIMIT_S,
-               costs: tuple[int, int] | None = None) -> list[int]:
+               costs: tuple[int, int] | None = None, first: int | None = None) -> list[int]:
     """Eq. 3 as an integer program solved by HiGHS (scipy.optimize.milp).
 
     Variables are n_1..n_K (integers >= 1) and the peak M. With ``scale`` the stage constraints are
@@ -392,7 +432,7 @@ def solve_milp(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = 
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    _check(n_layers, n_stages)
+    _check(n_layers, n_stages, first)
     K = n_stages
     g, k = costs or (TRAINABLE_BYTES * P, FROZEN_BYTES * P + TRAINABLE_BYTES * E)
     unit = g if scale else 1
@@ -412,8 +452,10 @@ def solve_milp(n_layers: int, n_stages: int, P: int, E: int, cap_growth: bool = 
         rows.append(LinearConstraint(C, -np.inf, 0.0))
     c = np.zeros(K + 1)
     c[K] = 1.0
-    res = milp(c, constraints=rows, integrality=np.r_[np.ones(K), 0.0],
-               bounds=Bounds(np.r_[np.ones(K), 0.0], np.r_[np.full(K, n_layers), np.inf]),
+    lower, upper = np.r_[np.ones(K), 0.0], np.r_[np.full(K, n_layers), np.inf]
+    if first is not None:  # n_1 fixed: a pretrained model's depth
+        lower[0] = upper[0] = first
+    res = milp(c, constraints=rows, integrality=np.r_[np.ones(K), 0.0], bounds=Bounds(lower, upper),
                options={"mip_rel_gap": 0.0, **({"time_limit": time_limit} if time_limit else {})})
     if res.status == 1:
         raise ValueError(f"timed out after {time_limit} s")
@@ -462,20 +504,21 @@ def evaluate_split(layers_per_stage: list[int], shape: LayerShape, rank: int, pr
 
 
 def optimize(n_layers: int, n_stages: int, shape: LayerShape, rank: int, cap_growth: bool = False,
-             prec: Precision = FP32) -> Plan:
-    """Eq. 3: the split minimising the largest stage at precision ``prec``. HiGHS (up to
-    MILP_MAX_STAGES stages, within MILP_TIME_LIMIT_S) is cross-checked against the exact solver,
-    whose answer is returned (``solver`` says whether they agreed)."""
+             prec: Precision = FP32, first: int | None = None) -> Plan:
+    """Eq. 3: the split minimising the largest stage at precision ``prec`` (with n_1 = ``first``
+    when given: STEP from a pretrained model of that depth). HiGHS (up to MILP_MAX_STAGES stages,
+    within MILP_TIME_LIMIT_S) is cross-checked against the exact solver, whose answer is returned
+    (``solver`` says whether they agreed)."""
     check_shape(shape)
     P, E = params_per_layer(shape), lora_params_per_layer(shape, rank)
     costs = layer_costs(shape, rank, prec)
-    sol = solve_exact(n_layers, n_stages, P, E, cap_growth, costs=costs)
+    sol = solve_exact(n_layers, n_stages, P, E, cap_growth, costs=costs, first=first)
     milp_split, why = None, ""
     if n_stages > MILP_MAX_STAGES:
         why = f"milp skipped: more than {MILP_MAX_STAGES} stages"
     else:
         try:
-            milp_split = solve_milp(n_layers, n_stages, P, E, cap_growth, costs=costs)
+            milp_split = solve_milp(n_layers, n_stages, P, E, cap_growth, costs=costs, first=first)
         except ValueError as e:
             why = f"milp failed: {e}"
     if milp_split is not None:

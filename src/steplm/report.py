@@ -24,9 +24,9 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     summary = read_summary(run_dir)
     stages = summary["stages"]
     from .config import load
+    from .methods.base import layer_shape, precision
     cfg = load(Path(run_dir) / "config.yaml")
-    shape = planner.LayerShape(cfg.model.d_model, cfg.model.ffn_hidden, cfg.model.n_kv_heads * cfg.model.head_dim)
-    from .methods.base import precision
+    shape = layer_shape(cfg.model)
     prec = precision(cfg)
     head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings, prec)
     van_planned = cfg.model.n_layers * planner.trainable_layer_bytes(shape, prec) + head

@@ -112,6 +112,24 @@ def _cpu_peak_step(step_fn, model, optimizer, trainer=None) -> int | None:
     return int(next(iter(peak.values()))["Total"]) if peak else None
 
 
+def pretrained_model(stage1: ModelConfig, device: torch.device) -> LLaMA:
+    """Stage 1's model loaded from model.init_from (fp32, trainable), checked against ``stage1``,
+    the validated config it must match in every architecture key and in depth."""
+    from .hf import load_pretrained
+
+    src = stage1.init_from
+    loaded = load_pretrained(src, device)
+    if loaded.config.n_layers != stage1.n_layers:  # validation and the planner make n_1 the checkpoint's depth
+        raise RuntimeError(f"stage 1 has {stage1.n_layers} layers, the checkpoint {loaded.config.n_layers}")
+    if replace(loaded.config, init_std=stage1.init_std, init_from=src) != stage1:
+        # only when the weights disagree with config.json (an untied lm_head.weight): hf.load_pretrained warned
+        raise UserError(f"model.init_from: {src}'s weights do not match its config.json "
+                        f"(tie_word_embeddings {stage1.tie_embeddings}); fix config.json")
+    model = loaded.model.train()
+    model.config = replace(stage1)  # a copy: growth updates model.config.n_layers
+    return model
+
+
 # ---------------------------------------------------------------------------- trainer
 class Trainer:
     """Owns model, optimizer, schedule, data position, step, stage and RNG state of one run."""
@@ -135,6 +153,10 @@ class Trainer:
         if self.main:
             distributed.barrier()
         n_vocab = self.tokenizer.get_vocab_size()
+        if n_vocab > cfg.model.vocab_size and cfg.model.init_from:
+            raise UserError(f"model.init_from: {cfg.model.init_from}'s tokenizer, with the <|endoftext|> token "
+                            f"steplm ends every training document with, has {n_vocab} tokens, more than its model's "
+                            f"vocabulary ({cfg.model.vocab_size})")
         if n_vocab > cfg.model.vocab_size:
             raise UserError(f"model.vocab_size: the tokenizer has {n_vocab} tokens, more than model.vocab_size "
                             f"({cfg.model.vocab_size}); raise model.vocab_size")
@@ -150,7 +172,10 @@ class Trainer:
         np.random.seed(cfg.train.seed)
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)  # adapters, growth
         stage1 = replace(cfg.model, n_layers=self.plan.stages[0].layers)
-        self.model = build_model(stage1, seed=cfg.train.seed, device=self.device)
+        if cfg.model.init_from:
+            self.model = pretrained_model(stage1, self.device)
+        else:
+            self.model = build_model(stage1, seed=cfg.train.seed, device=self.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.sampler = BatchSampler(self.train_shard, cfg.train.seq_len, cfg.train.micro_batch, cfg.train.seed,
                                     self.rank, self.world)

@@ -18,8 +18,20 @@ CONVENTIONS = ("paper", "corrected")
 
 
 def layer_shape(model_cfg) -> planner.LayerShape:
-    """The planner's view of one decoder block of a ``ModelConfig``."""
-    return planner.LayerShape(model_cfg.d_model, model_cfg.ffn_hidden, model_cfg.n_kv_heads * model_cfg.head_dim)
+    """The planner's view of one decoder block of a ``ModelConfig``: its real widths and biases."""
+    m = model_cfg
+    return planner.LayerShape(m.d_model, m.ffn_hidden, m.n_kv_heads * m.head_dim, m.n_heads * m.head_dim,
+                              m.attention_bias, m.mlp_bias)
+
+
+def init_depth(cfg) -> int | None:
+    """Layers of the checkpoint stage 1 starts from (model.init_from's num_hidden_layers), None without one.
+    Reads only that directory's config.json, which config validation has checked."""
+    if not cfg.model.init_from:
+        return None
+    import json
+    from pathlib import Path
+    return int(json.loads((Path(cfg.model.init_from) / "config.json").read_text())["num_hidden_layers"])
 
 
 def precision(cfg) -> planner.Precision:
@@ -138,6 +150,14 @@ class Method:
     # -- planning (pure) --------------------------------------------------------------------------
     def problems(self, cfg) -> list[str]:
         """Config problems specific to this method, each naming the key to change."""
+        return []
+
+    def init_problems(self, cfg, depth: int) -> list[str]:
+        """Config problems of starting from model.init_from, a checkpoint of ``depth`` layers. A method
+        that does not grow trains the checkpoint at its own depth."""
+        if cfg.model.n_layers != depth:
+            return [f"model.n_layers: method {self.name} trains model.init_from {cfg.model.init_from} at its "
+                    f"depth ({depth}); set model.n_layers to {depth}, got {cfg.model.n_layers}"]
         return []
 
     def lora_rank(self, cfg) -> int:

@@ -3,7 +3,7 @@ adapters, train the new layers and the adapters; the LR rewarms every stage (Eq.
 from __future__ import annotations
 
 from .. import planner
-from .base import Method, layer_shape, precision, relora_reset
+from .base import Method, init_depth, layer_shape, precision, relora_reset
 
 
 class Step(Method):
@@ -16,16 +16,36 @@ class Step(Method):
             return [f"step.n_stages: method {self.name} needs at least 2 stages, got {s.n_stages}"]
         return []
 
+    def init_problems(self, cfg, depth: int) -> list[str]:
+        """From a pretrained model the first stage is the checkpoint: n_1 = its depth (config.problems
+        has checked that model.n_layers is at least that)."""
+        s, L, src = cfg.step, cfg.model.n_layers, cfg.model.init_from
+        if s.layers_per_stage is not None:
+            if s.layers_per_stage[0] != depth:
+                return [f"step.layers_per_stage: must start with model.init_from {src}'s depth ({depth}), "
+                        f"got {s.layers_per_stage}"]
+        elif L - depth < s.n_stages - 1:
+            return [f"step.n_stages: growing model.init_from {src}'s {depth} layers to model.n_layers ({L}) "
+                    f"leaves room for at most {L - depth + 1} stages, got {s.n_stages}"]
+        else:
+            try:
+                self.layers_per_stage(cfg)
+            except ValueError as e:  # e.g. step.cap_growth cannot grow so few layers to L
+                return [f"step.cap_growth: no split of model.n_layers ({L}) into {s.n_stages} stages starts "
+                        f"with model.init_from {src}'s {depth} layers ({e})"]
+        return []
+
     def lora_rank(self, cfg) -> int:
         return cfg.lora.rank
 
     def layers_per_stage(self, cfg) -> list[int]:
-        """step.layers_per_stage, or the Eq. 3 optimum for the model's real layer shape."""
+        """step.layers_per_stage, or the Eq. 3 optimum for the model's real layer shape (with n_1 fixed
+        to the checkpoint's depth when stage 1 starts from model.init_from)."""
         s = cfg.step
         if s.layers_per_stage:
             return list(s.layers_per_stage)
         return planner.optimize(cfg.model.n_layers, s.n_stages, layer_shape(cfg.model), self.lora_rank(cfg),
-                                s.cap_growth, precision(cfg)).layers_per_stage
+                                s.cap_growth, precision(cfg), first=init_depth(cfg)).layers_per_stage
 
     def enter_stage(self, run, stage) -> None:
         """Merge earlier adapters, insert the new layers (step.init/position/fpi), then freeze every

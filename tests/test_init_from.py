@@ -1,0 +1,224 @@
+"""STEP from a pretrained model (model.init_from / --init-from): the imported model, its growth, a short
+run and the export all agree with transformers; the planner fixes n_1 to the checkpoint's depth and its
+bytes match the live tensors for a block with biases and head_dim != d/heads; bad input is one line.
+
+The checkpoint is a tiny random ``LlamaForCausalLM`` saved with ``save_pretrained``; expected logits and
+parameter counts come from transformers, never from steplm."""
+import itertools
+import json
+
+import pytest
+import torch
+
+from steplm import config, planner
+from steplm.errors import UserError
+from steplm.methods.base import layer_shape
+
+from conftest import shared
+from test_hf import hf_logits, ids, make_hf_dir, run_cli
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
+
+# head_dim 24 != 64/4, GQA, biases everywhere: every way the real block differs from the paper's.
+ARCH = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, attention_bias=True, mlp_bias=True, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pretrained")
+    make_hf_dir(d, seed=3, **ARCH)
+    return d
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "train.txt"
+    p.write_text(shared("shakespeare/input.txt").read_text()[:60_000])
+    return p
+
+
+def sets(tmp, text, **extra):
+    base = {"method": "step", "data.path": str(text), "data.val_fraction": 0.2, "data.cache_dir": str(tmp / "cache"),
+            "model.n_layers": 4, "step.n_stages": 2, "step.fpi": "true", "train.seq_len": 32, "train.micro_batch": 4,
+            "train.max_steps": 24, "train.warmup_steps": 2, "train.lr": 3e-3, "train.eval_every": 0,
+            "train.eval_tokens": 2048, "train.log_every": 1, "train.dtype": "fp32", "lora.rank": 4}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def hf_layer_counts(path, rank):
+    """(P, E): parameters of one block and its LoRA adapters r·(in+out), counted on transformers' model."""
+    hf = LlamaForCausalLM.from_pretrained(str(path))
+    block = hf.model.layers[0]
+    P = sum(p.numel() for p in block.parameters())
+    E = sum(rank * (m.in_features + m.out_features) for m in block.modules() if isinstance(m, torch.nn.Linear))
+    return P, E
+
+
+def bf16_layers_logits(path, x):
+    """transformers' logits with every decoder-layer tensor rounded to bf16 (how STEP stores frozen layers)."""
+    hf = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.model.layers.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        return hf(input_ids=x).logits
+
+
+# ---------------------------------------------------------------------------- config
+def test_architecture_and_tokenizer_come_from_the_directory(hf_dir, text, tmp_path):
+    cfg = config.load(None, sets(tmp_path, text), init_from=str(hf_dir))
+    config.validate(cfg)
+    hf = json.loads((hf_dir / "config.json").read_text())
+    m = cfg.model
+    assert (m.d_model, m.ffn_hidden, m.n_heads, m.n_kv_heads, m.head_dim, m.vocab_size, m.max_seq_len) == \
+        (hf["hidden_size"], hf["intermediate_size"], hf["num_attention_heads"], hf["num_key_value_heads"],
+         hf["head_dim"], hf["vocab_size"], hf["max_position_embeddings"])
+    assert (m.attention_bias, m.mlp_bias, m.n_layers, m.init_from) == (True, True, 4, str(hf_dir))
+    assert cfg.data.tokenizer == str(hf_dir)
+    # without model.n_layers the final depth is the checkpoint's (a plain continuation)
+    plain = config.load(None, [s for s in sets(tmp_path, text, method="vanilla") if not s.startswith("model.")],
+                        init_from=str(hf_dir))
+    assert plain.model.n_layers == hf["num_hidden_layers"]
+
+
+def test_the_planner_fixes_n1_to_the_checkpoint_depth(hf_dir, text, tmp_path):
+    from steplm.stages import plan_run
+    cfg = config.load(None, sets(tmp_path, text, **{"model.n_layers": 7, "step.n_stages": 3}), init_from=str(hf_dir))
+    config.validate(cfg)
+    plan = plan_run(cfg)
+    P, E = hf_layer_counts(hf_dir, cfg.lora.rank)
+    assert planner.params_per_layer(layer_shape(cfg.model)) == P
+    assert planner.lora_params_per_layer(layer_shape(cfg.model), cfg.lora.rank) == E
+    best = min((max(planner.stage_bytes([2, *rest], P, E)), [2, *rest])
+               for rest in itertools.product(range(1, 6), repeat=2) if 2 + sum(rest) == 7)
+    assert plan.layers_per_stage[0] == 2
+    assert max(planner.stage_bytes(plan.layers_per_stage, P, E)) == best[0]
+
+
+def test_exact_solver_with_n1_fixed_matches_brute_force():
+    P, E = planner.params_per_layer(planner.LayerShape(64, 96, 32, 96, True, True)), 7936
+    for L, K, first, cap in itertools.product(range(3, 11), range(2, 5), range(1, 6), (False, True)):
+        if K > L or first > L - K + 1:
+            continue
+        splits = [[first, *c] for c in itertools.product(range(1, L), repeat=K - 1) if first + sum(c) == L]
+        if cap:
+            splits = [s for s in splits if all(s[i] <= sum(s[:i]) for i in range(1, K))]
+        if not splits:
+            with pytest.raises(ValueError):
+                planner.solve_exact(L, K, P, E, cap, first=first)
+            continue
+        peak = min(max(planner.stage_bytes(s, P, E)) for s in splits)
+        sol = planner.solve_exact(L, K, P, E, cap, first=first)
+        assert sol.peak == peak and sol.latest[0] == first
+        assert sol.ties == sorted(s for s in splits if max(planner.stage_bytes(s, P, E)) == peak)
+        milp = planner.solve_milp(L, K, P, E, cap, first=first)
+        assert milp[0] == first and max(planner.stage_bytes(milp, P, E)) == peak
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"model.d_model": 256}, "model.d_model: 256 conflicts with --init-from {d} (hidden_size 64)"),
+    ({"model.head_dim": 16}, "model.head_dim: 16 conflicts with --init-from {d} (head_dim 24)"),
+    ({"data.tokenizer": "bpe:300"}, "data.tokenizer: 'bpe:300' conflicts with --init-from {d}"),
+    ({"model.n_layers": 1}, "model.n_layers: the final depth must be at least model.init_from {d}'s (2), got 1"),
+    ({"step.layers_per_stage": "[1,3]"}, "step.layers_per_stage: must start with model.init_from {d}'s depth (2)"),
+    ({"step.n_stages": 4}, "step.n_stages: growing model.init_from {d}'s 2 layers to model.n_layers (4) leaves "
+                           "room for at most 3 stages, got 4"),
+    ({"method": "vanilla"}, "model.n_layers: method vanilla trains model.init_from {d} at its depth (2); "
+                            "set model.n_layers to 2, got 4"),
+])
+def test_bad_config_is_one_line_naming_both(hf_dir, text, tmp_path, extra, needle):
+    with pytest.raises(UserError) as e:
+        config.validate(config.load(None, sets(tmp_path, text, **extra), init_from=str(hf_dir)))
+    assert needle.format(d=hf_dir) in str(e.value)
+
+
+def test_cli_refusal_exit_2_writes_nothing(hf_dir, text, tmp_path):
+    out = tmp_path / "run"
+    args = [x for s in sets(tmp_path, text, **{"model.d_model": 256}) for x in ("--set", s)]
+    r = run_cli("train", *args, "--init-from", str(hf_dir), "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert f"model.d_model: 256 conflicts with --init-from {hf_dir} (hidden_size 64)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    r = run_cli("train", *args[:-2], "--init-from", str(tmp_path / "absent"), "--out", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--init-from" in r.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def run(hf_dir, text, tmp_path_factory):
+    """A STEP run from the checkpoint: 2 -> 4 layers with FPI; logits checked before the first step and after growth."""
+    from steplm.train import Trainer
+    tmp = tmp_path_factory.mktemp("init_run")
+    cfg = config.load(None, sets(tmp, text), init_from=str(hf_dir))
+    tr = Trainer(cfg, tmp / "run", progress=False)
+    x = ids(cfg.model.vocab_size, T=32)
+    with torch.no_grad():
+        before = tr.model.eval()(x)
+    val_before = tr.evaluate()
+    tr_grown = Trainer(cfg, tmp / "grown", progress=False)  # a second trainer, grown without training
+    tr_grown.next_stage()
+    with torch.no_grad():
+        grown = tr_grown.model.eval()(x)
+    grown_layers = len(tr_grown.model.model.layers)
+    tr_grown.lock.release()
+    summary = tr.fit()
+    return dict(out=tmp / "run", x=x, before=before, grown=grown, grown_layers=grown_layers,
+                val_before=val_before, summary=summary, cfg=cfg)
+
+
+def test_imported_logits_equal_transformers(run, hf_dir):
+    assert (run["before"] - hf_logits(hf_dir, run["x"])).abs().max().item() <= 2e-5
+
+
+def test_fpi_growth_keeps_the_function(run, hf_dir):
+    """Grown to 4 layers, the frozen old layers held in bf16: transformers' model with those layers in bf16."""
+    assert run["grown_layers"] == 4
+    expected = bf16_layers_logits(hf_dir, run["x"])
+    assert (run["grown"] - expected).abs().max().item() <= 2e-5
+    assert (run["grown"] - hf_logits(hf_dir, run["x"])).abs().max().item() > 0  # bf16 rounding is visible
+
+
+def test_short_run_lowers_the_loss(run):
+    s = run["summary"]
+    assert s["layers_per_stage"] == [2, 2]
+    assert s["stages"][-1]["val_loss"] < run["val_before"] - 0.1
+
+
+def test_measured_state_bytes_equal_planned_for_the_real_block(run, hf_dir):
+    P, E = hf_layer_counts(hf_dir, run["cfg"].lora.rank)
+    expected = planner.stage_bytes([2, 2], P, E)  # Eq. 2 on transformers' own counts
+    for stage, layers in zip(run["summary"]["stages"], expected):
+        assert stage["planned_state_bytes"]["layers"] == stage["measured_state_bytes"]["layers"] == layers
+        assert stage["planned_state_bytes"]["total"] == stage["measured_state_bytes"]["total"]
+
+
+def test_export_loads_in_transformers_with_parity(run, tmp_path):
+    from steplm.train import load_run
+    r = run_cli("export", str(run["out"]), "--to", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    assert hf.config.num_hidden_layers == 4 and hf.config.head_dim == 24 and hf.config.attention_bias
+    model, _ = load_run(run["out"])
+    with torch.no_grad():
+        assert (model(run["x"]) - hf(input_ids=run["x"]).logits).abs().max().item() <= 2e-5
+
+
+def test_plan_cli_takes_init_from(hf_dir):
+    r = run_cli("plan", "--init-from", str(hf_dir), "--set", "method=step", "--set", "model.n_layers=7",
+                "--set", "step.n_stages=3", "--set", "lora.rank=4", "--set", "train.seq_len=32", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["layers_per_stage"][0] == 2 and sum(plan["layers_per_stage"]) == 7
+
+
+def test_a_tokenizer_without_endoftext_is_refused(text, tmp_path):
+    from steplm.train import Trainer
+    d = tmp_path / "llama_tok"
+    make_hf_dir(d, llama_tok=True, **ARCH)
+    cfg = config.load(None, sets(tmp_path, text), init_from=str(d))
+    with pytest.raises(UserError, match=r"^model.init_from: .*'s tokenizer, with the <\|endoftext\|> token .* "
+                                        r"has \d+ tokens, more than its model's vocabulary \(\d+\)"):
+        Trainer(cfg, tmp_path / "run", progress=False)
