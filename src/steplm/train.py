@@ -51,10 +51,18 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
 def _tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor really holds: for a tensor subclass (torchao's quantized optimizer states) the
     sum over its inner tensors (codes, block scales, lookup table), not numel × nominal dtype."""
-    if hasattr(t, "__tensor_flatten__"):
+    if hasattr(t, "__tensor_flatten__") and not _is_dtensor(t):  # FSDP2's DTensor: its global size, as before
         names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+        return sum(_tensor_bytes(x) for x in (getattr(t, n) for n in names) if torch.is_tensor(x))
     return t.numel() * t.element_size()
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
 
 
 def state_bytes(model: LLaMA, optimizer: torch.optim.Optimizer) -> dict:
