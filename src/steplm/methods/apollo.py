@@ -4,7 +4,7 @@ tensor-wise (an SGD-like update with AdamW-level memory savings). A peer baselin
 from __future__ import annotations
 
 from .. import planner
-from .base import Method, layer_shape
+from .base import Method, layer_shape, split_projected
 
 
 class Apollo(Method):
@@ -29,10 +29,7 @@ class Apollo(Method):
         except ImportError:
             raise UserError("method: apollo needs the optional extra: pip install 'steplm[apollo]'")
         t, a = cfg.train, cfg.apollo
-        targets = {id(p) for n, p in model.named_parameters()
-                   if n.startswith("model.layers.") and n.endswith("_proj.weight")}
-        projected = [p for p in groups[0]["params"] if id(p) in targets]
-        plain = [p for p in groups[0]["params"] if id(p) not in targets]
+        projected, plain = split_projected(model, groups)
         return APOLLOAdamW([
             {"params": projected, "weight_decay": t.weight_decay, "rank": a.rank, "proj": "random",
              "scale_type": a.scale_type, "scale": a.scale, "update_proj_gap": a.update_proj_gap, "proj_type": "std"},

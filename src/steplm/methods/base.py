@@ -63,6 +63,15 @@ def vanilla_budget(cfg, convention: str) -> float:
     return float(flops_per_token(cfg, full_rank_counts(cfg), convention)) * cfg.train.max_steps * tokens_per_step(cfg)
 
 
+def split_projected(model, groups: list[dict]) -> tuple[list, list]:
+    """The decaying parameters of ``groups`` split into the layers' *_proj weights (which GaLore and
+    APOLLO project) and the rest (embeddings, head), both kept in parameter order."""
+    targets = {id(p) for n, p in model.named_parameters()
+               if n.startswith("model.layers.") and n.endswith("_proj.weight")}
+    projected = [p for p in groups[0]["params"] if id(p) in targets]
+    return projected, [p for p in groups[0]["params"] if id(p) not in targets]
+
+
 def restart_ramp(cfg, step_in_stage: int) -> float:
     """ReLoRA's jagged-cosine factor: a linear re-warmup over lora.relora_warmup steps after each reset."""
     k, ramp = cfg.lora.relora_interval, cfg.lora.relora_warmup

@@ -3,7 +3,7 @@ projected to rank galore.rank for the attention and MLP weights."""
 from __future__ import annotations
 
 from .. import planner
-from .base import Method, layer_shape
+from .base import Method, layer_shape, split_projected
 
 
 class GaLore(Method):
@@ -28,10 +28,7 @@ class GaLore(Method):
         except ImportError:
             raise UserError("method: galore needs the optional extra: pip install 'steplm[galore]'")
         t, g = cfg.train, cfg.galore
-        targets = {id(p) for n, p in model.named_parameters()
-                   if n.startswith("model.layers.") and n.endswith("_proj.weight")}
-        projected = [p for p in groups[0]["params"] if id(p) in targets]
-        plain = [p for p in groups[0]["params"] if id(p) not in targets]
+        projected, plain = split_projected(model, groups)
         return GaLoreAdamW([
             {"params": projected, "weight_decay": t.weight_decay, "rank": g.rank,
              "update_proj_gap": g.update_proj_gap, "scale": g.scale, "proj_type": g.proj_type},
