@@ -20,19 +20,18 @@ $STEPLM_REPLICATE_CACHE or ~/.cache/steplm/replicate (flag --cache), outside the
 a later session on the same machine keeps finished runs; an interrupted run resumes from its last
 checkpoint. Each row's `command` is the `steplm train` command that reproduces the run.
 
-Scale, and why: d 256, 12 layers, 4 heads, seq 256, 16 sequences per step (4096 tokens), an
+Scale, and why: d 256, 8 layers, 4 heads, seq 256, 16 sequences per step (4096 tokens), an
 8192-token BPE trained on the training text (GPT-2's 50257 tokens would make the embedding and head
-80 % of the parameters), 600 vanilla steps (2.46M tokens). The issue measured d 256 / 8 layers at
-this budget at about 120 ppl (native-bf16 CPU, ~10 min); 12 layers, needed for a K = 6 curve and an
-8->4 Table 4 split, should land lower, well inside the <= 150 ppl target. Estimate on this machine
-(2026-11-29; AMD EPYC, AVX2, no native bf16, so train.dtype=auto runs fp32; 2 cores shared by five
-sessions, load ~6-10): a timed 12-step eager run of the 12-layer vanilla took a median 72 s per step,
-so one 600-step vanilla run is ~12 h here, and the whole "all" suite, which `--suite estimate` counts
-as 48 distinct runs = 40.8 vanilla-run equivalents (24,457 vanilla steps, corrected FLOPs), is
-~490 h here: run it on an idle machine, or on a GPU (train.device=auto), where it is minutes of
-compute. `--suite estimate` re-times the steps on the machine at hand. Adapter and projection ranks
-are the paper's 128 at d 2048 scaled to d 256 (r = 16); ReLoRA's reset interval, restart warmup and
-warm start, and GaLore's projection gap, scale with the run length.
+80 % of the parameters), 600 vanilla steps (2.46M tokens): the point the issue measured at about
+120 ppl in about 10 minutes on a native-bf16 CPU. The K-stage curve (K = 6 needs 2 layers a stage)
+and Table 4 (the four insertion positions need enough old layers to differ) run at 12 layers, with
+their own 12-layer vanilla. On this machine (2026-12-01; AMD EPYC with AVX-512 bf16, 2 cores, idle)
+`--suite estimate` timed a 12-layer vanilla step at 1.47 s (bf16 autocast, compiled), so a
+600-step 8-layer vanilla run is about 11 min plus about 3 min of evaluation, and the whole "all" suite
+is about 10 h of training. `--methods` and `--flops` run a subset (the sweep keeps other methods'
+rows). Adapter and projection ranks are the paper's 128 at d 2048 scaled to d 256 (r = 16);
+ReLoRA's reset interval, restart warmup and warm start, and GaLore's projection gap, scale with the
+run length.
 """
 from __future__ import annotations
 
@@ -67,7 +66,7 @@ STEPS = 600
 BASE = {
     "data.path": str(DATA / "gutenberg" / "train.jsonl.gz"), "data.val_path": str(DATA / "gutenberg" / "valid.jsonl.gz"),
     "data.tokenizer": "bpe:8192", "data.max_train_tokens": 10_000_000, "data.cache_dir": str(CACHE / "tokens"),
-    "model.vocab_size": 8192, "model.d_model": 256, "model.n_layers": 12, "model.n_heads": 4, "model.max_seq_len": 256,
+    "model.vocab_size": 8192, "model.d_model": 256, "model.n_layers": 8, "model.n_heads": 4, "model.max_seq_len": 256,
     "train.seq_len": 256, "train.micro_batch": 16, "train.max_steps": STEPS, "train.lr": 2e-3,
     "train.warmup_steps": STEPS // 10, "train.eval_every": STEPS // 6, "train.eval_tokens": 65536,
     "train.log_every": 10, "train.dtype": "auto", "train.compile": True, "train.checkpoint_every": STEPS // 6,
@@ -75,6 +74,11 @@ BASE = {
     "step.flops_convention": "corrected",
 }
 SEEDS = (0, 1, 2)
+KCURVE_LAYERS = 12             # the K-stage curve's final depth (K = 6 needs room: 2 layers a stage)
+SWEEP_VAL_TOKENS = 262_144     # the sweep ranks lrs on the first 256 Ki tokens of the validation set
+ALL_METHODS = ("vanilla", "relora", "galore", "step-2stages", "step-3stages", "step-2stages-budget")
+METHODS = ALL_METHODS  # the main-table methods this invocation runs (--methods)
+CONVENTIONS = ("corrected", "paper")  # FLOPs counts the main suite budgets by
 WIKI_PATH = DATA / "wikitext2" / "test.txt"
 WIKI_TOKENS = 204_800          # ≥ 200k tokens of wikitext2/test.txt
 VAL_TOKENS = None              # None: all of gutenberg/valid.jsonl.gz
@@ -157,14 +161,17 @@ def budget_row() -> dict:
             "train.max_steps": round(cfg.train.max_steps * cfg.model.n_layers / L)}
 
 
-def evaluate_run(d: Path, with_tasks: bool) -> dict:
-    """Full-validation and WikiText perplexity (and the zero-shot tasks) of a finished run, cached in d."""
+def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True) -> dict:
+    """Validation perplexity (all of it unless val_tokens), WikiText perplexity (if wiki) and the
+    zero-shot tasks (if with_tasks) of a finished run, cached in d/eval.json."""
     f = d / "eval.json"
     ev = json.loads(f.read_text()) if f.is_file() else {}
     seq = int(BASE["train.seq_len"])
-    if "val" not in ev:
-        ev["val"] = perplexity(str(d), BASE["data.val_path"], VAL_TOKENS, seq_len=seq)
-    if "wikitext" not in ev:
+    key = "val" if val_tokens is None else f"val_{val_tokens}"
+    if key not in ev:
+        ev[key] = perplexity(str(d), BASE["data.val_path"], val_tokens, seq_len=seq)
+    ev["val"] = ev[key] if val_tokens is not None else ev["val"]
+    if wiki and "wikitext" not in ev:
         ev["wikitext"] = perplexity(str(d), str(WIKI_PATH), WIKI_TOKENS, seq_len=seq)
     if with_tasks and "tasks" not in ev:
         ev["tasks"] = zero_shot(d)
@@ -184,8 +191,9 @@ def zero_shot(d: Path) -> dict:
     return res
 
 
-def run(overrides: dict, cache: Path, with_tasks: bool = False) -> dict:
-    """Train (or reuse / resume the run with the same resolved config) and evaluate it."""
+def run(overrides: dict, cache: Path, with_tasks: bool = False, **eval_kw) -> dict:
+    """Train (or reuse / resume the run with the same resolved config) and evaluate it (eval_kw:
+    evaluate_run's val_tokens and wiki)."""
     overrides = canonical(overrides)
     cfg = resolve(overrides)
     d = cache / "runs" / run_key(cfg)
@@ -197,7 +205,7 @@ def run(overrides: dict, cache: Path, with_tasks: bool = False) -> dict:
         (d / "summary.json").write_text(json.dumps(s, indent=2))
     s = json.loads((d / "summary.json").read_text())
     s.setdefault("wall_seconds", s.get("train_seconds"))
-    s["eval"] = evaluate_run(d, with_tasks)
+    s["eval"] = evaluate_run(d, with_tasks, **eval_kw)
     s["run_dir"], s["command"] = str(d), command(overrides, d)
     return s
 
@@ -274,40 +282,60 @@ def verdict(paper_best: str, ppl: dict[str, float], noise_sd: float, z: float = 
 
 
 # ---------------------------------------------------------------------------- suites
-def tuned_lr(method: str, results: Path) -> float:
-    """The peak lr the sweep chose for a method (read from results/lr_sweep.json)."""
+# A method the sweep has not covered borrows the lr of its nearest swept relative (same optimizer
+# and architecture family); its row records where the lr came from.
+LR_FALLBACK = {"step-2stages-budget": "step-2stages", "step-3stages": "step-2stages"}
+
+
+def tuned_lr_source(method: str, results: Path) -> tuple[float, str]:
+    """(peak lr, the sweep row it came from) for a method, read from results/lr_sweep.json."""
     f = results / "lr_sweep.json"
     if not f.is_file():
         raise SystemExit(f"replicate: error: {f} missing; run --suite sweep first")
     chosen = {r["method"]: r["lr"] for r in json.loads(f.read_text()) if r["chosen"]}
-    key = "step-2stages" if method == "step-2stages-budget" else method
-    return chosen[key]
+    key = method
+    while key not in chosen and key in LR_FALLBACK:
+        key = LR_FALLBACK[key]
+    if key not in chosen:
+        raise SystemExit(f"replicate: error: {f} has no lr for {method}; run --suite sweep --methods {method}")
+    return chosen[key], key
+
+
+def tuned_lr(method: str, results: Path) -> float:
+    """The peak lr the sweep chose for a method (or for its LR_FALLBACK relative)."""
+    return tuned_lr_source(method, results)[0]
 
 
 def suite_sweep(cache: Path, results: Path) -> list[dict]:
-    """Every method at each lr of its grid, SWEEP_FRACTION of the budget, seed 0; the lowest val ppl wins."""
+    """Every method of METHODS at each lr of its grid, SWEEP_FRACTION of the budget, seed 0, ranked
+    on SWEEP_VAL_TOKENS of validation; the lowest val ppl wins. Rows of methods outside METHODS
+    already in results/lr_sweep.json are kept."""
     steps = max(2, round(int(BASE["train.max_steps"]) * SWEEP_FRACTION))
+    grids = {m: g for m, g in LR_GRID.items() if m in METHODS}
+    f = results / "lr_sweep.json"
+    kept = [r for r in json.loads(f.read_text()) if r["method"] not in grids] if f.is_file() else []
     rows = []
-    for method, grid in LR_GRID.items():
+    for method, grid in grids.items():
         for lr in grid:
             short = {"train.max_steps": steps, "train.warmup_steps": max(1, steps // 10),
                      "train.eval_every": 0, "train.checkpoint_every": 0}
             saved = dict(BASE)
             BASE.update(short)  # relora()/galore() scale with the budget
             try:
-                s = run({**method_overrides(method), "train.lr": lr}, cache)
+                s = run({**method_overrides(method), "train.lr": lr}, cache, val_tokens=SWEEP_VAL_TOKENS, wiki=False)
             finally:
                 BASE.clear()
                 BASE.update(saved)
             rows.append({"method": method, "lr": lr, "steps": steps, "val_ppl": s["eval"]["val"]["ppl"],
+                         "val_tokens": s["eval"]["val"]["tokens"],
                          "tokens": s["tokens_seen"], "wall_seconds": s["wall_seconds"], "command": s["command"]})
-    for method, grid in LR_GRID.items():
+    for method, grid in grids.items():
         mine = [r for r in rows if r["method"] == method]
         best = min(mine, key=lambda r: r["val_ppl"])
         for r in mine:
             r["chosen"] = r is best
             r["at_grid_edge"] = r is best and r["lr"] in (min(grid), max(grid))
-    return rows
+    return kept + rows
 
 
 def row(method: str, summaries: list[dict], mem: list[dict], vanilla: list[dict] | None, conv: str) -> dict:
@@ -318,6 +346,7 @@ def row(method: str, summaries: list[dict], mem: list[dict], vanilla: list[dict]
          "wikitext_ppl": statistics.mean(wiki), "wikitext_ppl_spread": spread(wiki),
          "seeds": [s["seed"] for s in summaries], "n_seeds": len(summaries), "single_seed": len(summaries) == 1,
          "layers_per_stage": summaries[0]["layers_per_stage"], "lr": summaries[0]["lr"],
+         "lr_from": summaries[0].get("lr_from", method),
          "planned_peak_bytes": max(m["planned_state_bytes"]["total"] for m in mem),
          "measured_peak_bytes": max(m["measured_state_bytes"]["total"] for m in mem),
          "tracked_peak_bytes": max((m["tracked_peak_bytes"] or 0) for m in mem), "memory_per_stage": mem,
@@ -343,8 +372,10 @@ def train_rows(name: str, variants: dict[str, list[dict]], cache: Path, conv: st
         done[method] = []
         for v in vs:
             v = {**v, "step.flops_convention": conv}
+            lr_from = v.pop("_lr_from", method)
             s = run(v, cache, with_tasks)
             s["seed"], s["lr"] = int(v.get("train.seed", 0)), float(v.get("train.lr", BASE["train.lr"]))
+            s["lr_from"] = lr_from
             s["_overrides"] = v
             done[method].append(s)
     van = done.get("vanilla")
@@ -356,8 +387,9 @@ def main_variants(results: Path) -> dict[str, list[dict]]:
     """Table 2's rows at their tuned lr: 3 seeds for vanilla, STEP-2stages and STEP-3stages."""
     seeded = ("vanilla", "step-2stages", "step-3stages")
     out = {}
-    for m in ("vanilla", "relora", "galore", "step-2stages", "step-3stages", "step-2stages-budget"):
-        v = {**method_overrides(m), "train.lr": tuned_lr(m, results)}
+    for m in METHODS:
+        lr, src = tuned_lr_source(m, results) if results is not None else (tuned_lr(m, results), m)
+        v = {**method_overrides(m), "train.lr": lr, "_lr_from": src}
         out[m] = [{**v, "train.seed": s} for s in (SEEDS if m in seeded else SEEDS[:1])]
     return out
 
@@ -366,9 +398,10 @@ K_STAGES = (2, 3, 4, 6)
 
 
 def kcurve_variants(results: Path) -> dict[str, list[dict]]:
-    lr = tuned_lr("step-2stages", results)
-    return {"vanilla": [{"train.lr": tuned_lr("vanilla", results)}],
-            **{f"step K={k}": [{**STEP2, "step.n_stages": k, "train.lr": lr}] for k in K_STAGES}}
+    """Vanilla and STEP with K in K_STAGES at KCURVE_LAYERS final layers, at the main table's tuned lrs."""
+    lr, deep = tuned_lr("step-2stages", results), {"model.n_layers": KCURVE_LAYERS}
+    return {"vanilla": [{**deep, "train.lr": tuned_lr("vanilla", results)}],
+            **{f"step K={k}": [{**STEP2, **deep, "step.n_stages": k, "train.lr": lr}] for k in K_STAGES}}
 
 
 def table4_split(L: int, seed: int) -> list[int]:
@@ -389,8 +422,11 @@ PAPER_TRENDS = {"table4": "Upper best (lowest perplexity)", "table5": "with PET 
 def ablation_variants(name: str, results: Path) -> dict[str, list[dict]]:
     base = {**STEP2, "train.lr": tuned_lr("step-2stages", results)}
     if name == "table4":
+        # Table 4 needs enough old layers that the four positions insert at four different places:
+        # at KCURVE_LAYERS (8 old + 4 new), with vanilla of that depth as the reference for scale
         seed = int(BASE.get("train.seed", 0)) + 1  # the growth into stage 2 seeds "random" with train.seed + 1
-        split = table4_split(int(BASE["model.n_layers"]), seed)
+        split = table4_split(KCURVE_LAYERS, seed)
+        base = {**base, "model.n_layers": KCURVE_LAYERS}
         g = {p: insertion_gaps(split[0], split[1], p, seed) for p in ("upper", "intermediate", "lower", "random")}
         assert len({tuple(v) for v in g.values()}) == 4, g
         return {f"position={p}": [{**base, "step.position": p, "step.layers_per_stage": json.dumps(split)}] for p in g}
@@ -423,7 +459,8 @@ def main_table(rows: list[dict]) -> str:
         if "val_ppl_ratio" in r:
             ci = r["val_ppl_ratio_ci95"]
             ratio = f"{r['val_ppl_ratio']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " (no CI: 1 seed)")
-        lines.append(f"| {r['method']} | {'→'.join(map(str, r['layers_per_stage']))} | {r['lr']:g} | "
+        lr = f"{r['lr']:g}" + (f" (of {r['lr_from']})" if r.get("lr_from", r["method"]) != r["method"] else "")
+        lines.append(f"| {r['method']} | {'→'.join(map(str, r['layers_per_stage']))} | {lr} | "
                      f"{r['planned_peak_bytes'] / MIB:.1f} | {r['measured_peak_bytes'] / MIB:.1f} | "
                      f"{r['tracked_peak_bytes'] / MIB:.1f} | {fmt_ppl(r)} | {ratio} | {fmt_ppl(r, 'wikitext_ppl')} | "
                      f"{r['tokens']:,} | {r['flops']:.3g} | {r['wall_seconds']:.0f} | {r['tokens_per_second']:,.0f} |")
@@ -574,7 +611,8 @@ def planned_runs() -> list[dict]:
             BASE.clear()
             BASE.update(saved)
         for conv in ("corrected", "paper"):
-            runs += [{**v, "step.flops_convention": conv} for vs in main_variants(None).values() for v in vs]
+            runs += [{**{k: x for k, x in v.items() if k != "_lr_from"}, "step.flops_convention": conv}
+                     for vs in main_variants(None).values() for v in vs]
         groups = [kcurve_variants(None)] + [ablation_variants(n, None) for n in PAPER_BEST]
         runs += [{**v, "step.flops_convention": "corrected"} for g in groups for vs in g.values() for v in vs]
     finally:
@@ -629,8 +667,13 @@ def run_suite(name: str, cache: Path, out: Path) -> None:
         write("lr_sweep", "Peak-lr sweep per method (one seed, shortened budget)", sweep_table(rows), rows)
     elif name == "main":
         for conv, stem in (("corrected", "replication"), ("paper", "replication_paper_flops")):
+            if conv not in CONVENTIONS:
+                continue
             rows = train_rows(f"main/{conv}", main_variants(out), cache, conv, "main" in TASKS_ON)
             md = main_table(rows)
+            missing = [m for m in ALL_METHODS if m not in METHODS]
+            if missing:
+                md += f"\n\nNot run yet (suite run with --methods): {', '.join(missing)}."
             van = next(r for r in rows if r["method"] == "vanilla")
             cv = van["val_ppl_spread"] / van["val_ppl"]
             ok = van["val_ppl"] <= SCALE_TARGET["val_ppl"] and cv <= SCALE_TARGET["seed_cv"]
@@ -641,8 +684,10 @@ def run_suite(name: str, cache: Path, out: Path) -> None:
                 md += "\n\n#### Zero-shot tasks\n\n" + tasks_table(rows)
                 by = {r["method"]: r for r in rows}
                 plot_loss_vs_flops({m: by[m]["run_dirs"][0] for m in by}, out / "loss_vs_flops.png")
-                plot_memory(by["step-3stages"]["run_dirs"][0], out / "memory_step3.png",
-                            vanilla_dir=by["vanilla"]["run_dirs"][0])
+                deepest = "step-3stages" if "step-3stages" in by else "step-2stages"
+                if deepest in by:
+                    plot_memory(by[deepest]["run_dirs"][0], out / f"memory_step{deepest[5]}.png",
+                                vanilla_dir=by["vanilla"]["run_dirs"][0])
             write(stem, f"Table 2 at vanilla's FLOPs, {conv} count", md, rows)
     elif name == "kcurve":
         rows = train_rows("kcurve", kcurve_variants(out), cache, "corrected", False)
@@ -691,9 +736,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="all", choices=["all", "smoke", "estimate", *ALL])
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; smoke: <cache>/smoke)")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS),
+                    help="comma-separated main-table methods that the sweep and main suites run (default all)")
+    ap.add_argument("--flops", choices=("corrected", "paper", "both"), default="both",
+                    help="which FLOPs count(s) the main suite budgets by (default both)")
     ap.add_argument("--cache", default=str(CACHE), help="run cache, outside the work tree "
                     "(default $STEPLM_REPLICATE_CACHE or ~/.cache/steplm/replicate)")
     a = ap.parse_args()
+    global METHODS, CONVENTIONS
+    methods = tuple(m for m in a.methods.split(",") if m)
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(unknown)}; choose from {','.join(ALL_METHODS)}")
+    if "vanilla" not in methods and a.suite in ("main", "all"):
+        ap.error("--methods: the main table needs vanilla (its reference row)")
+    METHODS = tuple(m for m in ALL_METHODS if m in methods)
+    CONVENTIONS = ("corrected", "paper") if a.flops == "both" else (a.flops,)
     cache = Path(a.cache).expanduser()
     if a.suite == "smoke":
         smoke_setup(cache / "smoke")

@@ -142,31 +142,6 @@ def test_left_padded_logits_match_unpadded():
     assert not torch.allclose(leaky[1, len(a) - 3:], ref_b, atol=1e-3)
 
 
-def test_accumulated_sft_loss_equals_one_batch():
-    """Micro-batches of unequal response counts: the loss normalised by the step's response tokens (not a
-    mean of micro-batch means) gives the one-batch loss and gradients."""
-    from steplm.sft import accumulate_response_loss
-
-    model = _context_sensitive_model().train()
-    batch = [([1, 2, 3, 4, 5, 6], [IGNORE, IGNORE, IGNORE, 4, 5, 6]),  # 3 response tokens
-             ([7, 8, 9], [IGNORE, IGNORE, 9]),  # 1
-             ([3, 1, 4, 1, 5, 9, 2, 6], [IGNORE, 1, 4, 1, 5, 9, 2, 6]),  # 7
-             ([2, 7, 1, 8], [IGNORE, IGNORE, 1, 8])]  # 2
-
-    def run(micro):
-        model.zero_grad(set_to_none=True)
-        loss = accumulate_response_loss(model, batch, micro, 0, torch.device("cpu"))
-        return loss, [p.grad.clone() for p in model.parameters()]
-    one, g1 = run(4)
-    acc, g2 = run(1)
-    assert acc == pytest.approx(one, rel=1e-5)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-    # the mean of per-example means differs here, so the test tells the two normalisations apart
-    per_example = [accumulate_response_loss(model, [ex], 1, 0, torch.device("cpu")) for ex in batch]
-    assert abs(sum(per_example) / 4 - one) > 1e-3
-
-
 def test_sft_batches_resume_from_state_dict():
     from steplm.sft import SFTBatches
 

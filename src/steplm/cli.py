@@ -67,6 +67,27 @@ def _seed(s):
 
 
 # ---------------------------------------------------------------------------- subcommands
+def _fit(make_trainer, out: Path) -> dict | None:
+    """Build a trainer and fit it; the summary on rank 0 (None on the other ranks). A run that fails
+    before its first checkpoint leaves no directory it created behind."""
+    from . import distributed
+    from .checkpoint import list_steps
+    from .runguard import RunDirInUse
+
+    created = not out.exists()
+    try:
+        trainer = make_trainer()
+        summary = trainer.fit()
+    except BaseException as e:
+        # Nothing half-written left behind, unless the directory belongs to the run that holds it.
+        if created and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        distributed.cleanup()
+    return summary if trainer.main else None
+
+
 def cmd_train(a):
     from . import config
     from .train import Trainer
@@ -83,21 +104,8 @@ def cmd_train(a):
     out = Path(a.out)
     if a.fresh and out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {out} is not empty; drop --fresh to resume from it, or choose another directory")
-    created = not out.exists()
-    from . import distributed
-    try:
-        trainer = Trainer(cfg, out, progress=not a.quiet)
-        summary = trainer.fit()
-    except BaseException as e:
-        from .checkpoint import list_steps
-        from .runguard import RunDirInUse
-        # Nothing half-written left behind, unless the directory belongs to the run that holds it.
-        if created and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        distributed.cleanup()
-    if not trainer.main:
+    summary = _fit(lambda: Trainer(cfg, out, progress=not a.quiet), out)
+    if summary is None:
         return
     keys = ("method", "final_val_loss", "final_val_ppl", "tokens_seen", "flops", "train_seconds", "weights_sha256")
     print(dumps({k: summary[k] for k in keys}))
@@ -369,25 +377,23 @@ def cmd_info(a):
 
 
 def cmd_sft(a):
-    from .evaluate import load
-    from .sft import read_examples, train_sft
+    import os
 
-    examples = read_examples(a.data)
-    if a.limit:
-        examples = examples[:a.limit]
+    from .sft import SFTTrainer, read_examples, sft_config, source_config
+
+    read_examples(a.data)  # bad data: one line, before anything is written
+    _precision(a)  # --device cuda without a GPU: one line naming the flag
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out: {out} is not empty; choose another directory")
-    device, dtype = _precision(a)
-    m = load(a.model, device)
-    try:
-        s = train_sft(m.model, m.tokenizer, examples, out, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
-                      batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, special=m.special, dtype=dtype,
-                      micro_batch=a.micro_batch)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    print(dumps({k: s[k] for k in ("examples", "epochs", "steps", "first_loss", "final_loss")}))
+    if out.exists() and any(out.iterdir()) and not (out / "config.yaml").is_file():
+        raise UserError(f"--out: {out} is not empty and holds no SFT run to resume; choose another directory")
+    cfg = sft_config(a.model, a.data, source_config(a.model), epochs=a.epochs, limit=a.limit, lr=a.lr,
+                     warmup_steps=a.warmup_steps, batch_size=a.batch_size, micro_batch=a.micro_batch, seed=a.seed,
+                     device=a.device, dtype=a.dtype, compile=a.compile, checkpoint_every=a.checkpoint_every,
+                     world=int(os.environ.get("WORLD_SIZE", "1")), overrides=a.set or [])
+    s = _fit(lambda: SFTTrainer(cfg, out, progress=not a.quiet), out)
+    if s is not None:
+        print(dumps({k: s[k] for k in ("examples", "epochs", "steps", "first_loss", "final_loss")}))
+        print(f"model written to {out}/ (sft_summary.json, metrics.jsonl, model.safetensors)", file=sys.stderr)
 
 
 def cmd_mt_bench(a):
@@ -528,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per forward (gradient accumulation; default --batch-size)")
     f.add_argument("--limit", type=_positive_int, help="use only the first N examples")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile)")
+    f.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
+                   help="checkpoint every N steps (0: at the end); rerun the same command to resume")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other config key, e.g. train.parallel=fsdp2 under torchrun (repeatable)")
     f.add_argument("--quiet", action="store_true")
     _add_precision(f)
     f.set_defaults(fn=cmd_sft)

@@ -179,6 +179,18 @@ class StepConfig:
 
 
 @dataclass
+class SFTConfig:
+    model: str | None = None
+    """Instruction tuning (steplm sft): the model to tune, a steplm run or HF Llama directory (None: pre-training)."""
+    data: str | None = None
+    """SFT examples: Alpaca JSON (instruction/input/output) or seed-task JSONL (instances)."""
+    epochs: int = 2
+    """Passes over the examples (paper Table 8: 2)."""
+    limit: int | None = None
+    """Use only the first this many examples (None: all)."""
+
+
+@dataclass
 class RunConfig:
     method: str = "vanilla"
     """vanilla, step, step-no-pet, relora, galore or apollo (registered in steplm.methods)."""
@@ -189,13 +201,14 @@ class RunConfig:
     galore: GaloreConfig = field(default_factory=GaloreConfig)
     apollo: ApolloConfig = field(default_factory=ApolloConfig)
     step: StepConfig = field(default_factory=StepConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
-            "galore": GaloreConfig, "apollo": ApolloConfig, "step": StepConfig}
+            "galore": GaloreConfig, "apollo": ApolloConfig, "step": StepConfig, "sft": SFTConfig}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -491,7 +504,7 @@ RANGES = {
     "train.seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),
     "train.eval_every": _NON_NEGATIVE, "train.eval_tokens": _POSITIVE, "train.checkpoint_every": _NON_NEGATIVE,
     "train.log_every": _POSITIVE, "train.keep_checkpoints": _POSITIVE, "train.max_grad_norm": _NON_NEGATIVE,
-    "train.max_skipped": _NON_NEGATIVE,
+    "train.max_skipped": _NON_NEGATIVE, "sft.epochs": _POSITIVE, "sft.limit": _POSITIVE,
     "lora.rank": _POSITIVE, "lora.alpha": _POSITIVE, "lora.relora_interval": _NON_NEGATIVE,
     "lora.relora_warmup": _NON_NEGATIVE, "lora.reset_prune": _UNIT_OPEN, "lora.warm_start_fraction": _UNIT_RIGHT_OPEN,
     "galore.rank": _POSITIVE, "galore.update_proj_gap": _POSITIVE, "galore.scale": _POSITIVE,

@@ -1,20 +1,24 @@
-"""Full-parameter instruction tuning (paper App. H): Alpaca template, loss on response tokens only,
-AdamW (0.9, 0.95), cosine schedule with warmup, a fixed number of epochs."""
+"""Full-parameter instruction tuning (paper App. H) as a second use of the pre-training loop
+(``train.Trainer``): Alpaca template, loss on response tokens only, AdamW (0.9, 0.95), cosine
+schedule with warmup, a fixed number of epochs."""
 from __future__ import annotations
 
 import json
 import math
 import random
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from .errors import TrainingStopped, UserError
+from .devices import autocast
+from .errors import UserError
 from .generate import alpaca_prompt
-from .tokens import SpecialTokens, gpt2_special_tokens, write_special_tokens
-from .runguard import all_finite, dumps
+from .runguard import dumps
+from .tokens import write_special_tokens
+from .train import Trainer
 
 IGNORE = -100
 
@@ -99,80 +103,166 @@ def pad_batch(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[to
     return ids, labels
 
 
-def accumulate_response_loss(model, batch: list[tuple[list[int], list[int]]], micro_batch: int, pad_id: int,
-                             device, dtype=torch.float32) -> float:
-    """Forward and backward ``batch`` in micro-batches of ``micro_batch`` examples (each padded to its own
-    longest), the loss summed over response tokens and divided by the response-token count of the whole
-    batch, so the gradients and the returned loss equal those of the batch in one piece."""
-    from .devices import autocast
-
-    micro = [pad_batch(batch[i:i + micro_batch], pad_id) for i in range(0, len(batch), micro_batch)]
-    n_response = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels in micro)
-    total = 0.0
-    for ids, labels in micro:
-        ids, labels = ids.to(device), labels.to(device)
-        with autocast(device, dtype):
-            logits = model(ids)[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE, reduction="sum") / n_response
+def accumulate_response_loss(loss_fn, micro_batches: list[list[tuple[list[int], list[int]]]], pad_id: int, device,
+                             n_response: int, scale: float = 1.0, after_micro_batch=None) -> torch.Tensor:
+    """Forward and backward each micro-batch (each right-padded to its own longest example), its loss
+    weighted so that the step's loss is the sum over response tokens divided by ``n_response``, the
+    response-token count of the whole step: the gradients and the returned loss (a 0-d tensor on
+    ``device``) equal those of the step's examples in one piece, whatever the split. ``loss_fn(x, y)``
+    is the mean next-token loss over the targets of ``y`` that are not IGNORE (the trainer's loss);
+    ``scale`` multiplies every term (DDP: the world size, because DDP averages gradients over ranks).
+    An empty micro-batch is skipped; a micro-batch given as ``("dummy", batch)`` runs with weight 0,
+    so that every rank calls backward equally often."""
+    total = torch.zeros((), device=device)
+    for mb in micro_batches:
+        dummy = isinstance(mb, tuple) and mb and mb[0] == "dummy"
+        examples = mb[1] if dummy else mb
+        if not examples:
+            continue
+        ids, labels = pad_batch(examples, pad_id)
+        x, y = ids[:, :-1].to(device, non_blocking=True), labels[:, 1:].to(device, non_blocking=True)
+        count = 0 if dummy else int((labels[:, 1:] != IGNORE).sum())
+        if count == 0 and not dummy:
+            continue
+        loss = loss_fn(x, y) * (scale * count / max(1, n_response))
         loss.backward()
-        total += loss.item()
+        total += loss.detach()
+        if after_micro_batch is not None:
+            after_micro_batch()
     return total
 
 
-def train_sft(model, tokenizer, examples: list[dict], out_dir: str | Path, epochs: int = 2, lr: float = 1e-4,
-              warmup_steps: int = 100, batch_size: int = 8, weight_decay: float = 0.0, seed: int = 0,
-              progress: bool = True, special: SpecialTokens | None = None,
-              dtype: torch.dtype = torch.float32, micro_batch: int | None = None) -> dict:
-    """Fine-tune in place on the model's device, save a run directory (weights, config, tokenizer, special
-    tokens, sft_summary.json). Responses end with ``special.eos_id`` (default: GPT-2's <|endoftext|>).
-    ``dtype`` bf16 runs forward and backward under bf16 autocast; weights and AdamW stay fp32. Each step of
-    ``batch_size`` examples runs as micro-batches of ``micro_batch`` (default: all at once) with the loss
-    normalised by the step's response tokens."""
-    from tqdm import tqdm
+def response_tokens(examples: list[tuple[list[int], list[int]]]) -> int:
+    """Targets that count in the loss: labels after the first position that are not IGNORE."""
+    return sum(sum(1 for label in y[1:] if label != IGNORE) for _, y in examples)
 
-    from .devices import model_device
-    from .lora import merged_state_dict
 
-    special = special or gpt2_special_tokens(tokenizer)
-    device = model_device(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    eos = special.eos_id
-    data = [build_example(tokenizer, ex, eos, model.config.max_seq_len) for ex in examples]
-    data = [d for d in data if any(label != IGNORE for label in d[1][1:])]
-    if not data:
-        raise UserError("--data: every example's response is cut off by the model's max_seq_len")
-    batches = SFTBatches(data, batch_size, seed)
-    total = batches.batches_per_epoch * epochs
-    warmup = min(warmup_steps, max(1, total // 10))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
-                            weight_decay=weight_decay)
-    losses = []
-    model.train()
-    bar = tqdm(total=total, desc="sft", disable=not progress)
-    for step in range(total):
-        scale = (step + 1) / warmup if step < warmup else \
-            0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-        for g in opt.param_groups:
-            g["lr"] = lr * scale
-        losses.append(accumulate_response_loss(model, batches.next(), micro_batch or batch_size, eos, device, dtype))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        bar.update(1)
-    step = total
-    bar.close()
-    model.eval()
-    final = merged_state_dict(model)
-    if not all_finite(final.values()):
-        raise TrainingStopped(f"step {step}: the weights are not finite; no model was written (lower --lr)")
-    save_file(final, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "model_config.json").write_text(dumps(model.config.to_dict(), indent=2))
-    tokenizer.save(str(out / "tokenizer.json"))
-    write_special_tokens(out, tokenizer, special)
-    summary = {"examples": len(data), "epochs": epochs, "steps": step, "lr": lr, "warmup_steps": warmup,
-               "first_loss": losses[0], "final_loss": losses[-1], "losses": losses}
-    (out / "sft_summary.json").write_text(dumps(summary, indent=2))
-    return summary
+class SFTTrainer(Trainer):
+    """Full-parameter instruction tuning on the pre-training loop (paper App. H, Table 8): one stage
+    of vanilla AdamW over the model in ``cfg.sft.model``, examples from ``cfg.sft.data`` in the Alpaca
+    template with the loss on response tokens only, ``cfg.sft.epochs`` shuffled passes. What the loop
+    brings: autocast and compile, gradient accumulation (normalised by the step's response tokens),
+    atomic checkpoints with bitwise resume, the NaN guard, metrics.jsonl, the progress bar and
+    torchrun DDP/FSDP2. ``cfg.train.max_steps`` is derived here (epochs × batches per epoch) and the
+    warmup capped at a tenth of it, as before; the global batch is micro_batch × grad_accum × world
+    examples."""
+
+    def _setup_data(self):
+        from .evaluate import load
+
+        s = self.cfg.sft
+        self.source = load(s.model, self.device)
+        self.tokenizer, self.special = self.source.tokenizer, self.source.special
+        examples = read_examples(s.data)[:s.limit]
+        max_len = self.source.config.max_seq_len
+        data = [build_example(self.tokenizer, ex, self.special.eos_id, max_len) for ex in examples]
+        self.examples = [d for d in data if response_tokens([d])]
+        if not self.examples:
+            raise UserError("sft.data: every example's response is cut off by the model's max_seq_len")
+        t = self.cfg.train
+        self.batch_examples = t.micro_batch * t.grad_accum * self.world
+        steps = math.ceil(len(self.examples) / self.batch_examples) * s.epochs
+        t.max_steps, t.warmup_steps = steps, min(t.warmup_steps, max(1, steps // 10))
+        self.val_tokens = None
+
+    def _initial_model(self, stage1):
+        model = self.source.model.float().train()
+        model.requires_grad_(True)
+        return model
+
+    def _make_sampler(self):
+        return SFTBatches(self.examples, self.batch_examples, self.cfg.train.seed)
+
+    def forward_backward(self) -> torch.Tensor:
+        """The step's examples (one shuffled batch of the epoch) split over ranks and micro-batches,
+        every rank running grad_accum micro-batches (empty ones as weight-0 dummies)."""
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        batch = self.sampler.next()
+        n_response = response_tokens(batch)
+        slots = [batch[(j * self.world + self.rank) * t.micro_batch:(j * self.world + self.rank + 1) * t.micro_batch]
+                 for j in range(t.grad_accum)]
+        micro = [mb if mb else ("dummy", batch[:1]) for mb in slots] if self.world > 1 else slots
+        self.data_seconds += time.perf_counter() - t0
+        return accumulate_response_loss(self.loss_fn, micro, self.special.eos_id, self.device, n_response,
+                                        scale=float(self.world), after_micro_batch=self.after_micro_batch)
+
+    @torch.no_grad()
+    def evaluate(self, max_tokens: int | None = None) -> float:
+        """Response loss (nats) on the first EVAL_EXAMPLES training examples in file order: SFT
+        data has no held-out split; this tracks fitting, not generalisation."""
+        self.model.eval()
+        first = self.examples[:EVAL_EXAMPLES]
+        n = response_tokens(first)
+        total = 0.0
+        for i in range(0, len(first), self.cfg.train.micro_batch):
+            ids, labels = pad_batch(first[i:i + self.cfg.train.micro_batch], self.special.eos_id)
+            x, y = ids[:, :-1].to(self.device), labels[:, 1:].to(self.device)
+            count = int((y != IGNORE).sum())
+            if count:
+                with autocast(self.device, self.dtype):
+                    logits = self.model(x)
+                total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                         ignore_index=IGNORE, reduction="sum").item()
+        return total / max(1, n)
+
+    def _finish(self, train_seconds: float) -> dict:
+        summary = super()._finish(train_seconds)
+        if not self.main:
+            return summary
+        write_special_tokens(self.out, self.tokenizer, self.special)
+        rows = [json.loads(x) for x in (self.out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        losses = [r["loss"] for r in rows if "loss" in r]
+        sft = {"model": self.cfg.sft.model, "data": self.cfg.sft.data, "examples": len(self.examples),
+               "epochs": self.cfg.sft.epochs, "steps": self.step, "lr": self.cfg.train.lr,
+               "warmup_steps": self.cfg.train.warmup_steps, "batch_examples": self.batch_examples,
+               "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
+               "train_seconds": summary["train_seconds"], "tokens_per_second": summary["tokens_per_second"],
+               "weights_sha256": summary["weights_sha256"], "dtype": summary["dtype"], "device": summary["device"]}
+        (self.out / "sft_summary.json").write_text(dumps(sft, indent=2))
+        return {**summary, **sft}
+
+
+EVAL_EXAMPLES = 64
+
+
+def source_config(model_dir: str):
+    """The ModelConfig of a steplm run directory (model_config.json) or an HF Llama directory
+    (config.json), read without loading weights."""
+    from .hf import read_config
+    from .model import ModelConfig
+
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"MODEL: {d} is not a directory (give a steplm run directory or an HF model directory)")
+    if (d / "model_config.json").is_file():
+        return ModelConfig.from_dict(json.loads((d / "model_config.json").read_text()))
+    return read_config(d)
+
+
+def sft_config(model_dir: str, data: str, source_config, *, epochs: int = 2, limit: int | None = None,
+               lr: float = 1e-4, warmup_steps: int = 100, batch_size: int = 8, micro_batch: int | None = None,
+               weight_decay: float = 0.0, seed: int = 0, device: str = "auto", dtype: str = "auto",
+               compile: bool = False, checkpoint_every: int = 0, world: int = 1, overrides: list[str] = ()):
+    """The RunConfig of an SFT run with the paper's Table 8 schedule: AdamW (0.9, 0.95), lr 1e-4,
+    cosine to 0 after ``warmup_steps`` of linear warmup, ``epochs`` passes, grad clip 1. A step
+    takes ``batch_size`` examples in forwards of ``micro_batch`` (per rank); ``source_config`` is
+    the model's ModelConfig. Raises UserError when batch_size is not a multiple of micro_batch × world."""
+    from . import config as config_mod
+
+    micro = micro_batch or max(1, batch_size // world)
+    if batch_size % (micro * world):
+        raise UserError(f"--batch-size: {batch_size} examples per step is not a multiple of --micro-batch "
+                        f"({micro}) × processes ({world}); change --batch-size or --micro-batch")
+    sets = {"method": "vanilla", "sft.model": model_dir, "sft.data": data, "sft.epochs": epochs,
+            "train.micro_batch": micro, "train.grad_accum": batch_size // (micro * world), "train.lr": lr,
+            "train.warmup_steps": warmup_steps, "train.min_lr_ratio": 0.0, "train.weight_decay": weight_decay,
+            "train.beta1": 0.9, "train.beta2": 0.95, "train.grad_clip": 1.0, "train.seed": seed,
+            "train.device": device, "train.dtype": dtype, "train.compile": compile,
+            "train.seq_len": source_config.max_seq_len, "train.eval_every": 0, "train.log_every": 1,
+            "train.checkpoint_every": checkpoint_every, "train.max_steps": 1, "data.tokenizer": model_dir}
+    if limit:
+        sets["sft.limit"] = limit
+    cfg = config_mod.load(None, [f"{k}={v}" for k, v in sets.items()] + list(overrides))
+    cfg.model = replace(source_config, init_from=None)
+    return cfg

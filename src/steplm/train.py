@@ -154,22 +154,7 @@ class Trainer:
         self.lock = None
         if self.main:
             self._prepare_output_dir()
-        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out.parent / ".cache" / "steplm"
-        if not self.main:
-            distributed.barrier()  # rank 0 tokenizes first; the others then read its cache
-        self.shard_dir, self.tokenizer = prepare(cfg.data, cache, self.progress)
-        if self.main:
-            distributed.barrier()
-        n_vocab = self.tokenizer.get_vocab_size()
-        if n_vocab > cfg.model.vocab_size and cfg.model.init_from:
-            raise UserError(f"model.init_from: {cfg.model.init_from}'s tokenizer, with the <|endoftext|> token "
-                            f"steplm ends every training document with, has {n_vocab} tokens, more than its model's "
-                            f"vocabulary ({cfg.model.vocab_size})")
-        if n_vocab > cfg.model.vocab_size:
-            raise UserError(f"model.vocab_size: the tokenizer has {n_vocab} tokens, more than model.vocab_size "
-                            f"({cfg.model.vocab_size}); raise model.vocab_size")
-        self.train_shard = TokenShard.open(self.shard_dir / "train.bin")
-        self.val_tokens = np.asarray(TokenShard.open(self.shard_dir / "val.bin").tokens)
+        self._setup_data()
         self.plan = plan_run(cfg)
         self.method = methods.get(self.plan.method)
         self.layers_per_stage = self.plan.layers_per_stage
@@ -179,14 +164,9 @@ class Trainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)  # adapters, growth
-        stage1 = replace(cfg.model, n_layers=self.plan.stages[0].layers)
-        if cfg.model.init_from:
-            self.model = pretrained_model(stage1, self.device)
-        else:
-            self.model = build_model(stage1, seed=cfg.train.seed, device=self.device)
+        self.model = self._initial_model(replace(cfg.model, n_layers=self.plan.stages[0].layers))
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.sampler = BatchSampler(self.train_shard, cfg.train.seq_len, cfg.train.micro_batch, cfg.train.seed,
-                                    self.rank, self.world)
+        self.sampler = self._make_sampler()
         self.stage = self.step = self.step_in_stage = self.tokens = self.skipped = 0
         self.flops = {"paper": 0, "corrected": 0}
         self.data_seconds = self.step_seconds = 0.0
@@ -206,7 +186,39 @@ class Trainer:
             self._check_resume_config()
             self.load_checkpoint(latest)
 
-    # -- set-up ---------------------------------------------------------------------------
+    # -- set-up (the three hooks a second use of the loop, SFT, overrides) -------------------------
+    def _setup_data(self):
+        """Tokenize the corpus (rank 0 first, the others read its cache) and open the token shards;
+        sets self.tokenizer, self.train_shard and self.val_tokens."""
+        cfg = self.cfg
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out.parent / ".cache" / "steplm"
+        if not self.main:
+            distributed.barrier()  # rank 0 tokenizes first; the others then read its cache
+        self.shard_dir, self.tokenizer = prepare(cfg.data, cache, self.progress)
+        if self.main:
+            distributed.barrier()
+        n_vocab = self.tokenizer.get_vocab_size()
+        if n_vocab > cfg.model.vocab_size and cfg.model.init_from:
+            raise UserError(f"model.init_from: {cfg.model.init_from}'s tokenizer, with the <|endoftext|> token "
+                            f"steplm ends every training document with, has {n_vocab} tokens, more than its model's "
+                            f"vocabulary ({cfg.model.vocab_size})")
+        if n_vocab > cfg.model.vocab_size:
+            raise UserError(f"model.vocab_size: the tokenizer has {n_vocab} tokens, more than model.vocab_size "
+                            f"({cfg.model.vocab_size}); raise model.vocab_size")
+        self.train_shard = TokenShard.open(self.shard_dir / "train.bin")
+        self.val_tokens = np.asarray(TokenShard.open(self.shard_dir / "val.bin").tokens)
+
+    def _initial_model(self, stage1: ModelConfig) -> LLaMA:
+        """Stage 1's model: fresh (seeded) or loaded from model.init_from."""
+        if self.cfg.model.init_from:
+            return pretrained_model(stage1, self.device)
+        return build_model(stage1, seed=self.cfg.train.seed, device=self.device)
+
+    def _make_sampler(self):
+        """The data position: anything with next() and state_dict()/load_state_dict()."""
+        t = self.cfg.train
+        return BatchSampler(self.train_shard, t.seq_len, t.micro_batch, t.seed, self.rank, self.world)
+
     def _prepare_output_dir(self):
         """Create the run directory and take its lock (one writer per directory; a dead holder's lock
         is taken over). Creating the lock file doubles as the write test."""
@@ -323,17 +335,7 @@ class Trainer:
         self.model.train()
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step_in_stage)
-        total = torch.zeros((), device=self.device)
-        for _ in range(t.grad_accum):
-            t0 = time.perf_counter()
-            x, y = self.sampler.next()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            self.data_seconds += time.perf_counter() - t0
-            loss = self.loss_fn(x, y) / t.grad_accum
-            loss.backward()
-            total += loss.detach()  # stays on the device: no host synchronisation per micro-batch
-            if self.after_micro_batch is not None:
-                self.after_micro_batch()
+        total = self.forward_backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -353,6 +355,23 @@ class Trainer:
             return total, False
         self.optimizer.step()
         return total, True
+
+    def forward_backward(self) -> torch.Tensor:
+        """Forward and backward every micro-batch of one optimizer step; the step's loss (nats, a
+        0-d tensor on the device: no host synchronisation per micro-batch)."""
+        t = self.cfg.train
+        total = torch.zeros((), device=self.device)
+        for _ in range(t.grad_accum):
+            t0 = time.perf_counter()
+            x, y = self.sampler.next()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self.data_seconds += time.perf_counter() - t0
+            loss = self.loss_fn(x, y) / t.grad_accum
+            loss.backward()
+            total += loss.detach()
+            if self.after_micro_batch is not None:
+                self.after_micro_batch()
+        return total
 
     def _account(self):
         tokens = self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.cfg.train.seq_len

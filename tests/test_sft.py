@@ -1,0 +1,142 @@
+"""SFT on the shared training loop: response-token normalisation across micro-batches, bitwise
+resume after a SIGKILL, checkpoints, the NaN guard and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from steplm.cli import main
+from steplm.sft import IGNORE, accumulate_response_loss
+
+from conftest import ROOT, shared
+
+
+def _model():
+    from steplm.model import ModelConfig, build_model
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=40, init_std=0.2)
+    return build_model(cfg, seed=0).train()
+
+
+# Four examples with 3, 1, 7 and 2 response targets (labels after the first position).
+BATCH = [([1, 2, 3, 4, 5, 6], [IGNORE, IGNORE, IGNORE, 4, 5, 6]),
+         ([7, 8, 9], [IGNORE, IGNORE, 9]),
+         ([3, 1, 4, 1, 5, 9, 2, 6], [IGNORE, 1, 4, 1, 5, 9, 2, 6]),
+         ([2, 7, 1, 8], [IGNORE, IGNORE, 1, 8])]
+
+
+def _reference(model):
+    """The one-piece loss computed independently: every example's response targets summed, / 13."""
+    total, n = 0.0, 0
+    for ids, labels in BATCH:
+        logits = model(torch.tensor([ids]))[0, :-1]
+        y = torch.tensor(labels[1:])
+        total = total + F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
+        n += int((y != IGNORE).sum())
+    assert n == 13
+    return total / n
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_accumulated_sft_loss_equals_one_batch(fused):
+    """Micro-batches of unequal response counts: normalising by the step's response tokens (not a mean of
+    micro-batch means) gives the one-piece loss and gradients, for the fused and the unfused loss."""
+    model = _model()
+
+    def loss_fn(x, y):
+        if fused:
+            return model(x, targets=y)
+        logits = model(x)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE)
+
+    model.zero_grad(set_to_none=True)
+    ref = _reference(model)
+    ref.backward()
+    g_ref = [p.grad.clone() for p in model.parameters()]
+    for split in ([BATCH], [BATCH[:1], BATCH[1:3], BATCH[3:]], [[b] for b in BATCH]):
+        model.zero_grad(set_to_none=True)
+        loss = accumulate_response_loss(loss_fn, split, 0, torch.device("cpu"), n_response=13)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        for a, b in zip(g_ref, [p.grad for p in model.parameters()]):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    # the mean of per-example means differs here, so the test tells the two normalisations apart
+    per_example = [accumulate_response_loss(loss_fn, [[b]], 0, torch.device("cpu"), n_response=n).item()
+                   for b, n in zip(BATCH, (3, 1, 7, 2))]
+    assert abs(sum(per_example) / 4 - ref.item()) > 1e-3
+
+
+def _sft_args(run_dir, out, *extra):
+    return ["sft", str(run_dir), "--data", str(shared("alpaca/seed_tasks.jsonl")), "--out", str(out),
+            "--limit", "12", "--epochs", "2", "--lr", "3e-3", "--warmup-steps", "2", "--batch-size", "4",
+            "--micro-batch", "2", "--checkpoint-every", "1", "--quiet", "--dtype", "fp32", *extra]
+
+
+def _run(args, fault=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("STEPLM_FAULT", None)
+    if fault:
+        env["STEPLM_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "steplm", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_sft_resumes_bitwise_after_sigkill(tiny_run, tmp_path):
+    ref = tmp_path / "ref"
+    done = _run(_sft_args(tiny_run, ref))
+    assert done.returncode == 0, done.stderr
+    want = json.loads((ref / "sft_summary.json").read_text())
+    assert want["steps"] == 6  # 12 examples / 4 per step, 2 epochs
+    out = tmp_path / "run"
+    for step in (2, 4):  # inside the first epoch, and inside the second
+        killed = _run(_sft_args(tiny_run, out), fault=f"kill_after_step:{step}")
+        assert killed.returncode == -signal.SIGKILL
+    assert not (out / "sft_summary.json").exists()
+    resumed = _run(_sft_args(tiny_run, out))
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads((out / "sft_summary.json").read_text())
+    assert got["weights_sha256"] == want["weights_sha256"]
+    assert got["losses"] == want["losses"] and len(got["losses"]) == 6
+    # the result is a model directory the other commands read
+    assert main(["generate", str(out), "--prompt", "Give me a fact.", "--alpaca", "--max-new-tokens", "3"]) == 0
+
+
+def test_sft_accumulation_matches_one_batch_end_to_end(tiny_run, tmp_path, capsys):
+    """The same run with 4 examples per forward and with 1 per forward (4 accumulated): same losses."""
+    res = {}
+    for micro in ("4", "1"):
+        args = _sft_args(tiny_run, tmp_path / micro)
+        args[args.index("--micro-batch") + 1] = micro
+        assert main(args) == 0
+        res[micro] = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert res["1"]["first_loss"] == pytest.approx(res["4"]["first_loss"], rel=1e-5)
+    assert res["1"]["final_loss"] == pytest.approx(res["4"]["final_loss"], rel=1e-3)
+    metrics = [json.loads(x) for x in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one row per step
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--batch-size", "5"], "--batch-size"),  # not a multiple of --micro-batch 2
+    (["--device", "cuda"], "--device"),
+    (["--set", "train.lr=-1"], "train.lr"),
+])
+def test_sft_bad_flags_one_line(tiny_run, tmp_path, capsys, extra, needle):
+    if needle == "--device" and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    out = tmp_path / "o"
+    assert main(_sft_args(tiny_run, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_sft_refuses_a_foreign_non_empty_out(tiny_run, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_sft_args(tiny_run, out)) == 2
+    assert "--out" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
