@@ -10,6 +10,11 @@ with Trainer.next_stage(), as a real run does at its growth steps) and records p
 torch.cuda.max_memory_allocated, the live model-state bytes, the planner's prediction (Eq. 1-2 +
 embeddings) and tokens/s over the timed steps. Writes benchmarks/results/gpu.json (and .md).
 
+After the training rows, at the same shape (issue #16): perplexity throughput (tokens/s over
+non-overlapping windows, bf16 autocast), zero-shot task throughput (4-choice items/s through the
+tasks' batched log-likelihood scorer), and an SFT step on the shared trainer (sft.SFTTrainer:
+tokens/s and torch.cuda.max_memory_allocated), from a model directory that a one-step run writes.
+
 Tokens are drawn uniformly from the whole vocabulary: memory and speed do not depend on the text,
 and the device machine has no copy of the shared data. GaLore needs galore-torch; where it is not
 installed, the wheel in shared/wheels/ is put on sys.path (it is pure Python), and where neither
@@ -37,7 +42,7 @@ PAPER_TABLE2_GB = {"vanilla": 5.9, "relora": 5.9, "galore": 3.3, "step-2stages":
 SHAPE = {"model.vocab_size": 50257, "model.d_model": 1600, "model.n_layers": 12, "model.n_heads": 25,
          "model.max_seq_len": 1024, "train.seq_len": 1024}
 TINY = {"model.vocab_size": 512, "model.d_model": 32, "model.n_layers": 4, "model.n_heads": 2,
-        "model.max_seq_len": 32, "train.seq_len": 32}
+        "model.max_seq_len": 256, "train.seq_len": 256}  # room for the Alpaca template in the SFT row
 COMMON = {"train.micro_batch": 8, "train.grad_accum": 1, "train.activation_checkpointing": True,
           "train.dtype": "auto", "train.lr": 5e-4, "train.warmup_steps": 10, "train.max_steps": 1000,
           "train.eval_every": 0, "lora.rank": 128, "lora.alpha": 256, "galore.rank": 128,
@@ -46,6 +51,7 @@ METHODS = {"vanilla": {}, "step-2stages": {"method": "step", "step.layers_per_st
            "relora": {"method": "relora", "lora.relora_interval": 5000, "lora.relora_warmup": 500},
            "galore": {"method": "galore", "train.lr": 1e-2}}
 STEPS_PER_STAGE, WARMUP = 100, 5
+EVAL_WINDOWS, TASK_ITEMS, SFT_STEPS = 64, 500, 30
 GB = 1e9
 
 
@@ -129,6 +135,85 @@ def measure(method: str, overrides: dict, steps: int, warmup: int, tmp: Path) ->
             "planned_peak_gb": max(s["planned_state_bytes"] for s in stages) / GB, "stages": stages}
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def eval_and_sft(base: dict, tmp: Path, windows: int, items: int, sft_steps: int, warmup: int) -> dict:
+    """Perplexity tokens/s, task items/s and an SFT step's tokens/s and peak memory at the shape of
+    ``base``, from a model directory written by a one-step vanilla run (random weights: throughput
+    and memory do not depend on what the model knows)."""
+    from steplm.devices import autocast
+    from steplm.evaluate import load, windows_loss
+    from steplm.sft import SFTTrainer, sft_config, source_config
+    from steplm.tasks import loglikelihoods
+
+    src = tmp / "sft-source"
+    cfg = config.load(None, [f"{k}={v}" for k, v in {**base, "train.max_steps": 1, "train.warmup_steps": 1,
+                                                      "train.eval_tokens": 2 * base["train.seq_len"]}.items()])
+    Trainer(cfg, src, progress=False).fit()
+    p = load(str(src), cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, dtype = next(p.model.parameters()).device, torch.bfloat16 if cfg.train.dtype != "fp32" else torch.float32
+    model, V, T = p.model.eval(), p.config.vocab_size, p.config.max_seq_len
+    g = torch.Generator().manual_seed(0)
+    out = {}
+
+    w = torch.randint(0, V, (windows, T + 1), generator=g).numpy()
+    with autocast(device, dtype):
+        windows_loss(model, w[:8], 8, device)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        _, count = windows_loss(model, w, 8, device)
+        sync()
+    out["perplexity_tokens_per_second"] = count / (time.perf_counter() - t0)
+
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away", "home"]
+    def phrase(n):  # noqa: E306
+        return " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist())
+    requests = [(phrase(T // 32), " " + phrase(T // 128 + 1)) for _ in range(items * 4)]  # 4 choices per item
+    def encode(s):  # noqa: E306
+        return p.tokenizer.encode(s, add_special_tokens=False).ids
+    with autocast(device, dtype):
+        loglikelihoods(model, encode, p.special.eos_id, requests[:32], batch_size=32)
+        sync()
+        t0 = time.perf_counter()
+        loglikelihoods(model, encode, p.special.eos_id, requests, batch_size=32)
+        sync()
+    out["task_items_per_second"] = items / (time.perf_counter() - t0)
+    del model, p
+
+    data = tmp / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": phrase(T // 32), "input": "", "output": phrase(T // 16)})
+                              for _ in range(8 * (sft_steps + 1))))
+    scfg = sft_config(str(src), str(data), source_config(str(src)), epochs=1, lr=1e-4, warmup_steps=10,
+                      batch_size=8, micro_batch=8, device=cfg.train.device, dtype=cfg.train.dtype,
+                      overrides=[f"train.activation_checkpointing={cfg.train.activation_checkpointing}"])
+    t = SFTTrainer(scfg, tmp / "sft", progress=False)
+    lengths = [len(ids) for ids, _ in t.examples]
+    cuda = t.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(sft_steps):
+        if i == warmup:
+            sync()
+            t0, step0 = time.perf_counter(), i
+        t.train_step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t._account()
+    sync()
+    tokens = sum(lengths) / len(lengths) * t.batch_examples * (sft_steps - step0)
+    out.update(sft_tokens_per_second=tokens / (time.perf_counter() - t0),
+               sft_max_memory_allocated_gb=torch.cuda.max_memory_allocated() / GB if cuda else None,
+               sft_examples_per_step=t.batch_examples, sft_mean_example_tokens=sum(lengths) / len(lengths),
+               windows=windows, window_tokens=T, task_items=items, sft_steps=sft_steps)
+    del t
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| method | stages (layers) | paper Table 2 (GB) | planned model states (GB) | live model states (GB) | "
              "max allocated (GB) | tokens/s per stage |", "|---|---|---|---|---|---|---|"]
@@ -172,14 +257,22 @@ def main(argv=None):
                 o.pop("step.layers_per_stage", None)
             print(f"[gpu] {method}", file=sys.stderr, flush=True)
             rows.append(measure(method, o, steps, warmup, tmp))
+        print("[gpu] perplexity, tasks, SFT", file=sys.stderr, flush=True)
+        o = {**base, **extra}
+        o.pop("step.layers_per_stage", None)
+        ev = eval_and_sft(o, tmp, *((4, 8, 3, 1) if a.dry_run else (EVAL_WINDOWS, TASK_ITEMS, SFT_STEPS, WARMUP)))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not a.dry_run else "cpu",
               "torch": torch.__version__, "dry_run": a.dry_run, "shape": shape, "common": COMMON,
               "steps_per_stage": steps, "timed_from_step": warmup, "minutes": (time.perf_counter() - t_start) / 60,
-              "rows": rows}
+              "rows": rows, "eval_and_sft": ev}
     (out / "gpu.json").write_text(json.dumps(result, indent=2))
-    md = table(rows)
+    md = table(rows) + (
+        f"\n\nSame shape, bf16 autocast: perplexity {ev['perplexity_tokens_per_second']:,.0f} tokens/s; zero-shot "
+        f"tasks {ev['task_items_per_second']:,.1f} items/s (4 choices); SFT step {ev['sft_tokens_per_second']:,.0f} "
+        f"tokens/s, max allocated {ev['sft_max_memory_allocated_gb'] or 0:.2f} GB ({ev['sft_examples_per_step']} "
+        f"examples of ~{ev['sft_mean_example_tokens']:.0f} tokens per step).")
     (out / "gpu.md").write_text(f"### GPU memory and throughput, 368M shape ({result['device']})\n\n{md}\n")
     print(md)
     return result

@@ -21,3 +21,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
             assert s["model_state_bytes"] == s["planned_state_bytes"] and s["tokens_per_second"] > 0
     assert rows["step-2stages"]["planned_peak_gb"] < rows["vanilla"]["planned_peak_gb"]
     assert rows["vanilla"]["paper_table2_gb"] == 5.9 and (tmp_path / "gpu.json").is_file()
+    ev = res["eval_and_sft"]  # the evaluation and SFT rows (issue #16) ran through the real code paths
+    assert ev["perplexity_tokens_per_second"] > 0 and ev["task_items_per_second"] > 0
+    assert ev["sft_tokens_per_second"] > 0 and ev["sft_steps"] == 3 and ev["sft_max_memory_allocated_gb"] is None
+    assert "SFT step" in (tmp_path / "gpu.md").read_text()
