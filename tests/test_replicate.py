@@ -130,6 +130,14 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
         t = json.loads((out / f"{name}.json").read_text())
         assert t["verdict"] in ("reproduced", "same order, within noise", "contradicted", "not resolved (within noise)")
         assert t["noise_sd"] == main["step-2stages"]["val_ppl_spread"]
+    prec = {r["method"]: r for r in json.loads((out / "precision.json").read_text())}
+    assert set(prec) == {"vanilla", "vanilla, 8-bit states", "step-3stages", "step-3stages, 8-bit states"}
+    assert prec["vanilla"]["run_dirs"] == main["vanilla"]["run_dirs"]  # the fp32 rows are the main table's runs
+    for m in ("vanilla", "step-3stages"):
+        q = prec[f"{m}, 8-bit states"]
+        assert q["planned_peak_bytes"] == q["measured_peak_bytes"] < prec[m]["planned_peak_bytes"]
+        lo, hi = q["val_ppl_ratio_vs_fp32_ci95"]
+        assert lo <= q["val_ppl_ratio_vs_fp32"] <= hi
     k = json.loads((out / "kcurve.json").read_text())
     assert [len(r["layers_per_stage"]) for r in k[1:]] == list(rep.K_STAGES)
     assert (out / "kcurve.png").stat().st_size > 0 and (out / "replication.md").is_file()

@@ -252,3 +252,26 @@ def test_weights_that_turn_non_finite_stop_the_run(references, tmp_path, checks)
     assert "step 1: the weights are not finite" in line and checks.replace("_", " ") in line, line
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
     assert list_steps(out / "checkpoints") == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("states", ["8bit", "bf16"])
+def test_sigkill_resume_with_low_precision_optimizer_states(references, tmp_path, states):
+    """Quantized (torchao 8-bit) and bf16 (torch-optimi, bf16 master weights) optimizer states go
+    through the checkpoint and back: a STEP run killed inside stage 2 resumes to the same weights as
+    an uninterrupted run, bit for bit."""
+    _, _, cache_tmp = references["vanilla"]
+    extra = {"train.optimizer_states": states}
+    if states == "bf16":
+        extra["train.master_weights"] = "bf16"
+    ref_out, out = tmp_path / "ref", tmp_path / "run"
+    done = run(cmd(cache_tmp, ref_out, "step3", **extra))
+    assert done.returncode == 0, done.stderr
+    ref = json.loads((ref_out / "summary.json").read_text())
+    step = sum(ref["stage_steps"][:1]) + 2
+    args = cmd(cache_tmp, out, "step3", **extra)
+    assert run(args, fault=f"kill_after_step:{step}").returncode == -signal.SIGKILL
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["weights_sha256"] == ref["weights_sha256"]
+    assert losses(out) == losses(ref_out)

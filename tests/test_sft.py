@@ -140,3 +140,44 @@ def test_sft_refuses_a_foreign_non_empty_out(tiny_run, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert main(_sft_args(tiny_run, out)) == 2
     assert "--out" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_sft_under_torchrun_matches_one_process(tiny_run, tmp_path, parallel):
+    """2 processes × 1 micro-batch of 2 examples end with the weights of one process × 2 accumulated
+    micro-batches of 2 (the same global batch of 4), within 4× the summation-order noise floor that one
+    process with a single micro-batch of 4 shows."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    def sft(out, micro, nproc=1, *extra):
+        args = _sft_args(tiny_run, out, "--set", "train.fused_optimizer=false", *extra)
+        args[args.index("--micro-batch") + 1] = str(micro)
+        if nproc > 1:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            args = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                    f"--master_port={port}", "-m", "steplm", *args]
+        else:
+            args = ["-m", "steplm", *args]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+        env.pop("STEPLM_FAULT", None)
+        res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return load_file(str(out / "model.safetensors"))
+
+    def max_diff(a, b):
+        assert a.keys() == b.keys()
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    one = sft(tmp_path / "one", 4)
+    accum = sft(tmp_path / "accum", 2)
+    multi = sft(tmp_path / "multi", 2, 2, "--set", f"train.parallel={parallel}")
+    floor = max_diff(one, accum)
+    assert floor < 1e-3
+    assert max_diff(accum, multi) <= max(1e-5, 4 * floor)
+    summary = json.loads((tmp_path / "multi" / "sft_summary.json").read_text())
+    assert summary["batch_examples"] == 4 and summary["steps"] == 6
