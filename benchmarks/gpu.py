@@ -172,13 +172,14 @@ def eval_and_sft(base: dict, tmp: Path, windows: int, items: int, sft_steps: int
     def phrase(n):  # noqa: E306
         return " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist())
     requests = [(phrase(T // 32), " " + phrase(T // 128 + 1)) for _ in range(items * 4)]  # 4 choices per item
+    tok, eos = p.tokenizer, p.special.eos_id
     def encode(s):  # noqa: E306
-        return p.tokenizer.encode(s, add_special_tokens=False).ids
+        return tok.encode(s, add_special_tokens=False).ids
     with autocast(device, dtype):
-        loglikelihoods(model, encode, p.special.eos_id, requests[:32], batch_size=32)
+        loglikelihoods(model, encode, eos, requests[:32], batch_size=32)
         sync()
         t0 = time.perf_counter()
-        loglikelihoods(model, encode, p.special.eos_id, requests, batch_size=32)
+        loglikelihoods(model, encode, eos, requests, batch_size=32)
         sync()
     out["task_items_per_second"] = items / (time.perf_counter() - t0)
     del model, p
