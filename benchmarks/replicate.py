@@ -25,11 +25,12 @@ Scale, and why: d 256, 8 layers, 4 heads, seq 256, 16 sequences per step (4096 t
 8192-token BPE trained on the training text (GPT-2's 50257 tokens would make the embedding and head
 80 % of the parameters), 600 vanilla steps (2.46M tokens): the point the issue measured at about
 120 ppl in about 10 minutes on a native-bf16 CPU. The K-stage curve (K = 6 needs 2 layers a stage)
-and Table 4 (the four insertion positions need enough old layers to differ) run at 12 layers, with
-their own 12-layer vanilla. On this machine (2026-12-01; AMD EPYC with AVX-512 bf16, 2 cores, idle)
-`--suite estimate` timed a 12-layer vanilla step at 1.47 s (bf16 autocast, compiled), so a
-600-step 8-layer vanilla run is about 11 min plus about 3 min of evaluation, and the whole "all" suite
-is about 10 h of training. `--methods` and `--flops` run a subset (the sweep keeps other methods'
+and Table 4 (the four insertion positions need enough old layers to differ) run at 12 layers, the
+curve with its own 12-layer vanilla. On this machine (2026-12-01; AMD EPYC with AVX-512 bf16, 2
+cores, idle) an 8-layer vanilla step takes about 1.13 s (bf16 autocast, compiled; 3,600 tokens/s),
+so a 600-step run is about 11 min plus about 5 min of fp32 evaluation (all 1M validation tokens,
+200k WikiText tokens, the seven tasks), and `--suite estimate` counts the whole "all" suite at 57
+runs, 53 vanilla-run equivalents: about 10 h of training. `--methods` and `--flops` run a subset (the sweep keeps other methods'
 rows). Adapter and projection ranks are the paper's 128 at d 2048 scaled to d 256 (r = 16);
 ReLoRA's reset interval, restart warmup and warm start, and GaLore's projection gap, scale with the
 run length.
@@ -789,12 +790,14 @@ def main():
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; smoke: <cache>/smoke)")
     ap.add_argument("--methods", default=",".join(ALL_METHODS),
                     help="comma-separated main-table methods that the sweep and main suites run (default all)")
+    ap.add_argument("--seeds", type=int, choices=(1, 2, 3), default=3,
+                    help="seeds of the seeded rows (vanilla, STEP-2stages, STEP-3stages; default 3, the issue's)")
     ap.add_argument("--flops", choices=("corrected", "paper", "both"), default="both",
                     help="which FLOPs count(s) the main suite budgets by (default both)")
     ap.add_argument("--cache", default=str(CACHE), help="run cache, outside the work tree "
                     "(default $STEPLM_REPLICATE_CACHE or ~/.cache/steplm/replicate)")
     a = ap.parse_args()
-    global METHODS, CONVENTIONS
+    global METHODS, CONVENTIONS, SEEDS
     methods = tuple(m for m in a.methods.split(",") if m)
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
@@ -803,6 +806,8 @@ def main():
         ap.error("--methods: the main table needs vanilla (its reference row)")
     METHODS = tuple(m for m in ALL_METHODS if m in methods)
     CONVENTIONS = ("corrected", "paper") if a.flops == "both" else (a.flops,)
+    if a.suite != "smoke":
+        SEEDS = SEEDS[:a.seeds]
     cache = Path(a.cache).expanduser()
     if a.suite == "smoke":
         smoke_setup(cache / "smoke")

@@ -159,4 +159,10 @@ def test_estimate_counts_every_distinct_run(rep):
     est = rep.estimate(1.0)
     assert est["runs"] == len(runs) and est["hours"] == pytest.approx(est["vanilla_step_equivalents"] / 3600)
     # vanilla at the paper count is the same run as at the corrected count: counted once
-    assert sum(1 for r in runs if r.get("method", "vanilla") == "vanilla" and "train.max_steps" not in r) == len(rep.SEEDS)
+    main_vanilla = [r for r in runs if r.get("method", "vanilla") == "vanilla" and "train.max_steps" not in r
+                    and "train.optimizer_states" not in r]
+    # the main table's seeds, plus the K-curve's vanilla where its depth differs from the main one
+    deeper = rep.KCURVE_LAYERS != int(rep.BASE["model.n_layers"])
+    assert len(main_vanilla) == len(rep.SEEDS) + deeper
+    # the precision suite's 8-bit runs are runs of their own
+    assert sum(1 for r in runs if r.get("train.optimizer_states") == "8bit") == 2 * len(rep.SEEDS)
