@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,12 @@ def tiny_run(tmp_path_factory, shakespeare_dir):
     out = tmp / "run"
     Trainer(cfg, out, progress=False).fit()
     return out
+
+
+def torchrun_args(nproc: int) -> list[str]:
+    """``python -m torch.distributed.run`` arguments for nproc local processes on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={port}"]

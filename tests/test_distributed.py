@@ -1,22 +1,15 @@
 """torchrun on CPU (gloo, 2 processes): a 2-stage STEP run under DDP ends with the weights of a
 single-process run with the same global batch."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, tiny_overrides, torchrun_args
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(tmp_path, out, nproc, micro_batch, **extra):
@@ -25,8 +18,7 @@ def train(tmp_path, out, nproc, micro_batch, **extra):
                                        "train.checkpoint_every": 4}, **extra)
     args = ["-m", "steplm", "train", "--out", str(out), "--quiet", *[x for kv in sets for x in ("--set", kv)]]
     if nproc > 1:
-        args = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}", *args]
+        args = [*torchrun_args(nproc), *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

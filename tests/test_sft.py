@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from steplm.cli import main
 from steplm.sft import IGNORE, accumulate_response_loss
 
-from conftest import ROOT, shared
+from conftest import ROOT, shared, torchrun_args
 
 
 def _model():
@@ -148,21 +148,12 @@ def test_sft_under_torchrun_matches_one_process(tiny_run, tmp_path, parallel):
     """2 processes × 1 micro-batch of 2 examples end with the weights of one process × 2 accumulated
     micro-batches of 2 (the same global batch of 4), within 4× the summation-order noise floor that one
     process with a single micro-batch of 4 shows."""
-    import socket
-
     from safetensors.torch import load_file
 
     def sft(out, micro, nproc=1, *extra):
         args = _sft_args(tiny_run, out, "--set", "train.fused_optimizer=false", *extra)
         args[args.index("--micro-batch") + 1] = str(micro)
-        if nproc > 1:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            args = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                    f"--master_port={port}", "-m", "steplm", *args]
-        else:
-            args = ["-m", "steplm", *args]
+        args = [*(torchrun_args(nproc) if nproc > 1 else []), "-m", "steplm", *args]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
         env.pop("STEPLM_FAULT", None)
         res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
