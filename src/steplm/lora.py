@@ -17,6 +17,51 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 FROZEN_DTYPE = torch.bfloat16
 
 
+class _LoRALinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for x (..., in), W (out, in), A (r, in), B (out, r), the matmuls
+    in ``dtype``, with a hand-written backward giving autograd's gradients of that expression:
+    dx = g·W + s·(g·B)·A, dA = s·(g·B)ᵀ·x, dB = s·gᵀ·(x·Aᵀ).
+
+    Why not three F.linear calls: at small ranks the four (N, r)-shaped products autograd forms are
+    memory-bound and, on CPU, ate most of what freezing saves (profiled in README, Throughput).
+    Here x·Aᵀ rides along in the forward GEMM (x·[W; A]ᵀ, one read of x) and g·B in the input-gradient
+    GEMM (g·[W, B], one read of g); the adapter's term is added inside an addmm (no separate pass);
+    the remaining two skinny products take the orientation oneDNN runs fast ((x·Aᵀ)ᵀ·g rather than
+    gᵀ·(x·Aᵀ): 5-7x apart in fp32). The adapter is never merged into W, so a small update is not
+    rounded away in a bf16 weight. Saves x (in ``dtype``) and x·Aᵀ (N, r)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dtype: torch.dtype):
+        ctx.x_shape, ctx.x_dtype, ctx.scaling = x.shape, x.dtype, scaling
+        out = weight.shape[0]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        w, a, b = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        y_xa = x2 @ torch.cat([w, a]).t()  # (N, out + r)
+        xa = y_xa[:, out:]
+        y = torch.addmm(y_xa[:, :out], xa, b.t(), alpha=scaling)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(x2, xa, w, a, b)
+        return y.reshape(*x.shape[:-1], out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xa, w, a, b = ctx.saved_tensors
+        s, n_in = ctx.scaling, w.shape[1]
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
+        gw_gb = g @ torch.cat([w, b], 1)  # (N, in + r)
+        gb = gw_gb[:, n_in:]
+        need = ctx.needs_input_grad
+        grad_x = None
+        if need[0]:
+            grad_x = torch.addmm(gw_gb[:, :n_in], gb, a, alpha=s).reshape(ctx.x_shape).to(ctx.x_dtype)
+        grad_w = (x2.t() @ g).t() if need[1] else None  # the base is frozen; kept for completeness
+        grad_bias = g.sum(0) if need[2] else None
+        grad_A = (gb.t() @ x2).mul_(s) if need[3] else None
+        grad_B = (xa.t() @ g).mul_(s).t() if need[4] else None
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None
+
+
 class LoRALinear(nn.Module):
     """A frozen linear plus a low-rank trainable update; rank 0 means frozen with no adapter."""
 
@@ -63,14 +108,18 @@ class LoRALinear(nn.Module):
         return w + self.delta().detach() if self.rank else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast F.linear casts the bf16 weight itself; outside it, match the input dtype.
-        autocast = torch.is_autocast_enabled(x.device.type)
-        w = self.weight if autocast else self.weight.to(x.dtype)
-        b = self.bias if self.bias is None or autocast else self.bias.to(x.dtype)
-        y = F.linear(x, w, b)
-        if self.rank:
-            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-        return y
+        # Under autocast the matmuls run in its dtype; outside it, in the input's.
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        b = None if self.bias is None else self.bias.to(dtype)
+        if not self.rank:
+            return F.linear(x.to(dtype), self.weight.to(dtype), b)
+        if torch.is_grad_enabled():
+            return _LoRALinearFunction.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dtype)
+        # inference (evaluation, decoding): no stacked copy of the weight per call
+        x = x.to(dtype)
+        return F.linear(x, self.weight.to(dtype), b) + F.linear(F.linear(x, self.lora_A.to(dtype)),
+                                                                self.lora_B.to(dtype)) * self.scaling
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
