@@ -14,10 +14,11 @@ Rows (issue #11):
 
 A large GEMM in that dtype probes the matmul ceiling; each row's MFU is its model FLOPs/s (the corrected
 count of flops.py: 6·N + 6·V·d + 12·L·s·d per token) over that ceiling. ``--profile`` prints
-torch.profiler's top operators for steplm's step with the fused and with the unfused loss, and the
-tracked peak memory of one step of each.
+torch.profiler's top operators for steplm's step with the fused and with the unfused loss. Every run
+prints the tracked peak memory of one eager step of each, and each ratio's range over the rounds
+(the rows of a round run back to back, so that range shows the machine's noise).
 
-    python benchmarks/throughput.py [--rounds 4 --steps 4] [--json benchmarks/results/throughput.json]
+    python benchmarks/throughput.py [--rounds 6 --steps 4] [--json benchmarks/results/throughput.json]
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def tracked_peak(shape: dict, tmp: Path, fused: bool) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4, help="timed steps per row per round")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables and tracked peaks")
     ap.add_argument("--json", help="write the result here (e.g. benchmarks/results/throughput.json)")
     a = ap.parse_args()
@@ -196,24 +197,30 @@ def main():
                      "step_seconds_median": sec, "tokens_per_s": tok / sec, "flops_per_token": fpt[n],
                      "mfu": fpt[n] * tok / sec / ceiling})
     by = {r["row"]: r for r in rows}
-    hf_gpt2 = by["HF compiled (sdpa, autocast, fused AdamW)"]["tokens_per_s"]
-    hf_repl = by["HF compiled V8192"]["tokens_per_s"]
     van = by["steplm V8192"]
     predicted = st.flops_per_token["corrected"] / van["flops_per_token"]
+    # each ratio as (numerator row, denominator row, speed or time), its median-step value and the
+    # range of its per-round values: rows of a round ran back to back, so that range is the noise
+    pairs = {
+        "steplm / HF compiled, V50257": ("steplm", "HF compiled (sdpa, autocast, fused AdamW)", "speed"),
+        "steplm / HF compiled, V8192": ("steplm V8192", "HF compiled V8192", "speed"),
+        "steplm / HF eager fp32, V50257": ("steplm", "HF eager fp32", "speed"),
+        "fused / unfused loss, V50257": ("steplm", "steplm, unfused loss", "speed"),
+        "STEP final-stage step / vanilla step, V8192": ("steplm V8192 STEP-2 final stage", "steplm V8192", "time"),
+    }
+    def ratio(kind, tn, td):  # noqa: E306
+        return td / tn if kind == "speed" else tn / td
+    ratios = {k: ratio(kind, by[n]["step_seconds_median"], by[d]["step_seconds_median"])
+              for k, (n, d, kind) in pairs.items()}
+    spread = {k: [f(ratio(kind, tn, td) for tn, td in zip(times[n], times[d])) for f in (min, max)]
+              for k, (n, d, kind) in pairs.items()}
     res = {
         "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "native_bf16": bf16_fast(),
         "dtype": str(trainers["steplm"].dtype).replace("torch.", ""), "rounds": a.rounds, "steps": a.steps,
         "gemm_ceiling_flops_per_s": ceiling, "rows": rows,
-        "ratios": {
-            "steplm / HF compiled, V50257": by["steplm"]["tokens_per_s"] / hf_gpt2,
-            "steplm / HF compiled, V8192": van["tokens_per_s"] / hf_repl,
-            "steplm / HF eager fp32, V50257": by["steplm"]["tokens_per_s"] / by["HF eager fp32"]["tokens_per_s"],
-            "fused / unfused loss, V50257": by["steplm"]["tokens_per_s"] / by["steplm, unfused loss"]["tokens_per_s"],
-            "STEP final-stage step / vanilla step, V8192": (by["steplm V8192 STEP-2 final stage"]["step_seconds_median"]
-                                                           / van["step_seconds_median"]),
-            "STEP final stage, predicted by corrected FLOPs": predicted,
-        },
+        "ratios": {**ratios, "STEP final stage, predicted by corrected FLOPs": predicted},
+        "ratios_per_round_range": spread,
         "targets": {"steplm / HF compiled, V50257": 1.5, "steplm / HF compiled, V8192": 1.3,
                     "STEP final-stage step / vanilla step, V8192": f"<= {1.05 * predicted:.3f} (1.05 x predicted)"},
         "step_final_stage_layers_per_stage": step_final.layers_per_stage,
@@ -224,12 +231,13 @@ def main():
     for r in rows:
         print(f"{r['row']:<52} {r['tokens_per_s']:>9,.0f} {r['step_seconds_median']:>8.3f} {100 * r['mfu']:>5.1f}%")
     for k, v in res["ratios"].items():
-        print(f"{k}: {v:.3f}")
+        lo_hi = f"  (rounds: {spread[k][0]:.3f}-{spread[k][1]:.3f})" if k in spread else ""
+        print(f"{k}: {v:.3f}{lo_hi}")
+    peaks = {f: tracked_peak(GPT2, tmp, f) for f in (False, True)}
+    res["tracked_peak_bytes_one_step"] = {"unfused": peaks[False], "fused": peaks[True]}
+    print(f"tracked peak of one eager step, V50257 batch 8x256: unfused {peaks[False] / 2**20:.0f} MiB, "
+          f"fused {peaks[True] / 2**20:.0f} MiB")
     if a.profile:
-        peaks = {f: tracked_peak(GPT2, tmp, f) for f in (False, True)}
-        res["tracked_peak_bytes_one_step"] = {"unfused": peaks[False], "fused": peaks[True]}
-        print(f"tracked peak of one eager step, V50257 batch 8x256: unfused {peaks[False] / 2**20:.0f} MiB, "
-              f"fused {peaks[True] / 2**20:.0f} MiB")
         profile(trainers["steplm, unfused loss"], "unfused head + cross-entropy")
         profile(trainers["steplm"], "fused chunked linear + cross-entropy")
     if a.json:

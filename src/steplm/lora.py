@@ -18,48 +18,57 @@ FROZEN_DTYPE = torch.bfloat16
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for x (..., in), W (out, in), A (r, in), B (out, r), the matmuls
-    in ``dtype``, with a hand-written backward giving autograd's gradients of that expression:
-    dx = g·W + s·(g·B)·A, dA = s·(g·B)ᵀ·x, dB = s·gᵀ·(x·Aᵀ).
+    """y = x·W_effᵀ + b with W_eff = (W + s·B·A) rounded to ``dtype``, for x (..., in), W (out, in),
+    A (r, in), B (out, r): the matmul in ``dtype``, with a hand-written backward giving autograd's
+    gradients of that expression: dx = g·W_eff, dA = s·(g·B)ᵀ·x, dB = s·gᵀ·(x·Aᵀ).
 
-    Why not three F.linear calls: at small ranks the four (N, r)-shaped products autograd forms are
-    memory-bound and, on CPU, ate most of what freezing saves (profiled in README, Throughput).
-    Here x·Aᵀ rides along in the forward GEMM (x·[W; A]ᵀ, one read of x) and g·B in the input-gradient
-    GEMM (g·[W, B], one read of g); the adapter's term is added inside an addmm (no separate pass);
-    the remaining two skinny products take the orientation oneDNN runs fast ((x·Aᵀ)ᵀ·g rather than
-    gᵀ·(x·Aᵀ): 5-7x apart in fp32). The adapter is never merged into W, so a small update is not
-    rounded away in a bf16 weight. Saves x (in ``dtype``) and x·Aᵀ (N, r)."""
+    The merge is formed in fp32 (W + s·B·A, an (out, in) pass and an out·in·r-FLOP product, small
+    next to the N·out·in GEMM) and rounded to ``dtype`` only for the matmul, exactly as autocast
+    rounds an fp32 master weight for vanilla's matmuls: the adapter's update lives in fp32 A and B and
+    is never rounded into the stored bf16 W (``merge`` does that, at ReLoRA restarts only).
+
+    Why not three F.linear calls: at small ranks the four (N, r)-shaped products autograd forms, and
+    the (N, out)-sized passes that add the adapter's term to the base output and input gradient, are
+    memory-bound and, on CPU, ate most of what freezing saves (profiled in README, Throughput). Here
+    the adapter's term is inside W_eff, so each direction is one GEMM: x·Aᵀ rides along in the forward
+    one (x·[W_eff; A]ᵀ, one read of x) and g·B in the input-gradient one (g·[W_eff, B], one read of
+    g); the remaining two skinny products take the orientation oneDNN runs fast ((x·Aᵀ)ᵀ·g rather than
+    gᵀ·(x·Aᵀ): 5-7x apart in fp32). W_eff is formed again in the backward rather than saved, so the
+    step holds one transient (out, in) copy at a time. Saves x (in ``dtype``) and x·Aᵀ (N, r)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dtype: torch.dtype):
-        ctx.x_shape, ctx.x_dtype, ctx.scaling = x.shape, x.dtype, scaling
+        ctx.x_shape, ctx.x_dtype, ctx.scaling, ctx.dtype = x.shape, x.dtype, scaling, dtype
         out = weight.shape[0]
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        w, a, b = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
-        y_xa = x2 @ torch.cat([w, a]).t()  # (N, out + r)
-        xa = y_xa[:, out:]
-        y = torch.addmm(y_xa[:, :out], xa, b.t(), alpha=scaling)
+        a = lora_A.to(dtype)
+        y_xa = x2 @ torch.cat([_merged(weight, lora_A, lora_B, scaling, dtype), a]).t()  # (N, out + r)
+        y, xa = y_xa[:, :out], y_xa[:, out:]
         if bias is not None:
             y = y + bias.to(dtype)
-        ctx.save_for_backward(x2, xa, w, a, b)
+        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
         return y.reshape(*x.shape[:-1], out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, w, a, b = ctx.saved_tensors
-        s, n_in = ctx.scaling, w.shape[1]
-        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
-        gw_gb = g @ torch.cat([w, b], 1)  # (N, in + r)
+        x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        s, n_in, dtype = ctx.scaling, weight.shape[1], ctx.dtype
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        w = _merged(weight, lora_A, lora_B, s, dtype)
+        gw_gb = g @ torch.cat([w, lora_B.to(dtype)], 1)  # (N, in + r)
         gb = gw_gb[:, n_in:]
         need = ctx.needs_input_grad
-        grad_x = None
-        if need[0]:
-            grad_x = torch.addmm(gw_gb[:, :n_in], gb, a, alpha=s).reshape(ctx.x_shape).to(ctx.x_dtype)
+        grad_x = gw_gb[:, :n_in].reshape(ctx.x_shape).to(ctx.x_dtype) if need[0] else None
         grad_w = (x2.t() @ g).t() if need[1] else None  # the base is frozen; kept for completeness
         grad_bias = g.sum(0) if need[2] else None
         grad_A = (gb.t() @ x2).mul_(s) if need[3] else None
         grad_B = (xa.t() @ g).mul_(s).t() if need[4] else None
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None
+
+
+def _merged(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """(W + s·B·A) in fp32, rounded to ``dtype``: (out, in)."""
+    return torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling).to(dtype)
 
 
 class LoRALinear(nn.Module):
