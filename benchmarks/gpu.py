@@ -3,10 +3,12 @@
     PYTHONPATH=src python3 benchmarks/gpu.py                 # one H100/H200-class GPU, about 5-8 minutes
     PYTHONPATH=src python3 benchmarks/gpu.py --dry-run       # tiny shape on CPU, seconds (the test runs this)
 
-For vanilla, STEP-2stages (7 -> 12 layers), ReLoRA and GaLore at d 1600, 12 layers, 25 heads,
-seq 1024, GPT-2's vocabulary (50257), bf16 autocast, activation checkpointing and one shared
-micro-batch, it trains STEPS_PER_STAGE optimizer steps in every stage (moving through the stages
-with Trainer.next_stage(), as a real run does at its growth steps) and records per stage
+For vanilla, STEP-2stages (7 -> 12 layers), ReLoRA, GaLore, and vanilla and STEP-2stages with
+torchao's 8-bit AdamW moments (issue #15; skipped with a note where torchao is not installed), at
+d 1600, 12 layers, 25 heads, seq 1024, GPT-2's vocabulary (50257), bf16 autocast, activation
+checkpointing and one shared micro-batch, it trains STEPS_PER_STAGE optimizer steps in every
+stage (moving through the stages with Trainer.next_stage(), as a real run does at its growth steps)
+and records per stage
 torch.cuda.max_memory_allocated, the live model-state bytes, the planner's prediction (Eq. 1-2 +
 embeddings) and tokens/s over the timed steps. Writes benchmarks/results/gpu.json (and .md).
 
@@ -23,6 +25,7 @@ is there the GaLore row is skipped with a note.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -49,7 +52,10 @@ COMMON = {"train.micro_batch": 8, "train.grad_accum": 1, "train.activation_check
           "galore.update_proj_gap": 200, "galore.scale": 0.25, "step.n_stages": 2}
 METHODS = {"vanilla": {}, "step-2stages": {"method": "step", "step.layers_per_stage": "[7,5]"},
            "relora": {"method": "relora", "lora.relora_interval": 5000, "lora.relora_warmup": 500},
-           "galore": {"method": "galore", "train.lr": 1e-2}}
+           "galore": {"method": "galore", "train.lr": 1e-2},
+           # issue #15: the same two runs with torchao's 8-bit AdamW moments (block-wise, fp32 master weights)
+           "vanilla-8bit": {"train.optimizer_states": "8bit"},
+           "step-2stages-8bit": {"method": "step", "step.layers_per_stage": "[7,5]", "train.optimizer_states": "8bit"}}
 STEPS_PER_STAGE, WARMUP = 100, 5
 EVAL_WINDOWS, TASK_ITEMS, SFT_STEPS = 64, 500, 30
 GB = 1e9
@@ -223,7 +229,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['method']} | skipped: {r['skipped']} | | | | | |")
             continue
         lines.append(f"| {r['method']} | {'→'.join(str(s['layers']) for s in r['stages'])} | "
-                     f"{r['paper_table2_gb']} | {r['planned_peak_gb']:.2f} | {r['peak_model_state_gb']:.2f} | "
+                     f"{r['paper_table2_gb'] or '–'} | {r['planned_peak_gb']:.2f} | {r['peak_model_state_gb']:.2f} | "
                      f"{r['peak_allocated_gb']:.2f} | {', '.join(format(s['tokens_per_second'], ',.0f') for s in r['stages'])} |")
     return "\n".join(lines)
 
@@ -251,10 +257,13 @@ def main(argv=None):
             if method == "galore" and not galore_available():
                 rows.append({"method": method, "skipped": "galore_torch not importable (no shared/wheels wheel)"})
                 continue
+            if method.endswith("-8bit") and importlib.util.find_spec("torchao") is None:
+                rows.append({"method": method, "skipped": "torchao not importable (8-bit AdamW moments)"})
+                continue
             o = {**base, **over, **extra}
-            if method == "step-2stages" and a.dry_run:
+            if method.startswith("step-2stages") and a.dry_run:
                 o["step.layers_per_stage"] = "[2,2]"
-            elif method != "step-2stages":
+            elif not method.startswith("step-2stages"):
                 o.pop("step.layers_per_stage", None)
             print(f"[gpu] {method}", file=sys.stderr, flush=True)
             rows.append(measure(method, o, steps, warmup, tmp))

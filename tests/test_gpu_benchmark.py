@@ -11,8 +11,11 @@ def test_gpu_benchmark_dry_run(tmp_path):
     spec.loader.exec_module(mod)
     res = mod.main(["--dry-run", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in res["rows"]}
-    assert set(rows) == {"vanilla", "step-2stages", "relora", "galore"}
+    assert set(rows) == {"vanilla", "step-2stages", "relora", "galore", "vanilla-8bit", "step-2stages-8bit"}
     assert [s["layers"] for s in rows["step-2stages"]["stages"]] == [2, 4]
+    assert [s["layers"] for s in rows["step-2stages-8bit"]["stages"]] == [2, 4]
+    for m in ("vanilla", "step-2stages"):  # 8-bit moments: the embeddings' and head's states shrink
+        assert rows[f"{m}-8bit"]["planned_peak_gb"] < rows[m]["planned_peak_gb"]
     assert [s["kind"] for s in rows["relora"]["stages"]] == ["full", "lora"]
     for r in rows.values():
         if "skipped" in r:
