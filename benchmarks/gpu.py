@@ -245,7 +245,7 @@ def main(argv=None):
     shape = TINY if a.dry_run else SHAPE
     steps, warmup = (3, 1) if a.dry_run else (a.steps, WARMUP)
     extra = {"train.device": "cpu", "train.dtype": "fp32", "lora.rank": 4, "galore.rank": 4,
-             "step.layers_per_stage": "[2,2]", "data.tokenizer": "bpe:320"} if a.dry_run else {"data.tokenizer": "bpe:320"}
+             "data.tokenizer": "bpe:320"} if a.dry_run else {"data.tokenizer": "bpe:320"}
     rows = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,15 +261,12 @@ def main(argv=None):
                 rows.append({"method": method, "skipped": "torchao not importable (8-bit AdamW moments)"})
                 continue
             o = {**base, **over, **extra}
-            if method.startswith("step-2stages") and a.dry_run:
+            if a.dry_run and "step.layers_per_stage" in over:  # the tiny shape's 4 layers, split 2 + 2
                 o["step.layers_per_stage"] = "[2,2]"
-            elif not method.startswith("step-2stages"):
-                o.pop("step.layers_per_stage", None)
             print(f"[gpu] {method}", file=sys.stderr, flush=True)
             rows.append(measure(method, o, steps, warmup, tmp))
         print("[gpu] perplexity, tasks, SFT", file=sys.stderr, flush=True)
         o = {**base, **extra}
-        o.pop("step.layers_per_stage", None)
         ev = eval_and_sft(o, tmp, *((4, 8, 3, 1) if a.dry_run else (EVAL_WINDOWS, TASK_ITEMS, SFT_STEPS, WARMUP)))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
