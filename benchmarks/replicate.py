@@ -4,6 +4,7 @@ K-stage memory/quality curve.
 
     python benchmarks/replicate.py                     # everything ("all"), resumes where it stopped
     python benchmarks/replicate.py --suite sweep       # per-method peak-lr sweep (shortened budget, one seed)
+    python benchmarks/replicate.py --suite embedding_lr  # vanilla with embedding/head lr at 1, 3, 10, 30x
     python benchmarks/replicate.py --suite main        # Table 2 under the corrected and the paper's FLOPs count
     python benchmarks/replicate.py --suite kcurve      # STEP with K = 2, 3, 4, 6 at one final depth
     python benchmarks/replicate.py --suite table4      # one ablation (table4, table5, table9, table10)
@@ -12,7 +13,7 @@ K-stage memory/quality curve.
     python benchmarks/replicate.py --suite smoke       # the whole pipeline on a tiny config (CI)
     python benchmarks/replicate.py --suite estimate    # time a few vanilla steps; print the suite's cost
 
-Order inside "all": sweep -> main -> kcurve -> ablations -> precision -> throughput. The main table reads each
+Order inside "all": sweep -> embedding_lr -> main -> kcurve -> ablations -> precision -> throughput. The main table reads each
 method's peak lr from the sweep's committed result (benchmarks/results/lr_sweep.json), never from
 a constant here.
 
@@ -29,8 +30,8 @@ and Table 4 (the four insertion positions need enough old layers to differ) run 
 curve with its own 12-layer vanilla. On this machine (2026-12-01; AMD EPYC with AVX-512 bf16, 2
 cores, idle) an 8-layer vanilla step takes about 1.13 s (bf16 autocast, compiled; 3,600 tokens/s),
 so a 600-step run is about 11 min plus about 5 min of fp32 evaluation (all 1M validation tokens,
-200k WikiText tokens, the seven tasks), and `--suite estimate` counts the whole "all" suite at 57
-runs, 53 vanilla-run equivalents: about 10 h of training. `--methods` and `--flops` run a subset (the sweep keeps other methods'
+200k WikiText tokens, the seven tasks), and `--suite estimate` counts the whole "all" suite at 66
+runs, 56 vanilla-run equivalents: about 10.4 h of training. `--methods` and `--flops` run a subset (the sweep keeps other methods'
 rows). Adapter and projection ranks are the paper's 128 at d 2048 scaled to d 256 (r = 16);
 ReLoRA's reset interval, restart warmup and warm start, and GaLore's projection gap, scale with the
 run length.
@@ -95,8 +96,9 @@ Z_VERDICT = 2.0                # an ablation difference counts when it exceeds t
 # Peak-lr grids per method (≥ 3 values each); GaLore's paper lr is 1e-2, the others' a few 1e-4 at
 # 100x the width, so the grids differ.
 # The first sweep (2026-12-01) put vanilla's best at 1e-3, the grid's lower edge, so the grids of
-# the AdamW methods reach down to 5e-4.
-LR_GRID = {"vanilla": (5e-4, 1e-3, 2e-3, 4e-3), "relora": (5e-4, 1e-3, 2e-3, 4e-3), "galore": (3e-3, 1e-2, 3e-2),
+# the AdamW methods reach down to 5e-4; ReLoRA's first sweep (2026-12-02) chose 4e-3, its upper edge,
+# so its grid reaches up to 8e-3, and GaLore's chose 3e-2, so its grid reaches up to 1e-1.
+LR_GRID = {"vanilla": (5e-4, 1e-3, 2e-3, 4e-3), "relora": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3), "galore": (3e-3, 1e-2, 3e-2, 1e-1),
            "step-2stages": (5e-4, 1e-3, 2e-3, 4e-3), "step-3stages": (5e-4, 1e-3, 2e-3, 4e-3)}
 
 
@@ -118,10 +120,11 @@ STEP2 = {"method": "step", "step.n_stages": 2}
 STEP3 = {"method": "step", "step.n_stages": 3}
 
 
-def method_overrides(method: str) -> dict:
-    """The overrides that make a named main-table method (lr not included)."""
-    return {"vanilla": {}, "relora": relora(), "galore": galore(), "step-2stages": STEP2,
-            "step-3stages": STEP3, "step-2stages-budget": budget_row()}[method]
+def method_overrides(method: str, conv: str = "corrected") -> dict:
+    """The overrides that make a named main-table method (lr not included) for a FLOPs count."""
+    if method == "step-2stages-budget":
+        return budget_row(conv)
+    return {"vanilla": {}, "relora": relora(), "galore": galore(), "step-2stages": STEP2, "step-3stages": STEP3}[method]
 
 
 # ---------------------------------------------------------------------------- configs and the run cache
@@ -141,8 +144,17 @@ def canonical(overrides: dict) -> dict:
     return dict(overrides)
 
 
+# Config fields added after runs were cached, at the value that reproduces those runs: left out of
+# the key at that value, so the cached runs stay valid.
+KEY_OMITTED_AT = {("train", "embedding_lr_scale"): 1.0}
+
+
 def run_key(cfg) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    d = cfg.to_dict()
+    for (section, name), value in KEY_OMITTED_AT.items():
+        if d[section][name] == value:
+            del d[section][name]
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def command(overrides: dict, out_dir: Path) -> str:
@@ -156,15 +168,20 @@ def budget_bytes() -> int:
     return plan_run(resolve({})).vanilla["planned_state_bytes"]["layers"]
 
 
-def budget_row() -> dict:
-    """STEP-2stages sized by the budget planner: the deepest model whose peak fits budget_bytes()."""
+def budget_row(conv: str = "corrected") -> dict:
+    """STEP-2stages sized by the budget planner: the deepest model whose peak fits budget_bytes(),
+    at vanilla's FLOPs under the count ``conv``."""
     cfg = resolve({})
     plan = planner.deepest_within(budget_bytes(), 2, layer_shape(cfg.model), cfg.lora.rank)
     L = sum(plan.layers_per_stage)
-    # train.max_steps is a vanilla-equivalent budget for the model's own depth: scale it so the
-    # FLOPs equal the vanilla's (6·N·T with N proportional to the layer count).
+    # train.max_steps is a vanilla-equivalent budget for the model's own depth: scale it by the
+    # ratio of the two vanillas' FLOPs per step under the count (the corrected count's head and
+    # attention terms do not scale with the layer count).
+    deep = {"model.n_layers": L, "step.flops_convention": conv}
+    f = plan_run(resolve({"step.flops_convention": conv})).vanilla["flops"][conv]
+    f_deep = plan_run(resolve(deep)).vanilla["flops"][conv]
     return {**STEP2, "model.n_layers": L, "step.layers_per_stage": json.dumps(plan.layers_per_stage),
-            "train.max_steps": round(cfg.train.max_steps * cfg.model.n_layers / L)}
+            "train.max_steps": round(cfg.train.max_steps * f / f_deep)}
 
 
 def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True) -> dict:
@@ -317,6 +334,20 @@ def tuned_lr(method: str, results: Path) -> float:
     return tuned_lr_source(method, results)[0]
 
 
+def short_run(method: str, overrides: dict, cache: Path) -> dict:
+    """A run of a main-table method at SWEEP_FRACTION of the budget, ranked on SWEEP_VAL_TOKENS."""
+    steps = max(2, round(int(BASE["train.max_steps"]) * SWEEP_FRACTION))
+    short = {"train.max_steps": steps, "train.warmup_steps": max(1, steps // 10),
+             "train.eval_every": 0, "train.checkpoint_every": 0}
+    saved = dict(BASE)
+    BASE.update(short)  # relora()/galore() scale with the budget
+    try:
+        return run({**method_overrides(method), **overrides}, cache, val_tokens=SWEEP_VAL_TOKENS, wiki=False)
+    finally:
+        BASE.clear()
+        BASE.update(saved)
+
+
 def suite_sweep(cache: Path, results: Path) -> list[dict]:
     """Every method of METHODS at each lr of its grid, SWEEP_FRACTION of the budget, seed 0, ranked
     on SWEEP_VAL_TOKENS of validation; the lowest val ppl wins. Rows of methods outside METHODS
@@ -328,15 +359,7 @@ def suite_sweep(cache: Path, results: Path) -> list[dict]:
     rows = []
     for method, grid in grids.items():
         for lr in grid:
-            short = {"train.max_steps": steps, "train.warmup_steps": max(1, steps // 10),
-                     "train.eval_every": 0, "train.checkpoint_every": 0}
-            saved = dict(BASE)
-            BASE.update(short)  # relora()/galore() scale with the budget
-            try:
-                s = run({**method_overrides(method), "train.lr": lr}, cache, val_tokens=SWEEP_VAL_TOKENS, wiki=False)
-            finally:
-                BASE.clear()
-                BASE.update(saved)
+            s = short_run(method, {"train.lr": lr}, cache)
             rows.append({"method": method, "lr": lr, "steps": steps, "val_ppl": s["eval"]["val"]["ppl"],
                          "val_tokens": s["eval"]["val"]["tokens"],
                          "tokens": s["tokens_seen"], "wall_seconds": s["wall_seconds"], "command": s["command"]})
@@ -347,6 +370,36 @@ def suite_sweep(cache: Path, results: Path) -> list[dict]:
             r["chosen"] = r is best
             r["at_grid_edge"] = r is best and r["lr"] in (min(grid), max(grid))
     return kept + rows
+
+
+EMBEDDING_LR_SCALES = (1.0, 3.0, 10.0, 30.0)
+EMBEDDING_LR_METHODS = ("vanilla",)
+
+
+def suite_embedding_lr(cache: Path, results: Path) -> list[dict]:
+    """Vanilla at its tuned lr with train.embedding_lr_scale in EMBEDDING_LR_SCALES (the token
+    embedding, head and final norm at scale × lr), on the sweep's budget, seed 0 (scale 1 is the
+    sweep's own run). A diagnostic of the baseline's tuning: GaLore's sweep chose lr 3e-2, which
+    trains those parameters at 30× vanilla's lr and the projected blocks at a quarter of it."""
+    steps = max(2, round(int(BASE["train.max_steps"]) * SWEEP_FRACTION))
+    rows = []
+    for method in EMBEDDING_LR_METHODS:
+        lr = tuned_lr(method, results)
+        for k in EMBEDDING_LR_SCALES:
+            s = short_run(method, {"train.lr": lr, **({"train.embedding_lr_scale": k} if k != 1.0 else {})}, cache)
+            rows.append({"method": method, "lr": lr, "embedding_lr_scale": k, "steps": steps,
+                         "val_ppl": s["eval"]["val"]["ppl"], "val_tokens": s["eval"]["val"]["tokens"],
+                         "tokens": s["tokens_seen"], "wall_seconds": s["wall_seconds"], "command": s["command"]})
+    return rows
+
+
+def embedding_lr_table(rows: list[dict]) -> str:
+    lines = ["| method | lr | embedding_lr_scale | steps | val ppl | / scale 1 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = next(x for x in rows if x["method"] == r["method"] and x["embedding_lr_scale"] == 1.0)
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['embedding_lr_scale']:g} | {r['steps']} | "
+                     f"{r['val_ppl']:.1f} | {r['val_ppl'] / ref['val_ppl']:.3f} |")
+    return "\n".join(lines)
 
 
 def row(method: str, summaries: list[dict], mem: list[dict], vanilla: list[dict] | None, conv: str) -> dict:
@@ -400,13 +453,13 @@ def train_rows(name: str, variants: dict[str, list[dict]], cache: Path, conv: st
             for m, ss in done.items()]
 
 
-def main_variants(results: Path) -> dict[str, list[dict]]:
+def main_variants(results: Path, conv: str = "corrected") -> dict[str, list[dict]]:
     """Table 2's rows at their tuned lr: 3 seeds for vanilla, STEP-2stages and STEP-3stages."""
     seeded = ("vanilla", "step-2stages", "step-3stages")
     out = {}
     for m in METHODS:
         lr, src = tuned_lr_source(m, results) if results is not None else (tuned_lr(m, results), m)
-        v = {**method_overrides(m), "train.lr": lr, "_lr_from": src}
+        v = {**method_overrides(m, conv), "train.lr": lr, "_lr_from": src}
         out[m] = [{**v, "train.seed": s} for s in (SEEDS if m in seeded else SEEDS[:1])]
     return out
 
@@ -653,12 +706,15 @@ def planned_runs() -> list[dict]:
         try:
             runs += [{**method_overrides(m), "train.lr": lr, **{k: BASE[k] for k in ("train.max_steps", "train.warmup_steps")}}
                      for m, grid in LR_GRID.items() for lr in grid]
+            runs += [{**method_overrides(m), "train.lr": float(BASE["train.lr"]), "train.embedding_lr_scale": k,
+                      **{k: BASE[k] for k in ("train.max_steps", "train.warmup_steps")}}
+                     for m in EMBEDDING_LR_METHODS for k in EMBEDDING_LR_SCALES if k != 1.0]
         finally:
             BASE.clear()
             BASE.update(saved)
         for conv in ("corrected", "paper"):
             runs += [{**{k: x for k, x in v.items() if k != "_lr_from"}, "step.flops_convention": conv}
-                     for vs in main_variants(None).values() for v in vs]
+                     for vs in main_variants(None, conv).values() for v in vs]
         groups = [kcurve_variants(None), precision_variants(None)] + [ablation_variants(n, None) for n in PAPER_BEST]
         runs += [{**v, "step.flops_convention": "corrected"} for g in groups for vs in g.values() for v in vs]
     finally:
@@ -698,7 +754,7 @@ def time_vanilla_steps(n: int = 10, warmup: int = 2) -> float:
 
 
 # ---------------------------------------------------------------------------- the suites
-ALL = ("sweep", "main", "kcurve", "table4", "table5", "table9", "table10", "precision", "throughput")
+ALL = ("sweep", "embedding_lr", "main", "kcurve", "table4", "table5", "table9", "table10", "precision", "throughput")
 
 
 def run_suite(name: str, cache: Path, out: Path) -> None:
@@ -711,11 +767,15 @@ def run_suite(name: str, cache: Path, out: Path) -> None:
     if name == "sweep":
         rows = suite_sweep(cache, out)
         write("lr_sweep", "Peak-lr sweep per method (one seed, shortened budget)", sweep_table(rows), rows)
+    elif name == "embedding_lr":
+        rows = suite_embedding_lr(cache, out)
+        write("embedding_lr", "Vanilla with a separate lr for embedding, head and final norm (sweep budget, one seed)",
+              embedding_lr_table(rows), rows)
     elif name == "main":
         for conv, stem in (("corrected", "replication"), ("paper", "replication_paper_flops")):
             if conv not in CONVENTIONS:
                 continue
-            rows = train_rows(f"main/{conv}", main_variants(out), cache, conv, "main" in TASKS_ON)
+            rows = train_rows(f"main/{conv}", main_variants(out, conv), cache, conv, "main" in TASKS_ON)
             md = main_table(rows)
             missing = [m for m in ALL_METHODS if m not in METHODS]
             if missing:

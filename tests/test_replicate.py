@@ -15,7 +15,7 @@ from conftest import ROOT, shared
 from steplm import planner
 from steplm.config import load
 from steplm.growth import insertion_gaps
-from steplm.stages import layer_shape
+from steplm.stages import layer_shape, plan_run
 
 
 def _load():
@@ -88,6 +88,18 @@ def test_budget_row_is_deepest_split_within_vanilla_memory(rep):
     assert all(peak([a, L + 1 - a]) > budget for a in range(1, L + 1))  # one layer deeper never fits
 
 
+@pytest.mark.parametrize("conv", ["corrected", "paper"])
+def test_budget_row_trains_at_vanillas_flops(rep, conv):
+    """The deeper row's step budget matches vanilla's FLOPs under each count to within one step of
+    the deeper vanilla (the corrected count's head and attention terms do not scale with depth)."""
+    row = rep.budget_row(conv)
+    target = plan_run(rep.resolve({"step.flops_convention": conv})).vanilla["flops"][conv]
+    deep = plan_run(rep.resolve({**row, "step.flops_convention": conv}))
+    per_step = deep.vanilla["flops"][conv] / deep.vanilla["steps"]
+    assert abs(deep.vanilla["flops"][conv] - target) <= per_step / 2
+    assert abs(sum(s.flops[conv] for s in deep.stages) - target) <= per_step  # the staged run too
+
+
 def test_canonical_shares_runs_whose_plan_ignores_the_flops_convention(rep):
     assert rep.canonical({"step.flops_convention": "paper"})["step.flops_convention"] == "corrected"
     assert rep.canonical({**rep.STEP2, "step.flops_convention": "paper"})["step.flops_convention"] == "paper"
@@ -108,6 +120,12 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     sweep = json.loads((out / "lr_sweep.json").read_text())
     assert {r["method"] for r in sweep} == set(rep.LR_GRID)
     assert all(sum(r["chosen"] for r in sweep if r["method"] == m) == 1 for m in rep.LR_GRID)
+    emb = json.loads((out / "embedding_lr.json").read_text())
+    assert [r["embedding_lr_scale"] for r in emb] == list(rep.EMBEDDING_LR_SCALES)
+    van = next(r for r in sweep if r["method"] == "vanilla" and r["chosen"])
+    assert emb[0]["val_ppl"] == van["val_ppl"] and emb[0]["command"] == van["command"]  # scale 1: the sweep's run
+    assert len({r["val_ppl"] for r in emb}) == len(emb)  # the other scales train differently
+    assert all("train.embedding_lr_scale" in r["command"] for r in emb[1:])
     main = {r["method"]: r for r in json.loads((out / "replication.json").read_text())}
     assert list(main) == ["vanilla", "relora", "galore", "step-2stages", "step-3stages", "step-2stages-budget"]
     chosen = {r["method"]: r["lr"] for r in sweep if r["chosen"]}

@@ -278,3 +278,65 @@ def test_fused_loss_equals_unfused_training(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:  # 6 AdamW steps of lr 3e-3 move weights by ~1e-2; the two losses agree far closer
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
+
+
+def _outer(tr) -> dict:
+    return {n: p for n, p in tr.model.named_parameters() if p.requires_grad and not n.startswith("model.layers.")}
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("vanilla", {}),
+    ("step", {"step.n_stages": 2, "step.layers_per_stage": "[2,2]"}),
+    # galore-torch decays after the update, p(1 - lr·wd) with p already moved: an lr² term, so no decay
+    ("galore", {"galore.rank": 4, "galore.update_proj_gap": 3, "train.weight_decay": 0.0}),
+])
+@pytest.mark.parametrize("scale", [0.5, 10.0])
+def test_embedding_lr_scale_multiplies_the_outer_update(tmp_path, method, extra, scale):
+    """AdamW's first step moves each parameter by lr·(m̂/(√v̂+ε) + wd·p₀), linear in lr: from the same
+    weights and batch, train.embedding_lr_scale = s moves the embedding, head and final norm s times
+    as far as s = 1 does, and every block parameter exactly as far."""
+    if method == "galore":
+        pytest.importorskip("galore_torch")
+    common = {"method": method, "train.max_steps": 8, **extra}
+    ref, scaled = make(tmp_path, "ref", **common), make(tmp_path, "scaled", **common, **{"train.embedding_lr_scale": scale})
+    before = {n: p.detach().clone() for n, p in ref.model.named_parameters()}
+    for n, p in scaled.model.named_parameters():
+        assert torch.equal(p, before[n]), n  # same init
+    ref.train_step()
+    scaled.train_step()
+    a, b = dict(ref.model.named_parameters()), dict(scaled.model.named_parameters())
+    outer = _outer(ref)
+    assert outer and any(not n.startswith("model.layers.") for n in outer)
+    for n, p0 in before.items():
+        if not a[n].requires_grad:
+            continue
+        da, db = (a[n].detach() - p0).double(), (b[n].detach() - p0).double()
+        if n in outer:
+            assert da.abs().max() > 0, n
+            # atol: fp32 rounding of p0 - δ (a few ulp of weights up to ~1); the updates are ~lr = 1.5e-3
+            torch.testing.assert_close(db, scale * da, rtol=1e-3, atol=1e-6, msg=n)
+        else:
+            torch.testing.assert_close(db, da, rtol=1e-4, atol=1e-6, msg=n)
+    lrs = {id(p): g["lr"] for g in scaled.optimizer.param_groups for p in g["params"]}
+    base = scaled.lr_at(0)
+    assert all(lrs[id(p)] == pytest.approx(base * scale) for p in _outer(scaled).values())
+    assert sorted(len(g["params"]) > 0 for g in scaled.optimizer.param_groups) == [True] * len(scaled.optimizer.param_groups)
+
+
+def test_embedding_lr_scale_survives_growth_and_default_keeps_two_groups(tmp_path):
+    """After growth the outer parameters stay in the scaled groups with their moments; at scale 1
+    the optimizer has the paper's two groups (decay, no decay)."""
+    over = {"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]", "train.max_steps": 6}
+    assert len(make(tmp_path, "one", **over).optimizer.param_groups) == 2
+    tr = make(tmp_path, "ten", **over, **{"train.embedding_lr_scale": 10.0})
+    tr.train_step()
+    emb = tr.model.model.embed_tokens.weight
+    m = tr.optimizer.state[emb]["exp_avg"].clone()
+    tr.optimizer.zero_grad()
+    tr.next_stage()
+    groups = tr.optimizer.param_groups
+    assert len(groups) == 4 and [g.get("lr_scale", 1.0) for g in groups] == [1.0, 1.0, 10.0, 10.0]
+    assert {id(p) for g in groups[2:] for p in g["params"]} == {id(p) for p in _outer(tr).values()}
+    assert torch.equal(tr.optimizer.state[emb]["exp_avg"], m)
+    tr.train_step()
+    assert groups[2]["lr"] == pytest.approx(10 * groups[0]["lr"])

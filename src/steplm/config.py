@@ -62,6 +62,9 @@ class TrainConfig:
     """Tokens per training sequence (at most model.max_seq_len)."""
     lr: float = 3e-3
     """Peak learning rate (stage 1; STEP rewarms every stage to it)."""
+    embedding_lr_scale: float = 1.0
+    """Multiplier on lr for the parameters outside the transformer blocks (token embedding, output
+    head, final norm); 1 trains everything at one lr, as the paper does."""
     min_lr_ratio: float = 0.1
     """Cosine floor as a fraction of lr."""
     warmup_steps: int = 20
@@ -498,7 +501,8 @@ RANGES = {
     "model.rope_theta": _POSITIVE, "model.norm_eps": _POSITIVE, "model.init_std": _POSITIVE,
     "data.val_fraction": _UNIT_OPEN, "data.max_train_tokens": _POSITIVE,
     "train.max_steps": _POSITIVE, "train.micro_batch": _POSITIVE, "train.grad_accum": _POSITIVE,
-    "train.seq_len": _POSITIVE, "train.lr": _POSITIVE, "train.min_lr_ratio": _UNIT,
+    "train.seq_len": _POSITIVE, "train.lr": _POSITIVE, "train.embedding_lr_scale": _POSITIVE,
+    "train.min_lr_ratio": _UNIT,
     "train.warmup_steps": _NON_NEGATIVE, "train.weight_decay": _NON_NEGATIVE, "train.beta1": _UNIT_RIGHT_OPEN,
     "train.beta2": _UNIT_RIGHT_OPEN, "train.grad_clip": _NON_NEGATIVE,
     "train.seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),

@@ -247,17 +247,26 @@ class Trainer:
                          ) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters only: 2-D weights decay, norms do not. The state of
         embeddings, head and final norm (trainable in every stage) is carried over; every layer
-        parameter, adapters included, starts fresh, so the old layers' moments are freed."""
+        parameter, adapters included, starts fresh, so the old layers' moments are freed.
+        Groups: [decay, no decay]; with train.embedding_lr_scale != 1 the parameters outside the
+        blocks move to two more groups, [decay, no decay], whose ``lr_scale`` multiplies the lr."""
         t = self.cfg.train
         model = model or self.model
         sharded = self.fsdp and isinstance(model, _fsdp_module_type())
-        decay, no_decay, carry = [], [], []
+        split = t.embedding_lr_scale != 1.0
+        decay, no_decay, outer_decay, outer_no_decay, carry = [], [], [], [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-                if not name.startswith("model.layers."):
+                outer = not name.startswith("model.layers.")
+                if split and outer:
+                    (outer_decay if p.dim() >= 2 else outer_no_decay).append(p)
+                else:
+                    (decay if p.dim() >= 2 else no_decay).append(p)
+                if outer:
                     carry.append(p)
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups += [{"params": ps, "weight_decay": wd, "lr_scale": t.embedding_lr_scale}
+                   for ps, wd in ((outer_decay, t.weight_decay), (outer_no_decay, 0.0)) if ps]
         # fused AdamW does not take FSDP2's DTensor shards
         opt = self.method.build_optimizer(self.cfg, model, groups, fused=t.fused_optimizer and not sharded)
         if previous is not None:
@@ -333,8 +342,9 @@ class Trainer:
         """One optimizer step (with gradient accumulation); returns the mean micro-batch loss."""
         t = self.cfg.train
         self.model.train()
+        lr = self.lr_at(self.step_in_stage)
         for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(self.step_in_stage)
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         total = self.forward_backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))

@@ -29,12 +29,11 @@ class Apollo(Method):
         except ImportError:
             raise UserError("method: apollo needs the optional extra: pip install 'steplm[apollo]'")
         t, a = cfg.train, cfg.apollo
-        projected, plain = split_projected(model, groups)
+        projected, rest = split_projected(model, groups)
         return APOLLOAdamW([
             {"params": projected, "weight_decay": t.weight_decay, "rank": a.rank, "proj": "random",
              "scale_type": a.scale_type, "scale": a.scale, "update_proj_gap": a.update_proj_gap, "proj_type": "std"},
-            {"params": plain, "weight_decay": t.weight_decay},
-            {"params": groups[1]["params"], "weight_decay": 0.0},
+            *rest,
         ], lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
 
 

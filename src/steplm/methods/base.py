@@ -63,13 +63,14 @@ def vanilla_budget(cfg, convention: str) -> float:
     return float(flops_per_token(cfg, full_rank_counts(cfg), convention)) * cfg.train.max_steps * tokens_per_step(cfg)
 
 
-def split_projected(model, groups: list[dict]) -> tuple[list, list]:
-    """The decaying parameters of ``groups`` split into the layers' *_proj weights (which GaLore and
-    APOLLO project) and the rest (embeddings, head), both kept in parameter order."""
+def split_projected(model, groups: list[dict]) -> tuple[list, list[dict]]:
+    """The layers' *_proj weights in the decaying group ``groups[0]`` (which GaLore and APOLLO
+    project), and ``groups`` without them (empty groups dropped), both in parameter order."""
     targets = {id(p) for n, p in model.named_parameters()
                if n.startswith("model.layers.") and n.endswith("_proj.weight")}
     projected = [p for p in groups[0]["params"] if id(p) in targets]
-    return projected, [p for p in groups[0]["params"] if id(p) not in targets]
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in targets]} for g in groups]
+    return projected, [g for g in rest if g["params"]]
 
 
 def restart_ramp(cfg, step_in_stage: int) -> float:

@@ -28,10 +28,9 @@ class GaLore(Method):
         except ImportError:
             raise UserError("method: galore needs the optional extra: pip install 'steplm[galore]'")
         t, g = cfg.train, cfg.galore
-        projected, plain = split_projected(model, groups)
+        projected, rest = split_projected(model, groups)
         return GaLoreAdamW([
             {"params": projected, "weight_decay": t.weight_decay, "rank": g.rank,
              "update_proj_gap": g.update_proj_gap, "scale": g.scale, "proj_type": g.proj_type},
-            {"params": plain, "weight_decay": t.weight_decay},
-            {"params": groups[1]["params"], "weight_decay": 0.0},
+            *rest,
         ], lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
