@@ -4,7 +4,7 @@ K-stage memory/quality curve.
 
     python benchmarks/replicate.py                     # everything ("all"), resumes where it stopped
     python benchmarks/replicate.py --suite sweep       # per-method peak-lr sweep (shortened budget, one seed)
-    python benchmarks/replicate.py --suite embedding_lr  # vanilla with embedding/head lr at 1, 3, 10, 30x
+    python benchmarks/replicate.py --suite embedding_lr  # per-method embedding/head/norm lr scale (1-100x)
     python benchmarks/replicate.py --suite main        # Table 2 under the corrected and the paper's FLOPs count
     python benchmarks/replicate.py --suite kcurve      # STEP with K = 2, 3, 4, 6 at one final depth
     python benchmarks/replicate.py --suite table4      # one ablation (table4, table5, table9, table10)
@@ -13,9 +13,10 @@ K-stage memory/quality curve.
     python benchmarks/replicate.py --suite smoke       # the whole pipeline on a tiny config (CI)
     python benchmarks/replicate.py --suite estimate    # time a few vanilla steps; print the suite's cost
 
-Order inside "all": sweep -> embedding_lr -> main -> kcurve -> ablations -> precision -> throughput. The main table reads each
-method's peak lr from the sweep's committed result (benchmarks/results/lr_sweep.json), never from
-a constant here.
+Order inside "all": sweep -> embedding_lr -> main -> kcurve -> ablations -> precision -> throughput.
+The main table (and the K-curve, ablations and precision suites) reads each method's peak lr and
+embedding-lr scale from the sweeps' committed results (benchmarks/results/lr_sweep.json,
+embedding_lr.json), never from a constant here.
 
 Run cache: every run lives in <cache>/runs/<hash of its resolved config>, with <cache> =
 $STEPLM_REPLICATE_CACHE or ~/.cache/steplm/replicate (flag --cache), outside the git work tree, so
@@ -61,6 +62,7 @@ from steplm.evaluate import perplexity  # noqa: E402
 from steplm.growth import insertion_gaps  # noqa: E402
 from steplm.report import plot_loss_vs_flops, plot_memory  # noqa: E402
 from steplm.stages import layer_shape, plan_run  # noqa: E402
+from steplm.errors import TrainingStopped  # noqa: E402
 from steplm.train import Trainer, _cpu_peak_step, state_bytes  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -225,9 +227,17 @@ def run(overrides: dict, cache: Path, with_tasks: bool = False, **eval_kw) -> di
     overrides = canonical(overrides)
     cfg = resolve(overrides)
     d = cache / "runs" / run_key(cfg)
+    stopped = d / "stopped.txt"  # a run that diverged stays diverged: not retrained on resume
+    if stopped.is_file():
+        raise TrainingStopped(stopped.read_text())
     if not (d / "summary.json").is_file():
         t0 = time.perf_counter()
-        s = Trainer(cfg, d, progress=False).fit()
+        try:
+            s = Trainer(cfg, d, progress=False).fit()
+        except TrainingStopped as e:
+            d.mkdir(parents=True, exist_ok=True)
+            stopped.write_text(str(e))
+            raise
         # wall time of this process's share (a resumed run adds its earlier share from the metrics)
         s["wall_seconds"] = time.perf_counter() - t0
         (d / "summary.json").write_text(json.dumps(s, indent=2))
@@ -342,27 +352,38 @@ def short_run(method: str, overrides: dict, cache: Path) -> dict:
     saved = dict(BASE)
     BASE.update(short)  # relora()/galore() scale with the budget
     try:
-        return run({**method_overrides(method), **overrides}, cache, val_tokens=SWEEP_VAL_TOKENS, wiki=False)
+        v = {**method_overrides(method), **overrides}
+        try:
+            return {**run(v, cache, val_tokens=SWEEP_VAL_TOKENS, wiki=False), "short_steps": steps}
+        except TrainingStopped as e:  # a diverged grid point ranks last, with the reason
+            print(f"[short run] {method} {overrides}: diverged: {e}", file=sys.stderr, flush=True)
+            c = canonical(v)
+            return {"eval": {"val": {"ppl": math.inf, "tokens": 0}}, "tokens_seen": 0, "wall_seconds": 0.0,
+                    "diverged": str(e), "command": command(c, cache / "runs" / run_key(resolve(c))),
+                    "short_steps": steps}
     finally:
         BASE.clear()
         BASE.update(saved)
+
+
+def short_row(s: dict, **fields) -> dict:
+    """A sweep table's row of a short_run summary (a diverged run: val ppl inf and the reason)."""
+    return {**fields, "steps": s["short_steps"], "val_ppl": s["eval"]["val"]["ppl"],
+            "val_tokens": s["eval"]["val"]["tokens"], "tokens": s["tokens_seen"], "wall_seconds": s["wall_seconds"],
+            "command": s["command"], **({"diverged": s["diverged"]} if "diverged" in s else {})}
 
 
 def suite_sweep(cache: Path, results: Path) -> list[dict]:
     """Every method of METHODS at each lr of its grid, SWEEP_FRACTION of the budget, seed 0, ranked
     on SWEEP_VAL_TOKENS of validation; the lowest val ppl wins. Rows of methods outside METHODS
     already in results/lr_sweep.json are kept."""
-    steps = max(2, round(int(BASE["train.max_steps"]) * SWEEP_FRACTION))
     grids = {m: g for m, g in LR_GRID.items() if m in METHODS}
     f = results / "lr_sweep.json"
     kept = [r for r in json.loads(f.read_text()) if r["method"] not in grids] if f.is_file() else []
     rows = []
     for method, grid in grids.items():
         for lr in grid:
-            s = short_run(method, {"train.lr": lr}, cache)
-            rows.append({"method": method, "lr": lr, "steps": steps, "val_ppl": s["eval"]["val"]["ppl"],
-                         "val_tokens": s["eval"]["val"]["tokens"],
-                         "tokens": s["tokens_seen"], "wall_seconds": s["wall_seconds"], "command": s["command"]})
+            rows.append(short_row(short_run(method, {"train.lr": lr}, cache), method=method, lr=lr))
     for method, grid in grids.items():
         mine = [r for r in rows if r["method"] == method]
         best = min(mine, key=lambda r: r["val_ppl"])
@@ -372,25 +393,53 @@ def suite_sweep(cache: Path, results: Path) -> list[dict]:
     return kept + rows
 
 
-EMBEDDING_LR_SCALES = (1.0, 3.0, 10.0, 30.0)
-EMBEDDING_LR_METHODS = ("vanilla",)
+# train.embedding_lr_scale grid per method: the first grid (vanilla, 1-30) chose 30, its edge, so it
+# reaches 100. GaLore is not swept: galore-torch already trains the outer parameters at the full lr
+# and the projected blocks at galore.scale of it, so its lr sweep covers that pair.
+EMBEDDING_LR_GRID = {"vanilla": (1.0, 3.0, 10.0, 30.0, 100.0), "step-2stages": (1.0, 3.0, 10.0, 30.0, 100.0),
+                     "relora": (1.0, 3.0, 10.0, 30.0)}
+SCALE_FALLBACK = {"step-2stages-budget": "step-2stages", "step-3stages": "step-2stages"}
 
 
 def suite_embedding_lr(cache: Path, results: Path) -> list[dict]:
-    """Vanilla at its tuned lr with train.embedding_lr_scale in EMBEDDING_LR_SCALES (the token
-    embedding, head and final norm at scale × lr), on the sweep's budget, seed 0 (scale 1 is the
-    sweep's own run). A diagnostic of the baseline's tuning: GaLore's sweep chose lr 3e-2, which
-    trains those parameters at 30× vanilla's lr and the projected blocks at a quarter of it."""
-    steps = max(2, round(int(BASE["train.max_steps"]) * SWEEP_FRACTION))
+    """Every method of EMBEDDING_LR_GRID (and of METHODS) at its swept lr with train.embedding_lr_scale
+    over its grid (the token embedding, head and final norm at scale × lr), on the sweep's budget,
+    seed 0 (scale 1 is the sweep's own run); the lowest val ppl is chosen. Rows of methods outside
+    METHODS already in results/embedding_lr.json are kept."""
+    grids = {m: g for m, g in EMBEDDING_LR_GRID.items() if m in METHODS}
+    f = results / "embedding_lr.json"
+    kept = [r for r in json.loads(f.read_text()) if r["method"] not in grids] if f.is_file() else []
     rows = []
-    for method in EMBEDDING_LR_METHODS:
+    for method, grid in grids.items():
         lr = tuned_lr(method, results)
-        for k in EMBEDDING_LR_SCALES:
+        for k in grid:
             s = short_run(method, {"train.lr": lr, **({"train.embedding_lr_scale": k} if k != 1.0 else {})}, cache)
-            rows.append({"method": method, "lr": lr, "embedding_lr_scale": k, "steps": steps,
-                         "val_ppl": s["eval"]["val"]["ppl"], "val_tokens": s["eval"]["val"]["tokens"],
-                         "tokens": s["tokens_seen"], "wall_seconds": s["wall_seconds"], "command": s["command"]})
-    return rows
+            rows.append(short_row(s, method=method, lr=lr, embedding_lr_scale=k))
+        mine = rows[-len(grid):]
+        best = min(mine, key=lambda r: r["val_ppl"])
+        for r in mine:
+            r["chosen"] = r is best
+            r["at_grid_edge"] = r is best and r["embedding_lr_scale"] == max(grid)
+    return kept + rows
+
+
+def tuned_scale_source(method: str, results: Path | None) -> tuple[float, str]:
+    """(train.embedding_lr_scale, the method it came from) for a main-table method, read from
+    results/embedding_lr.json; GaLore and methods without a chosen scale keep the paper's one lr (1)."""
+    f = None if results is None else results / "embedding_lr.json"
+    if f is None or not f.is_file():
+        return 1.0, method
+    chosen = {r["method"]: r["embedding_lr_scale"] for r in json.loads(f.read_text()) if r.get("chosen")}
+    key = method
+    while key not in chosen and key in SCALE_FALLBACK:
+        key = SCALE_FALLBACK[key]
+    return (chosen[key], key) if key in chosen else (1.0, method)
+
+
+def tuned(method: str, results: Path | None) -> dict:
+    """The swept lr and embedding_lr_scale of a method as overrides (scale 1 is left out: the default)."""
+    k = tuned_scale_source(method, results)[0]
+    return {"train.lr": tuned_lr(method, results), **({"train.embedding_lr_scale": k} if k != 1.0 else {})}
 
 
 def embedding_lr_table(rows: list[dict]) -> str:
@@ -410,6 +459,7 @@ def row(method: str, summaries: list[dict], mem: list[dict], vanilla: list[dict]
          "wikitext_ppl": statistics.mean(wiki), "wikitext_ppl_spread": spread(wiki),
          "seeds": [s["seed"] for s in summaries], "n_seeds": len(summaries), "single_seed": len(summaries) == 1,
          "layers_per_stage": summaries[0]["layers_per_stage"], "lr": summaries[0]["lr"],
+         "embedding_lr_scale": summaries[0].get("embedding_lr_scale", 1.0),
          "lr_from": summaries[0].get("lr_from", method),
          "planned_peak_bytes": max(m["planned_state_bytes"]["total"] for m in mem),
          "measured_peak_bytes": max(m["measured_state_bytes"]["total"] for m in mem),
@@ -445,6 +495,7 @@ def train_rows(name: str, variants: dict[str, list[dict]], cache: Path, conv: st
             lr_from = v.pop("_lr_from", method)
             s = run(v, cache, with_tasks and i == 0)  # the tasks on the first seed: near chance here
             s["seed"], s["lr"] = int(v.get("train.seed", 0)), float(v.get("train.lr", BASE["train.lr"]))
+            s["embedding_lr_scale"] = float(v.get("train.embedding_lr_scale", 1.0))
             s["lr_from"] = lr_from
             s["_overrides"] = v
             done[method].append(s)
@@ -458,8 +509,8 @@ def main_variants(results: Path, conv: str = "corrected") -> dict[str, list[dict
     seeded = ("vanilla", "step-2stages", "step-3stages")
     out = {}
     for m in METHODS:
-        lr, src = tuned_lr_source(m, results) if results is not None else (tuned_lr(m, results), m)
-        v = {**method_overrides(m, conv), "train.lr": lr, "_lr_from": src}
+        src = tuned_lr_source(m, results)[1] if results is not None else m
+        v = {**method_overrides(m, conv), **tuned(m, results), "_lr_from": src}
         out[m] = [{**v, "train.seed": s} for s in (SEEDS if m in seeded else SEEDS[:1])]
     return out
 
@@ -468,10 +519,11 @@ K_STAGES = (2, 3, 4, 6)
 
 
 def kcurve_variants(results: Path) -> dict[str, list[dict]]:
-    """Vanilla and STEP with K in K_STAGES at KCURVE_LAYERS final layers, at the main table's tuned lrs."""
-    lr, deep = tuned_lr("step-2stages", results), {"model.n_layers": KCURVE_LAYERS}
-    return {"vanilla": [{**deep, "train.lr": tuned_lr("vanilla", results)}],
-            **{f"step K={k}": [{**STEP2, **deep, "step.n_stages": k, "train.lr": lr}] for k in K_STAGES}}
+    """Vanilla and STEP with K in K_STAGES at KCURVE_LAYERS final layers, at the main table's tuned
+    lrs and embedding-lr scales."""
+    step, deep = tuned("step-2stages", results), {"model.n_layers": KCURVE_LAYERS}
+    return {"vanilla": [{**deep, **tuned("vanilla", results)}],
+            **{f"step K={k}": [{**STEP2, **deep, "step.n_stages": k, **step}] for k in K_STAGES}}
 
 
 def table4_split(L: int, seed: int) -> list[int]:
@@ -486,11 +538,11 @@ def table4_split(L: int, seed: int) -> list[int]:
 
 def precision_variants(results: Path) -> dict[str, list[dict]]:
     """Issue #15: vanilla and STEP-3stages with fp32 and with 8-bit AdamW moments (torchao,
-    block-wise), 3 seeds each, at the main table's tuned lr and budget (the fp32 runs are the main
-    table's own, shared through the cache)."""
+    block-wise), 3 seeds each, at the main table's tuned lr, embedding-lr scale and budget (the fp32
+    runs are the main table's own, shared through the cache)."""
     out = {}
     for m in ("vanilla", "step-3stages"):
-        v = {**method_overrides(m), "train.lr": tuned_lr(m, results)}
+        v = {**method_overrides(m), **tuned(m, results)}
         out[m] = [{**v, "train.seed": s} for s in SEEDS]
         out[f"{m}, 8-bit states"] = [{**v, "train.optimizer_states": "8bit", "train.seed": s} for s in SEEDS]
     return out
@@ -517,7 +569,7 @@ PAPER_TRENDS = {"table4": "Upper best (lowest perplexity)", "table5": "with PET 
 
 
 def ablation_variants(name: str, results: Path) -> dict[str, list[dict]]:
-    base = {**STEP2, "train.lr": tuned_lr("step-2stages", results)}
+    base = {**STEP2, **tuned("step-2stages", results)}
     if name == "table4":
         # Table 4 needs enough old layers that the four positions insert at four different places:
         # at KCURVE_LAYERS (8 old + 4 new), with vanilla of that depth as the reference for scale
@@ -557,12 +609,16 @@ def main_table(rows: list[dict]) -> str:
             ci = r["val_ppl_ratio_ci95"]
             ratio = f"{r['val_ppl_ratio']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " (no CI: 1 seed)")
         lr = f"{r['lr']:g}" + (f" (of {r['lr_from']})" if r.get("lr_from", r["method"]) != r["method"] else "")
+        if r.get("embedding_lr_scale", 1.0) != 1.0:
+            lr += f", outer ×{r['embedding_lr_scale']:g}"
         lines.append(f"| {r['method']} | {'→'.join(map(str, r['layers_per_stage']))} | {lr} | "
                      f"{r['planned_peak_bytes'] / MIB:.1f} | {r['measured_peak_bytes'] / MIB:.1f} | "
                      f"{r['tracked_peak_bytes'] / MIB:.1f} | {fmt_ppl(r)} | {ratio} | {fmt_ppl(r, 'wikitext_ppl')} | "
                      f"{r['tokens']:,} | {r['flops']:.3g} | {r['wall_seconds']:.0f} | {r['tokens_per_second']:,.0f} |")
     return "\n".join(lines) + ("\n\nWall time and tokens/s: the fastest seed of the row (the seeds do the same "
-                               "work; every seed's wall time is in the JSON).")
+                               "work; every seed's wall time is in the JSON). lr \"outer ×k\": "
+                               "train.embedding_lr_scale = k, the token embedding, head and final norm at k × lr "
+                               "(chosen by --suite embedding_lr).")
 
 
 def tasks_table(rows: list[dict]) -> str:
@@ -708,7 +764,7 @@ def planned_runs() -> list[dict]:
                      for m, grid in LR_GRID.items() for lr in grid]
             runs += [{**method_overrides(m), "train.lr": float(BASE["train.lr"]), "train.embedding_lr_scale": k,
                       **{k: BASE[k] for k in ("train.max_steps", "train.warmup_steps")}}
-                     for m in EMBEDDING_LR_METHODS for k in EMBEDDING_LR_SCALES if k != 1.0]
+                     for m, grid in EMBEDDING_LR_GRID.items() for k in grid if k != 1.0]
         finally:
             BASE.clear()
             BASE.update(saved)
@@ -826,6 +882,7 @@ def run_suite(name: str, cache: Path, out: Path) -> None:
 def smoke_setup(cache: Path) -> None:
     """Shrink everything to a tiny config (seconds per run) for --suite smoke and the tests."""
     global SEEDS, WIKI_PATH, WIKI_TOKENS, VAL_TOKENS, TASK_LIMIT, LR_GRID, K_STAGES, TP_ROUNDS, TP_STEPS
+    global EMBEDDING_LR_GRID
     cache.mkdir(parents=True, exist_ok=True)
     text = (DATA / "shakespeare" / "input.txt").read_text()
     for name, part in (("train.txt", text[:200_000]), ("val.txt", text[200_000:212_000]), ("wiki.txt", text[-12_000:])):
@@ -843,6 +900,7 @@ def smoke_setup(cache: Path) -> None:
     })
     SEEDS, WIKI_PATH, WIKI_TOKENS, VAL_TOKENS, TASK_LIMIT = (0, 1), cache / "wiki.txt", 2048, 2048, 4
     LR_GRID = {m: (1e-3, 3e-3, 1e-2) for m in LR_GRID}
+    EMBEDDING_LR_GRID = {m: (1.0, 10.0) for m in EMBEDDING_LR_GRID}
     K_STAGES = (2, 3, 6)
     TP_ROUNDS, TP_STEPS = 1, 1
     torch.set_num_threads(1)  # d 32: thread hand-offs cost more than the matmuls
@@ -853,7 +911,8 @@ def main():
     ap.add_argument("--suite", default="all", choices=["all", "smoke", "estimate", *ALL])
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; smoke: <cache>/smoke)")
     ap.add_argument("--methods", default=",".join(ALL_METHODS),
-                    help="comma-separated main-table methods that the sweep and main suites run (default all)")
+                    help="comma-separated main-table methods that the sweep, embedding_lr and main suites run "
+                    "(default all)")
     ap.add_argument("--seeds", type=int, choices=(1, 2, 3), default=3,
                     help="seeds of the seeded rows (vanilla, STEP-2stages, STEP-3stages; default 3, the issue's)")
     ap.add_argument("--flops", choices=("corrected", "paper", "both"), default="both",

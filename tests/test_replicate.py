@@ -121,16 +121,25 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     assert {r["method"] for r in sweep} == set(rep.LR_GRID)
     assert all(sum(r["chosen"] for r in sweep if r["method"] == m) == 1 for m in rep.LR_GRID)
     emb = json.loads((out / "embedding_lr.json").read_text())
-    assert [r["embedding_lr_scale"] for r in emb] == list(rep.EMBEDDING_LR_SCALES)
-    van = next(r for r in sweep if r["method"] == "vanilla" and r["chosen"])
-    assert emb[0]["val_ppl"] == van["val_ppl"] and emb[0]["command"] == van["command"]  # scale 1: the sweep's run
-    assert len({r["val_ppl"] for r in emb}) == len(emb)  # the other scales train differently
-    assert all("train.embedding_lr_scale" in r["command"] for r in emb[1:])
+    assert [(r["method"], r["embedding_lr_scale"]) for r in emb] == [
+        (m, k) for m, grid in rep.EMBEDDING_LR_GRID.items() for k in grid]
+    for m, grid in rep.EMBEDDING_LR_GRID.items():
+        mine = [r for r in emb if r["method"] == m]
+        swept = next(r for r in sweep if r["method"] == m and r["chosen"])
+        # scale 1 is the sweep's own run
+        assert mine[0]["val_ppl"] == swept["val_ppl"] and mine[0]["command"] == swept["command"]
+        assert len({r["val_ppl"] for r in mine}) == len(mine)  # the other scales train differently
+        assert all("train.embedding_lr_scale" in r["command"] for r in mine[1:])
+        assert [r for r in mine if r["chosen"]] == [min(mine, key=lambda r: r["val_ppl"])]
     main = {r["method"]: r for r in json.loads((out / "replication.json").read_text())}
     assert list(main) == ["vanilla", "relora", "galore", "step-2stages", "step-3stages", "step-2stages-budget"]
     chosen = {r["method"]: r["lr"] for r in sweep if r["chosen"]}
-    for m, r in main.items():  # the sweep's choice feeds the table
+    scale = {r["method"]: r["embedding_lr_scale"] for r in emb if r["chosen"]}
+    for m, r in main.items():  # the sweeps' choices feed the table
+        src = "step-2stages" if m in ("step-2stages-budget", "step-3stages") else m
         assert r["lr"] == chosen["step-2stages" if m == "step-2stages-budget" else m]
+        assert r["embedding_lr_scale"] == scale.get(src, 1.0)  # GaLore: not swept, the one lr
+        assert ("train.embedding_lr_scale" in r["command"]) == (r["embedding_lr_scale"] != 1.0)
         assert r["planned_peak_bytes"] == r["measured_peak_bytes"]
         assert r["tokens"] > 0 and r["wall_seconds"] > 0 and r["tokens_per_second"] > 0
         assert r["command"].startswith("steplm train --out ")
@@ -170,6 +179,34 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     monkeypatch.setattr(rep, "Trainer", None)  # any training now would fail
     rep.run_suite("main", cache / "smoke", out)
     assert sorted((cache / "smoke" / "runs").iterdir()) == runs
+
+
+def test_a_diverged_grid_point_ranks_last_and_stays_diverged(rep, tmp_path, monkeypatch):
+    """A sweep run that stops on a bad batch (NaN loss injected at step 3, train.on_nonfinite=stop)
+    becomes a row with val ppl inf and the reason, is never chosen, and is not retrained on resume."""
+    cache, res = tmp_path / "cache", tmp_path / "res"
+    res.mkdir()
+    rep.BASE["train.on_nonfinite"] = "stop"
+    rep.METHODS = ("vanilla",)
+    real = rep.short_run
+
+    def short_run(method, overrides, cache):
+        if overrides["train.lr"] == 1e-2:
+            monkeypatch.setenv("STEPLM_FAULT", "nan_at_step:3")
+        try:
+            return real(method, overrides, cache)
+        finally:
+            monkeypatch.delenv("STEPLM_FAULT", raising=False)
+
+    monkeypatch.setattr(rep, "short_run", short_run)
+    rows = rep.suite_sweep(cache, res)
+    assert [r["lr"] for r in rows] == list(rep.LR_GRID["vanilla"])
+    bad = next(r for r in rows if r["lr"] == 1e-2)
+    assert bad["val_ppl"] == math.inf and "step 3" in bad["diverged"] and not bad["chosen"]
+    assert [r["chosen"] for r in rows].count(True) == 1
+    assert all(math.isfinite(r["val_ppl"]) and "diverged" not in r for r in rows if r is not bad)
+    monkeypatch.setattr(rep, "Trainer", None)  # any training now would fail
+    assert rep.suite_sweep(cache, res) == rows
 
 
 def test_estimate_counts_every_distinct_run(rep):
