@@ -394,9 +394,9 @@ def suite_sweep(cache: Path, results: Path) -> list[dict]:
 
 
 # train.embedding_lr_scale grid per method: the first grid (vanilla, 1-30) chose 30, its edge, so it
-# reaches 100. GaLore is not swept: galore-torch already trains the outer parameters at the full lr
+# reached 100, which vanilla then chose, so vanilla's reaches 300. GaLore is not swept: galore-torch already trains the outer parameters at the full lr
 # and the projected blocks at galore.scale of it, so its lr sweep covers that pair.
-EMBEDDING_LR_GRID = {"vanilla": (1.0, 3.0, 10.0, 30.0, 100.0), "step-2stages": (1.0, 3.0, 10.0, 30.0, 100.0),
+EMBEDDING_LR_GRID = {"vanilla": (1.0, 3.0, 10.0, 30.0, 100.0, 300.0), "step-2stages": (1.0, 3.0, 10.0, 30.0, 100.0),
                      "relora": (1.0, 3.0, 10.0, 30.0)}
 SCALE_FALLBACK = {"step-2stages-budget": "step-2stages", "step-3stages": "step-2stages"}
 
@@ -443,11 +443,13 @@ def tuned(method: str, results: Path | None) -> dict:
 
 
 def embedding_lr_table(rows: list[dict]) -> str:
-    lines = ["| method | lr | embedding_lr_scale | steps | val ppl | / scale 1 |", "|---|---|---|---|---|---|"]
+    lines = ["| method | lr | embedding_lr_scale | steps | val ppl | / scale 1 | chosen | at grid edge |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = next(x for x in rows if x["method"] == r["method"] and x["embedding_lr_scale"] == 1.0)
         lines.append(f"| {r['method']} | {r['lr']:g} | {r['embedding_lr_scale']:g} | {r['steps']} | "
-                     f"{r['val_ppl']:.1f} | {r['val_ppl'] / ref['val_ppl']:.3f} |")
+                     f"{r['val_ppl']:.1f} | {r['val_ppl'] / ref['val_ppl']:.3f} | {'yes' if r.get('chosen') else ''} | "
+                     f"{'yes' if r.get('at_grid_edge') else ''} |")
     return "\n".join(lines)
 
 
