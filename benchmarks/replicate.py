@@ -4,7 +4,7 @@ K-stage memory/quality curve.
 
     python benchmarks/replicate.py                     # everything ("all"), resumes where it stopped
     python benchmarks/replicate.py --suite sweep       # per-method peak-lr sweep (shortened budget, one seed)
-    python benchmarks/replicate.py --suite embedding_lr  # per-method embedding/head/norm lr scale (1-100x)
+    python benchmarks/replicate.py --suite embedding_lr  # per-method embedding/head/norm lr scale (1-300x)
     python benchmarks/replicate.py --suite main        # Table 2 under the corrected and the paper's FLOPs count
     python benchmarks/replicate.py --suite kcurve      # STEP with K = 2, 3, 4, 6 at one final depth
     python benchmarks/replicate.py --suite table4      # one ablation (table4, table5, table9, table10)
@@ -394,8 +394,9 @@ def suite_sweep(cache: Path, results: Path) -> list[dict]:
 
 
 # train.embedding_lr_scale grid per method: the first grid (vanilla, 1-30) chose 30, its edge, so it
-# reached 100, which vanilla then chose, so vanilla's reaches 300. GaLore is not swept: galore-torch already trains the outer parameters at the full lr
-# and the projected blocks at galore.scale of it, so its lr sweep covers that pair.
+# reached 100, which vanilla then chose, so vanilla's reaches 300. GaLore is not swept: galore-torch
+# already trains the outer parameters at the full lr and the projected blocks at galore.scale of it,
+# so its lr sweep covers that pair.
 EMBEDDING_LR_GRID = {"vanilla": (1.0, 3.0, 10.0, 30.0, 100.0, 300.0), "step-2stages": (1.0, 3.0, 10.0, 30.0, 100.0),
                      "relora": (1.0, 3.0, 10.0, 30.0)}
 SCALE_FALLBACK = {"step-2stages-budget": "step-2stages", "step-3stages": "step-2stages"}
