@@ -31,8 +31,8 @@ and Table 4 (the four insertion positions need enough old layers to differ) run 
 curve with its own 12-layer vanilla. On this machine (2026-12-01; AMD EPYC with AVX-512 bf16, 2
 cores, idle) an 8-layer vanilla step takes about 1.13 s (bf16 autocast, compiled; 3,600 tokens/s),
 so a 600-step run is about 11 min plus about 5 min of fp32 evaluation (all 1M validation tokens,
-200k WikiText tokens, the seven tasks), and `--suite estimate` counts the whole "all" suite at 66
-runs, 56 vanilla-run equivalents: about 10.4 h of training. `--methods` and `--flops` run a subset (the sweep keeps other methods'
+200k WikiText tokens, the seven tasks), and `--suite estimate` counts the whole "all" suite at 75
+runs, 59 vanilla-run equivalents: about 11.2 h of training. `--methods` and `--flops` run a subset (the sweep keeps other methods'
 rows). Adapter and projection ranks are the paper's 128 at d 2048 scaled to d 256 (r = 16);
 ReLoRA's reset interval, restart warmup and warm start, and GaLore's projection gap, scale with the
 run length.
@@ -421,7 +421,8 @@ def suite_embedding_lr(cache: Path, results: Path) -> list[dict]:
         for r in mine:
             r["chosen"] = r is best
             r["at_grid_edge"] = r is best and r["embedding_lr_scale"] == max(grid)
-    return kept + rows
+    order = list(EMBEDDING_LR_GRID)
+    return sorted(kept + rows, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
 
 
 def tuned_scale_source(method: str, results: Path | None) -> tuple[float, str]:
@@ -828,7 +829,7 @@ def run_suite(name: str, cache: Path, out: Path) -> None:
         write("lr_sweep", "Peak-lr sweep per method (one seed, shortened budget)", sweep_table(rows), rows)
     elif name == "embedding_lr":
         rows = suite_embedding_lr(cache, out)
-        write("embedding_lr", "Vanilla with a separate lr for embedding, head and final norm (sweep budget, one seed)",
+        write("embedding_lr", "Embedding, head and final-norm lr scale per method (sweep budget, one seed)",
               embedding_lr_table(rows), rows)
     elif name == "main":
         for conv, stem in (("corrected", "replication"), ("paper", "replication_paper_flops")):
@@ -952,11 +953,15 @@ def main():
     meta = json.loads(meta_f.read_text()) if meta_f.is_file() else {}
     meta.setdefault("minutes_per_suite", {})
     t_start = time.perf_counter()
+    def trained():
+        return len(list((cache / "runs").glob("*/summary.json")))
+
     for name in suites:
-        t0 = time.perf_counter()
+        t0, n0 = time.perf_counter(), trained()
         run_suite(name, cache, out)
         print(f"[{name}] {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr, flush=True)
-        meta["minutes_per_suite"][name] = (time.perf_counter() - t0) / 60
+        if trained() > n0 or name not in meta["minutes_per_suite"]:  # a cache-only rewrite keeps the last time
+            meta["minutes_per_suite"][name] = (time.perf_counter() - t0) / 60
         meta.update({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                      "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "runs_in_cache": len(list((cache / "runs").glob("*/summary.json"))), "scale": dict(BASE)})
