@@ -195,10 +195,12 @@ def warm_imports():
     ["--hidden", "1024", "--layers", "300000", "--stages", "3", "--layers-per-stage", "100000,100000,100000"],
 ])
 def test_huge_inputs_answer_within_a_second(warm_imports, capsys, args):
+    """Huge inputs cost under a second of CPU (process time, so a shared machine's waiting does not
+    count): no search grows with the layer count or the budget beyond that."""
     import time
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     rc = main(["plan", *args, "--json"])
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     out, err = capsys.readouterr()
     assert elapsed < 1.0, (args, elapsed)
     if rc == 0:

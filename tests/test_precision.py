@@ -105,9 +105,9 @@ def test_eq3_reoptimises_the_split_for_8bit_states():
 
 def test_budget_search_over_stages_and_precision_is_deepest_and_fast():
     shape, r, budget = planner.LayerShape(2048), 128, 8e9
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     plan = planner.deepest_over(budget, list(range(1, planner.MAX_SEARCH_STAGES + 1)), planner.PRECISIONS, shape, r)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0  # CPU time: a shared machine's waiting does not count
     L = sum(plan.layers_per_stage)
     for prec in planner.PRECISIONS:
         for K in (1, 2, 3):
