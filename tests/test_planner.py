@@ -78,7 +78,7 @@ def test_dp_and_milp_match_brute_force(d, r):
             best, arg = brute_force(L, K, d, r)
             sol = planner.solve_exact(L, K, P, E)
             assert sol.peak == best and sol.ties == sorted(arg) and sol.latest == max(arg), (L, K)
-            milp = planner.solve_milp(L, K, P, E)
+            milp = planner.solve_milp(L, K, P, E, time_limit=None)  # correctness, not speed
             assert max(planner.stage_bytes(milp, P, E)) == best, (L, K, milp)
 
 
@@ -93,7 +93,8 @@ def test_cap_growth_constraint_matches_brute_force():
                 continue
             sol = planner.solve_exact(L, K, P, E, cap_growth=True)
             assert (sol.peak, sol.ties, sol.latest) == (best, sorted(arg), max(arg))
-            assert max(planner.stage_bytes(planner.solve_milp(L, K, P, E, cap_growth=True), P, E)) == best
+            milp = planner.solve_milp(L, K, P, E, cap_growth=True, time_limit=None)
+            assert max(planner.stage_bytes(milp, P, E)) == best
 
 
 def test_optimize_returns_dp_answer_and_reports_ties():
