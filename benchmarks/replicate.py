@@ -21,7 +21,10 @@ embedding_lr.json), never from a constant here.
 Run cache: every run lives in <cache>/runs/<hash of its resolved config>, with <cache> =
 $STEPLM_REPLICATE_CACHE or ~/.cache/steplm/replicate (flag --cache), outside the git work tree, so
 a later session on the same machine keeps finished runs; an interrupted run resumes from its last
-checkpoint. Each row's `command` is the `steplm train` command that reproduces the run.
+checkpoint. Each finished run's results (summary, evaluation, metrics and config; no weights) are
+also copied to the run ledger, benchmarks/results/ledger (flag --ledger), which is committed: a new
+machine with an empty cache rebuilds every table from it and trains only what is missing. Each
+row's `command` is the `steplm train` command that reproduces the run.
 
 Scale, and why: d 256, 8 layers, 4 heads, seq 256, 16 sequences per step (4096 tokens), an
 8192-token BPE trained on the training text (GPT-2's 50257 tokens would make the embedding and head
@@ -152,10 +155,16 @@ KEY_OMITTED_AT = {("train", "embedding_lr_scale"): 1.0}
 
 
 def run_key(cfg) -> str:
+    """A run's cache key: the hash of its resolved config, independent of where this checkout, the
+    shared data and the token cache lie (so a key names the same run on every machine)."""
     d = cfg.to_dict()
     for (section, name), value in KEY_OMITTED_AT.items():
         if d[section][name] == value:
             del d[section][name]
+    del d["data"]["cache_dir"]  # where tokens are cached does not change the run
+    for name in ("path", "val_path"):
+        if d["data"][name] and Path(d["data"][name]).is_relative_to(DATA):
+            d["data"][name] = "shared/data/" + Path(d["data"][name]).relative_to(DATA).as_posix()
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -186,13 +195,18 @@ def budget_row(conv: str = "corrected") -> dict:
             "train.max_steps": round(cfg.train.max_steps * f / f_deep)}
 
 
+def eval_keys(with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True) -> list[str]:
+    """The eval.json keys that evaluate_run(d, with_tasks, val_tokens, wiki) fills."""
+    return ["val" if val_tokens is None else f"val_{val_tokens}"] + ["wikitext"] * wiki + ["tasks"] * with_tasks
+
+
 def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True) -> dict:
     """Validation perplexity (all of it unless val_tokens), WikiText perplexity (if wiki) and the
     zero-shot tasks (if with_tasks) of a finished run, cached in d/eval.json."""
     f = d / "eval.json"
     ev = json.loads(f.read_text()) if f.is_file() else {}
     seq = int(BASE["train.seq_len"])
-    key = "val" if val_tokens is None else f"val_{val_tokens}"
+    key = eval_keys(False, val_tokens, False)[0]
     if val_tokens is not None and ev.get("val") == ev.get(key):
         ev.pop("val", None)  # an alias of the subset that an earlier version stored
     if key not in ev:
@@ -221,14 +235,51 @@ def zero_shot(d: Path) -> dict:
     return res
 
 
+# The run ledger: each finished run's results without its weights (LEDGER_FILES, or stopped.txt for a
+# run that diverged), committed under benchmarks/results/ledger/runs/<run key>, so that a session on
+# a new machine, whose run cache is empty, rebuilds every table without retraining and trains only
+# what is missing. Delete a run's entry (or pass --ledger none) to retrain it.
+LEDGER: Path | None = ROOT / "benchmarks" / "results" / "ledger"
+LEDGER_FILES = ("summary.json", "eval.json", "metrics.jsonl", "config.yaml")
+
+
+def ledger_entry(key: str, needs: list[str]) -> Path | None:
+    """The ledger folder of run `key` if it holds a finished run evaluated on every key of `needs`
+    (or a diverged run), else None."""
+    e = None if LEDGER is None else LEDGER / "runs" / key
+    if e is None or (e / "stopped.txt").is_file():
+        return e
+    if not (e / "summary.json").is_file() or not (e / "eval.json").is_file():
+        return None
+    return e if set(needs) <= set(json.loads((e / "eval.json").read_text())) else None
+
+
+def record(d: Path) -> None:
+    """Copy a finished (or diverged) run's results, not its weights, from the run cache to the ledger."""
+    if LEDGER is None:
+        return
+    e = LEDGER / "runs" / d.name
+    e.mkdir(parents=True, exist_ok=True)
+    for name in (*LEDGER_FILES, "stopped.txt"):
+        if (d / name).is_file():
+            tmp = e / f"{name}.tmp"
+            tmp.write_bytes((d / name).read_bytes())
+            os.replace(tmp, e / name)
+
+
 def run(overrides: dict, cache: Path, with_tasks: bool = False, **eval_kw) -> dict:
-    """Train (or reuse / resume the run with the same resolved config) and evaluate it (eval_kw:
-    evaluate_run's val_tokens and wiki)."""
+    """Train (or reuse from the run cache or the ledger, or resume, the run with the same resolved
+    config) and evaluate it (eval_kw: evaluate_run's val_tokens and wiki)."""
     overrides = canonical(overrides)
     cfg = resolve(overrides)
-    d = cache / "runs" / run_key(cfg)
+    key = run_key(cfg)
+    d = home = cache / "runs" / key
+    if not (d / "summary.json").is_file() and not (d / "stopped.txt").is_file():
+        d = ledger_entry(key, eval_keys(with_tasks, **eval_kw)) or d  # recorded elsewhere: no retraining
     stopped = d / "stopped.txt"  # a run that diverged stays diverged: not retrained on resume
     if stopped.is_file():
+        if d == home:
+            record(d)
         raise TrainingStopped(stopped.read_text())
     if not (d / "summary.json").is_file():
         t0 = time.perf_counter()
@@ -244,7 +295,9 @@ def run(overrides: dict, cache: Path, with_tasks: bool = False, **eval_kw) -> di
     s = json.loads((d / "summary.json").read_text())
     s.setdefault("wall_seconds", s.get("train_seconds"))
     s["eval"] = evaluate_run(d, with_tasks, **eval_kw)
-    s["run_dir"], s["command"] = str(d), command(overrides, d)
+    if d == home:
+        record(d)
+    s["run_dir"], s["command"] = str(d), command(overrides, home)
     return s
 
 
@@ -279,12 +332,18 @@ def memory_probe(overrides: dict, out_dir: Path) -> list[dict]:
 def probe(overrides: dict, cache: Path) -> list[dict]:
     """The memory probe of a run's config, cached next to the run cache (it depends on the shape only)."""
     cfg = resolve({**canonical(overrides), "train.compile": False, "train.device": "cpu"})
-    f = cache / "probes" / f"{run_key(cfg)}.json"
+    name = f"{run_key(cfg)}.json"
+    f = cache / "probes" / name
+    if not f.is_file() and LEDGER is not None and (LEDGER / "probes" / name).is_file():
+        f = LEDGER / "probes" / name
     if not f.is_file():
         with tempfile.TemporaryDirectory() as tmp:
             rows = memory_probe(canonical(overrides), Path(tmp))
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(rows, indent=2))
+    if LEDGER is not None and not (LEDGER / "probes" / name).is_file():
+        (LEDGER / "probes").mkdir(parents=True, exist_ok=True)
+        (LEDGER / "probes" / name).write_text(f.read_text())
     return json.loads(f.read_text())
 
 
@@ -923,8 +982,11 @@ def main():
                     help="which FLOPs count(s) the main suite budgets by (default both)")
     ap.add_argument("--cache", default=str(CACHE), help="run cache, outside the work tree "
                     "(default $STEPLM_REPLICATE_CACHE or ~/.cache/steplm/replicate)")
+    ap.add_argument("--ledger", default=None, help="run ledger: finished runs' results without weights, "
+                    "reused before training (default benchmarks/results/ledger, committed; smoke: "
+                    "<cache>/smoke/ledger; 'none': off)")
     a = ap.parse_args()
-    global METHODS, CONVENTIONS, SEEDS
+    global METHODS, CONVENTIONS, SEEDS, LEDGER
     methods = tuple(m for m in a.methods.split(",") if m)
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
@@ -944,6 +1006,10 @@ def main():
     else:
         BASE["data.cache_dir"] = str(cache / "tokens")
     out = Path(a.out or (cache / "results" if a.suite == "smoke" else ROOT / "benchmarks" / "results"))
+    if a.ledger is not None:
+        LEDGER = None if a.ledger == "none" else Path(a.ledger).expanduser()
+    elif a.suite == "smoke":
+        LEDGER = cache / "ledger"
     out.mkdir(parents=True, exist_ok=True)
     if a.suite == "estimate":  # time a few vanilla steps, scale by the suite's planned FLOPs
         print(json.dumps(estimate(time_vanilla_steps()), indent=2))

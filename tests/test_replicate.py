@@ -7,6 +7,7 @@ import json
 import math
 import random
 import shlex
+import shutil
 import sys
 
 import pytest
@@ -30,6 +31,7 @@ def rep(tmp_path):
     shared("shakespeare/input.txt")
     mod = _load()
     mod.smoke_setup(tmp_path / "cache")
+    mod.LEDGER = tmp_path / "ledger"  # never the committed one
     return mod
 
 
@@ -179,6 +181,31 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     monkeypatch.setattr(rep, "Trainer", None)  # any training now would fail
     rep.run_suite("main", cache / "smoke", out)
     assert sorted((cache / "smoke" / "runs").iterdir()) == runs
+
+    # A new machine: an empty run cache, but the ledger (results without weights) rebuilds every
+    # table, plots included, without training or probing; only the run folders differ.
+    ledger = cache / "smoke" / "ledger"
+    assert sorted(p.name for p in (ledger / "runs").iterdir()) == [p.name for p in runs]
+    assert not list(ledger.rglob("*.safetensors")) and not list(ledger.rglob("*.pt"))
+    before = {f.name: json.loads(f.read_text()) for f in out.glob("*.json") if f.name != "meta.json"}
+    shutil.rmtree(cache / "smoke" / "runs")
+    shutil.rmtree(cache / "smoke" / "probes")
+    monkeypatch.setattr(rep, "memory_probe", None)
+    monkeypatch.setattr(rep, "LEDGER", ledger)
+    for name in rep.ALL[:-1]:  # the throughput suite times steps: not a cached result
+        rep.run_suite(name, cache / "smoke", out)
+    assert not (cache / "smoke" / "runs").exists()
+
+    def same(a, b):  # equal but for where the run lies
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(k in ("run_dirs", "run_dir") or same(a[k], b[k]) for k in a)
+        if isinstance(a, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+    after = {f.name: json.loads(f.read_text()) for f in out.glob("*.json") if f.name != "meta.json"}
+    assert after.keys() == before.keys() and all(same(before[k], after[k]) for k in before), \
+        [k for k in before if not same(before[k], after[k])]
+    assert all(d.startswith(str(ledger)) for d in json.loads((out / "replication.json").read_text())[0]["run_dirs"])
 
 
 def test_a_diverged_grid_point_ranks_last_and_stays_diverged(rep, tmp_path, monkeypatch):
