@@ -379,9 +379,19 @@ def verdict(paper_best: str, ppl: dict[str, float], noise_sd: float, z: float = 
 
 
 # ---------------------------------------------------------------------------- suites
-# A method the sweep has not covered borrows the lr of its nearest swept relative (same optimizer
-# and architecture family); its row records where the lr came from.
-LR_FALLBACK = {"step-2stages-budget": "step-2stages", "step-3stages": "step-2stages"}
+# A method a sweep has not covered borrows the lr (or embedding-lr scale) of its nearest swept
+# relative (same optimizer and architecture family); its row records where the lr came from.
+FALLBACK = {"step-2stages-budget": "step-2stages", "step-3stages": "step-2stages"}
+
+
+def swept_choice(f: Path, field: str, method: str) -> tuple[float, str] | None:
+    """(the chosen row's `field`, the method it came from) for a method, or its FALLBACK relative,
+    in the sweep results f; None if neither was swept."""
+    chosen = {r["method"]: r[field] for r in json.loads(f.read_text()) if r.get("chosen")}
+    key = method
+    while key not in chosen and key in FALLBACK:
+        key = FALLBACK[key]
+    return (chosen[key], key) if key in chosen else None
 
 
 def tuned_lr_source(method: str, results: Path) -> tuple[float, str]:
@@ -389,17 +399,14 @@ def tuned_lr_source(method: str, results: Path) -> tuple[float, str]:
     f = results / "lr_sweep.json"
     if not f.is_file():
         raise SystemExit(f"replicate: error: {f} missing; run --suite sweep first")
-    chosen = {r["method"]: r["lr"] for r in json.loads(f.read_text()) if r["chosen"]}
-    key = method
-    while key not in chosen and key in LR_FALLBACK:
-        key = LR_FALLBACK[key]
-    if key not in chosen:
+    got = swept_choice(f, "lr", method)
+    if got is None:
         raise SystemExit(f"replicate: error: {f} has no lr for {method}; run --suite sweep --methods {method}")
-    return chosen[key], key
+    return got
 
 
 def tuned_lr(method: str, results: Path) -> float:
-    """The peak lr the sweep chose for a method (or for its LR_FALLBACK relative)."""
+    """The peak lr the sweep chose for a method (or for its FALLBACK relative)."""
     return tuned_lr_source(method, results)[0]
 
 
@@ -458,7 +465,6 @@ def suite_sweep(cache: Path, results: Path) -> list[dict]:
 # so its lr sweep covers that pair.
 EMBEDDING_LR_GRID = {"vanilla": (1.0, 3.0, 10.0, 30.0, 100.0, 300.0), "step-2stages": (1.0, 3.0, 10.0, 30.0, 100.0),
                      "relora": (1.0, 3.0, 10.0, 30.0)}
-SCALE_FALLBACK = {"step-2stages-budget": "step-2stages", "step-3stages": "step-2stages"}
 
 
 def suite_embedding_lr(cache: Path, results: Path) -> list[dict]:
@@ -488,13 +494,8 @@ def tuned_scale_source(method: str, results: Path | None) -> tuple[float, str]:
     """(train.embedding_lr_scale, the method it came from) for a main-table method, read from
     results/embedding_lr.json; GaLore and methods without a chosen scale keep the paper's one lr (1)."""
     f = None if results is None else results / "embedding_lr.json"
-    if f is None or not f.is_file():
-        return 1.0, method
-    chosen = {r["method"]: r["embedding_lr_scale"] for r in json.loads(f.read_text()) if r.get("chosen")}
-    key = method
-    while key not in chosen and key in SCALE_FALLBACK:
-        key = SCALE_FALLBACK[key]
-    return (chosen[key], key) if key in chosen else (1.0, method)
+    got = swept_choice(f, "embedding_lr_scale", method) if f is not None and f.is_file() else None
+    return got or (1.0, method)
 
 
 def tuned(method: str, results: Path | None) -> dict:
