@@ -903,9 +903,11 @@ def run_suite(name: str, cache: Path, out: Path) -> None:
             van = next(r for r in rows if r["method"] == "vanilla")
             cv = van["val_ppl_spread"] / van["val_ppl"]
             ok = van["val_ppl"] <= SCALE_TARGET["val_ppl"] and cv <= SCALE_TARGET["seed_cv"]
+            verdict = ("not judged: one seed has no spread" if van["single_seed"]
+                       else "met" if ok else "NOT met: raise STEPS")
+            sd = "not measured" if van["single_seed"] else f"{100 * cv:.1f} % of the mean"
             md += (f"\n\nScale check: vanilla {van['val_ppl']:.1f} ppl (target ≤ {SCALE_TARGET['val_ppl']:g}), seed SD "
-                   f"{100 * cv:.1f} % of the mean (target ≤ {100 * SCALE_TARGET['seed_cv']:g} %): "
-                   f"**{'met' if ok else 'NOT met: raise STEPS'}**.")
+                   f"{sd} (target ≤ {100 * SCALE_TARGET['seed_cv']:g} %, {van['n_seeds']} seed(s)): **{verdict}**.")
             if conv == "corrected":
                 md += "\n\n#### Zero-shot tasks\n\n" + tasks_table(rows)
                 by = {r["method"]: r for r in rows}

@@ -206,6 +206,13 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     assert after.keys() == before.keys() and all(same(before[k], after[k]) for k in before), \
         [k for k in before if not same(before[k], after[k])]
     assert all(d.startswith(str(ledger)) for d in json.loads((out / "replication.json").read_text())[0]["run_dirs"])
+    assert "seed SD" in (out / "replication.md").read_text() and "**not judged" not in (out / "replication.md").read_text()
+
+    # One seed a row: the scale check does not call a spread it never measured "met".
+    monkeypatch.setattr(rep, "SEEDS", rep.SEEDS[:1])
+    rep.run_suite("main", cache / "smoke", out)
+    md = (out / "replication.md").read_text()
+    assert "seed SD not measured" in md and "**not judged: one seed has no spread**" in md
 
 
 def test_a_diverged_grid_point_ranks_last_and_stays_diverged(rep, tmp_path, monkeypatch):
