@@ -214,7 +214,9 @@ def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS,
         ev[key] = perplexity(str(d), BASE["data.val_path"], val_tokens, seq_len=seq)
         ev[key]["seconds"] = time.perf_counter() - t0
     if wiki and "wikitext" not in ev:
+        t0 = time.perf_counter()
         ev["wikitext"] = perplexity(str(d), str(WIKI_PATH), WIKI_TOKENS, seq_len=seq)
+        ev["wikitext"]["seconds"] = time.perf_counter() - t0
     if with_tasks and "tasks" not in ev:
         t0 = time.perf_counter()
         ev["tasks"] = zero_shot(d)
