@@ -9,6 +9,7 @@ import random
 import shlex
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -172,6 +173,17 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     assert (out / "kcurve.png").stat().st_size > 0 and (out / "replication.md").is_file()
     meta = json.loads((out / "meta.json").read_text())
     assert set(meta["minutes_per_suite"]) == set(rep.ALL)
+    # the main suite's clean-cache cost: every distinct run of its two tables, each at its own
+    # recorded training wall time plus its timed evaluations
+    dirs = {d for f in ("replication.json", "replication_paper_flops.json")
+            for r in json.loads((out / f).read_text()) for d in r["run_dirs"]}
+    cost = 0.0
+    for d in dirs:
+        ev = json.loads((Path(d) / "eval.json").read_text())
+        cost += json.loads((Path(d) / "summary.json").read_text())["wall_seconds"] + ev.get("tasks_seconds", 0)
+        cost += sum(v["seconds"] for v in ev.values() if isinstance(v, dict) and "seconds" in v)
+    assert meta["run_minutes_per_suite"]["main"]["runs"] == len(dirs)
+    assert meta["run_minutes_per_suite"]["main"]["minutes"] == pytest.approx(cost / 60)
 
     # The command reproduces the run's config; a second invocation trains nothing.
     d = main["step-3stages"]["run_dirs"][0]
