@@ -986,6 +986,17 @@ def smoke_setup(cache: Path) -> None:
     torch.set_num_threads(1)  # d 32: thread hand-offs cost more than the matmuls
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="all", choices=["all", "smoke", "estimate", *ALL])
@@ -1049,7 +1060,7 @@ def main():
         if RUN_SECONDS:  # the suite's cost from a clean cache: the sum of its runs' own recorded times
             meta.setdefault("run_minutes_per_suite", {})[name] = {
                 "runs": len(RUN_SECONDS), "minutes": sum(RUN_SECONDS.values()) / 60}
-        meta.update({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+        meta.update({"date": time.strftime("%Y-%m-%d"), "machine": cpu_name(),
                      "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "runs_in_cache": len(list((cache / "runs").glob("*/summary.json"))), "scale": dict(BASE)})
         meta_f.write_text(json.dumps(meta, indent=2))
