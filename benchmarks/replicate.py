@@ -49,6 +49,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -195,9 +196,14 @@ def budget_row(conv: str = "corrected") -> dict:
             "train.max_steps": round(cfg.train.max_steps * f / f_deep)}
 
 
+def val_key(val_tokens: int | None) -> str:
+    """The eval.json key of the validation perplexity on val_tokens tokens (None: all of them)."""
+    return "val" if val_tokens is None else f"val_{val_tokens}"
+
+
 def eval_keys(with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True) -> list[str]:
     """The eval.json keys that evaluate_run(d, with_tasks, val_tokens, wiki) fills."""
-    return ["val" if val_tokens is None else f"val_{val_tokens}"] + ["wikitext"] * wiki + ["tasks"] * with_tasks
+    return [val_key(val_tokens)] + ["wikitext"] * wiki + ["tasks"] * with_tasks
 
 
 def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True) -> dict:
@@ -206,7 +212,7 @@ def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS,
     f = d / "eval.json"
     ev = json.loads(f.read_text()) if f.is_file() else {}
     seq = int(BASE["train.seq_len"])
-    key = eval_keys(False, val_tokens, False)[0]
+    key = val_key(val_tokens)
     if val_tokens is not None and ev.get("val") == ev.get(key):
         ev.pop("val", None)  # an alias of the subset that an earlier version stored
     if key not in ev:
@@ -264,8 +270,7 @@ def record(d: Path) -> None:
     e.mkdir(parents=True, exist_ok=True)
     for name in (*LEDGER_FILES, "stopped.txt"):
         if (d / name).is_file():
-            tmp = e / f"{name}.tmp"
-            tmp.write_bytes((d / name).read_bytes())
+            tmp = shutil.copyfile(d / name, e / f"{name}.tmp")
             os.replace(tmp, e / name)
 
 
@@ -474,11 +479,12 @@ def suite_sweep(cache: Path, results: Path) -> list[dict]:
 
 
 # train.embedding_lr_scale grid per method: the first grid (vanilla, 1-30) chose 30, its edge, so it
-# reached 100, which vanilla then chose, so vanilla's reaches 300. GaLore is not swept: galore-torch
+# reached 100, which vanilla then chose, so vanilla's reaches 300; ReLoRA's chose 30, its edge, so it
+# reaches 300. GaLore is not swept: galore-torch
 # already trains the outer parameters at the full lr and the projected blocks at galore.scale of it,
 # so its lr sweep covers that pair.
 EMBEDDING_LR_GRID = {"vanilla": (1.0, 3.0, 10.0, 30.0, 100.0, 300.0), "step-2stages": (1.0, 3.0, 10.0, 30.0, 100.0),
-                     "relora": (1.0, 3.0, 10.0, 30.0)}
+                     "relora": (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)}
 
 
 def suite_embedding_lr(cache: Path, results: Path) -> list[dict]:
