@@ -766,10 +766,17 @@ def kcurve_plot(rows: list[dict], out: Path) -> Path:
 
 
 def kcurve_table(rows: list[dict]) -> str:
-    lines = ["| run | layers/stage | planned peak (MiB) | measured peak (MiB) | val ppl |", "|---|---|---|---|---|"]
+    """The K-stage curve: each run's planned and measured peak model-state memory, its saving against
+    vanilla of the same depth, and its val ppl and ratio to vanilla's (one seed each)."""
+    van = next(r for r in rows if r["method"] == "vanilla")
+    lines = ["| run | layers/stage | planned peak (MiB) | measured peak (MiB) | memory vs vanilla | val ppl | "
+             "ppl / vanilla | tokens |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        saving = r["planned_peak_bytes"] / van["planned_peak_bytes"] - 1
         lines.append(f"| {r['method']} | {'→'.join(map(str, r['layers_per_stage']))} | "
-                     f"{r['planned_peak_bytes'] / MIB:.2f} | {r['measured_peak_bytes'] / MIB:.2f} | {r['val_ppl']:.2f} |")
+                     f"{r['planned_peak_bytes'] / MIB:.2f} | {r['measured_peak_bytes'] / MIB:.2f} | "
+                     f"{'–' if r is van else f'{100 * saving:+.0f} %'} | {r['val_ppl']:.2f} | "
+                     f"{'–' if r is van else format(r['val_ppl_ratio'], '.3f')} | {r['tokens']:,} |")
     return "\n".join(lines)
 
 

@@ -171,6 +171,10 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     k = json.loads((out / "kcurve.json").read_text())
     assert [len(r["layers_per_stage"]) for r in k[1:]] == list(rep.K_STAGES)
     assert (out / "kcurve.png").stat().st_size > 0 and (out / "replication.md").is_file()
+    assert all(r["val_ppl_ratio"] == pytest.approx(r["val_ppl"] / k[0]["val_ppl"]) for r in k[1:])  # one seed each
+    lines = (out / "kcurve.md").read_text().splitlines()[4:]  # the rows, vanilla first
+    assert [line.split(" | ")[4] for line in lines] == ["–"] + [
+        f"{100 * (r['planned_peak_bytes'] / k[0]['planned_peak_bytes'] - 1):+.0f} %" for r in k[1:]]
     meta = json.loads((out / "meta.json").read_text())
     assert set(meta["minutes_per_suite"]) == set(rep.ALL)
     # the main suite's clean-cache cost: every distinct run of its two tables, each at its own
