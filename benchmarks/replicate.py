@@ -47,7 +47,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -66,6 +65,7 @@ from steplm.evaluate import perplexity  # noqa: E402
 from steplm.growth import insertion_gaps  # noqa: E402
 from steplm.report import plot_loss_vs_flops, plot_memory  # noqa: E402
 from steplm.stages import layer_shape, plan_run  # noqa: E402
+from steplm.devices import cpu_name  # noqa: E402
 from steplm.errors import TrainingStopped  # noqa: E402
 from steplm.train import Trainer, _cpu_peak_step, state_bytes  # noqa: E402
 
@@ -997,17 +997,6 @@ def smoke_setup(cache: Path) -> None:
     K_STAGES = (2, 3, 6)
     TP_ROUNDS, TP_STEPS = 1, 1
     torch.set_num_threads(1)  # d 32: thread hand-offs cost more than the matmuls
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main():

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import sysconfig
 import tempfile
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from steplm import config, flops  # noqa: E402
+from steplm.devices import cpu_name  # noqa: E402
 from steplm.train import Trainer, _cpu_peak_step  # noqa: E402
 
 GPT2 = {"model.vocab_size": 50257, "model.d_model": 256, "model.n_layers": 8, "model.n_heads": 4,
@@ -215,7 +215,7 @@ def main():
     spread = {k: [f(ratio(kind, tn, td) for tn, td in zip(times[n], times[d])) for f in (min, max)]
               for k, (n, d, kind) in pairs.items()}
     res = {
-        "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+        "date": datetime.date.today().isoformat(), "machine": cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "native_bf16": bf16_fast(),
         "dtype": str(trainers["steplm"].dtype).replace("torch.", ""), "rounds": a.rounds, "steps": a.steps,
         "gemm_ceiling_flops_per_s": ceiling, "rows": rows,

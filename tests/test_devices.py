@@ -114,3 +114,14 @@ def test_sft_and_mt_bench_run_in_bf16(tiny_run, tmp_path, capsys):
     assert main(["mt-bench", str(out), "--questions", str(shared("eval/mt_bench/question.jsonl")), "--out", str(ans),
                  "--limit", "2", "--max-new-tokens", "2", "--dtype", "bf16", "--device", "cpu"]) == 0
     assert len(ans.read_text().splitlines()) == 2
+
+
+def test_cpu_name_is_the_model_name_line(tmp_path, monkeypatch):
+    import steplm.devices as devices
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Test CPU @ 2.0GHz\nflags\t: avx512_bf16\n")
+    real = devices.Path
+    monkeypatch.setattr(devices, "Path", lambda p: real(info) if p == "/proc/cpuinfo" else real(p))
+    assert devices.cpu_name() == "Test CPU @ 2.0GHz"
+    monkeypatch.setattr(devices, "Path", lambda p: real(tmp_path / "missing"))
+    assert devices.cpu_name() == (devices.platform.processor() or devices.platform.machine())

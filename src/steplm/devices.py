@@ -8,7 +8,9 @@ and keeps RMSNorm, softmax and the loss in fp32 as autocast does for training.
 """
 from __future__ import annotations
 
+import platform
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -49,3 +51,15 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (where its inputs must go)."""
     return next(model.parameters()).device
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows: benchmarks record it,
+    as their ratios depend on it (AMX against AVX-512 changes the bf16 GEMM ceiling 5-fold)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
