@@ -150,13 +150,71 @@ def tracked_peak(shape: dict, tmp: Path, fused: bool) -> int:
     return _cpu_peak_step(lambda: t.train_step(), t.model, t.optimizer, t)
 
 
+def loss_chunk_sweep(shape: dict, chunk_mib=(32, 64, 128, 256), rounds: int = 6, reps: int = 4) -> dict:
+    """The head + loss alone at ``shape`` (forward and backward, bf16 autocast where native, eager):
+    seconds of the fused loss at each chunk size (MiB of fp32 logits) and of the unfused head +
+    F.cross_entropy, in interleaved rounds, with each one's tracked peak bytes (MemTracker)."""
+    import torch.nn.functional as F
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from steplm.loss import linear_cross_entropy
+    d, V = shape["model.d_model"], shape["model.vocab_size"]
+    n = shape["train.micro_batch"] * shape["train.seq_len"]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(V, d, generator=g) * d ** -0.5)
+    y = torch.randint(0, V, (n,), generator=g)
+    dt = torch.bfloat16 if bf16_fast() else torch.float32
+
+    def fused(mib):
+        def f():
+            with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+                linear_cross_entropy(h, w, y, chunk_bytes=int(mib * 2**20)).backward()
+        return f
+
+    def unfused():
+        with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+            F.cross_entropy((h @ w.t()).float(), y).backward()
+    fns = {**{f"fused, {m} MiB chunks": fused(m) for m in chunk_mib}, "unfused": unfused}
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for r in range(rounds):
+        names = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
+        for k in names:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                h.grad = w.grad = None
+                fns[k]()
+            times[k].append((time.perf_counter() - t0) / reps)
+    peaks = {}
+    for k, f in fns.items():
+        h.grad = w.grad = None
+        mt = MemTracker()
+        mt.track_external(h, w)
+        with mt:
+            f()
+        peaks[k] = max(mt.get_tracker_snapshot("peak")[torch.device("cpu")].values())
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {k: {"seconds_median": med[k], "speed_vs_unfused": med["unfused"] / med[k], "tracked_peak_bytes": peaks[k]}
+            for k in fns}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4, help="timed steps per row per round")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables and tracked peaks")
     ap.add_argument("--json", help="write the result here (e.g. benchmarks/results/throughput.json)")
+    ap.add_argument("--loss-chunks", action="store_true",
+                    help="only time the head + loss at the GPT-2 shape per chunk size, against the unfused loss")
     a = ap.parse_args()
+    if a.loss_chunks:
+        res = loss_chunk_sweep(GPT2, rounds=a.rounds)
+        print(f"{'head + loss, V50257 batch 8x256':<34} {'s':>7} {'speed vs unfused':>17} {'tracked peak MiB':>17}")
+        for k, v in res.items():
+            print(f"{k:<34} {v['seconds_median']:>7.3f} {v['speed_vs_unfused']:>17.3f} {v['tracked_peak_bytes'] / 2**20:>17.0f}")
+        return
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()

@@ -1,0 +1,18 @@
+"""benchmarks/throughput.py's loss-chunk sweep at a tiny shape: every chunk size runs the real fused
+loss, and the tracked peak grows with the chunk (the memory side of the speed/memory trade)."""
+import importlib.util
+
+from conftest import ROOT
+
+
+def test_loss_chunk_sweep_peaks_grow_with_the_chunk():
+    spec = importlib.util.spec_from_file_location("throughput_bench", ROOT / "benchmarks" / "throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shape = {"model.d_model": 32, "model.vocab_size": 1000, "train.micro_batch": 2, "train.seq_len": 128}
+    chunks = (1 / 64, 1 / 16, 1 / 4)  # MiB of fp32 logits: 4, 16 and 65 rows of V = 1000, of 256
+    res = mod.loss_chunk_sweep(shape, chunk_mib=chunks, rounds=1, reps=1)
+    assert list(res) == [f"fused, {m} MiB chunks" for m in chunks] + ["unfused"]
+    peaks = [res[f"fused, {m} MiB chunks"]["tracked_peak_bytes"] for m in chunks]
+    assert peaks[0] < peaks[1] < peaks[2] < res["unfused"]["tracked_peak_bytes"]
+    assert res["unfused"]["speed_vs_unfused"] == 1.0 and all(v["seconds_median"] > 0 for v in res.values())
