@@ -268,6 +268,23 @@ def test_one_compilation_per_stage(tmp_path, monkeypatch):
     assert counter.frame_count == 3
 
 
+def test_compiles_every_stage_of_every_run_in_one_process(tmp_path, monkeypatch):
+    """Runs that follow each other in one process (a sweep, the replication suites) each compile every
+    stage: no run reaches dynamo's recompile limit and silently falls back to eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # 8 by default; 3 runs x 3 stages pass it
+    counter = CompileCounter()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=counter))
+    for i in range(3):
+        tr = make(tmp_path, f"run{i}", **{"method": "step", "step.n_stages": 3, "step.layers_per_stage": "[2,1,1]",
+                                          "train.compile": True, "train.max_steps": 9, "train.eval_every": 0})
+        tr.fit()
+        assert counter.frame_count == 3 * (i + 1)
+
+
 def test_fused_loss_equals_unfused_training(tmp_path):
     """The chunked head + cross-entropy trains the same model as logits + F.cross_entropy (fp32)."""
     a = make(tmp_path, "fused", **{"train.max_steps": 6}).fit()

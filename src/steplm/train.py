@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -139,6 +140,18 @@ def pretrained_model(stage1: ModelConfig, device: torch.device) -> LLaMA:
 
 
 # ---------------------------------------------------------------------------- trainer
+def _own_code(method):
+    """``method`` (a bound method) over its own copy of the code object. torch.compile keeps its
+    compiled graphs and their guards on the code object, and stops compiling a code object after
+    ``torch._dynamo.config.recompile_limit`` (8) of them: every stage of every Trainer in one process
+    compiling the same ``Trainer._loss`` would reach it (a third 3-stage run in a sweep), and the rest
+    would run eager without a word. A copy per (trainer, stage) holds one graph and is freed with it."""
+    f = method.__func__
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+    return types.MethodType(g, method.__self__)
+
+
 class Trainer:
     """Owns model, optimizer, schedule, data position, step, stage and RNG state of one run."""
 
@@ -241,7 +254,7 @@ class Trainer:
         elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.wrapped = DistributedDataParallel(self.model)
-        self.loss_fn = torch.compile(self._loss) if self.cfg.train.compile else self._loss
+        self.loss_fn = torch.compile(_own_code(self._loss)) if self.cfg.train.compile else self._loss
 
     def _build_optimizer(self, previous: torch.optim.Optimizer | None = None, model: LLaMA | None = None
                          ) -> torch.optim.Optimizer:
