@@ -150,6 +150,29 @@ def tracked_peak(shape: dict, tmp: Path, fused: bool) -> int:
     return _cpu_peak_step(lambda: t.train_step(), t.model, t.optimizer, t)
 
 
+def interleaved(fns: dict, rounds: int, reps: int, before=None, log: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one list entry per round: every round runs every fn ``reps``
+    times back to back, in an order that rotates by one each round, so machine noise hits all alike.
+    ``before`` (if given) runs before every call, inside the timing (the same cost for every fn)."""
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                if before is not None:
+                    before()
+                fns[k]()
+            times[k].append((time.perf_counter() - t0) / reps)
+        if log:
+            print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def loss_chunk_sweep(shape: dict, chunk_mib=(32, 64, 128, 256), rounds: int = 6, reps: int = 4) -> dict:
     """The head + loss alone at ``shape`` (forward and backward, bf16 autocast where native, eager):
     seconds of the fused loss at each chunk size (MiB of fp32 logits) and of the unfused head +
@@ -176,17 +199,12 @@ def loss_chunk_sweep(shape: dict, chunk_mib=(32, 64, 128, 256), rounds: int = 6,
         with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
             F.cross_entropy((h @ w.t()).float(), y).backward()
     fns = {**{f"fused, {m} MiB chunks": fused(m) for m in chunk_mib}, "unfused": unfused}
-    times = {k: [] for k in fns}
     for f in fns.values():
         f()
-    for r in range(rounds):
-        names = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
-        for k in names:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                h.grad = w.grad = None
-                fns[k]()
-            times[k].append((time.perf_counter() - t0) / reps)
+
+    def clear():
+        h.grad = w.grad = None
+    times = interleaved(fns, rounds, reps, before=clear)
     peaks = {}
     for k, f in fns.items():
         h.grad = w.grad = None
@@ -195,7 +213,7 @@ def loss_chunk_sweep(shape: dict, chunk_mib=(32, 64, 128, 256), rounds: int = 6,
         with mt:
             f()
         peaks[k] = max(mt.get_tracker_snapshot("peak")[torch.device("cpu")].values())
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = {k: median(v) for k, v in times.items()}
     return {k: {"seconds_median": med[k], "speed_vs_unfused": med["unfused"] / med[k], "tracked_peak_bytes": peaks[k]}
             for k in fns}
 
@@ -233,15 +251,7 @@ def main():
         for _ in range(WARMUP):
             fn()
     print(f"build + compile + warm-up: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    times = {n: [] for n in steps}
-    names = list(steps)
-    for r in range(a.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
-            for _ in range(a.steps):
-                steps[name]()
-            times[name].append((time.perf_counter() - t) / a.steps)
-        print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+    times = interleaved(steps, a.rounds, a.steps, log=True)
     ceiling = matmul_ceiling()
     step_final = trainers["steplm V8192 STEP-2 final stage"]
     st = step_final.current_stage
@@ -249,7 +259,7 @@ def main():
     fpt["steplm V8192 STEP-2 final stage"] = st.flops_per_token["corrected"]
     rows = []
     for n in steps:
-        sec = sorted(times[n])[len(times[n]) // 2]
+        sec = median(times[n])
         tok = shapes[n]["train.micro_batch"] * shapes[n]["train.seq_len"]
         rows.append({"row": n, "shape": "V8192 batch 16x256" if shapes[n] is REPL else "V50257 batch 8x256",
                      "step_seconds_median": sec, "tokens_per_s": tok / sec, "flops_per_token": fpt[n],

@@ -5,10 +5,26 @@ import importlib.util
 from conftest import ROOT
 
 
-def test_loss_chunk_sweep_peaks_grow_with_the_chunk():
+def _bench():
     spec = importlib.util.spec_from_file_location("throughput_bench", ROOT / "benchmarks" / "throughput.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_interleaved_rounds_rotate_the_order_and_time_every_call():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = _bench().interleaved(fns, rounds=4, reps=2, before=lambda: calls.append("-"))
+    runs = [c for c in calls if c != "-"]
+    assert calls.count("-") == len(runs) == 4 * 3 * 2
+    firsts = runs[::6]  # each round is 3 fns x 2 reps; round r starts at fn r mod 3
+    assert firsts == ["a", "b", "c", "a"]
+    assert all(len(v) == 4 and all(t >= 0 for t in v) for v in times.values())
+
+
+def test_loss_chunk_sweep_peaks_grow_with_the_chunk():
+    mod = _bench()
     shape = {"model.d_model": 32, "model.vocab_size": 1000, "train.micro_batch": 2, "train.seq_len": 128}
     chunks = (1 / 64, 1 / 16, 1 / 4)  # MiB of fp32 logits: 4, 16 and 65 rows of V = 1000, of 256
     res = mod.loss_chunk_sweep(shape, chunk_mib=chunks, rounds=1, reps=1)
