@@ -72,6 +72,26 @@ def test_hand_written_backward_equals_autograd(shape, bias, autocast, compiled):
     assert torch.allclose(inference.float(), grads[1][0], **tol)
 
 
+@pytest.mark.parametrize("n,d_in,d_out,rank", [(512, 64, 64, 4), (256, 32, 96, 8), (300, 48, 16, 2)])
+def test_forward_saves_only_its_input_and_the_rank_sized_product(n, d_in, d_out, rank):
+    """What one adapted linear keeps for its backward is its input (N, in), x·Aᵀ (N, r) and the
+    parameters, counted by storage: not the (N, out + r) product that x·Aᵀ is sliced from."""
+    torch.manual_seed(0)
+    lin = LoRALinear(nn.Linear(d_in, d_out, bias=False), rank=rank, alpha=2.0 * rank)
+    x = torch.randn(n, d_in, dtype=torch.bfloat16, requires_grad=True)
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    params = sum(p.untyped_storage().nbytes() for p in (lin.weight, lin.lora_A, lin.lora_B))
+    assert sum(kept.values()) == x.untyped_storage().nbytes() + n * rank * 2 + params
+    y.float().sum().backward()
+    assert lin.lora_A.grad is not None
+
+
 def test_merge_and_reinit_moves_update_and_zeroes_moments():
     torch.manual_seed(0)
     block = Block(ModelConfig(vocab_size=10, d_model=16, n_layers=1, n_heads=2))

@@ -43,7 +43,8 @@ class _LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a = lora_A.to(dtype)
         y_xa = x2 @ torch.cat([_merged(weight, lora_A, lora_B, scaling, dtype), a]).t()  # (N, out + r)
-        y, xa = y_xa[:, :out], y_xa[:, out:]
+        # xa is copied out (N·r) so that saving it does not keep the whole (N, out + r) product alive
+        y, xa = y_xa[:, :out], y_xa[:, out:].contiguous()
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
