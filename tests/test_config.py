@@ -73,3 +73,65 @@ def test_yaml_1_1_exponent_strings_are_numbers(tmp_path):
     p.write_text("train:\n  lr: 1e-3\n  weight_decay: 0\n")  # YAML 1.1: "1e-3" is a string, 0 an int
     cfg = config.load(p)
     assert cfg.train.lr == 1e-3 and cfg.train.weight_decay == 0.0 and type(cfg.train.weight_decay) is float
+
+
+# RoPE scaling is a mapping field: accepted from --set and YAML (transformers' own rope functions then
+# build the frequencies), its contents checked; the expected frequencies come from transformers.
+ROPE_OK = [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "linear", "factor": 4},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+]
+
+
+@pytest.mark.parametrize("scaling", ROPE_OK)
+def test_rope_scaling_mapping_is_accepted_from_set_and_yaml(scaling, tmp_path):
+    import yaml
+    flow = "{" + ", ".join(f"{k}: {v}" for k, v in scaling.items()) + "}"
+    from_set = config.load(None, [f"model.rope_scaling={flow}"])
+    config.validate(from_set)
+    assert from_set.model.rope_scaling == scaling
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"model": {"rope_scaling": scaling}}))
+    assert config.load(p).model.rope_scaling == scaling
+    config.save(from_set, tmp_path / "saved.yaml")  # a run's config.yaml reloads (resume)
+    assert config.load(tmp_path / "saved.yaml").model.rope_scaling == scaling
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("model.rope_scaling=abc", "must be a mapping"),
+    ("model.rope_scaling=[1, 2]", "must be a mapping"),
+    ("model.rope_scaling=3", "must be a mapping"),
+    ("model.rope_scaling={rope_type: linear}", "needs a number for factor"),
+    ("model.rope_scaling={rope_type: linear, factor: -2}", "finite positive"),
+    ("model.rope_scaling={rope_type: linear, factor: .nan}", "finite positive"),
+    ("model.rope_scaling={rope_type: linear, factor: 0.5}", "at least 1"),
+    ("model.rope_scaling={rope_type: yarn, factor: 0, original_max_position_embeddings: 64}", "finite positive"),
+    ("model.rope_scaling={rope_type: yarn, factor: 2, original_max_position_embeddings: -1}", "finite positive"),
+    ("model.rope_scaling={rope_type: linear, factor: true}", "needs a number for factor"),
+    ("model.rope_scaling={rope_type: dynamic, factor: 2}", "rope_type must be one of"),
+    ("model.rope_scaling={rope_type: llama3, factor: 8, low_freq_factor: 4, high_freq_factor: 1, "
+     "original_max_position_embeddings: 32}", "below its high_freq_factor"),
+])
+def test_bad_rope_scaling_is_one_named_problem(item, needle):
+    with pytest.raises(UserError, match="model.rope_scaling") as e:
+        config.validate(config.load(None, [item]))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("scaling", ROPE_OK)
+def test_scaled_rope_frequencies_from_a_set_are_transformers(scaling):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from steplm.model import rope_inv_freq
+    flow = "{" + ", ".join(f"{k}: {v}" for k, v in scaling.items()) + "}"
+    cfg = config.load(None, [f"model.rope_scaling={flow}", "model.d_model=64", "model.n_heads=2"]).model
+    hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=cfg.max_seq_len,
+                                  rope_parameters={**scaling, "rope_theta": cfg.rope_theta})
+    want, want_scale = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf, torch.device("cpu"))
+    got, scale = rope_inv_freq(cfg, torch.device("cpu"))
+    assert torch.allclose(got.float(), want.float()) and scale == want_scale

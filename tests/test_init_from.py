@@ -83,6 +83,21 @@ def test_architecture_and_tokenizer_come_from_the_directory(hf_dir, text, tmp_pa
     assert plain.model.n_layers == hf["num_hidden_layers"]
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0},
+                                  {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}])
+def test_a_rope_scaled_checkpoint_configures_a_run(rope, text, tmp_path):
+    """The imported rope_scaling passes the typed config (it once raised TypeError there) and the run's
+    saved config.yaml, reloaded as on resume, keeps it."""
+    make_hf_dir(tmp_path / "hf", rope_parameters={**rope, "rope_theta": 1e4})
+    cfg = config.load(None, sets(tmp_path, text, **{"model.n_layers": 3}), init_from=str(tmp_path / "hf"))
+    config.validate(cfg)
+    assert cfg.model.rope_scaling == rope
+    config.save(cfg, tmp_path / "config.yaml")
+    assert config.load(tmp_path / "config.yaml").model.rope_scaling == rope
+
+
 def test_the_planner_fixes_n1_to_the_checkpoint_depth(hf_dir, text, tmp_path):
     from steplm.stages import plan_run
     cfg = config.load(None, sets(tmp_path, text, **{"model.n_layers": 7, "step.n_stages": 3}), init_from=str(hf_dir))

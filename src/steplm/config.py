@@ -234,7 +234,8 @@ def _show(value: Any, limit: int = 40) -> str:
     return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
-_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          dict: "a mapping such as {rope_type: linear, factor: 4}"}
 
 
 def _describe(hint) -> str:
@@ -252,7 +253,7 @@ def _accepts_str(hint) -> bool:
 
 
 def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
-    """``value`` checked against the field annotation ``hint`` (bool, int, float, str, ``X | None``,
+    """``value`` checked against the field annotation ``hint`` (bool, int, float, str, dict, ``X | None``,
     ``list[X]``): returns it (ints widened to float for float fields, YAML 1.1's "1e-3" strings read
     as numbers), or appends a problem naming ``key`` and returns None. Bools are not integers, and a
     float must be finite."""
@@ -281,6 +282,11 @@ def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
             return None
         (item,) = typing.get_args(hint)
         return [check_value(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if hint is dict:  # a mapping whose contents the owning section checks (model.rope_scaling)
+        if not isinstance(value, dict):
+            problems.append(bad)
+            return None
+        return value
     if hint is bool or hint is str:
         if not isinstance(value, hint):
             problems.append(bad)

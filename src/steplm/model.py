@@ -121,9 +121,20 @@ def rope_scaling_problems(scaling) -> list[str]:
     kind = scaling.get("rope_type")
     if kind not in ROPE_SCALING_KEYS:
         return [f"model.rope_scaling: rope_type must be one of {', '.join(ROPE_SCALING_KEYS)}, got {kind!r}"]
-    missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(scaling.get(k), (int, float))]
+    missing = [k for k in ROPE_SCALING_KEYS[kind]
+               if not isinstance(scaling.get(k), (int, float)) or isinstance(scaling.get(k), bool)]
     if missing:
         return [f"model.rope_scaling: rope_type {kind} needs a number for {', '.join(missing)}"]
+    numbers = {k: v for k, v in scaling.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    bad = [k for k, v in numbers.items() if not math.isfinite(v) or (k in ROPE_SCALING_KEYS[kind] and v <= 0)]
+    if bad:
+        return [f"model.rope_scaling: {', '.join(bad)} must be a finite {'positive ' * (bad[0] in ROPE_SCALING_KEYS[kind])}"
+                f"number, got {', '.join(repr(numbers[k]) for k in bad)}"]
+    if kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+        return ["model.rope_scaling: llama3's low_freq_factor must be below its high_freq_factor, got "
+                f"{scaling['low_freq_factor']!r} and {scaling['high_freq_factor']!r}"]
+    if scaling.get("factor", 1) < 1:
+        return [f"model.rope_scaling: factor must be at least 1 (it stretches the context), got {scaling['factor']!r}"]
     if "rope_theta" in scaling:
         return ["model.rope_scaling: give the base as model.rope_theta, not inside rope_scaling"]
     return []
