@@ -123,9 +123,16 @@ def verify(path: Path) -> str | None:
         return "no manifest"
     try:
         sums = json.loads(m.read_text())["sha256"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError, OSError):
         return "unreadable manifest"
+    if not isinstance(sums, dict) or not sums or not all(isinstance(v, str) for v in sums.values()):
+        return "unreadable manifest"
+    unlisted = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in sums)
+    if unlisted:
+        return f"{unlisted[0]} is not in the manifest"
     for name, digest in sums.items():
+        if Path(name).name != name:
+            return "unreadable manifest"
         f = path / name
         if not f.is_file():
             return f"{name} is missing"

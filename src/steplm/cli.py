@@ -16,6 +16,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def _path(s: str) -> str:
+    """An argparse type for file and folder arguments: an empty path would silently mean '.'."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    if "\0" in s:
+        raise argparse.ArgumentTypeError("a path cannot hold a NUL character")
+    return s
+
+
+PATH_ARGS = {"config", "data", "out", "to", "init_from", "model", "run_dir", "questions", "vanilla", "tasks_dir"}
+
+
 def _positive_int(s):
     try:
         v = int(s)
@@ -114,6 +126,8 @@ def cmd_train(a):
 
 def _tasks_dir(given: str | None) -> str:
     import os
+    if given and not Path(given).is_dir():  # a folder the user named is never silently replaced
+        raise UserError(f"--tasks-dir: {given} is not a directory")
     for cand in (given, os.environ.get("STEPLM_TASKS_DIR"), "../shared/data/eval"):
         if cand and Path(cand).is_dir():
             return cand
@@ -176,9 +190,11 @@ def cmd_export(a):
     src = Path(a.run_dir)
     if not src.is_dir():
         raise UserError(f"RUN_DIR: {src} does not exist")
+    out = Path(a.to)
+    if out.is_dir() and any(out.iterdir()):  # never mix an export into a run or another model's files
+        raise UserError(f"--to: {out} is not empty; give a new or empty directory")
     model, tok = load_run(src)
     special = read_special_tokens(src, tok)
-    out = Path(a.to)
     created = not out.exists()
     try:
         export(model, tok, out, special, dtype=a.dtype, max_shard_size=a.max_shard_size, history=run_history(src))
@@ -406,6 +422,8 @@ def cmd_mt_bench(a):
     out = Path(a.out)
     if not out.parent.is_dir():
         raise UserError(f"--out: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise UserError(f"--out: {out} is a directory; give the answers file's path (e.g. {out / 'answers.jsonl'})")
     m = load(a.model, device)
     with autocast(device, dtype):
         n = mt_bench_answers(m.model, m.tokenizer, a.questions, out, a.model_id or Path(a.model).name, a.limit,
@@ -559,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--vanilla", help="a vanilla run directory to compare against")
     pt.add_argument("--out", help="PNG path (default RUN_DIR/memory.png)")
     pt.set_defaults(fn=cmd_plot)
+    for command in sub.choices.values():  # every file or folder argument refuses an empty path
+        for action in command._actions:
+            if action.dest in PATH_ARGS and action.type is None:
+                action.type = _path
     return p
 
 

@@ -434,6 +434,20 @@ def resolve_init_from(cfg: RunConfig, given: set[str], given_tokenizer: bool,
     return conflicts
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str | Path | None, overrides: list[str] = (), init_from: str | None = None) -> RunConfig:
     """Read a YAML config (or the defaults if ``path`` is None) and apply ``key=value`` overrides, then
     ``init_from`` (the --init-from flag, which sets model.init_from)."""
@@ -443,7 +457,7 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}")
         except (OSError, UnicodeDecodeError) as e:
@@ -580,6 +594,13 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"train.seq_len: must be at most model.max_seq_len ({m.max_seq_len}), got {t.seq_len}")
     if lo.rank > m.d_model > 0:
         out.append(f"lora.rank: must be at most model.d_model ({m.d_model}), got {lo.rank}")
+    tok = cfg.data.tokenizer
+    if tok.startswith("bpe:"):  # what data.load_tokenizer would refuse, found before training (plan too)
+        n = tok[4:]
+        if not n.isdigit():
+            out.append(f"data.tokenizer: 'bpe:N' needs an integer N, got {tok!r}")
+        elif int(n) < 300:
+            out.append(f"data.tokenizer: bpe vocabulary must be at least 300 (256 bytes + merges), got {int(n)}")
     prec = Precision(t.optimizer_states, t.master_weights)
     if prec.optimizer_states in OPTIMIZER_STATES and prec.master_weights in MASTER_WEIGHTS:
         out += prec.problems()

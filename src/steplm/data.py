@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import UserError
+from .files import read_tokenizer
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
@@ -149,9 +150,16 @@ def load_tokenizer(spec: str, train_texts: Iterator[str] | None = None):
                             "vocab.json and merges.txt (or set STEPLM_GPT2_DIR)")
     d = Path(spec).expanduser()
     if (d / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        tok = read_tokenizer(d / "tokenizer.json", "data.tokenizer")
     elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-        tok = ByteLevelBPETokenizer(str(d / "vocab.json"), str(d / "merges.txt"))._tokenizer
+        try:
+            tok = ByteLevelBPETokenizer(str(d / "vocab.json"), str(d / "merges.txt"))._tokenizer
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - tokenizers' errors, a Rust panic included
+            msg = " ".join(str(e).split())[:160]
+            raise UserError(f"data.tokenizer: {d}'s vocab.json and merges.txt are not a readable BPE "
+                            f"vocabulary ({msg})")
     else:
         raise UserError(f"data.tokenizer: {spec} is not 'gpt2', 'bpe:N', or a directory with tokenizer.json "
                         f"or vocab.json + merges.txt")
@@ -188,9 +196,30 @@ class TokenShard:
 
     @classmethod
     def open(cls, path: Path) -> "TokenShard":
-        meta = json.loads(path.with_suffix(".json").read_text())
+        meta = shard_meta(path)
         tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["n_tokens"],))
         return cls(tokens, meta["n_docs"])
+
+
+def shard_meta(path: Path) -> dict:
+    """The checked ``<path>.json`` of a cached token shard: a dtype, counts, and a ``path`` of exactly
+    n_tokens ids. A damaged cache entry (cut short, edited) is a UserError naming the folder to delete."""
+    fix = f"data.cache_dir: the token cache entry {path.parent} is damaged"
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        n_tokens, n_docs = meta["n_tokens"], meta["n_docs"]
+        ok = dtype in (np.uint16, np.uint32) and all(isinstance(n, int) and n >= 0 for n in (n_tokens, n_docs))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{fix} ({path.with_suffix('.json').name}: {' '.join(str(e).split())[:120]}); delete it "
+                        "to tokenize again")
+    if not ok:
+        raise UserError(f"{fix} ({path.with_suffix('.json').name} is not shard metadata); delete it to tokenize again")
+    size = path.stat().st_size if path.is_file() else -1
+    if size != n_tokens * dtype.itemsize:
+        raise UserError(f"{fix} ({path.name} holds {max(size, 0)} bytes, its metadata says "
+                        f"{n_tokens * dtype.itemsize}); delete it to tokenize again")
+    return meta
 
 
 def token_dtype(vocab_size: int):
@@ -219,7 +248,7 @@ class ShardWriter:
 
 def _split_tail(train_path: Path, val_path: Path, fraction: float):
     """A one-document corpus: hold out the last ``fraction`` of its tokens instead of a document."""
-    meta = json.loads(train_path.with_suffix(".json").read_text())
+    meta = shard_meta(train_path)
     tokens = np.fromfile(train_path, dtype=np.dtype(meta["dtype"]))
     cut = int(len(tokens) * (1 - fraction))
     tokens[:cut].tofile(train_path)
@@ -256,10 +285,17 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
                       "val": _source_fingerprint(data_cfg.val_path, data_cfg.exclude) if data_cfg.val_path else None,
                       "frac": data_cfg.val_fraction, "tok": data_cfg.tokenizer, "field": data_cfg.text_field,
                       "max": data_cfg.max_train_tokens, "v": 1})
+    if cache_root.exists() and not cache_root.is_dir():
+        raise UserError(f"data.cache_dir: {cache_root} is not a directory")
     out = cache_root / key
     if (out / "val.json").is_file():
-        from tokenizers import Tokenizer
-        return out, Tokenizer.from_file(str(out / "tokenizer.json"))
+        for split in ("train", "val"):
+            shard_meta(out / f"{split}.bin")
+        fix = f"data.cache_dir: the token cache entry {out} is damaged; delete it to tokenize again"
+        try:
+            return out, read_tokenizer(out / "tokenizer.json", "data.cache_dir")
+        except UserError as e:
+            raise UserError(f"{fix} ({str(e).split(': ', 1)[1]})") from None
 
     def train_docs():
         for doc_id, text in documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude):

@@ -74,23 +74,31 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         p = load(model_path, device)
         model, tok = p.model, p.tokenizer
         stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, p.special.eos_id)
-        T = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        T = _context(seq_len, model.config.max_seq_len)
         logits_fn = model
     elif backend == "transformers":
-        from transformers import AutoTokenizer, LlamaForCausalLM
+        from .files import read_json, read_tokenizer
         p = Path(model_path)
         if not (p / "config.json").is_file():
             raise UserError(f"MODEL: --backend transformers needs an HF directory (run `steplm export {p} --to DIR`)")
-        import json
-        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        model_type = read_json(p / "config.json", "MODEL").get("model_type")
         if model_type != "llama":
             raise UserError(f"MODEL: config.json has model_type {model_type!r}; only Llama models are supported")
-        hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).to(device).eval()
-        hf_tok = AutoTokenizer.from_pretrained(str(p))
+        if (p / "tokenizer.json").is_file():
+            read_tokenizer(p / "tokenizer.json", "MODEL")  # a damaged one: one line, not transformers' traceback
+        from transformers import AutoTokenizer, LlamaForCausalLM
+        try:
+            hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).to(device).eval()
+            hf_tok = AutoTokenizer.from_pretrained(str(p))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            msg = " ".join(str(e).split())[:200]
+            raise UserError(f"MODEL: transformers cannot load {p} ({msg})")
+        from .hf import check_finite
+        check_finite(dict(hf.named_parameters()), f"MODEL: {p}")
         if hf_tok.eos_token_id is None:
             raise UserError(f"MODEL: {p} tokenizer_config.json names no eos_token")
         stream = token_stream(data, lambda t: hf_tok(t, add_special_tokens=False)["input_ids"], hf_tok.eos_token_id)
-        T = min(seq_len or hf.config.max_position_embeddings, hf.config.max_position_embeddings)
+        T = _context(seq_len, hf.config.max_position_embeddings)
         logits_fn = lambda x: hf(input_ids=x).logits  # noqa: E731
     else:
         raise UserError(f"--backend: must be steplm or transformers, got {backend!r}")
@@ -99,3 +107,10 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         total, count = windows_loss(logits_fn, windows, batch_size, device)
     loss = total / count
     return {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+
+
+def _context(seq_len: int | None, max_len: int) -> int:
+    """The evaluation window: --seq-len, at most the model's context (max_seq_len); default that context."""
+    if seq_len and seq_len > max_len:
+        raise UserError(f"--seq-len: the model's context is {max_len} tokens, got {seq_len}; give at most {max_len}")
+    return seq_len or max_len

@@ -142,12 +142,17 @@ def mt_bench_answers(model, tokenizer, questions: str | Path, out: str | Path, m
                      batch_size: int = 8, **kw) -> int:
     """Answer both turns of every MT-Bench question; write FastChat llm_judge answer JSONL. Returns the count.
     Turn 1 of all questions is generated in length-sorted batches, then turn 2 (which needs turn 1's answer)."""
+    from .files import read_jsonl
     qpath = Path(questions)
     if not qpath.is_file():
         raise UserError(f"--questions: {qpath} not found")
-    rows = [json.loads(x) for x in qpath.read_text().splitlines() if x.strip()]
-    if any("turns" not in r or "question_id" not in r for r in rows):
-        raise UserError(f"--questions: {qpath} is not an MT-Bench question file (needs question_id and turns)")
+    rows = read_jsonl(qpath, "--questions")
+    if not rows:
+        raise UserError(f"--questions: {qpath} holds no questions")
+    if any(not isinstance(r.get("turns"), list) or not r["turns"] or not all(isinstance(t, str) for t in r["turns"])
+           or "question_id" not in r for r in rows):
+        raise UserError(f"--questions: {qpath} is not an MT-Bench question file (needs question_id and a list of "
+                        "turns, each a string)")
     rows = rows[:limit] if limit else rows
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import read_json, read_model_config, read_safetensors, read_tokenizer
 from .model import ROPE_SCALING_KEYS, LLaMA, ModelConfig, from_state_dict
 from .tokens import SpecialTokens, gpt2_special_tokens, read_special_tokens, write_special_tokens
 
@@ -155,12 +156,15 @@ def from_hf_config(d: dict) -> ModelConfig:
 
 # ---------------------------------------------------------------------------- weights
 def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device=str(device))
-    except SafetensorError as e:
-        raise UserError(f"MODEL: {path} is not a readable safetensors file ({e})")
+    return read_safetensors(path, "MODEL", device)
+
+
+def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
+    """UserError naming the first tensor of ``state`` that holds NaN or inf (a model that would
+    evaluate to loss nan, or export one)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{who} holds non-finite weights (NaN or inf) in {name}; give a model with finite weights")
 
 
 def _load_bin(path: Path, device) -> dict[str, torch.Tensor]:
@@ -264,29 +268,25 @@ def read_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of an HF Llama directory's config.json (no weights read), or a one-line UserError."""
     d = Path(path)
     if not (d / "config.json").is_file():
+        if (d / "model_config.json").is_file():  # only model.init_from reads a folder this way
+            raise UserError(f"MODEL: {d} is a steplm run, not an HF model directory; export it first "
+                            f"(steplm export {d} --to DIR) and give DIR")
         raise UserError(f"MODEL: {d} has no config.json (give a steplm run directory or an HF model directory)")
-    try:
-        hf_cfg = json.loads((d / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"MODEL: {d / 'config.json'} is not valid JSON")
-    if not isinstance(hf_cfg, dict):
-        raise UserError(f"MODEL: {d / 'config.json'} is not a JSON object")
-    return from_hf_config(hf_cfg)
+    return from_hf_config(read_json(d / "config.json", "MODEL"))
 
 
 def load_pretrained(path: str | Path, device="cpu") -> Pretrained:
     """A steplm model, its ModelConfig, tokenizer and special tokens from an HF Llama directory
     (no transformers needed unless the config scales RoPE). Refuses what it cannot load exactly."""
-    from tokenizers import Tokenizer
-
     d = Path(path)
     cfg = read_config(d)
     if not (d / "tokenizer.json").is_file():
         raise UserError(f"MODEL: {d} has no tokenizer.json")
-    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok = read_tokenizer(d / "tokenizer.json", "MODEL")
     special = read_special_tokens(d, tok)
     state = read_weights(d, device)
     cfg = _check_weights(cfg, state)
+    check_finite(state, f"MODEL: {d}")
     model = from_state_dict(cfg, {k: v.float() for k, v in state.items()}, device)
     return Pretrained(model, cfg, tok, special)
 
@@ -368,21 +368,19 @@ def run_history(run_dir: str | Path) -> dict:
 def describe(path: str | Path) -> dict:
     """What a run or HF model directory holds, without loading weights: architecture, special tokens,
     and steplm's stage history ("steplm" in config.json, or the run's summary.json)."""
-    from tokenizers import Tokenizer
-
     d = Path(path)
     if (d / "model_config.json").is_file():
-        cfg, kind = ModelConfig.from_dict(json.loads((d / "model_config.json").read_text())), "steplm run"
+        cfg, kind = read_model_config(d, "MODEL"), "steplm run"
         history = run_history(d)
     elif (d / "config.json").is_file():
-        hf_cfg = json.loads((d / "config.json").read_text())
+        hf_cfg = read_json(d / "config.json", "MODEL")
         cfg, kind = from_hf_config(hf_cfg), "Hugging Face Llama"
         history = hf_cfg.get("steplm")
     else:
         raise UserError(f"MODEL: {d} is neither a steplm run directory nor an HF model directory")
     out = {"path": str(d), "kind": kind, "model": cfg.to_dict(), "steplm": history}
     if (d / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        tok = read_tokenizer(d / "tokenizer.json", "MODEL")
         s = read_special_tokens(d, tok)
         out["special_tokens"] = {"eos": tok.id_to_token(s.eos_id), "eos_id": s.eos_id, "stop_ids": list(s.stop_ids),
                                  "bos_id": s.bos_id}

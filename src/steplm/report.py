@@ -9,10 +9,27 @@ from .errors import UserError
 
 
 def read_summary(run_dir: str | Path) -> dict:
+    from .files import read_json
     p = Path(run_dir) / "summary.json"
     if not p.is_file():
         raise UserError(f"RUN_DIR: {run_dir} has no summary.json (is the run finished?)")
-    return json.loads(p.read_text())
+    s = read_json(p, "RUN_DIR")
+    if not isinstance(s.get("stages"), list) or not s["stages"] or not all(isinstance(x, dict) for x in s["stages"]):
+        raise UserError(f"RUN_DIR: {p} has no per-stage records (stages); is it a steplm run's summary?")
+    return s
+
+
+def png_path(out: str | Path | None, default: Path, flag: str = "--out") -> Path:
+    """Where a plot goes: ``default`` when not given, FOLDER/<default's name> for a folder, else the
+    path itself with .png added if it has no suffix; its folder must exist."""
+    if not out:
+        return default
+    p = Path(out)
+    if p.is_dir():
+        return p / default.name
+    if not p.parent.is_dir():
+        raise UserError(f"{flag}: {p.parent} is not an existing directory")
+    return p if p.suffix else p.with_suffix(".png")
 
 
 def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir: str | Path | None = None) -> Path:
@@ -23,6 +40,7 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
 
     summary = read_summary(run_dir)
     stages = summary["stages"]
+    out = png_path(out, Path(run_dir) / "memory.png")
     from .config import load
     from .methods.base import layer_shape, precision
     cfg = load(Path(run_dir) / "config.yaml")
@@ -30,27 +48,29 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     prec = precision(cfg)
     head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings, prec)
     van_planned = cfg.model.n_layers * planner.trainable_layer_bytes(shape, prec) + head
-    van_measured = None
-    if vanilla_dir:
-        van_measured = read_summary(vanilla_dir)["stages"][0]["measured_state_bytes"]["total"]
     mb = 1 / 2**20
+    try:
+        van_measured = read_summary(vanilla_dir)["stages"][0]["measured_state_bytes"]["total"] if vanilla_dir else None
+        planned = [s["planned_state_bytes"]["total"] * mb for s in stages]
+        measured = [s["measured_state_bytes"]["total"] * mb for s in stages]
+        labels = [f"stage {s['stage'] + 1}\n{s['layers']} layers" for s in stages]
+        title = f"{summary['method']}: memory per stage (d={cfg.model.d_model}, L={cfg.model.n_layers})"
+    except (KeyError, TypeError) as e:
+        raise UserError(f"RUN_DIR: a summary.json lacks the memory record {e} (written by an older or damaged run)")
     fig, ax = plt.subplots(figsize=(6.4, 4))
     xs = range(len(stages))
-    planned = [s["planned_state_bytes"]["total"] * mb for s in stages]
-    measured = [s["measured_state_bytes"]["total"] * mb for s in stages]
     ax.bar([x - 0.2 for x in xs], planned, 0.4, label="STEP planned (Eq. 2 + embeddings)", color="#8fb3de")
     ax.bar([x + 0.2 for x in xs], measured, 0.4, label="STEP measured (live tensors)", color="#1f5fa8")
     ax.axhline(van_planned * mb, color="#c0392b", ls="--", label="vanilla planned (Eq. 1 + embeddings)")
     if van_measured is not None:
         ax.axhline(van_measured * mb, color="#7b1e12", ls=":", label="vanilla measured")
-    ax.set_xticks(list(xs), [f"stage {s['stage'] + 1}\n{s['layers']} layers" for s in stages])
+    ax.set_xticks(list(xs), labels)
     ax.set_ylabel("model-state memory (MiB)")
-    ax.set_title(f"{summary['method']}: memory per stage (d={cfg.model.d_model}, L={cfg.model.n_layers})")
+    ax.set_title(title)
     top = max(planned + measured + [van_planned * mb] + ([van_measured * mb] if van_measured else []))
     ax.set_ylim(0, top * 1.45)
     ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "memory.png"
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

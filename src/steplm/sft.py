@@ -229,14 +229,14 @@ EVAL_EXAMPLES = 64
 def source_config(model_dir: str):
     """The ModelConfig of a steplm run directory (model_config.json) or an HF Llama directory
     (config.json), read without loading weights."""
+    from .files import read_model_config
     from .hf import read_config
-    from .model import ModelConfig
 
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"MODEL: {d} is not a directory (give a steplm run directory or an HF model directory)")
     if (d / "model_config.json").is_file():
-        return ModelConfig.from_dict(json.loads((d / "model_config.json").read_text()))
+        return read_model_config(d, "MODEL")
     return read_config(d)
 
 

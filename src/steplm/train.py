@@ -127,7 +127,10 @@ def pretrained_model(stage1: ModelConfig, device: torch.device) -> LLaMA:
     from .hf import load_pretrained
 
     src = stage1.init_from
-    loaded = load_pretrained(src, device)
+    try:
+        loaded = load_pretrained(src, device)
+    except UserError as e:  # name the key that gave the folder, as config.load does for config.json
+        raise UserError(str(e).replace("MODEL:", "model.init_from:", 1)) from None
     if loaded.config.n_layers != stage1.n_layers:  # validation and the planner make n_1 the checkpoint's depth
         raise RuntimeError(f"stage 1 has {stage1.n_layers} layers, the checkpoint {loaded.config.n_layers}")
     if replace(loaded.config, init_std=stage1.init_std, init_from=src) != stage1:
@@ -706,6 +709,9 @@ class Trainer:
         if self.device.type == "cuda":
             self.record["peak_bytes"] = torch.cuda.max_memory_allocated()
         val = self.evaluate()
+        if not math.isfinite(val):  # finite weights whose logits overflow: a diverged model is not a result
+            raise TrainingStopped(f"stage {self.stage}: the validation loss is {val} (the model diverged); the last "
+                                  "good checkpoint is kept and no model is written (lower train.lr)")
         self.record.update(steps=self.stage_steps[self.stage], tokens=self.tokens, flops=dict(self.flops), val_loss=val,
                            step_seconds=self.step_seconds - self.record.pop("_seconds_at_start"))
         self.stage_records.append(self.record)
@@ -751,11 +757,17 @@ class Trainer:
 # ---------------------------------------------------------------------------- loading
 def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
     """The final merged model and tokenizer of a run directory."""
-    from tokenizers import Tokenizer
+    from .files import read_model_config, read_safetensors, read_tokenizer
 
     d = Path(run_dir)
     if not (d / "model.safetensors").is_file() or not (d / "model_config.json").is_file():
         raise UserError(f"MODEL: {d} is not a finished steplm run (no model.safetensors / model_config.json)")
-    mcfg = ModelConfig.from_dict(json.loads((d / "model_config.json").read_text()))
-    model = from_state_dict(mcfg, load_file(str(d / "model.safetensors"), device=str(device)), device)
-    return model, Tokenizer.from_file(str(d / "tokenizer.json"))
+    mcfg = read_model_config(d, "MODEL")
+    tok = read_tokenizer(d / "tokenizer.json", "MODEL")
+    try:
+        model = from_state_dict(mcfg, read_safetensors(d / "model.safetensors", "MODEL", device), device)
+    except (KeyError, RuntimeError) as e:  # missing tensors or wrong shapes for model_config.json
+        raise UserError(f"MODEL: {d / 'model.safetensors'} does not match its model_config.json ({e})".split("\n")[0])
+    from .hf import check_finite
+    check_finite(model.state_dict(), f"MODEL: {d}")
+    return model, tok

@@ -1,0 +1,105 @@
+"""Reading the files a user hands steplm (run folders, HF model folders, token caches, questions),
+each failure turned into one ``UserError`` line that names the file and what to give instead.
+
+A truncated safetensors file, a tokenizer.json that is not JSON, a model_config.json holding a list:
+without these wrappers each one surfaced as a library traceback (json, safetensors, tokenizers'
+Rust panic) instead of exit 2 (``errors``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+
+def read_json(path: str | Path, who: str, kind: type | None = dict) -> Any:
+    """The parsed JSON of ``path``; ``kind`` (dict, list or None for any) is the top-level type it
+    must have. ``who`` is the flag or key that gave the file, the start of the error line."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{who}: {p} does not exist")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{who}: {p} is not readable JSON ({_short(e)})")
+    if kind is not None and not isinstance(data, kind):
+        want = {dict: "a JSON object", list: "a JSON list"}.get(kind, kind.__name__)
+        raise UserError(f"{who}: {p} must hold {want}, got {type(data).__name__}")
+    return data
+
+
+def read_jsonl(path: str | Path, who: str) -> list[dict]:
+    """The JSON objects of a JSON-lines file (blank lines skipped), each one checked."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{who}: {p} does not exist")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{who}: {p} is not readable text ({_short(e)})")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{who}: {p} line {i} is not JSON ({_short(e)})")
+        if not isinstance(row, dict):
+            raise UserError(f"{who}: {p} line {i} must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def read_tokenizer(path: str | Path, who: str):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json. tokenizers raises plain Exceptions for bad
+    JSON and a Rust PanicException (a BaseException) for some inconsistent vocabularies: both are
+    bad input here."""
+    from tokenizers import Tokenizer
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{who}: {p} does not exist")
+    try:
+        return Tokenizer.from_file(str(p))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - includes pyo3's PanicException
+        raise UserError(f"{who}: {p} is not a readable tokenizer.json ({_short(e)})")
+
+
+def read_safetensors(path: str | Path, who: str, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (truncated, garbage or missing files are bad input)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{who}: {p} does not exist")
+    try:
+        return load_file(str(p), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{who}: {p} is not a readable safetensors file ({_short(e)})")
+
+
+def read_model_config(run_dir: str | Path, who: str):
+    """The ModelConfig of a steplm run folder's model_config.json, its keys and values checked."""
+    from .model import ModelConfig
+    p = Path(run_dir) / "model_config.json"
+    d = read_json(p, who)
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{who}: {p} is not a steplm model config ({_short(e)})")
+    problems = cfg.problems()
+    if problems:
+        raise UserError(f"{who}: {p}: {problems[0]}")
+    return cfg
+
+
+def _short(e: BaseException) -> str:
+    """An exception's message on one line, at most 160 characters."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 160 else msg[:157] + "..."

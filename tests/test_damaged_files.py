@@ -1,0 +1,313 @@
+"""Damaged files a user hands steplm, the second bad-input table: run folders, HF folders, token caches,
+tokenizer folders, checkpoint manifests, question files and plots. Every entry exits with code 2
+and one line naming the file or flag, with no traceback and nothing written; a damaged checkpoint
+is skipped, never loaded."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from steplm import checkpoint, config, data
+from steplm.cli import main
+from steplm.errors import TrainingStopped
+
+from conftest import ROOT, shared, tiny_overrides
+
+
+def _weights(fn):
+    def damage(d):
+        w = load_file(str(d / "model.safetensors"))
+        fn(w)
+        save_file(w, str(d / "model.safetensors"))
+    return damage
+
+
+def _nan(w):
+    next(v for k, v in sorted(w.items()) if k.endswith("q_proj.weight"))[0, 0] = float("nan")
+
+
+def _inf(w):
+    w[sorted(w)[0]][-1, -1] = float("inf")
+
+
+def _drop(w):
+    w.pop(sorted(k for k in w if "layers.1." in k)[0])
+
+
+def _write(name, text):
+    return lambda d: (d / name).write_text(text)
+
+
+def _truncate(name, keep=0.5):
+    return lambda d: (d / name).write_bytes((d / name).read_bytes()[: int((d / name).stat().st_size * keep)])
+
+
+# (damage to a copy of a finished run, needle)
+RUN_DAMAGE = {
+    "model_config not JSON": (_write("model_config.json", "{bad"), "model_config.json is not readable JSON"),
+    "model_config a list": (_write("model_config.json", "[]"), "must hold a JSON object"),
+    "model_config bad value": (_write("model_config.json", json.dumps({"vocab_size": 512, "d_model": 32, "n_layers": -1,
+                                                                        "n_heads": 2})), "model.n_layers"),
+    "tokenizer missing": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json does not exist"),
+    "tokenizer not JSON": (_write("tokenizer.json", "{bad"), "not a readable tokenizer.json"),
+    "tokenizer empty object": (_write("tokenizer.json", "{}"), "not a readable tokenizer.json"),
+    "weights truncated": (_truncate("model.safetensors"), "not a readable safetensors file"),
+    "weights garbage": (_write("model.safetensors", "x" * 4096), "not a readable safetensors file"),
+    "weights NaN": (_weights(_nan), "non-finite weights"),
+    "weights inf": (_weights(_inf), "non-finite weights"),
+    "weights missing a tensor": (_weights(_drop), "does not match its model_config.json"),
+}
+
+
+def _snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _refused(argv, capsys, needle, root):
+    before = _snapshot(root)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err, err
+    assert _snapshot(root) == before  # nothing half-written
+    return err
+
+
+@pytest.fixture
+def damaged_run(tiny_run, tmp_path):
+    def make(name):
+        d = tmp_path / "run"
+        shutil.copytree(tiny_run, d, ignore=shutil.ignore_patterns("checkpoints"))
+        RUN_DAMAGE[name][0](d)
+        return d
+    return make
+
+
+@pytest.mark.parametrize("name", list(RUN_DAMAGE))
+@pytest.mark.parametrize("command", ["eval", "export", "generate"])
+def test_a_damaged_run_folder_is_one_line(damaged_run, tmp_path, capsys, name, command):
+    d = damaged_run(name)
+    extra = {"eval": ["--data", str(shared("shakespeare/input.txt")), "--max-tokens", "256"],
+             "export": ["--to", str(tmp_path / "hf")], "generate": ["--prompt", "hi", "--max-new-tokens", "2"]}
+    _refused([command, str(d), *extra[command]], capsys, RUN_DAMAGE[name][1], tmp_path)
+
+
+@pytest.mark.parametrize("name", [n for n in RUN_DAMAGE if n.startswith(("model_config", "tokenizer not"))])
+def test_info_on_a_damaged_run_folder_is_one_line(damaged_run, tmp_path, capsys, name):
+    _refused(["info", str(damaged_run(name))], capsys, RUN_DAMAGE[name][1], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def hf_export(tiny_run, tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf") / "model"
+    assert main(["export", str(tiny_run), "--to", str(d)]) == 0
+    return d
+
+
+def _hf_config(**change):
+    def damage(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(change)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return damage
+
+
+HF_DAMAGE = {
+    "config not JSON": (_write("config.json", "{bad"), "config.json is not readable JSON"),
+    "config a list": (_write("config.json", "[1]"), "must hold a JSON object"),
+    "tokenizer not JSON": (_write("tokenizer.json", "{bad"), "not a readable tokenizer.json"),
+    "weights truncated": (_truncate("model.safetensors", 0.9), "not a readable safetensors file"),
+    "weights NaN": (_weights(_nan), "non-finite weights"),
+    "rope factor below 1": (_hf_config(rope_parameters={"rope_type": "linear", "factor": 0.5, "rope_theta": 1e4}),
+                            "factor must be at least 1"),
+    "rope factor zero": (_hf_config(rope_parameters={"rope_type": "yarn", "factor": 0, "rope_theta": 1e4,
+                                                     "original_max_position_embeddings": 16}), "finite positive"),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_DAMAGE))
+def test_a_damaged_hf_folder_is_one_line_for_eval_and_init_from(hf_export, tmp_path, capsys, name):
+    d = tmp_path / "hf"
+    shutil.copytree(hf_export, d)
+    HF_DAMAGE[name][0](d)
+    _refused(["eval", str(d), "--data", str(shared("shakespeare/input.txt")), "--max-tokens", "256"], capsys,
+             HF_DAMAGE[name][1], tmp_path)
+    # the token cache (a reusable cache, complete when written) lives outside the snapshot
+    err = _refused(["train", "--init-from", str(d), "--data", str(shared("shakespeare/input.txt")), "--out",
+                    str(tmp_path / "o"), "--quiet", "--set", f"data.cache_dir={tmp_path.parent / 'cache'}"], capsys,
+                   HF_DAMAGE[name][1], tmp_path)
+    assert (str(d) in err or "init-from" in err or "init_from" in err) and "MODEL" not in err, err
+
+
+def test_init_from_a_steplm_run_says_to_export_it(tiny_run, tmp_path, capsys):
+    _refused(["train", "--init-from", str(tiny_run), "--data", str(shared("shakespeare/input.txt")), "--out",
+              str(tmp_path / "o"), "--quiet"], capsys, "export it first", tmp_path)
+
+
+# ---------------------------------------------------------------------------- token cache, tokenizers
+@pytest.fixture(scope="module")
+def cache_entry(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache")
+    cfg = config.load(None, tiny_overrides(tmp))
+    out, _ = data.prepare(cfg.data, tmp / "cache", progress=False)
+    return out
+
+
+CACHE_DAMAGE = {
+    "train.bin truncated": _truncate("train.bin", 0.5),
+    "val.bin grown": lambda d: (d / "val.bin").write_bytes((d / "val.bin").read_bytes() + b"\0\0\0"),
+    "train.json not JSON": _write("train.json", "{bad"),
+    "train.json a list": _write("train.json", "[]"),
+    "val.json wrong dtype": _write("val.json", json.dumps({"dtype": "float64", "n_tokens": 1, "n_docs": 1})),
+    "tokenizer.json not JSON": _write("tokenizer.json", "{bad"),
+}
+
+
+@pytest.mark.parametrize("name", list(CACHE_DAMAGE))
+def test_a_damaged_token_cache_entry_names_the_folder_to_delete(cache_entry, tmp_path, capsys, name):
+    root = tmp_path / "cache"
+    shutil.copytree(cache_entry, root / cache_entry.name)
+    CACHE_DAMAGE[name](root / cache_entry.name)
+    sets = tiny_overrides(tmp_path, **{"data.cache_dir": str(root)})
+    err = _refused(["train", "--out", str(tmp_path / "o"), "--quiet", *[x for s in sets for x in ("--set", s)]],
+                   capsys, "data.cache_dir", tmp_path)
+    assert cache_entry.name in err and "delete it" in err
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    sets = tiny_overrides(tmp_path, **{"data.cache_dir": str(tmp_path / "afile")})
+    _refused(["train", "--out", str(tmp_path / "o"), "--quiet", *[x for s in sets for x in ("--set", s)]],
+             capsys, "data.cache_dir", tmp_path)
+
+
+TOKENIZER_DAMAGE = {
+    "tokenizer.json not JSON": {"tokenizer.json": "{bad"},
+    "tokenizer.json empty object": {"tokenizer.json": "{}"},
+    "vocab.json not JSON": {"vocab.json": "{bad", "merges.txt": "#version: 0.2\n"},
+    "merges.txt garbage": {"vocab.json": json.dumps({"a": 0, "b": 1}), "merges.txt": "a b c d\n"},
+}
+
+
+@pytest.mark.parametrize("name", list(TOKENIZER_DAMAGE))
+def test_a_damaged_tokenizer_folder_is_one_line(tmp_path, capsys, name):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f, text in TOKENIZER_DAMAGE[name].items():
+        (tok / f).write_text(text)
+    sets = tiny_overrides(tmp_path, **{"data.tokenizer": str(tok)})
+    _refused(["train", "--out", str(tmp_path / "o"), "--quiet", *[x for s in sets for x in ("--set", s)]],
+             capsys, "data.tokenizer", tmp_path)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("manifest", ["[]", '{"sha256": [1]}', '{"sha256": {}}', '{"sha256": {"a.bin": 5}}',
+                                      '{"sha256": {"../a.bin": "00"}}', "{bad", '{"sha256": null}'])
+def test_a_damaged_manifest_makes_the_checkpoint_corrupt_not_a_crash(tmp_path, manifest):
+    final = checkpoint.save(tmp_path, 10, {"a.bin": lambda p: p.write_bytes(b"abc"),
+                                           "b.bin": lambda p: p.write_bytes(b"def")}, keep=2)
+    assert checkpoint.verify(final) is None
+    (final / checkpoint.MANIFEST).write_text(manifest)
+    assert checkpoint.verify(final) is not None
+    assert checkpoint.latest_valid(tmp_path, log=lambda m: None) is None
+
+
+def test_a_file_missing_from_the_manifest_makes_the_checkpoint_corrupt(tmp_path):
+    final = checkpoint.save(tmp_path, 10, {"a.bin": lambda p: p.write_bytes(b"abc")}, keep=2)
+    (final / "trainer.pt").write_bytes(b"garbage, never loaded")
+    assert "trainer.pt" in checkpoint.verify(final)
+
+
+# ---------------------------------------------------------------------------- flags and small files
+@pytest.mark.parametrize("argv,flag", [
+    (["train", "--out", "", "--data", "x"], "--out"), (["train", "--out", "  ", "--data", "x"], "--out"),
+    (["train", "--out", "o", "--data", ""], "--data"), (["train", "", "--out", "o"], "config"),
+    (["export", "{run}", "--to", ""], "--to"), (["eval", "", "--data", "x"], "model"),
+    (["mt-bench", "{run}", "--questions", "", "--out", "a.jsonl"], "--questions"),
+    (["mt-bench", "{run}", "--questions", "q.jsonl", "--out", ""], "--out"),
+    (["plot", "{run}", "--out", ""], "--out"), (["info", ""], "model"),
+    (["sft", "{run}", "--data", "a.json", "--out", ""], "--out"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tiny_run, tmp_path, capsys, monkeypatch, argv, flag):
+    monkeypatch.chdir(tmp_path)
+    err = _refused([a.replace("{run}", str(tiny_run)) for a in argv], capsys, "expected a path", tmp_path)
+    assert flag in err
+
+
+def test_a_missing_tasks_dir_is_refused_not_replaced(tiny_run, tmp_path, capsys):
+    _refused(["eval", str(tiny_run), "--tasks", "piqa", "--tasks-dir", str(tmp_path / "none")], capsys,
+             "--tasks-dir", tmp_path)
+
+
+def test_eval_seq_len_beyond_the_context_is_refused(tiny_run, tmp_path, capsys):
+    _refused(["eval", str(tiny_run), "--data", str(shared("shakespeare/input.txt")), "--seq-len", "4096"], capsys,
+             "--seq-len", tmp_path)
+
+
+def test_export_into_a_non_empty_folder_is_refused(tiny_run, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    _refused(["export", str(tiny_run), "--to", str(tmp_path / "full")], capsys, "not empty", tmp_path)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{bad\n", "line 1 is not JSON"), ("", "holds no questions"), ("\n\n", "holds no questions"),
+    ("[1, 2]\n", "must be a JSON object"), ('{"question_id": 1, "turns": "hi"}\n', "list of turns"),
+    ('{"question_id": 1, "turns": []}\n', "list of turns"), ('{"turns": ["hi"]}\n', "question_id"),
+])
+def test_a_bad_question_file_is_one_line(tiny_run, tmp_path, capsys, text, needle):
+    (tmp_path / "q.jsonl").write_text(text)
+    _refused(["mt-bench", str(tiny_run), "--questions", str(tmp_path / "q.jsonl"), "--out",
+              str(tmp_path / "a.jsonl")], capsys, needle, tmp_path)
+
+
+def test_mt_bench_out_a_folder_is_refused(tiny_run, tmp_path, capsys):
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "turns": ["hi"]}\n')
+    _refused(["mt-bench", str(tiny_run), "--questions", str(tmp_path / "q.jsonl"), "--out", str(tmp_path)],
+             capsys, "is a directory", tmp_path)
+
+
+@pytest.mark.parametrize("summary,needle", [("{bad", "not readable JSON"), ("[]", "JSON object"),
+                                            ('{"stages": []}', "per-stage"), ('{"stages": [{"stage": 0}]}', "lacks")])
+def test_plot_of_a_damaged_summary_is_one_line(tiny_run, tmp_path, capsys, summary, needle):
+    d = tmp_path / "run"
+    shutil.copytree(tiny_run, d, ignore=shutil.ignore_patterns("checkpoints"))
+    (d / "summary.json").write_text(summary)
+    _refused(["plot", str(d)], capsys, needle, tmp_path)
+
+
+def test_plot_out_under_a_file_is_refused_and_a_folder_gets_memory_png(tiny_run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    _refused(["plot", str(tiny_run), "--out", str(tmp_path / "afile" / "x.png")], capsys, "--out", tmp_path)
+    (tmp_path / "plots").mkdir()
+    assert main(["plot", str(tiny_run), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "memory.png").is_file()
+
+
+@pytest.mark.parametrize("yaml_text,key", [("model:\n  d_model: 32\nmodel:\n  d_model: 64\n", "'model'"),
+                                           ("train:\n  lr: 1\n  lr: 2\n", "'lr'"),
+                                           ("train: {lr: 1, lr: 2}\n", "'lr'")])
+def test_a_key_given_twice_in_a_config_is_refused(tmp_path, capsys, yaml_text, key):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    err = _refused(["plan", str(tmp_path / "c.yaml")], capsys, "given twice", tmp_path)
+    assert key in err
+
+
+@pytest.mark.parametrize("spec,needle", [("bpe:abc", "integer N"), ("bpe:-5", "integer N"), ("bpe:10", "at least 300")])
+def test_plan_refuses_a_bad_bpe_spec_as_train_does(tmp_path, capsys, spec, needle):
+    _refused(["plan", str(ROOT / "configs" / "tiny.yaml"), "--set", f"data.tokenizer={spec}"], capsys, needle, tmp_path)
+
+
+# ---------------------------------------------------------------------------- a diverged model
+def test_a_non_finite_validation_loss_stops_the_run_and_writes_no_model(tmp_path, monkeypatch):
+    """Finite weights whose logits overflow (a diverged run) give val loss nan: the run stops with
+    TrainingStopped (exit 3), and no model.safetensors or summary.json is written as its result."""
+    from steplm.train import Trainer
+    cfg = config.load(None, tiny_overrides(tmp_path, **{"train.max_steps": 4}))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: float("nan"))
+    with pytest.raises(TrainingStopped, match="validation loss is nan"):
+        Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "summary.json").exists()
