@@ -311,3 +311,123 @@ def test_a_non_finite_validation_loss_stops_the_run_and_writes_no_model(tmp_path
         Trainer(cfg, tmp_path / "run", progress=False).fit()
     assert not (tmp_path / "run" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------- review round: more of each kind
+def test_a_stray_file_in_a_checkpoint_is_ignored_but_an_unlisted_loader_file_is_not(tmp_path):
+    final = checkpoint.save(tmp_path, 10, {"model.safetensors": lambda p: p.write_bytes(b"w"),
+                                           "trainer.pt": lambda p: p.write_bytes(b"t"),
+                                           "config.yaml": lambda p: p.write_text("x: 1\n")}, keep=2)
+    (final / ".DS_Store").write_bytes(b"finder")
+    assert checkpoint.verify(final) is None
+    m = json.loads((final / checkpoint.MANIFEST).read_text())
+    del m["sha256"]["config.yaml"]
+    (final / checkpoint.MANIFEST).write_text(json.dumps(m))
+    assert "config.yaml" in checkpoint.verify(final)
+
+
+@pytest.mark.parametrize("yaml_text,want", [
+    ("base: &b {lr: 0.002}\ntrain:\n  <<: *b\n", 0.002),
+    ("a: &a {lr: 0.003}\nb: &b {max_steps: 7}\ntrain:\n  <<: [*a, *b]\n", 0.003),
+    ("train: &t\n  lr: 0.004\n", 0.004),
+])
+def test_yaml_merge_keys_and_anchors_still_load(tmp_path, yaml_text, want):
+    import yaml
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    d = yaml.load(yaml_text, Loader=config._UniqueKeyLoader)
+    assert d["train"]["lr"] == want
+
+
+def test_a_complex_yaml_key_is_one_line_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("? [a, b]\n: 1\n")
+    _refused(["plan", str(tmp_path / "c.yaml")], capsys, "config", tmp_path)
+
+
+@pytest.mark.parametrize("summary", [b"\xff\xfe binary", b"[1, 2]", b"{bad"])
+def test_export_and_info_leave_out_a_damaged_history(tiny_run, tmp_path, capsys, summary):
+    d = tmp_path / "run"
+    shutil.copytree(tiny_run, d, ignore=shutil.ignore_patterns("checkpoints"))
+    (d / "summary.json").write_bytes(summary)
+    assert main(["info", str(d)]) == 0
+    assert main(["export", str(d), "--to", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def sharded_export(tiny_run, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sharded") / "model"
+    assert main(["export", str(tiny_run), "--to", str(d), "--max-shard-size", "20000"]) == 0
+    assert (d / "model.safetensors.index.json").is_file()
+    return d
+
+
+@pytest.mark.parametrize("index,needle", [
+    (b"\xff\xfe", "not readable JSON"), (b"[]", "JSON object"), (b'{"weight_map": {"a": 5}}', "as a shard"),
+    (b'{"weight_map": {"a": "../model.safetensors"}}', "as a shard"), (b'{"weight_map": []}', "no weight_map"),
+])
+def test_a_damaged_shard_index_is_one_line(sharded_export, tmp_path, capsys, index, needle):
+    d = tmp_path / "hf"
+    shutil.copytree(sharded_export, d)
+    (d / "model.safetensors.index.json").write_bytes(index)
+    _refused(["eval", str(d), "--data", str(shared("shakespeare/input.txt")), "--max-tokens", "256"], capsys,
+             needle, tmp_path)
+
+
+def test_transformers_backend_on_truncated_weights_is_one_line(hf_export, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    d = tmp_path / "hf"
+    shutil.copytree(hf_export, d)
+    _truncate("model.safetensors", 0.5)(d)
+    _refused(["eval", str(d), "--backend", "transformers", "--data", str(shared("shakespeare/input.txt")),
+              "--max-tokens", "256"], capsys, "MODEL", tmp_path)
+
+
+def test_a_missing_tensor_is_named(damaged_run, tmp_path, capsys):
+    err = _refused(["eval", str(damaged_run("weights missing a tensor")), "--data",
+                    str(shared("shakespeare/input.txt"))], capsys, "Missing key", tmp_path)
+    assert "layers.1." in err
+
+
+def test_export_to_a_file_is_one_line(tiny_run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    _refused(["export", str(tiny_run), "--to", str(tmp_path / "afile")], capsys, "--to", tmp_path)
+
+
+@pytest.mark.parametrize("value", ["1" + "0" * 400, "-" + "1" + "0" * 400])
+def test_a_huge_rope_number_is_one_line(tmp_path, capsys, value):
+    _refused(["plan", str(ROOT / "configs" / "tiny.yaml"), "--set",
+              f"model.rope_scaling={{rope_type: linear, factor: {value}}}"], capsys, "model.rope_scaling", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["x.txt", "plots.v2", "fig.PDF"])
+def test_plot_refuses_a_non_png_name(tiny_run, tmp_path, capsys, name):
+    _refused(["plot", str(tiny_run), "--out", str(tmp_path / name)], capsys, ".png", tmp_path)
+
+
+TASK_DAMAGE = {
+    "piqa labels missing": ("piqa", lambda d: (d / "piqa" / "valid-labels.lst").unlink(), "valid-labels.lst"),
+    "piqa label not a number": ("piqa", lambda d: (d / "piqa" / "valid-labels.lst").write_text("x\n"), "piqa"),
+    "arc not JSON": ("arc_easy", lambda d: (d / "arc_easy" / "ARC-Easy-Test.jsonl").write_text("{bad\n"), "not JSON"),
+    "winogrande field missing": ("winogrande", lambda d: (d / "winogrande" / "dev.jsonl").write_text(
+        json.dumps({"sentence": "a _ b"}) + "\n"), "winogrande"),
+    "hellaswag not bz2": ("hellaswag", lambda d: (d / "hellaswag" / "hellaswag_val_full.txt.bz2").write_bytes(
+        b"plain"), "hellaswag"),
+}
+
+
+@pytest.mark.parametrize("name", list(TASK_DAMAGE))
+def test_a_damaged_task_file_is_one_line(tiny_run, tmp_path, capsys, name):
+    task, damage, needle = TASK_DAMAGE[name]
+    d = tmp_path / "eval"
+    shutil.copytree(shared("eval") / task, d / task)
+    damage(d)
+    _refused(["eval", str(tiny_run), "--tasks", task, "--tasks-dir", str(d), "--limit", "4"], capsys, needle,
+             tmp_path)
+
+
+@pytest.mark.parametrize("content,needle", [(b"\xff\xfe[1]", "UTF-8"),
+                                            (b'[{"instruction": "x", "instances": [1, 2]}]', "instances")])
+def test_a_damaged_sft_file_is_one_line(tiny_run, tmp_path, capsys, content, needle):
+    (tmp_path / "d.json").write_bytes(content)
+    _refused(["sft", str(tiny_run), "--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "o")], capsys,
+             needle, tmp_path)

@@ -59,6 +59,9 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
+REQUIRED = ("model.safetensors", "trainer.pt", "config.yaml")  # what Trainer.load_checkpoint reads
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
@@ -127,8 +130,8 @@ def verify(path: Path) -> str | None:
         return "unreadable manifest"
     if not isinstance(sums, dict) or not sums or not all(isinstance(v, str) for v in sums.values()):
         return "unreadable manifest"
-    unlisted = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in sums)
-    if unlisted:
+    unlisted = sorted(n for n in REQUIRED if (path / n).exists() and n not in sums)
+    if unlisted:  # a file the loader reads must be checksummed (other files, e.g. .DS_Store, are ignored)
         return f"{unlisted[0]} is not in the manifest"
     for name, digest in sums.items():
         if Path(name).name != name:

@@ -191,6 +191,8 @@ def cmd_export(a):
     if not src.is_dir():
         raise UserError(f"RUN_DIR: {src} does not exist")
     out = Path(a.to)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--to: {out} is a file; give a new or empty directory")
     if out.is_dir() and any(out.iterdir()):  # never mix an export into a run or another model's files
         raise UserError(f"--to: {out} is not empty; give a new or empty directory")
     model, tok = load_run(src)

@@ -86,11 +86,12 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
             raise UserError(f"MODEL: config.json has model_type {model_type!r}; only Llama models are supported")
         if (p / "tokenizer.json").is_file():
             read_tokenizer(p / "tokenizer.json", "MODEL")  # a damaged one: one line, not transformers' traceback
+        from safetensors import SafetensorError
         from transformers import AutoTokenizer, LlamaForCausalLM
         try:
             hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).to(device).eval()
             hf_tok = AutoTokenizer.from_pretrained(str(p))
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             msg = " ".join(str(e).split())[:200]
             raise UserError(f"MODEL: transformers cannot load {p} ({msg})")
         from .hf import check_finite

@@ -25,7 +25,7 @@ def read_json(path: str | Path, who: str, kind: type | None = dict) -> Any:
     except FileNotFoundError:
         raise UserError(f"{who}: {p} does not exist")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{who}: {p} is not readable JSON ({_short(e)})")
+        raise UserError(f"{who}: {p} is not readable JSON ({one_line(e)})")
     if kind is not None and not isinstance(data, kind):
         want = {dict: "a JSON object", list: "a JSON list"}.get(kind, kind.__name__)
         raise UserError(f"{who}: {p} must hold {want}, got {type(data).__name__}")
@@ -40,7 +40,7 @@ def read_jsonl(path: str | Path, who: str) -> list[dict]:
     except FileNotFoundError:
         raise UserError(f"{who}: {p} does not exist")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{who}: {p} is not readable text ({_short(e)})")
+        raise UserError(f"{who}: {p} is not readable text ({one_line(e)})")
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -48,7 +48,7 @@ def read_jsonl(path: str | Path, who: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{who}: {p} line {i} is not JSON ({_short(e)})")
+            raise UserError(f"{who}: {p} line {i} is not JSON ({one_line(e)})")
         if not isinstance(row, dict):
             raise UserError(f"{who}: {p} line {i} must be a JSON object, got {type(row).__name__}")
         rows.append(row)
@@ -68,7 +68,7 @@ def read_tokenizer(path: str | Path, who: str):
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 - includes pyo3's PanicException
-        raise UserError(f"{who}: {p} is not a readable tokenizer.json ({_short(e)})")
+        raise UserError(f"{who}: {p} is not a readable tokenizer.json ({one_line(e)})")
 
 
 def read_safetensors(path: str | Path, who: str, device="cpu") -> dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ def read_safetensors(path: str | Path, who: str, device="cpu") -> dict[str, torc
     try:
         return load_file(str(p), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{who}: {p} is not a readable safetensors file ({_short(e)})")
+        raise UserError(f"{who}: {p} is not a readable safetensors file ({one_line(e)})")
 
 
 def read_model_config(run_dir: str | Path, who: str):
@@ -92,14 +92,14 @@ def read_model_config(run_dir: str | Path, who: str):
     try:
         cfg = ModelConfig.from_dict(d)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{who}: {p} is not a steplm model config ({_short(e)})")
+        raise UserError(f"{who}: {p} is not a steplm model config ({one_line(e)})")
     problems = cfg.problems()
     if problems:
         raise UserError(f"{who}: {p}: {problems[0]}")
     return cfg
 
 
-def _short(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """An exception's message on one line, at most 160 characters."""
     msg = " ".join(str(e).split()) or type(e).__name__
     return msg if len(msg) <= 160 else msg[:157] + "..."

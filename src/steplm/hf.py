@@ -192,12 +192,12 @@ def read_weights(model_dir: str | Path, device="cpu") -> dict[str, torch.Tensor]
         index = d / index_name
         if not index.is_file():
             continue
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except (json.JSONDecodeError, AttributeError):
-            weight_map = None
+        weight_map = read_json(index, "MODEL").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"MODEL: {index} has no weight_map")
+        bad = [v for v in weight_map.values() if not isinstance(v, str) or Path(v).name != v]
+        if bad:
+            raise UserError(f"MODEL: {index} names {bad[0]!r} as a shard; shards are file names in {d}")
         state: dict[str, torch.Tensor] = {}
         for name in sorted(set(weight_map.values())):
             if not (d / name).is_file():
@@ -355,7 +355,9 @@ def run_history(run_dir: str | Path) -> dict:
                        ("sft_summary.json", ("examples", "epochs", "steps", "final_loss"))):
         try:
             s = json.loads((d / name).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            continue
+        if not isinstance(s, dict):  # the history is optional: a damaged record is left out
             continue
         part = {k: s[k] for k in keys if k in s}
         if name == "summary.json":

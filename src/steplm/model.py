@@ -112,6 +112,14 @@ ROPE_SCALING_KEYS = {
 }
 
 
+def _finite(v) -> bool:
+    """A finite number (an int too large for a float is not)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def rope_scaling_problems(scaling) -> list[str]:
     """What is wrong with a ``model.rope_scaling`` value (empty if it is None or usable)."""
     if scaling is None:
@@ -126,7 +134,7 @@ def rope_scaling_problems(scaling) -> list[str]:
     if missing:
         return [f"model.rope_scaling: rope_type {kind} needs a number for {', '.join(missing)}"]
     numbers = {k: v for k, v in scaling.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    bad = [k for k, v in numbers.items() if not math.isfinite(v) or (k in ROPE_SCALING_KEYS[kind] and v <= 0)]
+    bad = [k for k, v in numbers.items() if not _finite(v) or (k in ROPE_SCALING_KEYS[kind] and v <= 0)]
     if bad:
         return [f"model.rope_scaling: {', '.join(bad)} must be a finite {'positive ' * (bad[0] in ROPE_SCALING_KEYS[kind])}"
                 f"number, got {', '.join(repr(numbers[k]) for k in bad)}"]

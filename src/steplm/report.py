@@ -29,7 +29,9 @@ def png_path(out: str | Path | None, default: Path, flag: str = "--out") -> Path
         return p / default.name
     if not p.parent.is_dir():
         raise UserError(f"{flag}: {p.parent} is not an existing directory")
-    return p if p.suffix else p.with_suffix(".png")
+    if p.suffix.lower() not in ("", ".png"):
+        raise UserError(f"{flag}: plots are PNG files; give a path ending in .png, got {p.name}")
+    return p.with_suffix(".png") if not p.suffix else p
 
 
 def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir: str | Path | None = None) -> Path:
@@ -77,8 +79,17 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """A run's metrics rows; a line that does not parse (the last one of a killed run) is skipped."""
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+    rows = []
+    for line in p.read_text(errors="replace").splitlines() if p.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def plot_loss_vs_flops(runs: dict[str, str | Path], out: str | Path) -> Path:

@@ -28,7 +28,10 @@ def read_examples(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--data: {p} not found")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--data: {p} is not readable UTF-8 text ({e.__class__.__name__})")
     try:
         if text.lstrip().startswith("["):
             records = json.loads(text)
@@ -41,6 +44,8 @@ def read_examples(path: str | Path) -> list[dict]:
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
             raise UserError(f"--data: record {n} of {p} has no 'instruction' string")
         if "instances" in r:
+            if not isinstance(r["instances"], list) or not all(isinstance(i, dict) for i in r["instances"]):
+                raise UserError(f"--data: record {n} of {p} has 'instances' that are not a list of objects")
             out += [{"instruction": r["instruction"], "input": i.get("input", ""), "output": i.get("output", "")}
                     for i in r["instances"]]
         elif isinstance(r.get("output"), str):
@@ -211,7 +216,8 @@ class SFTTrainer(Trainer):
         if not self.main:
             return summary
         write_special_tokens(self.out, self.tokenizer, self.special)
-        rows = [json.loads(x) for x in (self.out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        from .report import read_metrics
+        rows = read_metrics(self.out)
         losses = [r["loss"] for r in rows if "loss" in r]
         sft = {"model": self.cfg.sft.model, "data": self.cfg.sft.data, "examples": len(self.examples),
                "epochs": self.cfg.sft.epochs, "steps": self.step, "lr": self.cfg.train.lr,

@@ -14,7 +14,6 @@ asserts there); an empty context is replaced by the model's prefix token (BOS, e
 from __future__ import annotations
 
 import bz2
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,8 @@ class Doc:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from .files import read_jsonl
+    return read_jsonl(path, "--tasks-dir")
 
 
 def _need(path: Path, task: str) -> Path:
@@ -48,12 +47,24 @@ def _need(path: Path, task: str) -> Path:
 
 
 def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list[Doc]:
-    """The task's documents, in file order, at most ``limit`` of them."""
-    d = Path(data_dir)
+    """The task's documents, in file order, at most ``limit`` of them. A task file that is not in its
+    dataset's format (a missing field, a bad label) is a UserError naming the task and folder."""
+    from .files import one_line
+    if name not in TASKS:
+        raise UserError(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
+    try:
+        docs = _load_task(name, Path(data_dir))
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, EOFError, OSError) as e:
+        raise UserError(f"--tasks-dir: task {name}'s files under {data_dir} are not in its dataset's format "
+                        f"({type(e).__name__}: {one_line(e)})")
+    return docs[:limit] if limit else docs
+
+
+def _load_task(name: str, d: Path) -> list[Doc]:
     docs: list[Doc] = []
     if name == "piqa":
         rows = _jsonl(_need(d / "piqa" / "valid.jsonl", name))
-        labels = (d / "piqa" / "valid-labels.lst").read_text().split()
+        labels = _need(d / "piqa" / "valid-labels.lst", name).read_text().split()
         for r, lab in zip(rows, labels):
             ctx, ch = f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]]
             docs.append(Doc([(ctx, " " + c) for c in ch], int(lab), ch))
@@ -88,9 +99,7 @@ def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list
         for r in _jsonl(_need(d / "lambada" / "lambada_test.jsonl", name)):
             words = r["text"].split(" ")
             docs.append(Doc([(" ".join(words[:-1]), " " + words[-1])], 0, [words[-1]]))
-    else:
-        raise UserError(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
-    return docs[:limit] if limit else docs
+    return docs
 
 
 def encode_pair(encode, context: str, continuation: str, prefix: int) -> tuple[list[int], list[int]]:

@@ -757,7 +757,7 @@ class Trainer:
 # ---------------------------------------------------------------------------- loading
 def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
     """The final merged model and tokenizer of a run directory."""
-    from .files import read_model_config, read_safetensors, read_tokenizer
+    from .files import one_line, read_model_config, read_safetensors, read_tokenizer
 
     d = Path(run_dir)
     if not (d / "model.safetensors").is_file() or not (d / "model_config.json").is_file():
@@ -767,7 +767,7 @@ def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
     try:
         model = from_state_dict(mcfg, read_safetensors(d / "model.safetensors", "MODEL", device), device)
     except (KeyError, RuntimeError) as e:  # missing tensors or wrong shapes for model_config.json
-        raise UserError(f"MODEL: {d / 'model.safetensors'} does not match its model_config.json ({e})".split("\n")[0])
+        raise UserError(f"MODEL: {d / 'model.safetensors'} does not match its model_config.json ({one_line(e)})")
     from .hf import check_finite
     check_finite(model.state_dict(), f"MODEL: {d}")
     return model, tok
