@@ -34,6 +34,26 @@ def test_lock_is_exclusive_and_released(tmp_path):
     b.release()
 
 
+def test_refused_run_waits_for_a_holder_that_has_not_written_its_pid_yet(tmp_path):
+    """The race of two runs started together: the winner holds the flock but its pid is not in the
+    file yet. The loser must name the pid written a moment later, not "unknown"."""
+    import fcntl
+    import threading
+    fd = os.open(tmp_path / runguard.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        writer = threading.Timer(0.3, lambda: os.pwrite(fd, b"424242\n", 0))
+        writer.start()
+        with pytest.raises(runguard.RunDirInUse, match=r"pid 424242\)"):
+            runguard.RunLock(tmp_path)
+        writer.join()
+        os.ftruncate(fd, 0)  # a holder that never writes its pid is reported as unknown
+        with pytest.raises(runguard.RunDirInUse, match=r"pid unknown\)"):
+            runguard.RunLock(tmp_path)
+    finally:
+        os.close(fd)
+
+
 def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from steplm.runguard import RunLock; "
                                f"lock = RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(120)"],

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from .errors import UserError
@@ -40,7 +41,7 @@ class RunLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = self._holder()
             os.close(self.fd)
             self.fd = None
             raise RunDirInUse(f"--out: {run_dir} is in use by another steplm train (pid {holder}); wait for it "
@@ -49,6 +50,17 @@ class RunLock:
         self.stale_pid = int(previous) if previous.isdigit() and int(previous) != os.getpid() else None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _holder(self, wait_s: float = 2.0) -> str:
+        """The pid in the lock file. The holder writes it just after taking the lock, so a run
+        started at the same moment may find the file still empty: it looks again for up to
+        ``wait_s`` seconds before calling the holder unknown."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+            if holder.isdigit() or time.monotonic() >= deadline:
+                return holder or "unknown"
+            time.sleep(0.01)
 
     def release(self):
         """Empty the file and drop the lock (idempotent)."""
