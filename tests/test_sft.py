@@ -172,3 +172,14 @@ def test_sft_under_torchrun_matches_one_process(tiny_run, tmp_path, parallel):
     assert max_diff(accum, multi) <= max(1e-5, 4 * floor)
     summary = json.loads((tmp_path / "multi" / "sft_summary.json").read_text())
     assert summary["batch_examples"] == 4 and summary["steps"] == 6
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "train.on_nonfinite=skip", "--set", "train.max_skipped=0"]])
+def test_sft_divergence_names_the_sft_flag(tiny_run, tmp_path, capsys, extra):
+    """An SFT run that diverges stops with exit 3 and tells the user to lower --lr, the flag SFT has
+    (not train.lr, the pre-training key), whichever guard catches it."""
+    args = _sft_args(tiny_run, tmp_path / "o", *extra)
+    args[args.index("--lr") + 1] = "1e30"
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lower --lr" in err and "train.lr" not in err, err

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import UserError
-from .files import read_tokenizer
+from .files import one_line, read_tokenizer
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
@@ -79,7 +79,7 @@ def read_documents(path: str, text_field: str = "text", exclude: list[str] = ())
         except (OSError, EOFError) as e:
             if isinstance(e, UserError):
                 raise
-            raise UserError(f"data.path: cannot read {f}: {e}")
+            raise UserError(f"data.path: cannot read {f} ({one_line(e)})")
 
 
 def read_hf_dataset(name: str, text_field: str) -> Iterator[tuple[str, str]]:
@@ -157,9 +157,8 @@ def load_tokenizer(spec: str, train_texts: Iterator[str] | None = None):
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - tokenizers' errors, a Rust panic included
-            msg = " ".join(str(e).split())[:160]
             raise UserError(f"data.tokenizer: {d}'s vocab.json and merges.txt are not a readable BPE "
-                            f"vocabulary ({msg})")
+                            f"vocabulary ({one_line(e)})")
     else:
         raise UserError(f"data.tokenizer: {spec} is not 'gpt2', 'bpe:N', or a directory with tokenizer.json "
                         f"or vocab.json + merges.txt")
@@ -211,7 +210,7 @@ def shard_meta(path: Path) -> dict:
         n_tokens, n_docs = meta["n_tokens"], meta["n_docs"]
         ok = dtype in (np.uint16, np.uint32) and all(isinstance(n, int) and n >= 0 for n in (n_tokens, n_docs))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{fix} ({path.with_suffix('.json').name}: {' '.join(str(e).split())[:120]}); delete it "
+        raise UserError(f"{fix} ({path.with_suffix('.json').name}: {one_line(e)}); delete it "
                         "to tokenize again")
     if not ok:
         raise UserError(f"{fix} ({path.with_suffix('.json').name} is not shard metadata); delete it to tokenize again")

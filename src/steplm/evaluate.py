@@ -92,8 +92,8 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
             hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).to(device).eval()
             hf_tok = AutoTokenizer.from_pretrained(str(p))
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-            msg = " ".join(str(e).split())[:200]
-            raise UserError(f"MODEL: transformers cannot load {p} ({msg})")
+            from .files import one_line
+            raise UserError(f"MODEL: transformers cannot load {p} ({one_line(e)})")
         from .hf import check_finite
         check_finite(dict(hf.named_parameters()), f"MODEL: {p}")
         if hf_tok.eos_token_id is None:

@@ -152,6 +152,8 @@ class SFTTrainer(Trainer):
     warmup capped at a tenth of it, as before; the global batch is micro_batch × grad_accum × world
     examples."""
 
+    LR_KEY = "--lr"
+
     def _setup_data(self):
         from .evaluate import load
 

@@ -158,6 +158,8 @@ def _own_code(method):
 class Trainer:
     """Owns model, optimizer, schedule, data position, step, stage and RNG state of one run."""
 
+    LR_KEY = "train.lr"  # what a divergence message tells the user to lower
+
     def __init__(self, cfg: config_mod.RunConfig, out_dir: str | Path, progress: bool = True):
         config_mod.validate(cfg)
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
@@ -377,7 +379,7 @@ class Trainer:
             self.skipped += 1
             if self.skipped > t.max_skipped:
                 raise TrainingStopped(f"step {self.step + 1}: {self.skipped} bad batches skipped, more than "
-                                      f"train.max_skipped ({t.max_skipped}); lower train.lr")
+                                      f"train.max_skipped ({t.max_skipped}); lower {self.LR_KEY}")
             return total, False
         self.optimizer.step()
         return total, True
@@ -672,7 +674,7 @@ class Trainer:
 
     def _nonfinite(self, where: str) -> TrainingStopped:
         return TrainingStopped(f"step {self.step}: the weights are not finite (found at the {where}); the last good "
-                               f"checkpoint is kept and no model was written (lower train.lr)")
+                               f"checkpoint is kept and no model was written (lower {self.LR_KEY})")
 
     def _stop_for_preemption(self, metrics):
         """Checkpoint the step just finished (unless that was already done) and raise Preempted."""
@@ -711,7 +713,7 @@ class Trainer:
         val = self.evaluate()
         if not math.isfinite(val):  # finite weights whose logits overflow: a diverged model is not a result
             raise TrainingStopped(f"stage {self.stage}: the validation loss is {val} (the model diverged); the last "
-                                  "good checkpoint is kept and no model is written (lower train.lr)")
+                                  f"good checkpoint is kept and no model is written (lower {self.LR_KEY})")
         self.record.update(steps=self.stage_steps[self.stage], tokens=self.tokens, flops=dict(self.flops), val_loss=val,
                            step_seconds=self.step_seconds - self.record.pop("_seconds_at_start"))
         self.stage_records.append(self.record)
