@@ -218,6 +218,48 @@ def loss_chunk_sweep(shape: dict, chunk_mib=(32, 64, 128, 256), rounds: int = 6,
             for k in fns}
 
 
+def lora_linear_sweep(shape: dict, rank: int = 16, rounds: int = 6, reps: int = 10) -> dict:
+    """One linear of the replication shape, forward and backward, eager, in interleaved rounds: a
+    trainable one (fp32 master weight, autocast), a frozen bf16 one with no adapter (what freezing
+    alone saves: the weight-gradient GEMM), and a frozen one with steplm's rank-``rank`` adapter
+    (``lora._LoRALinearFunction``). Seconds per call and the ratio to the trainable linear, per
+    (in, out) of the block's linears (attention d→d, MLP d→f and f→d)."""
+    import torch.nn.functional as F
+
+    from steplm.lora import _LoRALinearFunction
+    d, n = shape["model.d_model"], shape["train.micro_batch"] * shape["train.seq_len"]
+    f = config.load(None, [f"model.d_model={d}"]).model.ffn_hidden
+    dt = torch.bfloat16 if bf16_fast() else torch.float32
+    g = torch.Generator().manual_seed(0)
+    res = {}
+    for n_in, n_out in ((d, d), (d, f), (f, d)):
+        x = torch.randn(n, n_in, generator=g, requires_grad=True)
+        grad_y = torch.randn(n, n_out, generator=g)
+        w32 = torch.nn.Parameter(torch.randn(n_out, n_in, generator=g) * n_in ** -0.5)
+        w16 = w32.detach().to(torch.bfloat16)
+        a = torch.nn.Parameter(torch.randn(rank, n_in, generator=g) * n_in ** -0.5)
+        b = torch.nn.Parameter(torch.randn(n_out, rank, generator=g) * 0.01)
+
+        def trainable():
+            with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+                F.linear(x, w32).backward(grad_y)
+
+        def frozen():
+            F.linear(x.to(dt), w16.to(dt)).backward(grad_y.to(dt))
+
+        def adapter():
+            _LoRALinearFunction.apply(x, w16, None, a, b, 2.0, dt).backward(grad_y)
+        fns = {"trainable": trainable, "frozen, no adapter": frozen, f"frozen + rank-{rank} adapter": adapter}
+        for fn in fns.values():
+            fn()
+
+        def clear():
+            x.grad = w32.grad = a.grad = b.grad = None
+        med = {k: median(v) for k, v in interleaved(fns, rounds, reps, before=clear).items()}
+        res[f"{n_in}->{n_out}"] = {k: {"seconds_median": v, "vs_trainable": v / med["trainable"]} for k, v in med.items()}
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4, help="timed steps per row per round")
@@ -226,7 +268,18 @@ def main():
     ap.add_argument("--json", help="write the result here (e.g. benchmarks/results/throughput.json)")
     ap.add_argument("--loss-chunks", action="store_true",
                     help="only time the head + loss at the GPT-2 shape per chunk size, against the unfused loss")
+    ap.add_argument("--lora-linear", action="store_true",
+                    help="only time one linear (trainable, frozen, frozen + adapter) at the replication shape")
     a = ap.parse_args()
+    if a.lora_linear:
+        res = lora_linear_sweep(REPL, rounds=a.rounds)
+        print(f"{'linear, N = 16x256 tokens, fwd + bwd':<40} {'ms':>7} {'vs trainable':>13}")
+        for shape, rows in res.items():
+            for k, v in rows.items():
+                print(f"{shape + ', ' + k:<40} {1e3 * v['seconds_median']:>7.3f} {v['vs_trainable']:>13.3f}")
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+        return
     if a.loss_chunks:
         res = loss_chunk_sweep(GPT2, rounds=a.rounds)
         print(f"{'head + loss, V50257 batch 8x256':<34} {'s':>7} {'speed vs unfused':>17} {'tracked peak MiB':>17}")

@@ -32,3 +32,22 @@ def test_loss_chunk_sweep_peaks_grow_with_the_chunk():
     peaks = [res[f"fused, {m} MiB chunks"]["tracked_peak_bytes"] for m in chunks]
     assert peaks[0] < peaks[1] < peaks[2] < res["unfused"]["tracked_peak_bytes"]
     assert res["unfused"]["speed_vs_unfused"] == 1.0 and all(v["seconds_median"] > 0 for v in res.values())
+
+
+def test_lora_linear_sweep_times_the_three_linears_of_each_block_shape(monkeypatch):
+    """The sweep's rows are the block's three linear shapes, each with the trainable reference at
+    ratio 1; the adapter row runs steplm's own LoRA function (a broken one fails the sweep)."""
+    import pytest
+    from steplm import lora
+    mod = _bench()
+    shape = {"model.d_model": 32, "train.micro_batch": 2, "train.seq_len": 16}
+    res = mod.lora_linear_sweep(shape, rank=4, rounds=1, reps=1)
+    f = mod.config.load(None, ["model.d_model=32"]).model.ffn_hidden
+    assert list(res) == ["32->32", f"32->{f}", f"{f}->32"]
+    for rows in res.values():
+        assert list(rows) == ["trainable", "frozen, no adapter", "frozen + rank-4 adapter"]
+        assert rows["trainable"]["vs_trainable"] == 1.0
+        assert all(r["seconds_median"] > 0 for r in rows.values())
+    monkeypatch.setattr(lora._LoRALinearFunction, "backward", staticmethod(lambda ctx, g: (None,) * 6))
+    with pytest.raises(RuntimeError):  # wrong number of gradients: the adapter row really calls it
+        mod.lora_linear_sweep(shape, rank=4, rounds=1, reps=1)
