@@ -77,7 +77,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         T = _context(seq_len, model.config.max_seq_len)
         logits_fn = model
     elif backend == "transformers":
-        from .files import read_json, read_tokenizer
+        from .files import one_line, read_json, read_tokenizer
         p = Path(model_path)
         if not (p / "config.json").is_file():
             raise UserError(f"MODEL: --backend transformers needs an HF directory (run `steplm export {p} --to DIR`)")
@@ -92,7 +92,6 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
             hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).to(device).eval()
             hf_tok = AutoTokenizer.from_pretrained(str(p))
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-            from .files import one_line
             raise UserError(f"MODEL: transformers cannot load {p} ({one_line(e)})")
         from .hf import check_finite
         check_finite(dict(hf.named_parameters()), f"MODEL: {p}")
