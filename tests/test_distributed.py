@@ -60,3 +60,32 @@ def test_two_processes_match_one(single_runs, tmp_path, parallel):
     single_steps = [json.loads(x)["step"] for x in (tmp / "singleTrue" / "metrics.jsonl").read_text().splitlines()
                     if '"loss"' in x]
     assert steps == single_steps and len(set(steps)) == len(steps)  # rank 0 alone wrote the log, once per step
+
+
+_PROBE = """
+import gc, os, sys
+from torch.nn.parallel import DistributedDataParallel
+from steplm import cli
+from steplm.train import Trainer
+rc = cli.main(sys.argv[1:])
+objs = gc.get_objects()  # before any collection of ours: what main left for interpreter exit
+print("rank", os.environ["RANK"], "left", sum(isinstance(o, (DistributedDataParallel, Trainer)) for o in objs))
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_no_trainer_or_wrapper_outlives_the_run(tmp_path, parallel):
+    """The trainer and its DDP wrapper sit in reference cycles and hold the gloo process group; left
+    to interpreter exit, that group's teardown aborted a rank of a successful run (SIGABRT, CI).
+    Each rank must have freed them when the command returns."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_PROBE)
+    sets = tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.micro_batch": 2, "train.parallel": parallel})
+    args = [*torchrun_args(2), str(probe), "train", "--out", str(tmp_path / "run"), "--quiet",
+            *[x for kv in sets for x in ("--set", kv)]]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = sorted(x for x in res.stdout.splitlines() if x.startswith("rank "))
+    assert lines == ["rank 0 left 0", "rank 1 left 0"], res.stdout[-2000:]

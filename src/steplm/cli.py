@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import shutil
 import sys
@@ -87,17 +88,26 @@ def _fit(make_trainer, out: Path) -> dict | None:
     from .runguard import RunDirInUse
 
     created = not out.exists()
+    trainer = None
     try:
         trainer = make_trainer()
         summary = trainer.fit()
+        main = trainer.main
+        distributed.barrier()  # no rank tears the group down while another still uses it
     except BaseException as e:
         # Nothing half-written left behind, unless the directory belongs to the run that holds it.
         if created and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
+        # The trainer sits in reference cycles with its DDP/FSDP wrappers, which hold the process
+        # group: collected only at interpreter exit, a gloo group's teardown there aborted a rank
+        # after a successful run ("terminate called without an active exception"). Free it now,
+        # while the interpreter is whole, then destroy the group.
+        trainer = None
+        gc.collect()
         distributed.cleanup()
-    return summary if trainer.main else None
+    return summary if main else None
 
 
 def cmd_train(a):
