@@ -10,7 +10,8 @@ Rows (issue #11):
   matmuls (AVX-512 bf16 / AMX), and in fp32 where it has not (there bf16 is emulated, ~10x slower):
   the same rule as train.dtype=auto.
 - Replication shape, vocabulary 8192, batch 16 x 256: steplm and the compiled HF loop; a STEP
-  2-stage run's final stage against vanilla of the same depth, with the FLOPs-predicted ratio.
+  2-stage run's final stage against vanilla of the same depth, with the FLOPs-predicted ratio, and
+  the same final stage with its adapters switched off: the floor no adapter implementation can beat.
 
 A large GEMM in that dtype probes the matmul ceiling; each row's MFU is its model FLOPs/s (the corrected
 count of flops.py: 6·N + 6·V·d + 12·L·s·d per token) over that ceiling. ``--profile`` prints
@@ -43,6 +44,7 @@ from steplm.train import Trainer, _cpu_peak_step  # noqa: E402
 GPT2 = {"model.vocab_size": 50257, "model.d_model": 256, "model.n_layers": 8, "model.n_heads": 4,
         "train.micro_batch": 8, "train.seq_len": 256}
 REPL = {**GPT2, "model.vocab_size": 8192, "train.micro_batch": 16}
+FLOOR = "steplm V8192 STEP-2 final stage, no adapters"
 WARMUP = 2
 
 
@@ -61,6 +63,18 @@ def steplm_trainer(shape: dict, tmp: Path, name: str, **extra) -> Trainer:
     t = Trainer(cfg, tmp / name, progress=False)
     while t.stage < len(t.stage_steps) - 1:  # a staged method: time its final stage
         t.next_stage()
+    return t
+
+
+def without_adapters(t: Trainer) -> Trainer:
+    """The same trainer with its frozen linears' adapters switched off (rank 0: the frozen bf16 GEMM
+    alone) and its step recompiled: the floor that no adapter implementation can go below, since an
+    adapter only adds work to a frozen linear. The adapters stay in the optimizer with no gradient."""
+    from steplm.lora import lora_modules
+
+    for m in lora_modules(t.model):
+        m.rank = 0
+    t._compile()
     return t
 
 
@@ -294,6 +308,7 @@ def main():
         "steplm, unfused loss": steplm_trainer(GPT2, tmp, "b", **{"train.fused_loss": False}),
         "steplm V8192": steplm_trainer(REPL, tmp, "c"),
         "steplm V8192 STEP-2 final stage": steplm_trainer(REPL, tmp, "d", method="step", **{"step.n_stages": 2}),
+        FLOOR: without_adapters(steplm_trainer(REPL, tmp, "e", method="step", **{"step.n_stages": 2})),
     }
     steps = {name: trainer_step(t) for name, t in trainers.items()}
     steps["HF compiled (sdpa, autocast, fused AdamW)"] = hf_step(GPT2, compiled=True)
@@ -310,6 +325,7 @@ def main():
     st = step_final.current_stage
     fpt = {n: model_flops_per_token(shapes[n]) for n in steps}
     fpt["steplm V8192 STEP-2 final stage"] = st.flops_per_token["corrected"]
+    fpt[FLOOR] = st.flops_per_token["corrected"]  # counted as the adapted stage: the MFU it would reach
     rows = []
     for n in steps:
         sec = median(times[n])
@@ -328,6 +344,7 @@ def main():
         "steplm / HF eager fp32, V50257": ("steplm", "HF eager fp32", "speed"),
         "fused / unfused loss, V50257": ("steplm", "steplm, unfused loss", "speed"),
         "STEP final-stage step / vanilla step, V8192": ("steplm V8192 STEP-2 final stage", "steplm V8192", "time"),
+        "STEP final stage without adapters (floor) / vanilla step, V8192": (FLOOR, "steplm V8192", "time"),
     }
     def ratio(kind, tn, td):  # noqa: E306
         return td / tn if kind == "speed" else tn / td

@@ -94,3 +94,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needles):
     res = run_cli(*[a.format(tmp=tmp_path) for a in args])
     assert_one_line_error(res, *needles)
     assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["train", "--out", "o", "--max-steps", "-5x"], "--max-steps"),
+    (["train", "--out", "o", "--max-steps", "-.5"], "--max-steps"),
+    (["sft", "run", "--lr", "-1e-3"], "--lr"),
+    (["export", "run", "--out", "o", "--max-shard-size", "-5GB"], "--max-shard-size"),
+    (["plan", "--hidden", "64", "--budget-gb", "-1e-2"], "--budget-gb"),
+    (["generate", "run", "--prompt", "hi", "--top-k", "-1e2"], "--top-k"),
+])
+def test_a_value_that_looks_like_an_option_is_judged_as_a_value(tmp_path, capsys, monkeypatch, argv, flag):
+    """'--lr -1e-3' is a bad value for --lr, not a missing one: the one line names the flag and the
+    value, never argparse's "expected one argument"."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    value = argv[argv.index(flag) + 1]
+    assert len(err.splitlines()) == 1 and flag in err and value in err and "expected one argument" not in err, err
+    assert not any(tmp_path.iterdir())

@@ -51,3 +51,33 @@ def test_lora_linear_sweep_times_the_three_linears_of_each_block_shape(monkeypat
     monkeypatch.setattr(lora._LoRALinearFunction, "backward", staticmethod(lambda ctx, g: (None,) * 6))
     with pytest.raises(RuntimeError):  # wrong number of gradients: the adapter row really calls it
         mod.lora_linear_sweep(shape, rank=4, rounds=1, reps=1)
+
+
+def test_without_adapters_leaves_the_frozen_gemm_alone(tmp_path):
+    """The floor row: the final STEP stage with every adapter switched off trains its new layers and
+    gives the adapters no gradient; its frozen linears compute x·Wᵀ of the stored bf16 weight."""
+    import torch
+
+    from steplm import config
+    from steplm.lora import LoRALinear
+    from steplm.train import Trainer
+
+    from conftest import tiny_overrides
+
+    cfg = config.load(None, tiny_overrides(tmp_path, **{"method": "step", "step.n_stages": 2,
+                                                        "step.layers_per_stage": "[2,2]", "train.compile": False}))
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    t.next_stage()
+    frozen = [m for m in t.model.modules() if isinstance(m, LoRALinear)]
+    assert frozen and all(m.rank for m in frozen)
+    with torch.no_grad():
+        frozen[0].lora_B.normal_()  # an adapter that would change the output if it were applied
+    mod = _bench()
+    mod.without_adapters(t)
+    x = torch.randn(3, frozen[0].in_features)
+    torch.testing.assert_close(frozen[0](x), x @ frozen[0].weight.float().t(), rtol=1e-2, atol=1e-2)
+    t.train_step()
+    adapters = [p for n, p in t.model.named_parameters() if "lora_" in n]
+    trainable = [p for n, p in t.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert adapters and all(p.grad is None for p in adapters)
+    assert trainable and all(p.grad is not None for p in trainable)

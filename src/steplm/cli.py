@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ from .runguard import dumps
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A value that starts with '-' and a digit or '.' is a (bad) value, not an unknown option:
+        # argparse's own test takes only plain negative numbers, so '--lr -1e-3' or
+        # '--max-shard-size -5GB' said "expected one argument" instead of what is wrong with the value.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message):  # one line, exit 2 (argparse prints usage + error otherwise)
         raise UserError(f"{self.prog}: {message}")
 
