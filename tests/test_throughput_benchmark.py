@@ -81,3 +81,33 @@ def test_without_adapters_leaves_the_frozen_gemm_alone(tmp_path):
     trainable = [p for n, p in t.model.named_parameters() if p.requires_grad and "lora_" not in n]
     assert adapters and all(p.grad is None for p in adapters)
     assert trainable and all(p.grad is not None for p in trainable)
+
+
+def test_adapter_cost_merge_only_does_the_big_gemms_of_the_real_function():
+    """benchmarks/adapter_cost.py's timing-only variant gives steplm's LoRA function's output and
+    input gradient (so 'adapters - merge only' is the cost of the rank-r products alone) and zero
+    adapter gradients."""
+    import importlib.util
+
+    import torch
+
+    from steplm.lora import _LoRALinearFunction
+
+    spec = importlib.util.spec_from_file_location("adapter_cost", ROOT / "benchmarks" / "adapter_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, generator=g).bfloat16()
+    A, B = torch.randn(4, 16, generator=g), torch.randn(24, 4, generator=g)
+    outs = []
+    for fn in (_LoRALinearFunction, mod.MergeOnly):
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        a, b = A.clone().requires_grad_(), B.clone().requires_grad_()
+        y = fn.apply(x, w, None, a, b, 2.0, torch.float32)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), x.grad, a.grad, b.grad))
+    (y0, dx0, da0, db0), (y1, dx1, da1, db1) = outs
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(dx1, dx0)
+    assert da0.abs().sum() > 0 and db0.abs().sum() > 0
+    assert not da1.any() and not db1.any()
