@@ -274,15 +274,19 @@ def test_compiles_every_stage_of_every_run_in_one_process(tmp_path, monkeypatch)
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # 8 by default; 3 runs x 3 stages pass it
     counter = CompileCounter()
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=counter))
-    for i in range(3):
-        tr = make(tmp_path, f"run{i}", **{"method": "step", "step.n_stages": 3, "step.layers_per_stage": "[2,1,1]",
-                                          "train.compile": True, "train.max_steps": 9, "train.eval_every": 0})
-        tr.fit()
-        assert counter.frame_count == 3 * (i + 1)
+    # dynamo's own patch, not monkeypatch: undoing a monkeypatch of this config entry left it deleted,
+    # and a later test in the same process then failed reading it
+    with torch._dynamo.config.patch(recompile_limit=2):  # 8 by default; 3 runs x 3 stages pass it
+        for i in range(3):
+            tr = make(tmp_path, f"run{i}", **{"method": "step", "step.n_stages": 3,
+                                              "step.layers_per_stage": "[2,1,1]", "train.compile": True,
+                                              "train.max_steps": 9, "train.eval_every": 0})
+            tr.fit()
+            assert counter.frame_count == 3 * (i + 1)
+    assert torch._dynamo.config.recompile_limit >= 8
 
 
 def test_fused_loss_equals_unfused_training(tmp_path):

@@ -27,24 +27,25 @@ class _LoRALinearFunction(torch.autograd.Function):
     rounds an fp32 master weight for vanilla's matmuls: the adapter's update lives in fp32 A and B and
     is never rounded into the stored bf16 W (``merge`` does that, at ReLoRA restarts only).
 
-    Why not three F.linear calls: at small ranks the four (N, r)-shaped products autograd forms, and
-    the (N, out)-sized passes that add the adapter's term to the base output and input gradient, are
-    memory-bound and, on CPU, ate most of what freezing saves (profiled in README, Throughput). Here
-    the adapter's term is inside W_eff, so each direction is one GEMM: x·Aᵀ rides along in the forward
-    one (x·[W_eff; A]ᵀ, one read of x) and g·B in the input-gradient one (g·[W_eff, B], one read of
-    g); the remaining two skinny products take the orientation oneDNN runs fast ((x·Aᵀ)ᵀ·g rather than
-    gᵀ·(x·Aᵀ): 5-7x apart in fp32). W_eff is formed again in the backward rather than saved, so the
-    step holds one transient (out, in) copy at a time. Saves x (in ``dtype``) and x·Aᵀ (N, r)."""
+    Why not three F.linear calls: at small ranks the (N, out)-sized passes that add the adapter's
+    term to the base output and to the input gradient are memory-bound and, on CPU, ate most of what
+    freezing saves (profiled in README, Throughput). Here the adapter's term is inside W_eff, so each
+    direction has one big GEMM (x·W_effᵀ, g·W_eff) and four rank-r products (x·Aᵀ, g·B and the two
+    adapter gradients, in the orientation oneDNN runs fast: (x·Aᵀ)ᵀ·g rather than gᵀ·(x·Aᵀ), 5-7x
+    apart in fp32). The rank-r products are separate calls: stacked into the big GEMMs
+    (x·[W_eff; A]ᵀ) they gave them out + r columns, a width AMX runs up to 1.5x slower, and timed in
+    the whole step the separate form was 0.96-0.97x the stacked one at ranks 8 and 16. W_eff is
+    formed again in the backward rather than saved, so the step holds one transient (out, in) copy at
+    a time. ``x`` should arrive in ``dtype`` (LoRALinear casts it before the call, so that a compiled
+    graph casts an input shared by q, k and v, or by gate and up, once). Saves x and x·Aᵀ (N, r)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dtype: torch.dtype):
         ctx.x_shape, ctx.x_dtype, ctx.scaling, ctx.dtype = x.shape, x.dtype, scaling, dtype
         out = weight.shape[0]
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a = lora_A.to(dtype)
-        y_xa = x2 @ torch.cat([_merged(weight, lora_A, lora_B, scaling, dtype), a]).t()  # (N, out + r)
-        # xa is copied out (N·r) so that saving it does not keep the whole (N, out + r) product alive
-        y, xa = y_xa[:, :out], y_xa[:, out:].contiguous()
+        y = x2 @ _merged(weight, lora_A, lora_B, scaling, dtype).t()
+        xa = x2 @ lora_A.to(dtype).t()  # (N, r)
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
@@ -53,16 +54,15 @@ class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        s, n_in, dtype = ctx.scaling, weight.shape[1], ctx.dtype
+        s, dtype = ctx.scaling, ctx.dtype
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        w = _merged(weight, lora_A, lora_B, s, dtype)
-        gw_gb = g @ torch.cat([w, lora_B.to(dtype)], 1)  # (N, in + r)
-        gb = gw_gb[:, n_in:]
         need = ctx.needs_input_grad
-        grad_x = gw_gb[:, :n_in].reshape(ctx.x_shape).to(ctx.x_dtype) if need[0] else None
+        grad_x = None
+        if need[0]:
+            grad_x = (g @ _merged(weight, lora_A, lora_B, s, dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
         grad_w = (x2.t() @ g).t() if need[1] else None  # the base is frozen; kept for completeness
         grad_bias = g.sum(0) if need[2] else None
-        grad_A = (gb.t() @ x2).mul_(s) if need[3] else None
+        grad_A = ((g @ lora_B.to(dtype)).t() @ x2).mul_(s) if need[3] else None
         grad_B = (xa.t() @ g).mul_(s).t() if need[4] else None
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None
 
@@ -125,7 +125,8 @@ class LoRALinear(nn.Module):
         if not self.rank:
             return F.linear(x.to(dtype), self.weight.to(dtype), b)
         if torch.is_grad_enabled():
-            return _LoRALinearFunction.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dtype)
+            return _LoRALinearFunction.apply(x.to(dtype), self.weight, self.bias, self.lora_A, self.lora_B,
+                                             self.scaling, dtype)
         # inference (evaluation, decoding): no stacked copy of the weight per call
         x = x.to(dtype)
         return F.linear(x, self.weight.to(dtype), b) + F.linear(F.linear(x, self.lora_A.to(dtype)),
