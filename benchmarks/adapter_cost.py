@@ -65,7 +65,7 @@ def merge_only(t):
 def _merge_only_forward(m, x):
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    return MergeOnly.apply(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, dtype)
+    return MergeOnly.apply(x.to(dtype), m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, dtype)  # as LoRALinear
 
 
 def main():

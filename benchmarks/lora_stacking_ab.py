@@ -1,0 +1,90 @@
+"""A/B of the LoRA function's layout in the whole STEP step: the previous function, which stacked
+the rank-r products x·Aᵀ and g·B into the big GEMMs (x·[W_eff; A]ᵀ, g·[W_eff, B]), against steplm's
+current one (separate rank-r products, input cast before the call), and the adapter-free floor; the
+final stage of a 2-stage run at the replication shape, one process, interleaved rounds.
+
+    python benchmarks/lora_stacking_ab.py [--rank 8] [--rounds 8]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import REPL, WARMUP, interleaved, median, steplm_trainer, trainer_step, without_adapters  # noqa: E402
+
+from steplm import lora  # noqa: E402
+
+
+class Stacked(torch.autograd.Function):
+    """The previous _LoRALinearFunction (before 2026-12-03): same y and gradients, with x·Aᵀ and g·B
+    computed as extra columns of the big GEMMs, and the input cast inside."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dtype: torch.dtype):
+        ctx.x_shape, ctx.x_dtype, ctx.scaling, ctx.dtype = x.shape, x.dtype, scaling, dtype
+        out = weight.shape[0]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        y_xa = x2 @ torch.cat([lora._merged(weight, lora_A, lora_B, scaling, dtype), lora_A.to(dtype)]).t()
+        y, xa = y_xa[:, :out], y_xa[:, out:].contiguous()
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
+        return y.reshape(*x.shape[:-1], out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        s, n_in, dtype = ctx.scaling, weight.shape[1], ctx.dtype
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        w = lora._merged(weight, lora_A, lora_B, s, dtype)
+        gw_gb = g @ torch.cat([w, lora_B.to(dtype)], 1)
+        gb = gw_gb[:, n_in:]
+        grad_x = gw_gb[:, :n_in].reshape(ctx.x_shape).to(ctx.x_dtype)
+        grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, (gb.t() @ x2).mul_(s), (xa.t() @ g).mul_(s).t(), None, None
+
+
+def stacked(t):
+    """The trainer with its frozen linears on the Stacked function, and its step recompiled."""
+    def forward(m):
+        def f(x):
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            return Stacked.apply(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, dtype)
+        return f
+    for m in lora.lora_modules(t.model):
+        m.forward = forward(m)
+    t._compile()
+    return t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp())
+    step2 = {"method": "step", "step.n_stages": 2, "lora.rank": a.rank}
+    steps = {"stacked (previous)": trainer_step(stacked(steplm_trainer(REPL, tmp, "s", **step2))),
+             "separate (steplm)": trainer_step(steplm_trainer(REPL, tmp, "c", **step2)),
+             "no adapters": trainer_step(without_adapters(steplm_trainer(REPL, tmp, "f", **step2)))}
+    for fn in steps.values():
+        for _ in range(WARMUP):
+            fn()
+    times = interleaved(steps, a.rounds, a.steps, log=True)
+    ref = times["stacked (previous)"]
+    print(f"STEP-2 final stage, V8192 batch 16x256, LoRA rank {a.rank}: step time vs the stacked function")
+    for k, v in times.items():
+        per = [x / y for x, y in zip(v, ref)]
+        print(f"{k:<20} {median(v):.3f} s  {median(v) / median(ref):.3f}x  (rounds {min(per):.3f}-{max(per):.3f})")
+
+
+if __name__ == "__main__":
+    main()
