@@ -33,8 +33,9 @@ class _LoRALinearFunction(torch.autograd.Function):
     direction has one big GEMM (x·W_effᵀ, g·W_eff) and four rank-r products (x·Aᵀ, g·B and the two
     adapter gradients, in the orientation oneDNN runs fast: (x·Aᵀ)ᵀ·g rather than gᵀ·(x·Aᵀ), 5-7x
     apart in fp32). The rank-r products are separate calls: stacked into the big GEMMs
-    (x·[W_eff; A]ᵀ) they gave them out + r columns, a width AMX runs up to 1.5x slower, and timed in
-    the whole step the separate form was 0.96-0.97x the stacked one at ranks 8 and 16. W_eff is
+    (x·[W_eff; A]ᵀ) they gave them out + r columns, a width the profiler timed up to 1.5x slower on AMX,
+    and the whole step with the separate form is 0.98x the stacked one at ranks 8 and 16
+    (benchmarks/lora_stacking_ab.py). W_eff is
     formed again in the backward rather than saved, so the step holds one transient (out, in) copy at
     a time. ``x`` should arrive in ``dtype`` (LoRALinear casts it before the call, so that a compiled
     graph casts an input shared by q, k and v, or by gate and up, once). Saves x and x·Aᵀ (N, r)."""
