@@ -4,8 +4,10 @@ one process with interleaved rounds (see throughput.py), against vanilla of the 
 
 - ``adapters``: steplm as it trains (frozen bf16 linears with rank-r LoRA, lora.py);
 - ``merge only``: the same, but each frozen linear forms W + s·B·A and runs its two big GEMMs
-  without the four rank-r products (x·Aᵀ, g·B, and A's and B's gradients, which it returns as
-  zeros). Timing only: the adapters do not learn. adapters - merge only = the rank-r products;
+  without the four rank-r products (x·Aᵀ, g·B, and A's and B's gradients, which it leaves empty, so
+  that, as in ``no adapters``, the optimizer and clipping skip the adapters). Timing only: the
+  adapters do not learn. adapters - merge only = the rank-r products and the adapters' share of the
+  optimizer step and clipping;
 - ``no adapters``: rank 0, the frozen GEMMs alone (throughput.without_adapters): the floor no
   adapter implementation can beat. merge only - no adapters = forming W + s·B·A and the custom
   function's own casts and calls;
@@ -33,7 +35,7 @@ from steplm.devices import cpu_name  # noqa: E402
 
 class MergeOnly(torch.autograd.Function):
     """y = x·(W + s·B·A)ᵀ and dx = g·(W + s·B·A), as lora._LoRALinearFunction computes them, with
-    zero gradients for A and B instead of the four rank-r products. For timing only."""
+    no gradient for A and B instead of the four rank-r products. For timing only."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dtype: torch.dtype):
@@ -50,8 +52,7 @@ class MergeOnly(torch.autograd.Function):
         weight, lora_A, lora_B = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.dtype)
         grad_x = (g @ lora._merged(weight, lora_A, lora_B, ctx.scaling, ctx.dtype)).reshape(ctx.x_shape)
-        return (grad_x.to(ctx.x_dtype), None, None, torch.zeros_like(lora_A), torch.zeros_like(lora_B),
-                None, None)
+        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None
 
 
 def merge_only(t):
@@ -98,7 +99,7 @@ def main():
            "vs_vanilla": {k: v / van for k, v in sec.items()},
            "vs_vanilla_per_round_range": {k: [f(x / y for x, y in zip(times[k], times["vanilla"])) for f in (min, max)]
                                           for k in sec},
-           "share_of_vanilla_step": {"rank-r products": (sec["adapters"] - sec["merge only"]) / van,
+           "share_of_vanilla_step": {"rank-r products and their optimizer step": (sec["adapters"] - sec["merge only"]) / van,
                                      "merge and function overhead": (sec["merge only"] - sec["no adapters"]) / van}}
     print(f"STEP-2 final stage, V8192 batch 16x256, LoRA rank {a.rank}, {res['threads']} threads, {res['machine']}")
     for k in sec:

@@ -3,11 +3,13 @@ the rank-r products x·Aᵀ and g·B into the big GEMMs (x·[W_eff; A]ᵀ, g·[W
 current one (separate rank-r products, input cast before the call), and the adapter-free floor; the
 final stage of a 2-stage run at the replication shape, one process, interleaved rounds.
 
-    python benchmarks/lora_stacking_ab.py [--rank 8] [--rounds 8]
+    python benchmarks/lora_stacking_ab.py [--rank 8] [--rounds 8] [--json benchmarks/results/lora_stacking_ab_r8.json]
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -68,6 +70,7 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--json")
     a = ap.parse_args()
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
@@ -84,6 +87,14 @@ def main():
     for k, v in times.items():
         per = [x / y for x, y in zip(v, ref)]
         print(f"{k:<20} {median(v):.3f} s  {median(v) / median(ref):.3f}x  (rounds {min(per):.3f}-{max(per):.3f})")
+    if a.json:
+        res = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "rank": a.rank, "rounds": a.rounds, "steps": a.steps,
+               "step_seconds_median": {k: median(v) for k, v in times.items()},
+               "vs_stacked": {k: median(v) / median(ref) for k, v in times.items()},
+               "vs_stacked_per_round_range": {k: [f(x / y for x, y in zip(v, ref)) for f in (min, max)]
+                                              for k, v in times.items()}}
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -69,23 +69,27 @@ from steplm import cli
 from steplm.train import Trainer
 rc = cli.main(sys.argv[1:])
 objs = gc.get_objects()  # before any collection of ours: what main left for interpreter exit
-print("rank", os.environ["RANK"], "left", sum(isinstance(o, (DistributedDataParallel, Trainer)) for o in objs))
+print("rank", os.environ["RANK"], "rc", rc, "left", sum(isinstance(o, (DistributedDataParallel, Trainer)) for o in objs))
 sys.exit(rc)
 """
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
-def test_no_trainer_or_wrapper_outlives_the_run(tmp_path, parallel):
+@pytest.mark.parametrize("parallel,fault,rc", [("ddp", None, 0), ("fsdp2", None, 0),
+                                               ("ddp", "sigterm_after_step:2", 75)])
+def test_no_trainer_or_wrapper_outlives_the_run(tmp_path, parallel, fault, rc):
     """The trainer and its DDP wrapper sit in reference cycles and hold the gloo process group; left
     to interpreter exit, that group's teardown aborted a rank of a successful run (SIGABRT, CI).
-    Each rank must have freed them when the command returns."""
+    Each rank must have freed them when the command returns: after a finished run, and after a
+    preempted one (exit 75), whose exception's traceback would otherwise keep the trainer alive."""
     probe = tmp_path / "probe.py"
     probe.write_text(_PROBE)
     sets = tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.micro_batch": 2, "train.parallel": parallel})
     args = [*torchrun_args(2), str(probe), "train", "--out", str(tmp_path / "run"), "--quiet",
             *[x for kv in sets for x in ("--set", kv)]]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env.pop("STEPLM_FAULT", None)
+    if fault:
+        env["STEPLM_FAULT"] = fault
     res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
     lines = sorted(x for x in res.stdout.splitlines() if x.startswith("rank "))
-    assert lines == ["rank 0 left 0", "rank 1 left 0"], res.stdout[-2000:]
+    assert lines == [f"rank 0 rc {rc} left 0", f"rank 1 rc {rc} left 0"], (res.stdout[-2000:], res.stderr[-3000:])

@@ -85,8 +85,8 @@ def test_without_adapters_leaves_the_frozen_gemm_alone(tmp_path):
 
 def test_adapter_cost_merge_only_does_the_big_gemms_of_the_real_function():
     """benchmarks/adapter_cost.py's timing-only variant gives steplm's LoRA function's output and
-    input gradient (so 'adapters - merge only' is the cost of the rank-r products alone) and zero
-    adapter gradients."""
+    input gradient (so 'adapters - merge only' is the cost of the rank-r products) and no adapter
+    gradients (so the optimizer skips the adapters, as in the adapter-free floor)."""
     import importlib.util
 
     import torch
@@ -110,4 +110,4 @@ def test_adapter_cost_merge_only_does_the_big_gemms_of_the_real_function():
     torch.testing.assert_close(y1, y0)
     torch.testing.assert_close(dx1, dx0)
     assert da0.abs().sum() > 0 and db0.abs().sum() > 0
-    assert not da1.any() and not db1.any()
+    assert da1 is None and db1 is None

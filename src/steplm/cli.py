@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import UserError
@@ -96,16 +97,20 @@ def _fit(make_trainer, out: Path) -> dict | None:
     from .runguard import RunDirInUse
 
     created = not out.exists()
-    trainer = None
+    trainer, fitted = None, False
     try:
         trainer = make_trainer()
         summary = trainer.fit()
-        main = trainer.main
+        fitted, is_main = True, trainer.main
         distributed.barrier()  # no rank tears the group down while another still uses it
     except BaseException as e:
-        # Nothing half-written left behind, unless the directory belongs to the run that holds it.
-        if created and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
+        # Nothing half-written left behind, unless the directory belongs to the run that holds it
+        # (or this rank finished its run and only the closing barrier failed).
+        if created and not fitted and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
             shutil.rmtree(out, ignore_errors=True)
+        # The traceback's finished frames (Trainer.fit's among them) would keep the trainer alive
+        # past the teardown below; their locals are not needed for the one-line message.
+        traceback.clear_frames(e.__traceback__)
         raise
     finally:
         # The trainer sits in reference cycles with its DDP/FSDP wrappers, which hold the process
@@ -115,7 +120,7 @@ def _fit(make_trainer, out: Path) -> dict | None:
         trainer = None
         gc.collect()
         distributed.cleanup()
-    return summary if main else None
+    return summary if is_main else None
 
 
 def cmd_train(a):

@@ -30,9 +30,9 @@ class _LoRALinearFunction(torch.autograd.Function):
     Why not three F.linear calls: at small ranks the (N, out)-sized passes that add the adapter's
     term to the base output and to the input gradient are memory-bound and, on CPU, ate most of what
     freezing saves (profiled in README, Throughput). Here the adapter's term is inside W_eff, so each
-    direction has one big GEMM (x·W_effᵀ, g·W_eff) and four rank-r products (x·Aᵀ, g·B and the two
-    adapter gradients, in the orientation oneDNN runs fast: (x·Aᵀ)ᵀ·g rather than gᵀ·(x·Aᵀ), 5-7x
-    apart in fp32). The rank-r products are separate calls: stacked into the big GEMMs
+    direction has one big GEMM (x·W_effᵀ, g·W_eff) and the rank-r products are four in all: x·Aᵀ in
+    the forward; g·B and the two adapter gradients in the backward, in the orientation oneDNN runs
+    fast ((x·Aᵀ)ᵀ·g rather than gᵀ·(x·Aᵀ), 5-7x apart in fp32). They are separate calls: stacked into the big GEMMs
     (x·[W_eff; A]ᵀ) they gave them out + r columns, a width the profiler timed up to 1.5x slower on AMX,
     and the whole step with the separate form is 0.98x the stacked one at ranks 8 and 16
     (benchmarks/lora_stacking_ab.py). W_eff is
@@ -128,7 +128,7 @@ class LoRALinear(nn.Module):
         if torch.is_grad_enabled():
             return _LoRALinearFunction.apply(x.to(dtype), self.weight, self.bias, self.lora_A, self.lora_B,
                                              self.scaling, dtype)
-        # inference (evaluation, decoding): no stacked copy of the weight per call
+        # inference (evaluation, decoding): no merged copy of the weight per call
         x = x.to(dtype)
         return F.linear(x, self.weight.to(dtype), b) + F.linear(F.linear(x, self.lora_A.to(dtype)),
                                                                 self.lora_B.to(dtype)) * self.scaling
