@@ -17,7 +17,6 @@ one process with interleaved rounds (see throughput.py), against vanilla of the 
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import REPL, WARMUP, interleaved, median, steplm_trainer, trainer_step, without_adapters  # noqa: E402
+from throughput import (REPL, WARMUP, interleaved, median, stage_ab_args, steplm_trainer, trainer_step,  # noqa: E402
+                        without_adapters)
 
 from steplm import lora  # noqa: E402
 from steplm.devices import cpu_name  # noqa: E402
@@ -70,12 +70,7 @@ def _merge_only_forward(m, x):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default: lora.rank's default, as throughput.py)")
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--json")
-    a = ap.parse_args()
+    a = stage_ab_args(__doc__)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
     step2 = {"method": "step", "step.n_stages": 2, "lora.rank": a.rank}

@@ -7,7 +7,6 @@ final stage of a 2-stage run at the replication shape, one process, interleaved 
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -17,7 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import REPL, WARMUP, interleaved, median, steplm_trainer, trainer_step, without_adapters  # noqa: E402
+from throughput import (REPL, WARMUP, interleaved, median, stage_ab_args, steplm_trainer, trainer_step,  # noqa: E402
+                        without_adapters)
 
 from steplm import lora  # noqa: E402
 
@@ -66,12 +66,7 @@ def stacked(t):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--json")
-    a = ap.parse_args()
+    a = stage_ab_args(__doc__)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
     step2 = {"method": "step", "step.n_stages": 2, "lora.rank": a.rank}

@@ -78,6 +78,17 @@ def without_adapters(t: Trainer) -> Trainer:
     return t
 
 
+def stage_ab_args(doc: str) -> argparse.Namespace:
+    """The command line of the whole-step A/B scripts on a STEP-2 final stage (adapter_cost.py,
+    lora_stacking_ab.py): --rank, --rounds, --steps, --json."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default: lora.rank's default, as throughput.py)")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--json", help="write the result here")
+    return ap.parse_args()
+
+
 def trainer_step(t: Trainer):
     def step():
         t.train_step()

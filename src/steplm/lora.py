@@ -34,7 +34,7 @@ class _LoRALinearFunction(torch.autograd.Function):
     the forward; g·B and the two adapter gradients in the backward, in the orientation oneDNN runs
     fast ((x·Aᵀ)ᵀ·g rather than gᵀ·(x·Aᵀ), 5-7x apart in fp32). They are separate calls: stacked into the big GEMMs
     (x·[W_eff; A]ᵀ) they gave them out + r columns, a width the profiler timed up to 1.5x slower on AMX,
-    and the whole step with the separate form is 0.98x the stacked one at ranks 8 and 16
+    and the whole step with the separate form is 0.97-0.98x the stacked one at ranks 8 and 16
     (benchmarks/lora_stacking_ab.py). W_eff is
     formed again in the backward rather than saved, so the step holds one transient (out, in) copy at
     a time. ``x`` should arrive in ``dtype`` (LoRALinear casts it before the call, so that a compiled
