@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (REPL, WARMUP, interleaved, median, stage_ab_args, steplm_trainer, trainer_step,  # noqa: E402
-                        without_adapters)
+                        with_lora_function, without_adapters)
 
 from steplm import lora  # noqa: E402
 from steplm.devices import cpu_name  # noqa: E402
@@ -55,20 +55,6 @@ class MergeOnly(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None, None, None, None, None, None
 
 
-def merge_only(t):
-    """The trainer with its frozen linears switched to MergeOnly, and its step recompiled."""
-    for m in lora.lora_modules(t.model):
-        m.forward = (lambda self: lambda x: _merge_only_forward(self, x))(m)
-    t._compile()
-    return t
-
-
-def _merge_only_forward(m, x):
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    return MergeOnly.apply(x.to(dtype), m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, dtype)  # as LoRALinear
-
-
 def main():
     a = stage_ab_args(__doc__)
     torch.manual_seed(0)
@@ -76,7 +62,7 @@ def main():
     step2 = {"method": "step", "step.n_stages": 2, "lora.rank": a.rank}
     trainers = {
         "adapters": steplm_trainer(REPL, tmp, "a", **step2),
-        "merge only": merge_only(steplm_trainer(REPL, tmp, "m", **step2)),
+        "merge only": with_lora_function(steplm_trainer(REPL, tmp, "m", **step2), MergeOnly),
         "no adapters": without_adapters(steplm_trainer(REPL, tmp, "f", **step2)),
         "vanilla": steplm_trainer(REPL, tmp, "v"),
     }

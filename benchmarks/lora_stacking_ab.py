@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (REPL, WARMUP, interleaved, median, stage_ab_args, steplm_trainer, trainer_step,  # noqa: E402
-                        without_adapters)
+                        with_lora_function, without_adapters)
 
 from steplm import lora  # noqa: E402
 
@@ -51,26 +51,13 @@ class Stacked(torch.autograd.Function):
         return grad_x, None, grad_bias, (gb.t() @ x2).mul_(s), (xa.t() @ g).mul_(s).t(), None, None
 
 
-def stacked(t):
-    """The trainer with its frozen linears on the Stacked function, and its step recompiled."""
-    def forward(m):
-        def f(x):
-            dev = x.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            return Stacked.apply(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, dtype)
-        return f
-    for m in lora.lora_modules(t.model):
-        m.forward = forward(m)
-    t._compile()
-    return t
-
-
 def main():
     a = stage_ab_args(__doc__)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
     step2 = {"method": "step", "step.n_stages": 2, "lora.rank": a.rank}
-    steps = {"stacked (previous)": trainer_step(stacked(steplm_trainer(REPL, tmp, "s", **step2))),
+    old = with_lora_function(steplm_trainer(REPL, tmp, "s", **step2), Stacked, cast_input=False)
+    steps = {"stacked (previous)": trainer_step(old),
              "separate (steplm)": trainer_step(steplm_trainer(REPL, tmp, "c", **step2)),
              "no adapters": trainer_step(without_adapters(steplm_trainer(REPL, tmp, "f", **step2)))}
     for fn in steps.values():

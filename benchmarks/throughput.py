@@ -78,6 +78,24 @@ def without_adapters(t: Trainer) -> Trainer:
     return t
 
 
+def with_lora_function(t: Trainer, fn, cast_input: bool = True) -> Trainer:
+    """The trainer with every adapted frozen linear calling ``fn`` (an autograd.Function with
+    lora._LoRALinearFunction's signature) instead of steplm's, and its step recompiled: the whole-step
+    A/B of adapter_cost.py and lora_stacking_ab.py. ``cast_input``: cast x to the matmul dtype before
+    the call, as LoRALinear does (False: ``fn`` casts it)."""
+    from steplm.lora import LoRALinear, lora_modules
+
+    def forward(m):
+        def f(x):
+            dtype = LoRALinear.compute_dtype(x)
+            return fn.apply(x.to(dtype) if cast_input else x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, dtype)
+        return f
+    for m in lora_modules(t.model):
+        m.forward = forward(m)
+    t._compile()
+    return t
+
+
 def stage_ab_args(doc: str) -> argparse.Namespace:
     """The command line of the whole-step A/B scripts on a STEP-2 final stage (adapter_cost.py,
     lora_stacking_ab.py): --rank, --rounds, --steps, --json."""

@@ -111,3 +111,37 @@ def test_adapter_cost_merge_only_does_the_big_gemms_of_the_real_function():
     torch.testing.assert_close(dx1, dx0)
     assert da0.abs().sum() > 0 and db0.abs().sum() > 0
     assert da1 is None and db1 is None
+
+
+def test_with_lora_function_swaps_every_adapted_linear(tmp_path):
+    """The A/B scripts' swap: every adapted frozen linear calls the given function (here one that
+    records its calls and computes as steplm's), the output is unchanged, and a step still trains."""
+    import torch
+
+    from steplm import config
+    from steplm.lora import _LoRALinearFunction, lora_modules
+    from steplm.train import Trainer
+
+    from conftest import tiny_overrides
+
+    calls = []
+
+    class Recording(_LoRALinearFunction):
+        @staticmethod
+        def forward(ctx, x, *rest):
+            calls.append(x.dtype)
+            return _LoRALinearFunction.forward(ctx, x, *rest)
+
+    cfg = config.load(None, tiny_overrides(tmp_path, **{"method": "step", "step.n_stages": 2,
+                                                        "step.layers_per_stage": "[2,2]", "train.compile": False}))
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    t.next_stage()
+    mods = lora_modules(t.model)
+    x = torch.randn(3, mods[0].in_features, requires_grad=True)
+    before = mods[0](x)
+    _bench().with_lora_function(t, Recording)
+    torch.testing.assert_close(mods[0](x), before)
+    calls.clear()
+    t.train_step()
+    assert len(calls) == len(mods) and all(c == torch.float32 for c in calls)
+    assert all(m.lora_B.grad is not None for m in mods)

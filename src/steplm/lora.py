@@ -32,12 +32,11 @@ class _LoRALinearFunction(torch.autograd.Function):
     freezing saves (profiled in README, Throughput). Here the adapter's term is inside W_eff, so each
     direction has one big GEMM (x·W_effᵀ, g·W_eff) and the rank-r products are four in all: x·Aᵀ in
     the forward; g·B and the two adapter gradients in the backward, in the orientation oneDNN runs
-    fast ((x·Aᵀ)ᵀ·g rather than gᵀ·(x·Aᵀ), 5-7x apart in fp32). They are separate calls: stacked into the big GEMMs
-    (x·[W_eff; A]ᵀ) they gave them out + r columns, a width the profiler timed up to 1.5x slower on AMX,
-    and the whole step with the separate form is 0.97-0.98x the stacked one at ranks 8 and 16
-    (benchmarks/lora_stacking_ab.py). W_eff is
-    formed again in the backward rather than saved, so the step holds one transient (out, in) copy at
-    a time. ``x`` should arrive in ``dtype`` (LoRALinear casts it before the call, so that a compiled
+    fast ((x·Aᵀ)ᵀ·g rather than gᵀ·(x·Aᵀ), 5-7x apart in fp32). They are separate calls: stacked
+    into the big GEMMs (x·[W_eff; A]ᵀ) they gave them out + r columns, a width the profiler timed up
+    to 1.5x slower on AMX, and the whole step with the separate form is 0.97-0.98x the stacked one at
+    ranks 8 and 16 (benchmarks/lora_stacking_ab.py). W_eff is formed again in the backward rather
+    than saved, so the step holds one transient (out, in) copy at a time. ``x`` should arrive in ``dtype`` (LoRALinear casts it before the call, so that a compiled
     graph casts an input shared by q, k and v, or by gate and up, once). Saves x and x·Aᵀ (N, r)."""
 
     @staticmethod
@@ -118,10 +117,14 @@ class LoRALinear(nn.Module):
         w = self.weight.detach().float()
         return w + self.delta().detach() if self.rank else w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast the matmuls run in its dtype; outside it, in the input's.
+    @staticmethod
+    def compute_dtype(x: torch.Tensor) -> torch.dtype:
+        """The matmuls' dtype: autocast's where it is on, the input's otherwise."""
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype(x)
         b = None if self.bias is None else self.bias.to(dtype)
         if not self.rank:
             return F.linear(x.to(dtype), self.weight.to(dtype), b)
