@@ -9,7 +9,8 @@ Rows (issue #11):
   Both steplm and the compiled HF loop train in bf16 autocast where the CPU has native bf16
   matmuls (AVX-512 bf16 / AMX), and in fp32 where it has not (there bf16 is emulated, ~10x slower):
   the same rule as train.dtype=auto.
-- Replication shape, vocabulary 8192, batch 16 x 256: steplm and the compiled HF loop; a STEP
+- Replication shape, vocabulary 8192, batch 16 x 256: steplm; steplm with torch's flash attention
+  backward (train.attention_matmul_backward=false: the lever, before/after); the compiled HF loop; a STEP
   2-stage run's final stage against vanilla of the same depth, with the FLOPs-predicted ratio, and
   the same final stage with its adapters switched off: the floor no adapter implementation can beat.
 
@@ -20,6 +21,8 @@ prints the tracked peak memory of one eager step of each, and each ratio's range
 (the rows of a round run back to back, so that range shows the machine's noise).
 
     python benchmarks/throughput.py [--rounds 6 --steps 4] [--json benchmarks/results/throughput.json]
+
+``--loss-chunks``, ``--attention`` and ``--lora-linear`` time one part of the step alone instead.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ GPT2 = {"model.vocab_size": 50257, "model.d_model": 256, "model.n_layers": 8, "m
         "train.micro_batch": 8, "train.seq_len": 256}
 REPL = {**GPT2, "model.vocab_size": 8192, "train.micro_batch": 16}
 FLOOR = "steplm V8192 STEP-2 final stage, no adapters"
+FLASH = "steplm V8192, torch flash attention backward"
 WARMUP = 2
 
 
@@ -216,10 +220,12 @@ def median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def loss_chunk_sweep(shape: dict, chunk_mib=(32, 64, 128, 256), rounds: int = 6, reps: int = 4) -> dict:
-    """The head + loss alone at ``shape`` (forward and backward, bf16 autocast where native, eager):
-    seconds of the fused loss at each chunk size (MiB of fp32 logits) and of the unfused head +
-    F.cross_entropy, in interleaved rounds, with each one's tracked peak bytes (MemTracker)."""
+def loss_chunk_sweep(shape: dict, chunk_rows=(128, 256, 512, 1024), rounds: int = 6, reps: int = 4,
+                     compiled: bool = True) -> dict:
+    """The head + loss alone at ``shape`` (forward and backward, bf16 autocast where native, compiled
+    unless ``compiled`` is False): seconds of the fused loss at each chunk height (rows per chunk,
+    ``loss.linear_cross_entropy``'s ``max_rows``) and of the unfused head + F.cross_entropy, in
+    interleaved rounds, with each one's tracked peak bytes in eager mode (MemTracker)."""
     import torch.nn.functional as F
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -232,32 +238,73 @@ def loss_chunk_sweep(shape: dict, chunk_mib=(32, 64, 128, 256), rounds: int = 6,
     y = torch.randint(0, V, (n,), generator=g)
     dt = torch.bfloat16 if bf16_fast() else torch.float32
 
-    def fused(mib):
-        def f():
-            with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
-                linear_cross_entropy(h, w, y, chunk_bytes=int(mib * 2**20)).backward()
-        return f
+    def loss(rows):
+        if rows is None:
+            return lambda: F.cross_entropy((h @ w.t()).float(), y)
+        return lambda: linear_cross_entropy(h, w, y, chunk_bytes=2**62, max_rows=rows)
 
-    def unfused():
-        with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
-            F.cross_entropy((h @ w.t()).float(), y).backward()
-    fns = {**{f"fused, {m} MiB chunks": fused(m) for m in chunk_mib}, "unfused": unfused}
-    for f in fns.values():
-        f()
+    def timed(f):
+        f = torch.compile(f) if compiled else f
+
+        def step():
+            with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+                f().backward()
+        return step
+    losses = {**{f"fused, {r}-row chunks": loss(r) for r in chunk_rows}, "unfused": loss(None)}
+    fns = {k: timed(f) for k, f in losses.items()}
 
     def clear():
         h.grad = w.grad = None
+    for f in fns.values():
+        f()
+        clear()
     times = interleaved(fns, rounds, reps, before=clear)
     peaks = {}
-    for k, f in fns.items():
-        h.grad = w.grad = None
+    for k, f in losses.items():
+        clear()
         mt = MemTracker()
         mt.track_external(h, w)
-        with mt:
-            f()
+        with mt, torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+            f().backward()
         peaks[k] = max(mt.get_tracker_snapshot("peak")[torch.device("cpu")].values())
     med = {k: median(v) for k, v in times.items()}
     return {k: {"seconds_median": med[k], "speed_vs_unfused": med["unfused"] / med[k], "tracked_peak_bytes": peaks[k]}
+            for k in fns}
+
+
+def attention_sweep(shape: dict, rounds: int = 6, reps: int = 5, seed: int = 0, compiled: bool = True) -> dict:
+    """One layer's causal attention at ``shape`` (bf16, forward + backward, compiled unless
+    ``compiled`` is False): torch's SDPA
+    (the CPU flash kernel's backward) against steplm's ``attention.CausalAttention`` (the same flash
+    forward, a backward of batched matmuls), in interleaved rounds; each one's relative L2 error of
+    dq, dk and dv against SDPA in fp64."""
+    import torch.nn.functional as F
+
+    from steplm.attention import BLOCK, SLICE_BYTES, CausalAttention
+    B, H, T = shape["train.micro_batch"], shape["model.n_heads"], shape["train.seq_len"]
+    hd = shape["model.d_model"] // H
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, hd, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    do = torch.randn(B, H, T, hd, generator=g).bfloat16()
+    impls = {"torch SDPA (flash backward)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+             "steplm CausalAttention (matmul backward)":
+                 lambda q, k, v: CausalAttention.apply(q, k, v, hd ** -0.5, SLICE_BYTES, BLOCK)}
+    impls = {name: torch.compile(f) for name, f in impls.items()} if compiled else impls
+    fns = {name: (lambda f: lambda: f(q, k, v).backward(do))(f) for name, f in impls.items()}
+
+    def clear():
+        q.grad = k.grad = v.grad = None
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    F.scaled_dot_product_attention(q64, k64, v64, is_causal=True).backward(do.double())
+    errors = {}
+    for name, f in fns.items():
+        clear()
+        f()
+        errors[name] = {n: ((t.grad.double() - r.grad).norm() / r.grad.norm()).item()
+                        for n, t, r in zip("qkv", (q, k, v), (q64, k64, v64))}
+    med = {k: median(v) for k, v in interleaved(fns, rounds, reps, before=clear).items()}
+    ref = med["torch SDPA (flash backward)"]
+    return {k: {"seconds_median": med[k], "vs_torch": med[k] / ref, "relative_l2_error_vs_fp64": errors[k]}
             for k in fns}
 
 
@@ -310,7 +357,11 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables and tracked peaks")
     ap.add_argument("--json", help="write the result here (e.g. benchmarks/results/throughput.json)")
     ap.add_argument("--loss-chunks", action="store_true",
-                    help="only time the head + loss at the GPT-2 shape per chunk size, against the unfused loss")
+                    help="only time the head + loss (compiled) per chunk height at the GPT-2 and replication "
+                         "shapes, against the unfused loss")
+    ap.add_argument("--attention", action="store_true",
+                    help="only time one layer's attention (torch's flash backward, steplm's matmul backward) "
+                         "at the replication shape")
     ap.add_argument("--lora-linear", action="store_true",
                     help="only time one linear (trainable, frozen, frozen + adapter) at the replication shape")
     a = ap.parse_args()
@@ -323,11 +374,29 @@ def main():
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
         return
-    if a.loss_chunks:
-        res = loss_chunk_sweep(GPT2, rounds=a.rounds)
-        print(f"{'head + loss, V50257 batch 8x256':<34} {'s':>7} {'speed vs unfused':>17} {'tracked peak MiB':>17}")
+    if a.attention:
+        res = attention_sweep(REPL, rounds=a.rounds)
+        print(f"{'attention, B16 H4 T256 hd64, fwd + bwd':<42} {'ms':>7} {'vs torch':>9} {'rel. error dq/dk/dv':>24}")
         for k, v in res.items():
-            print(f"{k:<34} {v['seconds_median']:>7.3f} {v['speed_vs_unfused']:>17.3f} {v['tracked_peak_bytes'] / 2**20:>17.0f}")
+            err = "/".join(f"{e:.1e}" for e in v["relative_l2_error_vs_fp64"].values())
+            print(f"{k:<42} {1e3 * v['seconds_median']:>7.2f} {v['vs_torch']:>9.3f} {err:>24}")
+        if a.json:
+            Path(a.json).write_text(json.dumps({"date": datetime.date.today().isoformat(), "machine": cpu_name(),
+                                                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                                "rounds": a.rounds, **res}, indent=2) + "\n")
+        return
+    if a.loss_chunks:
+        res = {}
+        for label, shape in (("V50257 batch 8x256", GPT2), ("V8192 batch 16x256", REPL)):
+            res[label] = loss_chunk_sweep(shape, rounds=a.rounds)
+            print(f"{'head + loss, ' + label:<34} {'s':>7} {'speed vs unfused':>17} {'tracked peak MiB':>17}")
+            for k, v in res[label].items():
+                print(f"{k:<34} {v['seconds_median']:>7.3f} {v['speed_vs_unfused']:>17.3f} "
+                      f"{v['tracked_peak_bytes'] / 2**20:>17.0f}")
+        if a.json:
+            Path(a.json).write_text(json.dumps({"date": datetime.date.today().isoformat(), "machine": cpu_name(),
+                                                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                                "rounds": a.rounds, **res}, indent=2) + "\n")
         return
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
@@ -336,6 +405,7 @@ def main():
         "steplm": steplm_trainer(GPT2, tmp, "a"),
         "steplm, unfused loss": steplm_trainer(GPT2, tmp, "b", **{"train.fused_loss": False}),
         "steplm V8192": steplm_trainer(REPL, tmp, "c"),
+        FLASH: steplm_trainer(REPL, tmp, "f", **{"train.attention_matmul_backward": False}),
         "steplm V8192 STEP-2 final stage": steplm_trainer(REPL, tmp, "d", method="step", **{"step.n_stages": 2}),
         FLOOR: without_adapters(steplm_trainer(REPL, tmp, "e", method="step", **{"step.n_stages": 2})),
     }
@@ -372,6 +442,7 @@ def main():
         "steplm / HF compiled, V8192": ("steplm V8192", "HF compiled V8192", "speed"),
         "steplm / HF eager fp32, V50257": ("steplm", "HF eager fp32", "speed"),
         "fused / unfused loss, V50257": ("steplm", "steplm, unfused loss", "speed"),
+        "matmul / flash attention backward, V8192": ("steplm V8192", FLASH, "speed"),
         "STEP final-stage step / vanilla step, V8192": ("steplm V8192 STEP-2 final stage", "steplm V8192", "time"),
         "STEP final stage without adapters (floor) / vanilla step, V8192": (FLOOR, "steplm V8192", "time"),
     }

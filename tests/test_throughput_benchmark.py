@@ -24,12 +24,13 @@ def test_interleaved_rounds_rotate_the_order_and_time_every_call():
 
 
 def test_loss_chunk_sweep_peaks_grow_with_the_chunk():
+    """Eager here to stay quick; the compiled fused loss is checked against torch's in test_loss.py."""
     mod = _bench()
     shape = {"model.d_model": 32, "model.vocab_size": 1000, "train.micro_batch": 2, "train.seq_len": 128}
-    chunks = (1 / 64, 1 / 16, 1 / 4)  # MiB of fp32 logits: 4, 16 and 65 rows of V = 1000, of 256
-    res = mod.loss_chunk_sweep(shape, chunk_mib=chunks, rounds=1, reps=1)
-    assert list(res) == [f"fused, {m} MiB chunks" for m in chunks] + ["unfused"]
-    peaks = [res[f"fused, {m} MiB chunks"]["tracked_peak_bytes"] for m in chunks]
+    chunks = (4, 16, 64)  # rows per chunk, of 256
+    res = mod.loss_chunk_sweep(shape, chunk_rows=chunks, rounds=1, reps=1, compiled=False)
+    assert list(res) == [f"fused, {r}-row chunks" for r in chunks] + ["unfused"]
+    peaks = [res[f"fused, {r}-row chunks"]["tracked_peak_bytes"] for r in chunks]
     assert peaks[0] < peaks[1] < peaks[2] < res["unfused"]["tracked_peak_bytes"]
     assert res["unfused"]["speed_vs_unfused"] == 1.0 and all(v["seconds_median"] > 0 for v in res.values())
 
@@ -145,3 +146,20 @@ def test_with_lora_function_swaps_every_adapted_linear(tmp_path):
     t.train_step()
     assert len(calls) == len(mods) and all(c == torch.float32 for c in calls)
     assert all(m.lora_B.grad is not None for m in mods)
+
+
+def test_attention_sweep_times_both_backwards_and_reports_their_error(monkeypatch):
+    """Both rows run (torch's SDPA first, the ratio's reference), each with its gradient error
+    against fp64, small for both; the steplm row really calls CausalAttention's backward."""
+    import pytest
+    from steplm import attention
+    mod = _bench()
+    shape = {"model.d_model": 32, "model.n_heads": 2, "train.micro_batch": 2, "train.seq_len": 24}
+    res = mod.attention_sweep(shape, rounds=1, reps=1, compiled=False)
+    assert list(res) == ["torch SDPA (flash backward)", "steplm CausalAttention (matmul backward)"]
+    assert res["torch SDPA (flash backward)"]["vs_torch"] == 1.0
+    for row in res.values():
+        assert row["seconds_median"] > 0 and all(0 < e < 1e-2 for e in row["relative_l2_error_vs_fp64"].values())
+    monkeypatch.setattr(attention.CausalAttention, "backward", staticmethod(lambda ctx, g: (None,) * 6))
+    with pytest.raises(AttributeError):  # q.grad stays None: the row is steplm's function
+        mod.attention_sweep(shape, rounds=1, reps=1, compiled=False)

@@ -97,6 +97,9 @@ class TrainConfig:
     """Recompute each block's activations in the backward pass."""
     fused_loss: bool = True
     """Fuse the LM head with the cross-entropy, chunk by chunk, so the (tokens, vocab) logits are never whole."""
+    attention_matmul_backward: bool = True
+    """On CPU in bf16, compute the causal attention's backward from batched matmuls (attention.py)
+    instead of torch's flash backward, which is slower there; false keeps torch's SDPA."""
     fused_optimizer: bool = True
     """Use the fused AdamW kernel (FSDP2's sharded parameters always use the foreach kernel)."""
     optimizer_states: str = "fp32"

@@ -5,27 +5,33 @@ For each chunk of rows the head's logits are formed in the compute dtype (bf16 u
 their log-sum-exp in fp32, and, because the loss is a scalar, the gradient with respect to the
 logits (softmax - one-hot) right away; it is multiplied into the gradients of the hidden states
 and of the head's weight and then dropped. Backward only scales those two gradients. Peak memory
-is one chunk of logits instead of tokens·vocab·(4 + 4) bytes (fp32 logits and their gradient);
-the FLOPs are the same as the unfused head (2·N·d·V forward, 4·N·d·V for the two gradients).
-The approach is Liger Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv 2410.10989).
+is about one chunk of logits instead of tokens·vocab·(4 + 4) bytes (fp32 logits and their
+gradient); the FLOPs are the same as the unfused head (2·N·d·V forward, 4·N·d·V for the two
+gradients). The approach is Liger Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv
+2410.10989).
+
+Under torch.compile the softmax gradient is written as one pointwise expression (the one-hot as a
+comparison with the vocabulary index), so that inductor forms it from the compute-dtype logits in
+a single pass without an fp32 copy; eager mode subtracts the one-hot in place instead. Both give
+the same values. Chunks are up to 1,024 rows (see ``chunk_rows``): fewer, taller chunks re-read
+the (V, d) head weight and add a (V, d) partial of its gradient fewer times.
 """
 from __future__ import annotations
 
 import torch
 
+from .planner import LOSS_CHUNK_BYTES as CHUNK_BYTES
+from .planner import LOSS_MAX_CHUNK_ROWS as MAX_CHUNK_ROWS
+from .planner import loss_chunk_rows as chunk_rows
+
 IGNORE_INDEX = -100
-
-
-def _chunk_rows(n_rows: int, vocab_size: int, chunk_bytes: int) -> int:
-    """Rows per chunk so that one chunk of fp32 logits takes about ``chunk_bytes``."""
-    return max(1, min(n_rows, chunk_bytes // (4 * vocab_size)))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` (rows equal to -100 ignored)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, compute_dtype, chunk_bytes):
+    def forward(ctx, hidden, weight, targets, compute_dtype, chunk_bytes, max_rows):
         # hidden (N, d), weight (V, d), targets (N,) -> loss ()
         n, v = hidden.shape[0], weight.shape[0]
         w = weight.to(compute_dtype)
@@ -35,7 +41,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(h_all)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-        rows = _chunk_rows(n, v, chunk_bytes)
+        rows = chunk_rows(n, v, chunk_bytes, max_rows)
+        compiling = torch.compiler.is_compiling()
+        vocab = torch.arange(v, device=hidden.device) if compiling else None
         for start in range(0, n, rows):
             h = h_all[start:start + rows]                                   # (n_c, d)
             y = targets[start:start + rows]                                 # (n_c,)
@@ -46,9 +54,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)
             loss = loss + ((lse - target_logit) * ok).sum()
             # d loss / d logits = (softmax - one_hot) / count on valid rows, 0 on ignored ones
-            grad = torch.exp(logits - lse[:, None])
-            grad.scatter_add_(1, safe_y[:, None], torch.full_like(lse[:, None], -1.0))
-            grad = (grad * (ok.float() / count)[:, None]).to(compute_dtype)  # (n_c, V)
+            scale = (ok.float() / count)[:, None]
+            if compiling:  # one fused pass from the compute-dtype logits
+                one_hot = (vocab[None, :] == safe_y[:, None]).float()
+                grad = ((torch.exp(logits - lse[:, None]) - one_hot) * scale).to(compute_dtype)
+            else:
+                grad = torch.exp(logits - lse[:, None])
+                grad.scatter_add_(1, safe_y[:, None], torch.full_like(lse[:, None], -1.0))
+                grad = (grad * scale).to(compute_dtype)                    # (n_c, V)
             grad_h[start:start + rows] = grad @ w                           # (n_c, d)
             if grad_w is not None:
                 grad_w += (grad.t() @ h).float()                            # (V, d)
@@ -63,20 +76,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h.mul_(grad_out).to(ctx.hidden_dtype)
         dw = grad_w.mul_(grad_out) if ctx.has_grad_w else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         compute_dtype: torch.dtype | None = None, chunk_bytes: int = 32 * 2**20) -> torch.Tensor:
+                         compute_dtype: torch.dtype | None = None, chunk_bytes: int = CHUNK_BYTES,
+                         max_rows: int = MAX_CHUNK_ROWS) -> torch.Tensor:
     """Mean next-token loss (nats) of logits ``hidden @ weight.T``, never materialising them whole.
 
     hidden (..., d), weight (V, d), targets (...) of token ids (-100: ignored). ``compute_dtype`` is
     the matmul dtype (default: the autocast dtype when autocast is on, else hidden's); the softmax is
-    fp32. ``chunk_bytes`` bounds one chunk of fp32 logits (32 MiB: 167 rows at V = 50257).
+    fp32. ``chunk_bytes`` and ``max_rows`` bound one chunk (``chunk_rows``: 512 rows at V = 50257).
     """
     if compute_dtype is None:
         dev = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     with torch.autocast(hidden.device.type, enabled=False):
         return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                        compute_dtype, chunk_bytes)
+                                        compute_dtype, chunk_bytes, max_rows)

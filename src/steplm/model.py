@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .attention import BLOCK, SLICE_BYTES, CausalAttention, use_matmul_backward
 from .loss import linear_cross_entropy
 
 
@@ -197,6 +198,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    matmul_backward = True  # causal training on CPU in bf16: attention.CausalAttention (the trainer sets it)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -222,8 +225,11 @@ class Attention(nn.Module):
             causal = k.shape[2] == T
             if not causal and T > 1:
                 raise ValueError("multi-token decode against a cache is not supported without an attention mask")
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            if causal and self.matmul_backward and use_matmul_backward(q, k):
+                y = CausalAttention.apply(q, k, v, self.head_dim ** -0.5, SLICE_BYTES, BLOCK)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,
+                                                   enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh·hs)
         return self.o_proj(y)
 

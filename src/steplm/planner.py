@@ -618,13 +618,25 @@ def head_state_bytes(vocab_size: int, d_model: int, tied: bool = False, prec: Pr
     return sum(tensor_state_bytes(n, prec) for n in tensors)
 
 
-LOSS_CHUNK_BYTES = 32 * 2**20  # loss.linear_cross_entropy's default chunk of fp32 logits
+LOSS_CHUNK_BYTES = 128 * 2**20
+LOSS_MAX_CHUNK_ROWS = 1024
+
+
+def loss_chunk_rows(n_rows: int, vocab_size: int, chunk_bytes: int = LOSS_CHUNK_BYTES,
+                    max_rows: int = LOSS_MAX_CHUNK_ROWS) -> int:
+    """Rows per chunk of the fused loss of loss.py (defined here so that the memory model stays
+    torch-free): the largest power of two whose chunk of fp32 logits (4·rows·V bytes; under
+    torch.compile the bf16 logits and their bf16 gradient, the same bytes)
+    fits in ``chunk_bytes``, at most ``max_rows`` and ``n_rows``, at least 1. Defaults: 512 rows at
+    V = 50257, 1024 at V = 8192. On a 2-thread AMX CPU (benchmarks/throughput.py --loss-chunks)
+    taller chunks were faster up to these sizes and power-of-two heights beat the ones between."""
+    rows = min(max_rows, chunk_bytes // (4 * vocab_size))
+    return max(1, min(n_rows, 1 << (rows.bit_length() - 1) if rows > 0 else 1))
 
 
 def activation_bytes(n_layers: int, d_model: int, n_heads: int, seq_len: int, micro_batch: int,
                      vocab_size: int, checkpointing: bool = False, *, ffn_hidden: int | None = None,
-                     q_dim: int | None = None, kv_dim: int | None = None, act_bytes: int = 4,
-                     chunk_bytes: int = LOSS_CHUNK_BYTES) -> int:
+                     q_dim: int | None = None, kv_dim: int | None = None, act_bytes: int = 4) -> int:
     """Bytes alive at the end of the forward pass beyond the parameters and optimizer moments, for
     steplm's own implementation (model.py with the fused, chunked head + loss of loss.py).
 
@@ -634,14 +646,16 @@ def activation_bytes(n_layers: int, d_model: int, n_heads: int, seq_len: int, mi
     up and their product (4·f); plus fp32 norm statistics (2) and SDPA's log-sum-exp (n_heads). With
     activation checkpointing only the block inputs are kept, plus one block recomputed. The head and
     loss add the hidden-state gradient (d per token), the head's fp32 weight gradient (4·V·d, formed
-    in the forward pass) and three chunks of fp32 logits. Full logits (tokens·V) never exist.
+    in the forward pass) and three chunks of fp32 logits in eager mode, of ``loss_chunk_rows`` rows
+    each (under torch.compile less: the bf16 logits and their bf16 gradient). Full logits (tokens·V)
+    never exist.
     """
     n, d = seq_len * micro_batch, d_model
     f = ffn_hidden if ffn_hidden is not None else -(-8 * d // 3)
     q, kv = q_dim or d, kv_dim or d
     per_layer = n * (6 * d + 3 * q + 2 * kv + 4 * f) * act_bytes + n * (2 + n_heads) * 4
     layers = (n * d * act_bytes * n_layers + per_layer) if checkpointing else per_layer * n_layers
-    rows = max(1, min(n, chunk_bytes // (4 * vocab_size)))
+    rows = loss_chunk_rows(n, vocab_size)
     head = n * d * act_bytes + 4 * vocab_size * d + 3 * rows * vocab_size * 4
     return layers + head
 

@@ -30,7 +30,7 @@ from .data import BatchSampler, TokenShard, eval_windows, prepare
 from .errors import Preempted, TrainingStopped, UserError
 from .lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
 from .stages import Stage, plan_run
-from .model import LLaMA, ModelConfig, build_model, count_params, from_state_dict
+from .model import Attention, LLaMA, ModelConfig, build_model, count_params, from_state_dict
 
 
 def _fsdp_module_type():
@@ -252,6 +252,9 @@ class Trainer:
     def _compile(self):
         """(Re)wrap after every change of the model's shape: DDP across ranks, then compile forward +
         loss as one graph (the cross-entropy over the vocabulary fuses with the head)."""
+        for m in self.model.modules():  # new layers of a growth start from the class default
+            if isinstance(m, Attention):
+                m.matmul_backward = self.cfg.train.attention_matmul_backward
         self.wrapped = self.model
         if self.fsdp:
             if not isinstance(self.model, _fsdp_module_type()):
