@@ -66,13 +66,17 @@ def test_compiled_equals_eager():
 
 def test_used_only_where_it_applies():
     q = torch.zeros(1, 2, 8, 4, dtype=torch.bfloat16, requires_grad=True)
-    assert use_matmul_backward(q, q)
-    assert not use_matmul_backward(q.float(), q.float())                      # fp32: torch's kernel
-    assert not use_matmul_backward(q, q[:, :1])                               # GQA: fewer kv heads
-    assert not use_matmul_backward(q[:, :, :1], q[:, :, :1])                  # one token
-    assert not use_matmul_backward(q.detach(), q.detach())                    # nothing to differentiate
+    assert use_matmul_backward(q, q, q) == torch.ops.mkldnn._is_mkldnn_bf16_supported()  # native bf16 only
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU emulates bf16 matmuls: SDPA everywhere")
+    assert not use_matmul_backward(q.float(), q.float(), q.float())           # fp32: torch's kernel
+    assert not use_matmul_backward(q, q[:, :1], q[:, :1])                     # GQA: fewer kv heads
+    assert not use_matmul_backward(q, q, q.float())                           # mixed dtypes
+    assert not use_matmul_backward(q[:, :, :1], q[:, :, :1], q[:, :, :1])     # one token
+    assert not use_matmul_backward(q.detach(), q.detach(), q.detach())        # nothing to differentiate
+    assert use_matmul_backward(q.detach(), q.detach(), q)                     # v alone needs a gradient
     with torch.no_grad():
-        assert not use_matmul_backward(q, q)
+        assert not use_matmul_backward(q, q, q)
 
 
 @pytest.mark.parametrize("method", ["vanilla", "step"])

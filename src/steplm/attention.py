@@ -2,9 +2,9 @@
 matmuls.
 
 On CPU, ``F.scaled_dot_product_attention``'s flash backward (ATen's
-``_scaled_dot_product_flash_attention_for_cpu_backward``) ran 7x its forward's time at the
-replication shape (batch 16, 4 heads, 256 tokens, head 64, bf16, 2 threads of an AMX Xeon) and was
-a quarter of the whole train step. ``CausalAttention`` keeps the flash forward (and its per-row
+``_scaled_dot_product_flash_attention_for_cpu_backward``) took 4.5x its forward's time and a
+quarter of the whole train step in the profile of the replication shape (batch 16, 4 heads, 256
+tokens, head 64, bf16, 2 threads of an AMX Xeon). ``CausalAttention`` keeps the flash forward (and its per-row
 log-sum-exp) and recomputes the attention probabilities in the backward from batched matmuls, which
 run on the CPU's bf16 matmul units:
 
@@ -12,10 +12,13 @@ run on the CPU's bf16 matmul units:
     dV = Pᵀ·dO                                      dP = dO·Vᵀ
     dS = P ⊙ (dP - rowsum(dO ⊙ O))·scale            dQ = dS·K,  dK = dSᵀ·Q
 
-(Dao et al. 2022, FlashAttention, Algorithm 4, without the tiling). P, dP and dS are (B, H, T, T):
-quadratic in T, so the backward works on slices of the batch whose three (T, T) fp32 buffers fit in
-``slice_bytes``. S is formed in fp32 so that P is as accurate as flash's; dP, dV, dQ and dK are
-bf16 matmuls with fp32 accumulation. ``benchmarks/throughput.py --attention`` times both against
+(Dao et al. 2022, FlashAttention, Algorithm 4, with the query-row tiling left out). The keys go in
+blocks of ``block`` (128): block j meets only the queries from j on, so most of the causal half
+above the diagonal is never computed. P and dS are quadratic in T, so the backward also walks
+slices of the batch, sized so that three (b, H, T, block) fp32 buffers fit in ``slice_bytes``
+(it holds two fp32 ones and their bf16 copies). S is an fp32 matmul so that P is as accurate as
+flash's; dP, dV, dQ and dK are bf16 matmuls (fp32 accumulation inside each; dQ's per-block
+products are rounded to bf16 and summed in fp32). ``benchmarks/throughput.py --attention`` times both against
 each other and measures their error against an fp64 reference; ``train.attention_matmul_backward:
 false`` keeps torch's SDPA.
 """
@@ -28,11 +31,15 @@ SLICE_BYTES = 64 * 2**20
 BLOCK = 128
 
 
-def use_matmul_backward(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``causal_attention`` replaces the flash backward: CPU, bf16, as many key/value heads
-    as query heads, more than one token, and a backward to come."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape == k.shape and q.shape[-2] > 1
-            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+def use_matmul_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the model uses ``CausalAttention`` instead of SDPA: on a CPU with native bf16 matmuls
+    (AVX-512 bf16 or AMX; elsewhere bf16 matmuls are emulated and slower than flash's fp32 inner
+    loop), for bf16 q, k, v of one shape (as many key/value heads as query heads), more than one
+    token, and a backward to come."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and q.shape == k.shape == v.shape and q.shape[-2] > 1 and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class CausalAttention(torch.autograd.Function):
@@ -53,17 +60,18 @@ class CausalAttention(torch.autograd.Function):
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         row = (grad_out.float() * out.float()).sum(-1, keepdim=True)                # rowsum(dO ⊙ O): (B, H, T, 1)
         step = max(1, min(B, ctx.slice_bytes // (3 * 4 * H * T * min(c, T))))
-        for b in range(0, B, step):
-            bs = slice(b, b + step)
-            for j in range(0, T, c):  # key block j: only queries from j on see it
-                ks, qs = slice(j, j + c), slice(j, T)
-                qb, kb, vb, gb = q[bs, :, qs], k[bs, :, ks], v[bs, :, ks], grad_out[bs, :, qs]
-                above = torch.ones(T - j, kb.shape[2], dtype=torch.bool, device=q.device).triu(1)
-                s = (qb.float() @ kb.float().transpose(-1, -2)) * scale              # (b, H, T - j, c)
-                p = torch.exp(s.masked_fill(above, float("-inf")) - lse[bs, :, qs].unsqueeze(-1))
-                dv[bs, :, ks] = p.to(vb.dtype).transpose(-1, -2) @ gb
-                dp = (gb @ vb.transpose(-1, -2)).float()
-                ds = (p * (dp - row[bs, :, qs]) * scale).to(qb.dtype)
-                dk[bs, :, ks] = ds.transpose(-1, -2) @ qb
-                dq[bs, :, qs] += (ds @ kb).float()
+        with torch.autocast(q.device.type, enabled=False):  # S must stay an fp32 matmul
+            for b in range(0, B, step):
+                bs = slice(b, b + step)
+                for j in range(0, T, c):  # key block j: only queries from j on see it
+                    ks, qs = slice(j, j + c), slice(j, T)
+                    qb, kb, vb, gb = q[bs, :, qs], k[bs, :, ks], v[bs, :, ks], grad_out[bs, :, qs]
+                    above = torch.ones(T - j, kb.shape[2], dtype=torch.bool, device=q.device).triu(1)
+                    # in place: two (b, H, T - j, c) fp32 buffers at a time (p, then dp -> dS), plus bf16 copies
+                    p = (qb.float() @ kb.float().transpose(-1, -2)).mul_(scale)
+                    p = p.masked_fill_(above, float("-inf")).sub_(lse[bs, :, qs].unsqueeze(-1)).exp_()
+                    dv[bs, :, ks] = p.to(vb.dtype).transpose(-1, -2) @ gb
+                    ds = (gb @ vb.transpose(-1, -2)).float().sub_(row[bs, :, qs]).mul_(p).mul_(scale).to(qb.dtype)
+                    dk[bs, :, ks] = ds.transpose(-1, -2) @ qb
+                    dq[bs, :, qs] += (ds @ kb).float()
         return dq.to(q.dtype), dk, dv, None, None, None

@@ -225,7 +225,7 @@ class Attention(nn.Module):
             causal = k.shape[2] == T
             if not causal and T > 1:
                 raise ValueError("multi-token decode against a cache is not supported without an attention mask")
-            if causal and self.matmul_backward and use_matmul_backward(q, k):
+            if causal and self.matmul_backward and use_matmul_backward(q, k, v):
                 y = CausalAttention.apply(q, k, v, self.head_dim ** -0.5, SLICE_BYTES, BLOCK)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,

@@ -629,8 +629,10 @@ def loss_chunk_rows(n_rows: int, vocab_size: int, chunk_bytes: int = LOSS_CHUNK_
     torch.compile the bf16 logits and their bf16 gradient, the same bytes)
     fits in ``chunk_bytes``, at most ``max_rows`` and ``n_rows``, at least 1. Defaults: 512 rows at
     V = 50257, 1024 at V = 8192. On a 2-thread AMX CPU (benchmarks/throughput.py --loss-chunks)
-    taller chunks were faster up to these sizes and power-of-two heights beat the ones between."""
-    rows = min(max_rows, chunk_bytes // (4 * vocab_size))
+    taller chunks were faster up to these sizes and power-of-two heights beat the ones between. The
+    same rule holds on every device: at V = 128256 it gives 256 rows (three fp32 chunks, 384 MiB, in
+    eager mode)."""
+    rows = min(int(max_rows), int(chunk_bytes) // (4 * vocab_size))
     return max(1, min(n_rows, 1 << (rows.bit_length() - 1) if rows > 0 else 1))
 
 
