@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 SLICE_BYTES = 64 * 2**20
 BLOCK = 128
+NATIVE_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX-512 bf16 or AMX; read once, not per call
 
 
 def use_matmul_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -39,7 +40,7 @@ def use_matmul_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
             and q.shape == k.shape == v.shape and q.shape[-2] > 1 and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad)
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and NATIVE_BF16)
 
 
 class CausalAttention(torch.autograd.Function):
