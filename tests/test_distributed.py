@@ -69,7 +69,10 @@ from steplm import cli
 from steplm.train import Trainer
 rc = cli.main(sys.argv[1:])
 objs = gc.get_objects()  # before any collection of ours: what main left for interpreter exit
-print("rank", os.environ["RANK"], "rc", rc, "left", sum(isinstance(o, (DistributedDataParallel, Trainer)) for o in objs))
+left = sum(isinstance(o, (DistributedDataParallel, Trainer)) for o in objs)
+# one file per rank: the two ranks share one stdout, where their prints interleaved (CI)
+with open(os.path.join(os.environ["PROBE_DIR"], "rank" + os.environ["RANK"]), "w") as f:
+    f.write(f"rank {os.environ['RANK']} rc {rc} left {left}")
 sys.exit(rc)
 """
 
@@ -86,10 +89,12 @@ def test_no_trainer_or_wrapper_outlives_the_run(tmp_path, parallel, fault, rc):
     sets = tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.micro_batch": 2, "train.parallel": parallel})
     args = [*torchrun_args(2), str(probe), "train", "--out", str(tmp_path / "run"), "--quiet",
             *[x for kv in sets for x in ("--set", kv)]]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", PROBE_DIR=str(probes))
     env.pop("STEPLM_FAULT", None)
     if fault:
         env["STEPLM_FAULT"] = fault
     res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
-    lines = sorted(x for x in res.stdout.splitlines() if x.startswith("rank "))
+    lines = sorted(p.read_text() for p in probes.iterdir())
     assert lines == [f"rank 0 rc {rc} left 0", f"rank 1 rc {rc} left 0"], (res.stdout[-2000:], res.stderr[-3000:])
