@@ -12,7 +12,9 @@ gradients). The approach is Liger Kernel's fused linear cross-entropy (Hsu et al
 
 Under torch.compile the softmax gradient is written as one pointwise expression (the one-hot as a
 comparison with the vocabulary index), so that inductor forms it from the compute-dtype logits in
-a single pass without an fp32 copy; eager mode subtracts the one-hot in place instead. Both give
+a single pass without an fp32 copy, and the log-sum-exp as max, exp and sum, so that each logit's
+exponential is computed once (inductor keeps a row of them in a per-thread buffer); eager mode
+uses ``logsumexp`` and subtracts the one-hot in place instead. Both give
 the same values. Chunks are up to 1,024 rows (see ``chunk_rows``): fewer, taller chunks re-read
 the (V, d) head weight and add a (V, d) partial of its gradient fewer times.
 """
@@ -43,25 +45,34 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
         rows = chunk_rows(n, v, chunk_bytes, max_rows)
         compiling = torch.compiler.is_compiling()
-        vocab = torch.arange(v, device=hidden.device) if compiling else None
+        # the one-hot compares vocabulary indices as fp32 (exact below 2**24), which vectorises
+        # at twice the width of int64
+        vocab = torch.arange(v, device=hidden.device, dtype=torch.float32 if v < 2**24 else torch.int64) \
+            if compiling else None
         for start in range(0, n, rows):
             h = h_all[start:start + rows]                                   # (n_c, d)
             y = targets[start:start + rows]                                 # (n_c,)
             ok = valid[start:start + rows]
             logits = (h @ w.t()).float()                                    # (n_c, V)
-            lse = torch.logsumexp(logits, dim=-1)                           # (n_c,)
             safe_y = torch.where(ok, y, 0)
             target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)
-            loss = loss + ((lse - target_logit) * ok).sum()
             # d loss / d logits = (softmax - one_hot) / count on valid rows, 0 on ignored ones
             scale = (ok.float() / count)[:, None]
-            if compiling:  # one fused pass from the compute-dtype logits
-                one_hot = (vocab[None, :] == safe_y[:, None]).float()
-                grad = ((torch.exp(logits - lse[:, None]) - one_hot) * scale).to(compute_dtype)
+            if compiling:
+                # max, then exp(l - max) once: inductor keeps each row's exponentials in a per-thread
+                # buffer for both the sum and the gradient (one exp per logit, not logsumexp's two)
+                row_max = logits.amax(-1, keepdim=True)                     # (n_c, 1)
+                e = torch.exp(logits - row_max)
+                total = e.sum(-1, keepdim=True)
+                lse = (total.log() + row_max).squeeze(1)
+                one_hot = (vocab[None, :] == safe_y.to(vocab.dtype)[:, None]).float()
+                grad = ((e / total - one_hot) * scale).to(compute_dtype)
             else:
+                lse = torch.logsumexp(logits, dim=-1)                       # (n_c,)
                 grad = torch.exp(logits - lse[:, None])
                 grad.scatter_add_(1, safe_y[:, None], torch.full_like(lse[:, None], -1.0))
                 grad = (grad * scale).to(compute_dtype)                    # (n_c, V)
+            loss = loss + ((lse - target_logit) * ok).sum()
             grad_h[start:start + rows] = grad @ w                           # (n_c, d)
             if grad_w is not None:
                 grad_w += (grad.t() @ h).float()                            # (V, d)
