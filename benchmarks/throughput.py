@@ -9,10 +9,18 @@ Rows (issue #11):
   Both steplm and the compiled HF loop train in bf16 autocast where the CPU has native bf16
   matmuls (AVX-512 bf16 / AMX), and in fp32 where it has not (there bf16 is emulated, ~10x slower):
   the same rule as train.dtype=auto.
+  steplm with glibc's default host allocator (train.host_allocator=system: the lever, before/after);
+  the compiled HF loop with steplm's retained heap (devices.retain_host_memory), a control.
 - Replication shape, vocabulary 8192, batch 16 x 256: steplm; steplm with torch's flash attention
-  backward (train.attention_matmul_backward=false: the lever, before/after); the compiled HF loop; a STEP
+  backward (train.attention_matmul_backward=false: the lever, before/after); the compiled HF loop,
+  also with steplm's retained heap; a STEP
   2-stage run's final stage against vanilla of the same depth, with the FLOPs-predicted ratio, and
   the same final stage with its adapters switched off: the floor no adapter implementation can beat.
+
+Each row runs under its own host-allocator policy, switched untimed before its block of steps:
+steplm's rows as steplm runs them (it retains freed heap memory on CPU), the HF loop as a user runs
+it (glibc's defaults). So "steplm / HF compiled" compares the two as each runs, and "both with the
+retained heap" compares the code alone.
 
 A large GEMM in that dtype probes the matmul ceiling; each row's MFU is its model FLOPs/s (the corrected
 count of flops.py: 6·N + 6·V·d + 12·L·s·d per token) over that ceiling. ``--profile`` prints
@@ -41,7 +49,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from steplm import config, flops  # noqa: E402
-from steplm.devices import cpu_name  # noqa: E402
+from steplm.devices import cpu_name, retain_host_memory  # noqa: E402
 from steplm.train import Trainer, _cpu_peak_step  # noqa: E402
 
 GPT2 = {"model.vocab_size": 50257, "model.d_model": 256, "model.n_layers": 8, "model.n_heads": 4,
@@ -49,6 +57,11 @@ GPT2 = {"model.vocab_size": 50257, "model.d_model": 256, "model.n_layers": 8, "m
 REPL = {**GPT2, "model.vocab_size": 8192, "train.micro_batch": 16}
 FLOOR = "steplm V8192 STEP-2 final stage, no adapters"
 FLASH = "steplm V8192, torch flash attention backward"
+SYSTEM = "steplm, glibc's default host allocator"
+HF = "HF compiled (sdpa, autocast, fused AdamW)"
+HF_RETAIN = "HF compiled, steplm's retained heap"
+HF8 = "HF compiled V8192"
+HF8_RETAIN = "HF compiled V8192, steplm's retained heap"
 WARMUP = 2
 
 
@@ -197,14 +210,18 @@ def tracked_peak(shape: dict, tmp: Path, fused: bool) -> int:
     return _cpu_peak_step(lambda: t.train_step(), t.model, t.optimizer, t)
 
 
-def interleaved(fns: dict, rounds: int, reps: int, before=None, log: bool = False) -> dict[str, list[float]]:
+def interleaved(fns: dict, rounds: int, reps: int, before=None, log: bool = False,
+                setup: dict | None = None) -> dict[str, list[float]]:
     """Seconds per call of each fn, one list entry per round: every round runs every fn ``reps``
     times back to back, in an order that rotates by one each round, so machine noise hits all alike.
-    ``before`` (if given) runs before every call, inside the timing (the same cost for every fn)."""
+    ``before`` (if given) runs before every call, inside the timing (the same cost for every fn);
+    ``setup[name]`` (if given) runs before each of that fn's blocks of ``reps`` calls, untimed."""
     times = {k: [] for k in fns}
     names = list(fns)
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
+            if setup and k in setup:
+                setup[k]()
             t0 = time.perf_counter()
             for _ in range(reps):
                 if before is not None:
@@ -409,16 +426,26 @@ def main():
         "steplm V8192 STEP-2 final stage": steplm_trainer(REPL, tmp, "d", method="step", **{"step.n_stages": 2}),
         FLOOR: without_adapters(steplm_trainer(REPL, tmp, "e", method="step", **{"step.n_stages": 2})),
     }
+    trainers[SYSTEM] = steplm_trainer(GPT2, tmp, "g", **{"train.host_allocator": "system"})
     steps = {name: trainer_step(t) for name, t in trainers.items()}
-    steps["HF compiled (sdpa, autocast, fused AdamW)"] = hf_step(GPT2, compiled=True)
+    steps[HF] = hf_step(GPT2, compiled=True)
+    steps[HF_RETAIN] = hf_step(GPT2, compiled=True)
     steps["HF eager fp32"] = hf_step(GPT2, compiled=False)
-    steps["HF compiled V8192"] = hf_step(REPL, compiled=True)
+    steps[HF8] = hf_step(REPL, compiled=True)
+    steps[HF8_RETAIN] = hf_step(REPL, compiled=True)
     shapes = {n: (REPL if "V8192" in n else GPT2) for n in steps}
+    # each row runs under its own host-allocator policy, switched untimed before its block: steplm's
+    # rows as steplm runs them (train.host_allocator=retain), the HF loop as a user runs it (glibc's
+    # defaults), and both the other way round as controls
+    system = {SYSTEM, HF, "HF eager fp32", HF8}
+    setup = {n: (lambda keep=n not in system: retain_host_memory(keep)) for n in steps}
     for name, fn in steps.items():  # compile + warm-up
+        setup[name]()
         for _ in range(WARMUP):
             fn()
     print(f"build + compile + warm-up: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    times = interleaved(steps, a.rounds, a.steps, log=True)
+    times = interleaved(steps, a.rounds, a.steps, log=True, setup=setup)
+    retain_host_memory(True)  # the peaks and the profile below: steplm as it runs
     ceiling = matmul_ceiling()
     step_final = trainers["steplm V8192 STEP-2 final stage"]
     st = step_final.current_stage
@@ -438,9 +465,13 @@ def main():
     # each ratio as (numerator row, denominator row, speed or time), its median-step value and the
     # range of its per-round values: rows of a round ran back to back, so that range is the noise
     pairs = {
-        "steplm / HF compiled, V50257": ("steplm", "HF compiled (sdpa, autocast, fused AdamW)", "speed"),
-        "steplm / HF compiled, V8192": ("steplm V8192", "HF compiled V8192", "speed"),
+        "steplm / HF compiled, V50257": ("steplm", HF, "speed"),
+        "steplm / HF compiled, V8192": ("steplm V8192", HF8, "speed"),
+        "steplm / HF compiled, both with the retained heap, V50257": ("steplm", HF_RETAIN, "speed"),
+        "steplm / HF compiled, both with the retained heap, V8192": ("steplm V8192", HF8_RETAIN, "speed"),
         "steplm / HF eager fp32, V50257": ("steplm", "HF eager fp32", "speed"),
+        "retained heap / glibc defaults, steplm V50257": ("steplm", SYSTEM, "speed"),
+        "retained heap / glibc defaults, HF compiled V50257": (HF_RETAIN, HF, "speed"),
         "fused / unfused loss, V50257": ("steplm", "steplm, unfused loss", "speed"),
         "matmul / flash attention backward, V8192": ("steplm V8192", FLASH, "speed"),
         "STEP final-stage step / vanilla step, V8192": ("steplm V8192 STEP-2 final stage", "steplm V8192", "time"),

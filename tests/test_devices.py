@@ -1,16 +1,18 @@
 """--device/--dtype on the model-reading commands: bf16 autocast against the fp32 reference, device errors."""
+import ctypes
 import json
+import platform
 
 import pytest
 import torch
 
 from steplm import tasks
 from steplm.cli import main
-from steplm.devices import autocast, pick_device, pick_dtype
+from steplm.devices import autocast, pick_device, pick_dtype, retain_host_memory
 from steplm.errors import UserError
 from steplm.evaluate import load_model, perplexity
 
-from conftest import shared
+from conftest import shared, tiny_overrides
 
 BF16 = torch.bfloat16
 
@@ -125,3 +127,48 @@ def test_cpu_name_is_the_model_name_line(tmp_path, monkeypatch):
     assert devices.cpu_name() == "Test CPU @ 2.0GHz"
     monkeypatch.setattr(devices, "Path", lambda p: real(tmp_path / "missing"))
     assert devices.cpu_name() == (devices.platform.processor() or devices.platform.machine())
+
+
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+): every field a size_t
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _maps_a_large_block() -> bool:
+    """Whether a 64 MiB tensor comes from a fresh mmap (glibc's count of mmapped bytes grows by it)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    before = libc.mallinfo2().hblkhd
+    x = torch.ones(64 * 2**20, dtype=torch.uint8)
+    grown = libc.mallinfo2().hblkhd - before
+    del x
+    return grown >= 64 * 2**20
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                    reason="needs glibc 2.33+")
+def test_host_allocator_retain_serves_large_blocks_from_the_heap(tmp_path):
+    from steplm import config
+    from steplm.train import Trainer
+
+    try:
+        assert retain_host_memory(False)
+        assert _maps_a_large_block()  # glibc's default: blocks above 32 MiB are mapped afresh
+        assert retain_host_memory(True)
+        assert not _maps_a_large_block() and not _maps_a_large_block()
+        retain_host_memory(False)
+        sets = tiny_overrides(tmp_path, **{"train.device": "cpu", "train.max_steps": 1})
+        Trainer(config.load(None, [*sets, "train.host_allocator=system"]), tmp_path / "a", progress=False)
+        assert _maps_a_large_block()  # 'system' leaves the allocator alone
+        Trainer(config.load(None, sets), tmp_path / "b", progress=False)  # the default: retain on CPU
+        assert not _maps_a_large_block()
+    finally:
+        retain_host_memory(False)
+
+
+def test_host_allocator_rejects_an_unknown_policy(tmp_path, capsys):
+    rc = main(["train", "--out", str(tmp_path / "run"), "--set", "train.host_allocator=jemalloc",
+               *[x for kv in tiny_overrides(tmp_path) for x in ("--set", kv)]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.host_allocator" in err and "retain" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -23,6 +23,17 @@ def test_interleaved_rounds_rotate_the_order_and_time_every_call():
     assert all(len(v) == 4 and all(t >= 0 for t in v) for v in times.values())
 
 
+def test_interleaved_setup_runs_untimed_before_each_block_of_its_row():
+    """The per-row host-allocator switch: once before every block of that row's calls, outside its timing."""
+    import time
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+    setup = {"a": lambda: (calls.append("set a"), time.sleep(0.05))}
+    times = _bench().interleaved(fns, rounds=3, reps=2, setup=setup)
+    assert calls == ["set a", "a", "a", "b", "b", "b", "b", "set a", "a", "a", "set a", "a", "a", "b", "b"]
+    assert max(times["a"]) < 0.05  # the sleep in setup is not in the row's time
+
+
 def test_loss_chunk_sweep_peaks_grow_with_the_chunk():
     """Eager here to stay quick; the compiled fused loss is checked against torch's in test_loss.py."""
     mod = _bench()

@@ -25,7 +25,7 @@ from . import checkpoint
 from . import config as config_mod
 from . import distributed
 from . import methods, runguard
-from .devices import autocast, pick_device, pick_dtype
+from .devices import autocast, pick_device, pick_dtype, retain_host_memory
 from .data import BatchSampler, TokenShard, eval_windows, prepare
 from .errors import Preempted, TrainingStopped, UserError
 from .lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
@@ -165,6 +165,8 @@ class Trainer:
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         self.device = pick_device(cfg.train.device)
         self.dtype = pick_dtype(cfg.train.dtype, self.device)
+        if self.device.type == "cpu" and cfg.train.host_allocator == "retain":
+            retain_host_memory()
         self.rank, self.world = distributed.init(self.device)
         self.main = self.rank == 0  # only rank 0 logs and writes
         self.fsdp = self.world > 1 and cfg.train.parallel == "fsdp2"
