@@ -361,3 +361,32 @@ def test_embedding_lr_scale_survives_growth_and_default_keeps_two_groups(tmp_pat
     assert torch.equal(tr.optimizer.state[emb]["exp_avg"], m)
     tr.train_step()
     assert groups[2]["lr"] == pytest.approx(10 * groups[0]["lr"])
+
+
+def test_clipping_folded_into_the_fused_step_matches_clip_grad_norm(tmp_path):
+    """With torch's fused AdamW the clip rides on the step's grad_scale (the gradients stay as the
+    backward left them); the weights after clipped steps match clip_grad_norm_ followed by the
+    foreach AdamW to fp32 rounding. The clip is active (grad_clip far below the norm); a step that
+    ignored grad_scale ends 3e-3 away (Adam undoes a constant scale, not one that varies by step)."""
+    import torch
+
+    from steplm import config
+    from steplm.train import Trainer
+
+    def run(fused):
+        cfg = config.load(None, tiny_overrides(tmp_path, **{"train.grad_clip": 0.05, "train.fused_optimizer": fused}))
+        t = Trainer(cfg, tmp_path / f"run{fused}", progress=False)
+        assert t._clip_in_step() == fused
+        for _ in range(4):
+            t.train_step()
+            if fused:
+                assert float(t.optimizer.grad_scale) > 2  # clipping is active this step
+            t.optimizer.zero_grad(set_to_none=True)
+        return torch.cat([p.detach().flatten() for p in t.model.parameters()])
+
+    folded, reference = run(True), run(False)
+    floor = (folded - reference).abs().max().item()
+    assert floor < 1e-6, floor
+    t0 = config.load(None, tiny_overrides(tmp_path))
+    start = torch.cat([p.detach().flatten() for p in Trainer(t0, tmp_path / "init", progress=False).model.parameters()])
+    assert (reference - start).abs().max().item() > 1e3 * floor  # the steps moved the weights

@@ -370,8 +370,14 @@ class Trainer:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         total = self.forward_backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if self._clip_in_step():
+            # the fused AdamW kernel divides each gradient by grad_scale as it reads it: clipping
+            # there saves clip_grad_norm_'s pass that rescales every gradient in memory
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            self.optimizer.grad_scale = torch.clamp((norm + 1e-6) / t.grad_clip, min=1.0)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         total, norm = torch.stack([total.float(), norm.float()]).tolist()  # one synchronisation per step
         if checkpoint.fault_active("nan_at_step", self.step + 1):
             total = float("nan")
@@ -388,6 +394,14 @@ class Trainer:
             return total, False
         self.optimizer.step()
         return total, True
+
+    def _clip_in_step(self) -> bool:
+        """Whether the gradient clipping rides on the optimizer step (``grad_scale`` of torch's fused
+        AdamW: the clip coefficient's inverse) instead of rescaling the gradients first. The same
+        update up to rounding; only where the step is torch's fused AdamW over local tensors."""
+        opt = self.optimizer
+        return (bool(self.cfg.train.grad_clip) and type(opt) is torch.optim.AdamW
+                and bool(opt.defaults.get("fused")) and not self.fsdp)
 
     def forward_backward(self) -> torch.Tensor:
         """Forward and backward every micro-batch of one optimizer step; the step's loss (nats, a
