@@ -19,8 +19,9 @@ Rows (issue #11):
 
 Each row runs under its own host-allocator policy, switched untimed before its block of steps:
 steplm's rows as steplm runs them (it retains freed heap memory on CPU), the HF loop as a user runs
-it (glibc's defaults). So "steplm / HF compiled" compares the two as each runs, and "both with the
-retained heap" compares the code alone.
+it (glibc's defaults, as far as one process can go back to them: devices.retain_host_memory(False)
+leaves the retained free chunks in the heap, which favours those rows). So "steplm / HF compiled"
+compares the two as each runs, and "both with the retained heap" compares the code alone.
 
 A large GEMM in that dtype probes the matmul ceiling; each row's MFU is its model FLOPs/s (the corrected
 count of flops.py: 6·N + 6·V·d + 12·L·s·d per token) over that ceiling. ``--profile`` prints

@@ -1,18 +1,21 @@
 """--device/--dtype on the model-reading commands: bf16 autocast against the fp32 reference, device errors."""
 import ctypes
 import json
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from steplm import tasks
 from steplm.cli import main
-from steplm.devices import autocast, pick_device, pick_dtype, retain_host_memory
+from steplm.devices import autocast, pick_device, pick_dtype
 from steplm.errors import UserError
 from steplm.evaluate import load_model, perplexity
 
-from conftest import shared, tiny_overrides
+from conftest import ROOT, shared, tiny_overrides
 
 BF16 = torch.bfloat16
 
@@ -129,41 +132,49 @@ def test_cpu_name_is_the_model_name_line(tmp_path, monkeypatch):
     assert devices.cpu_name() == (devices.platform.processor() or devices.platform.machine())
 
 
-class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+): every field a size_t
+_ALLOCATOR_PROBE = """
+import ctypes, json, sys
+import torch
+from steplm import config
+from steplm.devices import retain_host_memory
+from steplm.train import Trainer
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+): every field a size_t
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
 
-
-def _maps_a_large_block() -> bool:
-    """Whether a 64 MiB tensor comes from a fresh mmap (glibc's count of mmapped bytes grows by it)."""
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = _MallInfo2
+def maps_a_large_block():  # whether a 64 MiB tensor comes from a fresh mmap (glibc's mmapped bytes grow by it)
     before = libc.mallinfo2().hblkhd
     x = torch.ones(64 * 2**20, dtype=torch.uint8)
     grown = libc.mallinfo2().hblkhd - before
     del x
     return grown >= 64 * 2**20
 
+sets, out = json.loads(sys.argv[1]), sys.argv[2]
+seen = [maps_a_large_block()]  # a fresh process: glibc's defaults map it
+Trainer(config.load(None, [*sets, "train.host_allocator=system"]), out + "/a", progress=False)
+seen.append(maps_a_large_block())  # 'system' leaves the allocator alone
+Trainer(config.load(None, sets), out + "/b", progress=False)  # the default on CPU: retain
+seen += [maps_a_large_block(), maps_a_large_block()]
+seen.append(retain_host_memory(True))
+print(json.dumps(seen))
+"""
+
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"),
                     reason="needs glibc 2.33+")
 def test_host_allocator_retain_serves_large_blocks_from_the_heap(tmp_path):
-    from steplm import config
-    from steplm.train import Trainer
-
-    try:
-        assert retain_host_memory(False)
-        assert _maps_a_large_block()  # glibc's default: blocks above 32 MiB are mapped afresh
-        assert retain_host_memory(True)
-        assert not _maps_a_large_block() and not _maps_a_large_block()
-        retain_host_memory(False)
-        sets = tiny_overrides(tmp_path, **{"train.device": "cpu", "train.max_steps": 1})
-        Trainer(config.load(None, [*sets, "train.host_allocator=system"]), tmp_path / "a", progress=False)
-        assert _maps_a_large_block()  # 'system' leaves the allocator alone
-        Trainer(config.load(None, sets), tmp_path / "b", progress=False)  # the default: retain on CPU
-        assert not _maps_a_large_block()
-    finally:
-        retain_host_memory(False)
+    """In a fresh process (this one's heap depends on the tests before): a large block is mapped
+    afresh under glibc's defaults and by a trainer set to 'system', and served from the heap once
+    the default trainer (retain, on CPU) has run."""
+    sets = tiny_overrides(tmp_path, **{"train.device": "cpu", "train.max_steps": 1})
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    res = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE, json.dumps(sets), str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [True, True, False, False, True]
 
 
 def test_host_allocator_rejects_an_unknown_policy(tmp_path, capsys):

@@ -364,9 +364,9 @@ def test_embedding_lr_scale_survives_growth_and_default_keeps_two_groups(tmp_pat
 
 
 def test_clipping_folded_into_the_fused_step_matches_clip_grad_norm(tmp_path):
-    """With torch's fused AdamW the clip rides on the step's grad_scale (the gradients stay as the
-    backward left them); the weights after clipped steps match clip_grad_norm_ followed by the
-    foreach AdamW to fp32 rounding. The clip is active (grad_clip far below the norm); a step that
+    """With torch's fused AdamW the clip rides on the step's grad_scale (set for that step only);
+    the weights after clipped steps match clip_grad_norm_ followed by the for-loop AdamW
+    (fused=False on CPU) to fp32 rounding. The clip is active (grad_clip far below the norm); a step that
     ignored grad_scale ends 3e-3 away (Adam undoes a constant scale, not one that varies by step)."""
     import torch
 
@@ -377,11 +377,18 @@ def test_clipping_folded_into_the_fused_step_matches_clip_grad_norm(tmp_path):
         cfg = config.load(None, tiny_overrides(tmp_path, **{"train.grad_clip": 0.05, "train.fused_optimizer": fused}))
         t = Trainer(cfg, tmp_path / f"run{fused}", progress=False)
         assert t._clip_in_step() == fused
+        scales, step = [], t.optimizer.step
+
+        def spy(*args, **kwargs):  # the scale the fused step reads
+            scales.append(float(getattr(t.optimizer, "grad_scale", "nan")))
+            return step(*args, **kwargs)
+        t.optimizer.step = spy
         for _ in range(4):
             t.train_step()
-            if fused:
-                assert float(t.optimizer.grad_scale) > 2  # clipping is active this step
+            assert not hasattr(t.optimizer, "grad_scale")  # no stale scale for another caller's step
             t.optimizer.zero_grad(set_to_none=True)
+        if fused:
+            assert len(scales) == 4 and min(scales) > 2  # clipping was active at every step
         return torch.cat([p.detach().flatten() for p in t.model.parameters()])
 
     folded, reference = run(True), run(False)

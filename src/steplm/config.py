@@ -504,7 +504,7 @@ def save(cfg: RunConfig, path: str | Path):
 
 # Keys that may differ when a run resumes: they change logging and bookkeeping, not the trajectory.
 RESUME_SAFE_KEYS = {"train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.eval_tokens", "data.cache_dir"}
+                    "train.eval_tokens", "data.cache_dir", "train.host_allocator"}
 
 
 def differing_keys(a: RunConfig, b: RunConfig) -> list[str]:

@@ -77,25 +77,32 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+        if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+            return None
     except OSError:
         return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
 
 
 def retain_host_memory(retain: bool = True) -> bool:
     """Make glibc keep freed host memory for reuse (``retain``), or go back to its stock behaviour.
 
     A CPU train step allocates and frees the same large buffers every step (a 50257 x 256 fp32
-    gradient is 51 MB). glibc serves every block above its mmap threshold (at most 32 MiB) with a
-    fresh mmap and unmaps it on free, so each step page-faults and the kernel zeroes those pages
-    again; at V50257 that was 15 % of the step (README, Throughput). Retaining sets M_MMAP_MAX = 0
-    (every block from the heap) and M_TRIM_THRESHOLD = 2 GiB (the heap top is not returned to the
-    system below that), so freed blocks are reused. The process's resident memory then stays near
-    its peak instead of shrinking between steps; what it allocates does not change.
+    gradient is 51 MB). glibc serves a block above its mmap threshold (at most 32 MiB) that no free
+    heap chunk fits with a fresh mmap and unmaps it on free, so each step page-faults and the kernel
+    zeroes those pages again; at V50257 that was 15 % of the step (README, Throughput). Retaining sets
+    M_MMAP_MAX = 0 (the main arena serves every block from the heap; glibc still maps a block that
+    another thread's arena cannot grow to) and M_TRIM_THRESHOLD = 2 GiB (the heap top is not returned
+    to the system below that), so freed blocks are reused. The process's resident memory then stays
+    near its peak instead of shrinking between steps; what it allocates does not change.
 
-    ``retain=False`` restores glibc's defaults as they stand once a process has warmed up: mmap for
-    blocks above 32 MiB (the ceiling of glibc's sliding threshold; setting any of these parameters
-    fixes it there), a trim threshold of twice that, and the freed heap top trimmed now.
+    ``retain=False`` approximates glibc's defaults as they stand once a process has warmed up: mmap
+    for blocks above 32 MiB (the ceiling of glibc's sliding threshold; setting any of these parameters
+    fixes it there), a trim threshold of twice that, and the free heap top trimmed now. Free chunks
+    inside the heap stay there and keep serving blocks they fit, so a process that retained is not
+    a fresh one again.
 
     Process-wide. Returns False, changing nothing, where the C library is not glibc (macOS, musl)."""
     libc = _glibc()

@@ -370,11 +370,12 @@ class Trainer:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         total = self.forward_backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        scale = None
         if self._clip_in_step():
-            # the fused AdamW kernel divides each gradient by grad_scale as it reads it: clipping
-            # there saves clip_grad_norm_'s pass that rescales every gradient in memory
+            # torch's fused AdamW divides each gradient by grad_scale inside its kernel (and stores it
+            # back so): clipping there saves clip_grad_norm_'s separate pass over every gradient
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            self.optimizer.grad_scale = torch.clamp((norm + 1e-6) / t.grad_clip, min=1.0)
+            scale = torch.clamp((norm + 1e-6) / t.grad_clip, min=1.0)
         else:
             norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -392,12 +393,19 @@ class Trainer:
                 raise TrainingStopped(f"step {self.step + 1}: {self.skipped} bad batches skipped, more than "
                                       f"train.max_skipped ({t.max_skipped}); lower {self.LR_KEY}")
             return total, False
-        self.optimizer.step()
+        if scale is None:
+            self.optimizer.step()
+            return total, True
+        self.optimizer.grad_scale = scale  # read by this step only (GradScaler's protocol)
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.grad_scale
         return total, True
 
     def _clip_in_step(self) -> bool:
         """Whether the gradient clipping rides on the optimizer step (``grad_scale`` of torch's fused
-        AdamW: the clip coefficient's inverse) instead of rescaling the gradients first. The same
+        AdamW: the clip coefficient's inverse) instead of a pass rescaling the gradients first. The same
         update up to rounding; only where the step is torch's fused AdamW over local tensors."""
         opt = self.optimizer
         return (bool(self.cfg.train.grad_clip) and type(opt) is torch.optim.AdamW
