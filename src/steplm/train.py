@@ -393,10 +393,7 @@ class Trainer:
                 raise TrainingStopped(f"step {self.step + 1}: {self.skipped} bad batches skipped, more than "
                                       f"train.max_skipped ({t.max_skipped}); lower {self.LR_KEY}")
             return total, False
-        if scale is None:
-            self.optimizer.step()
-            return total, True
-        self.optimizer.grad_scale = scale  # read by this step only (GradScaler's protocol)
+        self.optimizer.grad_scale = scale  # None: no scale; read by this step only (GradScaler's protocol)
         try:
             self.optimizer.step()
         finally:
