@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -235,7 +236,8 @@ def interleaved(fns: dict, rounds: int, reps: int, before=None, log: bool = Fals
 
 
 def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
+    """The median (the mean of the two middle values for an even count)."""
+    return statistics.median(xs)
 
 
 def loss_chunk_sweep(shape: dict, chunk_rows=(128, 256, 512, 1024), rounds: int = 6, reps: int = 4,

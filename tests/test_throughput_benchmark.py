@@ -34,6 +34,11 @@ def test_interleaved_setup_runs_untimed_before_each_block_of_its_row():
     assert max(times["a"]) < 0.05  # the sleep in setup is not in the row's time
 
 
+def test_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    median = _bench().median
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5 and median([3.0, 1.0, 2.0]) == 2.0
+
+
 def test_loss_chunk_sweep_peaks_grow_with_the_chunk():
     """Eager here to stay quick; the compiled fused loss is checked against torch's in test_loss.py."""
     mod = _bench()
