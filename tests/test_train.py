@@ -368,11 +368,6 @@ def test_clipping_folded_into_the_fused_step_matches_clip_grad_norm(tmp_path):
     the weights after clipped steps match clip_grad_norm_ followed by the for-loop AdamW
     (fused=False on CPU) to fp32 rounding. The clip is active (grad_clip far below the norm); a step that
     ignored grad_scale ends 3e-3 away (Adam undoes a constant scale, not one that varies by step)."""
-    import torch
-
-    from steplm import config
-    from steplm.train import Trainer
-
     def run(fused):
         cfg = config.load(None, tiny_overrides(tmp_path, **{"train.grad_clip": 0.05, "train.fused_optimizer": fused}))
         t = Trainer(cfg, tmp_path / f"run{fused}", progress=False)
