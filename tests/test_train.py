@@ -394,3 +394,40 @@ def test_clipping_folded_into_the_fused_step_matches_clip_grad_norm(tmp_path):
     t0 = config.load(None, tiny_overrides(tmp_path))
     start = torch.cat([p.detach().flatten() for p in Trainer(t0, tmp_path / "init", progress=False).model.parameters()])
     assert (reference - start).abs().max().item() > 1e3 * floor  # the steps moved the weights
+
+
+@pytest.mark.parametrize("method,extra,accum", [
+    ("vanilla", {}, 1), ("step", {"step.n_stages": 2, "step.layers_per_stage": "[2,2]"}, 1),
+    ("relora", {"lora.relora_interval": 3, "lora.warm_start_fraction": 0.25}, 2)])
+def test_peak_tracker_equals_torchs_memtracker(tmp_path, method, extra, accum):
+    """The trainer's faster tracker (no per-module peaks) reports the peak that torch's MemTracker
+    itself reports for the same step: in a frozen-and-adapted stage too, and with accumulation."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from steplm.train import _cpu_peak_step
+
+    class Reference(MemTracker):  # only the frozen-weight workaround, torch's own peak bookkeeping
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    t = make(tmp_path, method=method, **{"train.grad_accum": accum}, **extra)
+    if method != "vanilla":
+        t.train_step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.next_stage()
+    peaks = []
+    for fast in (True, False, True):
+        t.train_step()  # both measure a step that starts with the optimizer state already there
+        t.optimizer.zero_grad(set_to_none=True)
+        if fast:
+            peaks.append(_cpu_peak_step(t.train_step, t.model, t.optimizer, t))
+        else:
+            ref = Reference()
+            ref.track_external(t.model, t.optimizer)
+            t.after_micro_batch = ref.reset_mod_stats
+            with ref:
+                t.train_step()
+            t.after_micro_batch = None
+            peaks.append(int(next(iter(ref.get_tracker_snapshot("peak").values()))["Total"]))
+        t.optimizer.zero_grad(set_to_none=True)
+    assert peaks[0] > 0 and peaks == [peaks[1]] * 3
