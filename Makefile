@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
 	touch $@
 
+# pytest-xdist: one worker per core (at most 4); conftest.py splits the threads between them
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py

@@ -8,6 +8,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STEPLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs -n auto) the workers share the cores: each worker, and
+    each subprocess it starts (OMP_NUM_THREADS), gets its share of intra-op threads, so the
+    workers' thread pools do not oversubscribe the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def shared(rel: str) -> Path:
     p = SHARED / rel
     if not p.exists():
