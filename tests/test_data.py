@@ -42,6 +42,22 @@ def test_non_utf8_and_missing(tmp_path):
         list(read_documents(str(tmp_path / "nope.txt")))
 
 
+@pytest.mark.parametrize("name", ["corpus", "notes.text", "book.log", "data.bin"])
+def test_a_file_named_on_its_own_is_read_as_utf8_text_whatever_its_suffix(tmp_path, name):
+    (tmp_path / name).write_text("some plain text")
+    assert [t for _, t in read_documents(str(tmp_path / name))] == ["some plain text"]
+    (tmp_path / name).write_bytes(bytes(range(128, 256)) * 8)  # binary: one line, not a parquet traceback
+    with pytest.raises(UserError, match="not UTF-8"):
+        list(read_documents(str(tmp_path / name)))
+
+
+@pytest.mark.parametrize("content", [b"", b"x\n", b"PAR1", b"PAR1" + bytes(100) + b"PAR1", b'{"text": "json"}\n'])
+def test_an_unreadable_parquet_file_is_one_line(tmp_path, content):
+    (tmp_path / "d.parquet").write_bytes(content)
+    with pytest.raises(UserError, match=r"data.path: .*d\.parquet"):  # not readable, or cannot read
+        list(read_documents(str(tmp_path / "d.parquet")))
+
+
 def test_gpt2_tokenizer_from_shared_files():
     tok = load_tokenizer(str(shared("tokenizers/gpt2")))
     assert tok.encode("Hello world").ids == [15496, 995]  # the reference ids from the data README

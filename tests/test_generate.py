@@ -39,6 +39,17 @@ def test_sampling_filters():
     assert len({sample_next(logits, 5.0, None, None, g) for _ in range(400)}) == 4
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 1e-300, 5e-324])
+def test_a_tiny_temperature_samples_the_argmax(temperature):
+    """Temperatures whose inverse overflows fp32 (or even fp64) still give a distribution: the
+    largest logit, as greedy decoding would pick, with and without top-k/top-p."""
+    g = torch.Generator().manual_seed(0)
+    for logits in (torch.tensor([0.5, 3.0, -2.0, 2.9]), 30 * torch.randn(512, generator=g)):
+        best = int(logits.argmax())
+        for top_k, top_p in ((None, None), (5, None), (None, 0.9)):
+            assert {sample_next(logits, temperature, top_k, top_p, g) for _ in range(5)} == {best}
+
+
 def test_sft_masks_prompt_tokens(tiny_run):
     _, tok = load_model(tiny_run)
     ex = {"instruction": "Say hi.", "input": "", "output": "hi there"}

@@ -142,6 +142,19 @@ def test_sft_refuses_a_foreign_non_empty_out(tiny_run, tmp_path, capsys):
     assert "--out" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("kind", ["file", "link to a file"])
+def test_sft_refuses_an_out_that_is_not_a_directory(tiny_run, tmp_path, capsys, kind):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    out = target if kind == "file" else tmp_path / "link"
+    if kind != "file":
+        out.symlink_to(target)
+    assert main(_sft_args(tiny_run, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--out" in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert target.read_text() == "mine"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_sft_under_torchrun_matches_one_process(tiny_run, tmp_path, parallel):

@@ -425,6 +425,8 @@ def cmd_sft(a):
     read_examples(a.data)  # bad data: one line, before anything is written
     _precision(a)  # --device cuda without a GPU: one line naming the flag
     out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file, not a directory; choose another directory")
     if out.exists() and any(out.iterdir()) and not (out / "config.yaml").is_file():
         raise UserError(f"--out: {out} is not empty and holds no SFT run to resume; choose another directory")
     cfg = sft_config(a.model, a.data, source_config(a.model), epochs=a.epochs, limit=a.limit, lr=a.lr,

@@ -51,7 +51,7 @@ def read_documents(path: str, text_field: str = "text", exclude: list[str] = ())
     for f in list_sources(path, exclude):
         suffix = _suffix(f)
         try:
-            if suffix in TEXT_SUFFIXES:
+            if suffix not in RECORD_SUFFIXES:  # .txt, .py, or a file named on its own: UTF-8 text
                 yield str(f), f.read_text(encoding="utf-8")
             elif suffix in (".jsonl", ".jsonl.gz"):
                 opener = gzip.open if suffix == ".jsonl.gz" else open
@@ -68,8 +68,12 @@ def read_documents(path: str, text_field: str = "text", exclude: list[str] = ())
                                             f"(set data.text_field)")
                         yield f"{f}:{n}", rec[text_field]
             else:  # parquet
+                import pyarrow
                 import pyarrow.parquet as pq
-                table = pq.read_table(f)
+                try:
+                    table = pq.read_table(f)
+                except pyarrow.ArrowException as e:
+                    raise UserError(f"data.path: {f} is not a readable parquet file ({one_line(e)})")
                 if text_field not in table.column_names:
                     raise UserError(f"data.path: {f} has no column '{text_field}' (set data.text_field)")
                 for n, text in enumerate(table.column(text_field).to_pylist()):

@@ -33,7 +33,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     """One token id from (V,) logits: greedy at temperature 0, else temperature/top-k/top-p sampling."""
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    # in fp64 and less the largest logit: a tiny temperature (down to 5e-324) sends the others to
+    # -inf and keeps the largest at 0, where fp32 would divide by a temperature rounded to 0
+    logits = logits.double()
+    logits = (logits - logits.max()) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
