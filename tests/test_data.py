@@ -100,6 +100,26 @@ def test_empty_corpus_is_an_error(tmp_path):
     assert not any((tmp_path / "cache").glob("*/train.bin"))  # nothing half-written left
 
 
+@pytest.mark.parametrize("empty_side", ["val", "train"])
+@pytest.mark.parametrize("empty", ["file", "whitespace", "folder of blank files"])
+def test_an_empty_side_of_a_train_val_pair_names_its_own_key(tmp_path, empty_side, empty):
+    (tmp_path / "text.txt").write_text("Some words for a corpus.\n" * 20)
+    blank = tmp_path / "blank"
+    if empty == "folder of blank files":
+        blank.mkdir()
+        for i in range(3):
+            (blank / f"{i}.txt").write_text("\n" * i)
+    else:
+        blank = tmp_path / "blank.txt"
+        blank.write_text("" if empty == "file" else " \n\t\n")
+    train, val = (tmp_path / "text.txt", blank) if empty_side == "val" else (blank, tmp_path / "text.txt")
+    key = "data.val_path" if empty_side == "val" else "data.path"
+    with pytest.raises(UserError, match=f"^{key}: {blank} holds no text"):
+        prepare(config.DataConfig(path=str(train), val_path=str(val), tokenizer=str(shared("tokenizers/gpt2"))),
+                tmp_path / "cache", progress=False)
+    assert not any((tmp_path / "cache").glob("*/train.bin"))
+
+
 def test_sampler_is_reproducible_and_shifted(tmp_path):
     d = _docs_dir(tmp_path)
     out, _ = prepare(config.DataConfig(path=str(d), tokenizer="bpe:300", val_fraction=0.25), tmp_path / "c", progress=False)
