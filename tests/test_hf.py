@@ -272,6 +272,12 @@ def _extra_bias(path):
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _vocab_below_tokenizer(path, short):
+    from tokenizers import Tokenizer
+    n = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
+    edit_config(path, vocab_size=n - short)
+
+
 REFUSED = [
     ("hidden_act", lambda p: edit_config(p, hidden_act="gelu"), "hidden_act"),
     ("rope_dynamic", lambda p: edit_config(p, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
@@ -289,6 +295,8 @@ REFUSED = [
     ("unexpected_tensor", _extra_bias, "model.layers.0.self_attn.q_proj.bias"),
     ("eos_not_in_vocab", lambda p: (p / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eot>"})),
      "eos_token"),
+    ("vocab_below_tokenizer_by_1", lambda p: _vocab_below_tokenizer(p, 1), "vocab_size"),
+    ("vocab_below_tokenizer_by_half", lambda p: _vocab_below_tokenizer(p, 128), "vocab_size"),
 ]
 
 
