@@ -295,6 +295,12 @@ REFUSED = [
     ("unexpected_tensor", _extra_bias, "model.layers.0.self_attn.q_proj.bias"),
     ("eos_not_in_vocab", lambda p: (p / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eot>"})),
      "eos_token"),
+    ("rope_theta_nan", lambda p: edit_config(p, rope_parameters={"rope_type": "default", "rope_theta": float("nan")}),
+     "rope_theta"),
+    ("rope_theta_inf", lambda p: edit_config(p, rope_parameters={"rope_type": "default", "rope_theta": float("inf")}),
+     "rope_theta"),
+    ("rope_theta_nan_yarn", lambda p: edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 2.0,
+                                                                      "rope_theta": float("nan")}), "rope_theta"),
     ("vocab_below_tokenizer_by_1", lambda p: _vocab_below_tokenizer(p, 1), "vocab_size"),
     ("vocab_below_tokenizer_by_half", lambda p: _vocab_below_tokenizer(p, 128), "vocab_size"),
 ]

@@ -94,8 +94,8 @@ def _rope(d: dict) -> tuple[float, dict | None]:
     if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
         _refuse(field, "must be one mapping (per-layer RoPE is not supported)")
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        _refuse("rope_theta", f"must be a positive number, got {theta!r}")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < float("inf"):
+        _refuse("rope_theta", f"must be a finite positive number, got {theta!r}")  # JSON's NaN fails 0 < theta
     for where, v in ((field, rope.get("partial_rotary_factor")), ("", d.get("partial_rotary_factor"))):
         if v not in (None, 1, 1.0):
             _refuse(f"{where} partial_rotary_factor".strip(), f"{v!r} is not supported (RoPE on the whole head only)")
