@@ -272,12 +272,6 @@ def _extra_bias(path):
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _vocab_below_tokenizer(path, short):
-    from tokenizers import Tokenizer
-    n = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
-    edit_config(path, vocab_size=n - short)
-
-
 REFUSED = [
     ("hidden_act", lambda p: edit_config(p, hidden_act="gelu"), "hidden_act"),
     ("rope_dynamic", lambda p: edit_config(p, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
@@ -301,8 +295,6 @@ REFUSED = [
      "rope_theta"),
     ("rope_theta_nan_yarn", lambda p: edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 2.0,
                                                                       "rope_theta": float("nan")}), "rope_theta"),
-    ("vocab_below_tokenizer_by_1", lambda p: _vocab_below_tokenizer(p, 1), "vocab_size"),
-    ("vocab_below_tokenizer_by_half", lambda p: _vocab_below_tokenizer(p, 128), "vocab_size"),
 ]
 
 

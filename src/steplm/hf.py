@@ -283,9 +283,6 @@ def load_pretrained(path: str | Path, device="cpu") -> Pretrained:
     if not (d / "tokenizer.json").is_file():
         raise UserError(f"MODEL: {d} has no tokenizer.json")
     tok = read_tokenizer(d / "tokenizer.json", "MODEL")
-    if tok.get_vocab_size() > cfg.vocab_size:  # ids past the embedding would fail mid-evaluation
-        raise UserError(f"MODEL: {d}'s config.json vocab_size {cfg.vocab_size} is smaller than its tokenizer's "
-                        f"{tok.get_vocab_size()} tokens (tokenizer.json); fix vocab_size or the tokenizer")
     special = read_special_tokens(d, tok)
     state = read_weights(d, device)
     cfg = _check_weights(cfg, state)
