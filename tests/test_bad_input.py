@@ -113,6 +113,12 @@ TABLE = [
     (["train", "--out", f"{T}/locked", "--data", f"{T}/ok.txt"], "in use by another steplm train"),
     (["train", "--out", f"{T}/afile/sub", "--data", f"{T}/ok.txt"], "--out"),
     (["train", "--out", f"{T}/full", "--fresh", "--data", f"{T}/ok.txt"], "--fresh"),
+    # train: an --out that a run would clobber (a finished run, files that are not a run)
+    (["train", "--out", RUN, "--data", f"{T}/ok.txt"], "holds a finished run"),
+    (["train", "--out", f"{T}/full", "--data", f"{T}/ok.txt"], "holds no run to resume"),
+    (["train", "--out", f"{T}/hfexport", "--data", f"{T}/ok.txt"], "holds no run to resume"),
+    (["train", "--out", f"{T}/afile", "--data", f"{T}/ok.txt"], "--out: "),
+    (["train", "--out", f"{T}/sftdone", "--data", f"{T}/ok.txt"], "holds a finished run"),
     # eval
     (["eval", f"{T}/ok.txt", "--data", f"{T}/ok.txt"], "MODEL"),
     (["eval", f"{T}/gpt2dir", "--data", f"{T}/ok.txt"], "Llama"),
@@ -126,7 +132,10 @@ TABLE = [
     # sft
     (["sft", RUN, "--data", f"{T}/missing.json", "--out", f"{T}/o"], "--data"),
     (["sft", RUN, "--data", f"{T}/noinstr.json", "--out", f"{T}/o"], "instruction"),
-    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/full"], "--out"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/full"], "holds no run to resume"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", RUN], "holds a finished run"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/sftdone"], "holds a finished run"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/hfexport"], "holds no run to resume"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--lr", "nan"], "--lr"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--lr", "-1"], "--lr"),
     # generate
@@ -161,6 +170,13 @@ def inputs(tmp):
     (tmp / "str_int.yaml").write_text("train:\n  max_steps: '12'\n")
     (tmp / "inf.yaml").write_text("train:\n  grad_clip: .inf\n")
     (tmp / "locked").mkdir()
+    (tmp / "hfexport").mkdir()  # what `steplm export` writes: no config.yaml
+    (tmp / "hfexport" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp / "hfexport" / "model.safetensors").write_bytes(b"x")
+    (tmp / "sftdone").mkdir()  # a finished run of another kind: config.yaml and its summary
+    (tmp / "sftdone" / "config.yaml").write_text("method: vanilla\n")
+    (tmp / "sftdone" / "summary.json").write_text("{}")
+    (tmp / "sftdone" / "sft_summary.json").write_text("{}")
 
 
 def snapshot(tmp):

@@ -21,6 +21,59 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
 ENV.pop("STEPLM_FAULT", None)
 
 
+# ---------------------------------------------------------------------------- which --out a run may use
+@pytest.mark.parametrize("files,refusal", [
+    (None, None),  # missing: a new run
+    ({}, None),  # empty
+    ({".lock": ""}, None),  # a run killed before it wrote anything but its lock
+    ({"config.yaml": "x", "metrics.jsonl": "", ".lock": "123"}, None),  # an unfinished run: resumed
+    ({"config.yaml": "x", "summary.json": "{}"}, "holds a finished run"),
+    ({"config.yaml": "x", "summary.json": "{}", "sft_summary.json": "{}"}, "holds a finished run"),
+    ({"summary.json": "{}"}, "holds a finished run"),
+    ({"config.json": "{}", "model.safetensors": "x"}, "holds no run to resume"),  # an HF export
+    ({"notes.txt": "mine"}, "holds no run to resume"),
+    ({"sub/config.yaml": "x"}, "holds no run to resume"),
+    ("a file", "is a file"),
+])
+def test_check_run_dir(tmp_path, files, refusal):
+    out = tmp_path / "out"
+    if isinstance(files, str):
+        out.write_text(files)
+    elif files is not None:
+        out.mkdir()
+        for name, text in files.items():
+            (out / name).parent.mkdir(exist_ok=True)
+            (out / name).write_text(text)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    if refusal is None:
+        runguard.check_run_dir(out)
+    else:
+        with pytest.raises(runguard.UserError, match=f"--out: {out} .*{refusal}"):
+            runguard.check_run_dir(out)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # the check writes nothing
+
+
+def test_finished_run_is_refused_and_left_byte_identical(tiny_run, tmp_path, capsys):
+    """`train`/`sft --out` on a finished run, and a Trainer built on it, refuse it without touching a file."""
+    from steplm.cli import main
+    from steplm.train import Trainer
+
+    def state():
+        return {str(p.relative_to(tiny_run)): (p.stat().st_mtime_ns, p.read_bytes()) for p in tiny_run.rglob("*")
+                if p.is_file()}
+
+    before = state()
+    assert main(["train", "--out", str(tiny_run), "--set", f"data.cache_dir={tmp_path}", "--quiet"]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}]))
+    assert main(["sft", str(tiny_run), "--data", str(alpaca), "--out", str(tiny_run), "--quiet"]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    with pytest.raises(runguard.UserError, match="holds a finished run"):
+        Trainer(config.load(tiny_run / "config.yaml"), tiny_run, progress=False)
+    assert state() == before
+
+
 # ---------------------------------------------------------------------------- lock
 def test_lock_is_exclusive_and_released(tmp_path):
     a = runguard.RunLock(tmp_path)

@@ -251,7 +251,9 @@ class Trainer:
 
     def _prepare_output_dir(self):
         """Create the run directory and take its lock (one writer per directory; a dead holder's lock
-        is taken over). Creating the lock file doubles as the write test."""
+        is taken over). Creating the lock file doubles as the write test. A finished run or a foreign
+        non-empty directory is refused before anything is written there."""
+        runguard.check_run_dir(self.out)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
