@@ -20,6 +20,7 @@ METHODS = {
     "step3": {"method": "step", "step.n_stages": 3, "step.layers_per_stage": "[2,1,1]"},
     "relora": {"method": "relora", "lora.relora_interval": 3, "lora.relora_warmup": 2,
                "lora.warm_start_fraction": 0.25},
+    "accum": {"train.grad_accum": 3},  # [16] steps of 3 micro-batches
 }
 
 
@@ -208,6 +209,27 @@ def test_preemption_signal_checkpoints_and_resume_is_identical(references, tmp_p
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["weights_sha256"] == ref["weights_sha256"]
+    assert losses(out) == ref_losses
+
+
+@pytest.mark.parametrize("step,signame", [(1, "SIGTERM"), (6, "SIGUSR1")])
+def test_preemption_between_micro_batches_drops_the_step_and_resume_is_identical(references, tmp_path, step,
+                                                                                 signame):
+    """A signal after the first of step N's 3 micro-batches: the run does not finish the step (one may
+    outlast a scheduler's grace period) but checkpoints step N-1 with its data position rewound to the
+    step's start, so the resume redoes step N on the same batches."""
+    ref, ref_losses, cache_tmp = references["accum"]
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, "accum", **{"train.checkpoint_every": 0})
+    stopped = run(args, fault=f"{signame.lower()}_mid_step:{step}")
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr
+    line = only_line(stopped.stderr)
+    assert f"preempted: {signame} after step {step - 1}:" in line, line
+    assert list_steps(out / "checkpoints") == [step - 1]
+    assert not (out / "summary.json").exists()
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["weights_sha256"] == ref["weights_sha256"]
     assert losses(out) == ref_losses
 
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from steplm.checkpoint import list_steps
 from steplm.cli import main
+from steplm.errors import EXIT_PREEMPTED
 from steplm.sft import IGNORE, accumulate_response_loss
 
 from conftest import ROOT, shared, torchrun_args
@@ -96,6 +98,13 @@ def test_sft_resumes_bitwise_after_sigkill(tiny_run, tmp_path):
         killed = _run(_sft_args(tiny_run, out), fault=f"kill_after_step:{step}")
         assert killed.returncode == -signal.SIGKILL
     assert not (out / "sft_summary.json").exists()
+    # a SIGTERM between step 6's two micro-batches, periodic checkpoints off: the preemption writes
+    # checkpoint 5 itself, with the examples rewound to step 6's start
+    args = _sft_args(tiny_run, out)
+    args[args.index("--checkpoint-every") + 1] = "0"
+    stopped = _run(args, fault="sigterm_mid_step:6")
+    assert stopped.returncode == EXIT_PREEMPTED and "after step 5:" in stopped.stderr, stopped.stderr
+    assert list_steps(out / "checkpoints")[-1] == 5
     resumed = _run(_sft_args(tiny_run, out))
     assert resumed.returncode == 0, resumed.stderr
     got = json.loads((out / "sft_summary.json").read_text())

@@ -25,11 +25,12 @@ def fault_active(point: str, step: int) -> bool:
     return os.environ.get("STEPLM_FAULT", "") == f"{point}:{step}"
 
 
-def signal_fault(step: int):
+def signal_fault(step: int, when: str = "after_step"):
     """Fault injection: STEPLM_FAULT=sigterm_after_step:N (or sigusr1_after_step:N) makes this process
-    send itself that real signal once optimizer step N is done."""
+    send itself that real signal once optimizer step N is done; ``sigterm_mid_step:N`` (``when`` =
+    "mid_step") after the first micro-batch of step N."""
     import signal
-    for point, sig in (("sigterm_after_step", signal.SIGTERM), ("sigusr1_after_step", signal.SIGUSR1)):
+    for point, sig in ((f"sigterm_{when}", signal.SIGTERM), (f"sigusr1_{when}", signal.SIGUSR1)):
         if fault_active(point, step):
             os.kill(os.getpid(), sig)
 

@@ -100,10 +100,16 @@ class RunLock:
     __del__ = release
 
 
+class StepAbandoned(Exception):
+    """A preemption signal arrived between two micro-batches of one optimizer step: the trainer drops
+    the step's partial gradients, rewinds its data position to the step's start and checkpoints."""
+
+
 class Preemption:
     """While active, SIGTERM and SIGUSR1 (what SLURM and other schedulers send before a kill) only
-    record themselves; the trainer asks ``requested`` between optimizer steps, checkpoints and exits.
-    Outside the main thread (where Python cannot install handlers) it does nothing."""
+    record themselves; the trainer asks ``requested`` between optimizer steps (and, in one process,
+    between micro-batches), checkpoints and exits. Outside the main thread (where Python cannot
+    install handlers) it does nothing."""
 
     def __init__(self):
         self.signum: int | None = None

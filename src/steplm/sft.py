@@ -192,7 +192,7 @@ class SFTTrainer(Trainer):
         micro = [mb if mb else ("dummy", batch[:1]) for mb in slots] if self.world > 1 else slots
         self.data_seconds += time.perf_counter() - t0
         return accumulate_response_loss(self.loss_fn, micro, self.special.eos_id, self.device, n_response,
-                                        scale=float(self.world), after_micro_batch=self.after_micro_batch)
+                                        scale=float(self.world), after_micro_batch=self._micro_batch_done)
 
     @torch.no_grad()
     def evaluate(self, max_tokens: int | None = None) -> float:

@@ -380,7 +380,13 @@ class Trainer:
         lr = self.lr_at(self.step_in_stage)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        total = self.forward_backward()
+        start = self.sampler.state_dict()  # a step abandoned on preemption is redone from here
+        try:
+            total = self.forward_backward()
+        except runguard.StepAbandoned:
+            self.sampler.load_state_dict(start)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         params = [p for p in self.model.parameters() if p.requires_grad]
         scale = None
         if self._clip_in_step():
@@ -433,9 +439,20 @@ class Trainer:
             loss = self.loss_fn(x, y) / t.grad_accum
             loss.backward()
             total += loss.detach()
-            if self.after_micro_batch is not None:
-                self.after_micro_batch()
+            self._micro_batch_done()
         return total
+
+    def _micro_batch_done(self):
+        """Between micro-batches: the CPU peak tracker's hook, the mid-step fault hook, and a
+        preemption check. In one process a SIGTERM/SIGUSR1 abandons the step here (StepAbandoned):
+        a step of many micro-batches can outlast a scheduler's grace period. With several ranks the
+        check stays between optimizer steps, where one collective per step asks every rank."""
+        if self.after_micro_batch is not None:
+            self.after_micro_batch()
+        checkpoint.signal_fault(self.step + 1, "mid_step")
+        preemption = getattr(self, "preemption", None)  # set while fit runs
+        if self.world == 1 and preemption is not None and preemption.signum is not None:
+            raise runguard.StepAbandoned
 
     def _account(self):
         tokens = self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.cfg.train.seq_len
@@ -603,8 +620,9 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train every stage (resuming where a checkpoint left off); write metrics.jsonl, checkpoints,
-        the final weights and summary.json. Returns the summary. On SIGTERM or SIGUSR1 it finishes
-        the current optimizer step, writes a checkpoint and raises Preempted; it raises
+        the final weights and summary.json. Returns the summary. On SIGTERM or SIGUSR1 it stops at the
+        next micro-batch (one process: the unfinished step is dropped and redone on resume) or after
+        the current optimizer step (several ranks), writes a checkpoint and raises Preempted; it raises
         TrainingStopped rather than write non-finite weights."""
         try:
             with runguard.Preemption() as self.preemption:
@@ -643,13 +661,16 @@ class Trainer:
             n_steps = self.stage_steps[self.stage]
             measure_peak = self.step_in_stage == min(1, n_steps - 1) and self.device.type == "cpu" and not t.compile
             t0 = time.perf_counter()
-            if measure_peak and self.world == 1:
-                box = {}
-                peak = _cpu_peak_step(lambda: box.setdefault("out", self.train_step()), self.model, self.optimizer,
-                                      self)
-                loss, ok = box["out"]
-            else:
-                (loss, ok), peak = self.train_step(), None
+            try:
+                if measure_peak and self.world == 1:
+                    box = {}
+                    peak = _cpu_peak_step(lambda: box.setdefault("out", self.train_step()), self.model,
+                                          self.optimizer, self)
+                    loss, ok = box["out"]
+                else:
+                    (loss, ok), peak = self.train_step(), None
+            except runguard.StepAbandoned:
+                self._stop_for_preemption(metrics)  # the checkpoint of the last whole step
             if self.record is None and ok:  # after the stage's first optimizer step
                 self.record = self._stage_record(state_bytes(self.model, self.optimizer), None)
                 self.record["_seconds_at_start"] = self.step_seconds
