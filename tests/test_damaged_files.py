@@ -58,7 +58,15 @@ RUN_DAMAGE = {
     "weights NaN": (_weights(_nan), "non-finite weights"),
     "weights inf": (_weights(_inf), "non-finite weights"),
     "weights missing a tensor": (_weights(_drop), "does not match its model_config.json"),
+    # RoPE tables no machine holds (2·positions·head_dim fp32): one line, not an allocator traceback
+    "max_seq_len 2e9": (lambda d: _edit_json(d / "model_config.json", max_seq_len=2_000_000_000),
+                        "lower max_seq_len in"),
+    "max_seq_len 1e15": (lambda d: _edit_json(d / "model_config.json", max_seq_len=10**15), "lower max_seq_len in"),
 }
+
+
+def _edit_json(path, **change):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
 
 
 def _snapshot(root):
@@ -124,6 +132,8 @@ HF_DAMAGE = {
                             "factor must be at least 1"),
     "rope factor zero": (_hf_config(rope_parameters={"rope_type": "yarn", "factor": 0, "rope_theta": 1e4,
                                                      "original_max_position_embeddings": 16}), "finite positive"),
+    "max_position_embeddings 2e9": (_hf_config(max_position_embeddings=2_000_000_000), "max_position_embeddings"),
+    "max_position_embeddings 1e13": (_hf_config(max_position_embeddings=10**13), "max_position_embeddings"),
 }
 
 

@@ -431,3 +431,33 @@ def test_peak_tracker_equals_torchs_memtracker(tmp_path, method, extra, accum):
             peaks.append(int(next(iter(ref.get_tracker_snapshot("peak").values()))["Total"]))
         t.optimizer.zero_grad(set_to_none=True)
     assert peaks[0] > 0 and peaks == [peaks[1]] * 3
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # states dominate the tiny model
+    {"train.micro_batch": 16, "train.seq_len": 128, "model.max_seq_len": 128},  # activations dominate
+    {"train.micro_batch": 16, "train.seq_len": 128, "model.max_seq_len": 128, "train.activation_checkpointing": True},
+    {"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]"},
+])
+def test_minimum_peak_bytes_is_below_the_tracked_peak(tmp_path, extra):
+    """The bound that refuses a run too large for the device (Trainer._check_fits) is a lower bound:
+    at most the MemTracker peak of a real eager step (plus the RoPE tables, which the tracker does
+    not count as the model's), in every stage; and not a loose one (at least a tenth of it)."""
+    from steplm.stages import minimum_peak_bytes
+    from steplm.train import _cpu_peak_step
+
+    t = make(tmp_path, **extra)
+    need = minimum_peak_bytes(t.cfg, t.plan)
+    rope = t.model.rope_cos.nbytes + t.model.rope_sin.nbytes
+    assert need["rope"] == rope
+    peaks = []
+    while True:
+        t.train_step()
+        t.optimizer.zero_grad(set_to_none=True)
+        peaks.append(_cpu_peak_step(t.train_step, t.model, t.optimizer, t))
+        t.optimizer.zero_grad(set_to_none=True)
+        if t.stage == len(t.stage_steps) - 1:
+            break
+        t.next_stage()
+    assert need["total"] <= max(peaks) + rope
+    assert need["total"] >= max(peaks) / 10

@@ -33,6 +33,54 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
+def memory_capacity_bytes(device: torch.device) -> int:
+    """Memory one process can ever use on ``device`` (bytes): the GPU's total memory, or on the CPU the
+    physical memory (less under a cgroup limit) plus swap."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            ram = min(ram, int(Path(limit).read_text().strip()))
+        except (OSError, ValueError):  # absent, or "max"
+            pass
+    swap = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("SwapTotal:"):
+                swap = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return ram + swap
+
+
+def gib(n_bytes: float) -> str:
+    """``n_bytes`` in GiB, three significant digits."""
+    return f"{n_bytes / 2**30:.3g} GiB"
+
+
+def require_memory(need_bytes: int, device: torch.device, what: str, key: str, fix: str | None = None):
+    """Raise a one-line UserError, before any allocation, when ``need_bytes`` (a lower bound) exceeds
+    ``memory_capacity_bytes(device)``: "<key>: <what> needs at least N GiB, more than the M GiB the
+    <device> has; <fix>" (fix: "lower <key>" unless given)."""
+    have = memory_capacity_bytes(device)
+    if need_bytes > have:
+        raise UserError(f"{key}: {what} needs at least {gib(need_bytes)}, more than the {gib(have)} the "
+                        f"{device.type} has; {fix or 'lower ' + key}")
+
+
+def check_model_fits(cfg, n_params: int, device, config_file, positions_key: str):
+    """Refuse to build a model of ``n_params`` fp32 parameters and ``cfg.max_seq_len`` RoPE positions
+    that ``device`` cannot hold (a config.json with max_position_embeddings 2e9 asks for 477 GiB of
+    RoPE tables), naming ``positions_key`` of ``config_file`` (MODEL's)."""
+    rope = 2 * cfg.max_seq_len * cfg.head_dim * 4  # cos and sin, fp32
+    require_memory(4 * n_params + rope, torch.device(device),
+                   f"the model ({gib(4 * n_params)} of fp32 weights, {gib(rope)} of RoPE tables for "
+                   f"{cfg.max_seq_len:,} positions)", "MODEL",
+                   f"lower {positions_key} in {config_file}" if rope > 4 * n_params else "use a device with more memory")
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for ``name``; ``auto`` is bf16 where the device runs it natively, else fp32."""
     if name == "fp32":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import check_model_fits
 from .errors import UserError
 from .files import read_json, read_model_config, read_safetensors, read_tokenizer
 from .model import ROPE_SCALING_KEYS, LLaMA, ModelConfig, from_state_dict
@@ -287,6 +288,7 @@ def load_pretrained(path: str | Path, device="cpu") -> Pretrained:
     state = read_weights(d, device)
     cfg = _check_weights(cfg, state)
     check_finite(state, f"MODEL: {d}")
+    check_model_fits(cfg, sum(t.numel() for t in state.values()), device, d / "config.json", "max_position_embeddings")
     model = from_state_dict(cfg, {k: v.float() for k, v in state.items()}, device)
     return Pretrained(model, cfg, tok, special)
 

@@ -135,6 +135,31 @@ def plan_run(cfg) -> StagePlan:
     return StagePlan(cfg.method, list(layers_per_stage), stages, cfg.step.flops_convention, _vanilla(cfg))
 
 
+def minimum_peak_bytes(cfg, plan: StagePlan, with_activations: bool = True) -> dict[str, int]:
+    """A lower bound on one process's peak memory for this run (bytes), to refuse a run that cannot
+    fit before anything is allocated. The largest over stages of the larger of two sets that are
+    alive together: the stage's model states (planned_state_bytes 'total', Eq. 2 with embeddings and
+    head) at the optimizer step, and what one micro-batch keeps for backward even under activation
+    checkpointing and torch.compile (``planner.activation_bytes`` with checkpointing, at 2 bytes per
+    value: every block's input, one block's graph, the head's and loss chunk's); plus the RoPE tables
+    (2 · max_seq_len · head_dim fp32), which live throughout. Returns 'total' and its three parts,
+    'states', 'activations' and 'rope', of the stage that sets it. ``with_activations`` False leaves
+    the activations out (SFT: its sequences are shorter than train.seq_len)."""
+    m, t = cfg.model, cfg.train
+    shape = layer_shape(m)
+    rope = 2 * m.max_seq_len * m.head_dim * 4
+    best = None
+    for s in plan.stages:
+        states = s.planned_state_bytes["total"]
+        acts = planner.activation_bytes(s.layers, m.d_model, m.n_heads, t.seq_len, t.micro_batch, m.vocab_size,
+                                        True, ffn_hidden=shape.ffn_hidden, q_dim=shape.q_dim, kv_dim=shape.kv_dim,
+                                        act_bytes=2) if with_activations else 0
+        row = {"total": max(states, acts) + rope, "states": states, "activations": acts, "rope": rope}
+        if best is None or row["total"] > best["total"]:
+            best = row
+    return best
+
+
 def _fmt_bytes(b: float, unit: float) -> str:
     return f"{b / unit:.2f}"
 

@@ -25,11 +25,11 @@ from . import checkpoint
 from . import config as config_mod
 from . import distributed
 from . import methods, runguard
-from .devices import autocast, pick_device, pick_dtype, retain_host_memory
+from .devices import autocast, check_model_fits, gib, pick_device, pick_dtype, require_memory, retain_host_memory
 from .data import BatchSampler, TokenShard, eval_windows, prepare
 from .errors import Preempted, TrainingStopped, UserError
 from .lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
-from .stages import Stage, plan_run
+from .stages import Stage, minimum_peak_bytes, plan_run
 from .model import Attention, LLaMA, ModelConfig, build_model, count_params, from_state_dict
 
 
@@ -182,6 +182,8 @@ class Trainer:
         self.fsdp = self.world > 1 and cfg.train.parallel == "fsdp2"
         self.progress = progress and self.main
         self.lock = None
+        if not self.fsdp:  # FSDP2 shards the states over the ranks
+            self._check_fits(plan_run(cfg))
         if self.main:
             self._prepare_output_dir()
         self._setup_data()
@@ -215,6 +217,23 @@ class Trainer:
         if latest is not None:
             self._check_resume_config()
             self.load_checkpoint(latest)
+
+    # keys to lower when a run cannot fit (the three parts of stages.minimum_peak_bytes)
+    FIT_ACTIVATIONS = True  # whether train.seq_len is the length of every sequence (not with SFT)
+    FIT_KEYS = {"states": "model.d_model, model.n_layers or model.vocab_size",
+                "activations": "train.micro_batch or train.seq_len", "rope": "model.max_seq_len"}
+
+    def _check_fits(self, plan):
+        """Refuse a run whose lower bound on peak memory exceeds what the device can ever hold, before
+        anything is allocated (a size like model.d_model=1e9 would otherwise end in an allocator's
+        traceback): one line with the bound, its parts and the keys that set the largest part."""
+        need = minimum_peak_bytes(self.cfg, plan, self.FIT_ACTIVATIONS)
+        part = max(("states", "activations", "rope"), key=need.get)
+        key = self.FIT_KEYS[part]
+        if part == "rope" and self.cfg.model.init_from:
+            key += " (max_position_embeddings in model.init_from's config.json)"
+        require_memory(need["total"], self.device, f"this run (model states {gib(need['states'])}, activations "
+                       f"{gib(need['activations'])}, RoPE tables {gib(need['rope'])})", key)
 
     # -- set-up (the three hooks a second use of the loop, SFT, overrides) -------------------------
     def _setup_data(self):
@@ -823,8 +842,10 @@ def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
         raise UserError(f"MODEL: {d} is not a finished steplm run (no model.safetensors / model_config.json)")
     mcfg = read_model_config(d, "MODEL")
     tok = read_tokenizer(d / "tokenizer.json", "MODEL")
+    state = read_safetensors(d / "model.safetensors", "MODEL", device)
+    check_model_fits(mcfg, sum(t.numel() for t in state.values()), device, d / "model_config.json", "max_seq_len")
     try:
-        model = from_state_dict(mcfg, read_safetensors(d / "model.safetensors", "MODEL", device), device)
+        model = from_state_dict(mcfg, state, device)
     except (KeyError, RuntimeError) as e:  # missing tensors or wrong shapes for model_config.json
         raise UserError(f"MODEL: {d / 'model.safetensors'} does not match its model_config.json ({one_line(e)})")
     from .hf import check_finite
