@@ -137,6 +137,56 @@ HF_DAMAGE = {
 }
 
 
+def _shrink_vocab(d, vocab):
+    """An HF folder whose config.json vocab_size (and embedding rows) is below its tokenizer's size."""
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": vocab}))
+    w = load_file(str(d / "model.safetensors"))
+    save_file({k: v[:vocab].contiguous() if "embed_tokens" in k or "lm_head" in k else v for k, v in w.items()},
+              str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+SMALL_VOCAB_COMMANDS = {
+    "eval": lambda tmp: ["eval", "{d}", "--data", str(shared("shakespeare/input.txt")), "--max-tokens", "256"],
+    "eval transformers": lambda tmp: ["eval", "{d}", "--backend", "transformers", "--data",
+                                      str(shared("shakespeare/input.txt")), "--max-tokens", "256"],
+    "eval tasks": lambda tmp: ["eval", "{d}", "--tasks", "piqa", "--limit", "4", "--tasks-dir", str(shared("eval"))],
+    "generate": lambda tmp: ["generate", "{d}", "--prompt", "To be, or not to be", "--max-new-tokens", "2"],
+    "sft": lambda tmp: ["sft", "{d}", "--data", str(shared("alpaca/seed_tasks.jsonl")), "--limit", "4", "--out",
+                        str(tmp / "sft"), "--quiet"],
+    "mt-bench": lambda tmp: ["mt-bench", "{d}", "--questions", str(shared("eval/mt_bench/question.jsonl")),
+                             "--limit", "1", "--max-new-tokens", "2", "--out", str(tmp / "answers.jsonl")],
+}
+
+
+@pytest.mark.parametrize("vocab", [64, 200])
+@pytest.mark.parametrize("command", list(SMALL_VOCAB_COMMANDS))
+def test_a_tokenizer_beyond_the_model_vocabulary_is_one_line(hf_export, tmp_path, capsys, command, vocab):
+    """Ids the tokenizer gives past the model's embedding rows: one line naming MODEL, where every
+    command encodes text (before: an IndexError from the embedding lookup)."""
+    d = tmp_path / "hf"
+    shutil.copytree(hf_export, d)
+    _shrink_vocab(d, vocab)
+    argv = [a.replace("{d}", str(d)) for a in SMALL_VOCAB_COMMANDS[command](tmp_path)]
+    err = _refused(argv, capsys, "MODEL: the tokenizer encodes", tmp_path)
+    assert f"the model has {vocab} embeddings" in err
+
+
+def test_a_small_vocabulary_model_still_runs_on_text_within_it(hf_export, tmp_path, capsys):
+    """Refused only when an id is out of range: the same model scores text whose ids all fit."""
+    from steplm.files import read_tokenizer
+
+    d = tmp_path / "hf"
+    shutil.copytree(hf_export, d)
+    tok = read_tokenizer(d / "tokenizer.json", "MODEL")
+    text = "the the the and the"
+    vocab = max(tok.encode(text, add_special_tokens=False).ids + [tok.token_to_id("<|endoftext|>")]) + 1
+    assert vocab < tok.get_vocab_size()
+    _shrink_vocab(d, vocab)
+    (tmp_path / "in.txt").write_text((text + "\n") * 100)
+    assert main(["eval", str(d), "--data", str(tmp_path / "in.txt"), "--seq-len", "16"]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", list(HF_DAMAGE))
 def test_a_damaged_hf_folder_is_one_line_for_eval_and_init_from(hf_export, tmp_path, capsys, name):
     d = tmp_path / "hf"

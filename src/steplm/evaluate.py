@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .data import eval_windows, read_documents
 from .errors import UserError
+from .tokens import check_ids
 
 
 def load(path: str | Path, device="cpu"):
@@ -74,6 +75,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         p = load(model_path, device)
         model, tok = p.model, p.tokenizer
         stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, p.special.eos_id)
+        check_ids(stream, model.config.vocab_size, f"--data {data}")
         T = _context(seq_len, model.config.max_seq_len)
         logits_fn = model
     elif backend == "transformers":
@@ -88,6 +90,9 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
             read_tokenizer(p / "tokenizer.json", "MODEL")  # a damaged one: one line, not transformers' traceback
         from safetensors import SafetensorError
         from transformers import AutoTokenizer, LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its weight-loading bar would break a one-line error
         try:
             hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).to(device).eval()
             hf_tok = AutoTokenizer.from_pretrained(str(p))
@@ -98,6 +103,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         if hf_tok.eos_token_id is None:
             raise UserError(f"MODEL: {p} tokenizer_config.json names no eos_token")
         stream = token_stream(data, lambda t: hf_tok(t, add_special_tokens=False)["input_ids"], hf_tok.eos_token_id)
+        check_ids(stream, hf.config.vocab_size, f"--data {data}")
         T = _context(seq_len, hf.config.max_position_embeddings)
         logits_fn = lambda x: hf(input_ids=x).logits  # noqa: E731
     else:

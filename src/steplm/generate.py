@@ -12,7 +12,7 @@ import torch
 from .devices import model_device
 from .errors import UserError
 from .model import KVCache
-from .tokens import SpecialTokens, gpt2_special_tokens
+from .tokens import SpecialTokens, check_ids, gpt2_special_tokens
 
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                 "context. Write a response that appropriately completes the request.\n\n"
@@ -136,6 +136,8 @@ def complete_many(model, tokenizer, texts: list[str], special: SpecialTokens | N
     """``complete`` for each of ``texts``, generated in length-sorted batches of ``batch_size``."""
     special = special or gpt2_special_tokens(tokenizer)
     prompts = [tokenizer.encode(t).ids for t in texts]
+    for p in prompts:
+        check_ids(p, model.config.vocab_size, "the prompt")
     ids = generate_many(model, prompts, batch_size, progress, eos=special.stop_ids, **kw)
     return [tokenizer.decode(x) for x in ids]
 

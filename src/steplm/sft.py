@@ -17,7 +17,7 @@ from .devices import autocast
 from .errors import UserError
 from .generate import alpaca_prompt
 from .runguard import dumps
-from .tokens import write_special_tokens
+from .tokens import check_ids, write_special_tokens
 from .train import Trainer
 
 IGNORE = -100
@@ -165,6 +165,8 @@ class SFTTrainer(Trainer):
         examples = read_examples(s.data)[:s.limit]
         max_len = self.source.config.max_seq_len
         data = [build_example(self.tokenizer, ex, self.special.eos_id, max_len) for ex in examples]
+        for ids, _ in data:
+            check_ids(ids, self.source.config.vocab_size, "an example of --data")
         self.examples = [d for d in data if response_tokens([d])]
         if not self.examples:
             raise UserError("sft.data: every example's response is cut off by the model's max_seq_len")

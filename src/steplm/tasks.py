@@ -170,12 +170,19 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path, lim
                    batch_size: int = 16, progress: bool = False, special=None) -> dict:
     """{"tasks": {name: metrics}}: acc/acc_norm/n for multiple choice, acc/ppl/n for LAMBADA, acc/n for WinoGrande.
     ``special`` (tokens.SpecialTokens) gives the empty-context prefix; default GPT-2's <|endoftext|>."""
-    from .tokens import gpt2_special_tokens
+    from .tokens import check_ids, gpt2_special_tokens
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # None: a model without a config
 
     def encode(s):
-        return tokenizer.encode(s, add_special_tokens=False).ids
+        ids = tokenizer.encode(s, add_special_tokens=False).ids
+        if vocab is not None:
+            check_ids(ids, vocab, f"a {name} example")
+        return ids
 
     prefix = (special or gpt2_special_tokens(tokenizer)).prefix_id
+    if vocab is not None:
+        check_ids([prefix], vocab, "the empty-context prefix (BOS or EOS)")
     result = {}
     for name in tasks:
         docs = load_task(name, data_dir, limit)

@@ -16,6 +16,19 @@ from .data import EOS as GPT2_EOS
 from .errors import UserError
 
 
+def check_ids(ids, vocab_size: int, what: str):
+    """Raise a one-line UserError if a token id of ``ids`` (a list or array of ints) is ``vocab_size``
+    or more: a tokenizer larger than the model's embedding table (an HF config.json whose vocab_size is
+    below its tokenizer's) gives ids that would index past it. ``what`` names the encoded input."""
+    import numpy as np
+
+    top = int(np.max(ids)) if len(ids) else -1
+    if top >= vocab_size:
+        raise UserError(f"MODEL: the tokenizer encodes {what} to token id {top}, but the model has {vocab_size} "
+                        f"embeddings (vocab_size in its config); give the model a tokenizer of at most "
+                        f"{vocab_size} tokens, or raise vocab_size to cover its tokenizer")
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     eos_id: int
