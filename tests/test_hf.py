@@ -177,6 +177,35 @@ def test_logit_parity_with_transformers(tmp_path, feature):
         assert (ignore(p.model)(x) - theirs).abs().max().item() > 1e-3, feature
 
 
+@pytest.mark.parametrize("change", [
+    {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+    {"rope_parameters": {"rope_type": "dynamic", "factor": 8.0, "rope_theta": 5e5}},
+    {"rope_scaling": {"type": "dynamic", "factor": 4.0}},
+    {"pretraining_tp": 2},
+    {"pretraining_tp": 4},
+    {"sliding_window": 16},
+    {"sliding_window": 4, "pretraining_tp": 2},
+], ids=lambda c: json.dumps(c))
+def test_keys_transformers_computes_without_are_loaded_as_it_loads_them(tmp_path, capsys, change):
+    """Loaded, not refused: dynamic (NTK) RoPE rescales only past max_position_embeddings, which no
+    steplm sequence reaches; transformers 5's LlamaForCausalLM does not read pretraining_tp or
+    sliding_window. Full-length logits equal transformers' for the same file (sliding_window with a
+    one-line warning), and a sequence of max_position_embeddings tokens is accepted."""
+    tok = make_hf_dir(tmp_path)
+    edit_config(tmp_path, **change)
+    capsys.readouterr()
+    p = load_pretrained(tmp_path)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == ("sliding_window" in change), err
+    x = ids(tok.get_vocab_size(), T=p.config.max_seq_len)
+    theirs = hf_logits(tmp_path, x)
+    with torch.no_grad():
+        assert (p.model(x) - theirs).abs().max().item() <= 2e-5
+    if "rope_parameters" in change or "rope_scaling" in change:
+        assert p.config.rope_scaling["rope_type"] == "dynamic"
+        assert to_hf_config(p.config)["rope_parameters"]["rope_type"] == "dynamic"  # kept on export
+
+
 def test_tied_config_with_own_lm_head_uses_the_file_and_warns(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
     tok = make_hf_dir(tmp_path, tie_word_embeddings=True)
@@ -274,12 +303,10 @@ def _extra_bias(path):
 
 REFUSED = [
     ("hidden_act", lambda p: edit_config(p, hidden_act="gelu"), "hidden_act"),
-    ("rope_dynamic", lambda p: edit_config(p, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
-                                                               "rope_theta": 1e4}), "rope_type"),
     ("rope_longrope", lambda p: edit_config(p, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
                                                              "long_factor": [2.0] * 8}), "rope_type"),
-    ("pretraining_tp", lambda p: edit_config(p, pretraining_tp=2), "pretraining_tp"),
-    ("sliding_window", lambda p: edit_config(p, sliding_window=16), "sliding_window"),
+    ("pretraining_tp_zero", lambda p: edit_config(p, pretraining_tp=0), "pretraining_tp"),
+    ("pretraining_tp_string", lambda p: edit_config(p, pretraining_tp="2"), "pretraining_tp"),
     ("attention_dropout", lambda p: edit_config(p, attention_dropout=0.1), "attention_dropout"),
     ("partial_rotary_factor", lambda p: edit_config(p, partial_rotary_factor=0.5), "partial_rotary_factor"),
     ("quantization_config", lambda p: edit_config(p, quantization_config={"quant_method": "bitsandbytes"}),
@@ -295,6 +322,15 @@ REFUSED = [
      "rope_theta"),
     ("rope_theta_nan_yarn", lambda p: edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 2.0,
                                                                       "rope_theta": float("nan")}), "rope_theta"),
+    # yarn's optional keys, which transformers reads (a string there was a transformers traceback)
+    *[(f"yarn_{k}_{v!r}", lambda p, k=k, v=v: edit_config(p, rope_parameters={
+        "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "rope_theta": 1e4, k: v}),
+       f"yarn's {k}")
+      for k, v in [("beta_fast", "32"), ("beta_slow", [1]), ("mscale", float("nan")), ("mscale_all_dim", True),
+                   ("attention_factor", 0.0), ("attention_factor", "1"), ("truncate", "no"), ("truncate", 1)]],
+    # a legacy rope_scaling's problem names rope_scaling, the field the file holds
+    ("legacy_rope_scaling_factor", lambda p: edit_config(p, rope_scaling={"type": "linear", "factor": 0.5}),
+     "config.json rope_scaling"),
 ]
 
 

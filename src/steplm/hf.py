@@ -29,11 +29,14 @@ from .tokens import SpecialTokens, gpt2_special_tokens, read_special_tokens, wri
 IMPLEMENTED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
                "tie_word_embeddings", "attention_bias", "mlp_bias"}
-CHECKED = {"hidden_act", "pretraining_tp", "attention_dropout"}  # refused unless silu/swish, 1, 0
-NO_EFFECT = {"initializer_range", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id"}
+CHECKED = {"hidden_act", "attention_dropout"}  # refused unless silu/swish, 0
+# pretraining_tp > 1 only split the matmuls into slices in transformers 4 (the same sums) and is not
+# read by transformers 5's LlamaForCausalLM.
+NO_EFFECT = {"initializer_range", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp"}
 # Keys outside LlamaConfig that would change the computation if honoured: refused when set.
-REFUSED_EXTRA = {"sliding_window": "steplm has no sliding-window attention",
-                 "quantization_config": "steplm loads only unquantized weights"}
+REFUSED_EXTRA = {"quantization_config": "steplm loads only unquantized weights"}
+# Keys outside LlamaConfig that LlamaForCausalLM does not read: loaded as transformers loads them, with a warning.
+IGNORED_EXTRA = {"sliding_window": "LlamaForCausalLM attends over the whole context, and so does steplm"}
 ACTIVATIONS = ("silu", "swish")
 # steplm ModelConfig key -> config.json key, to name the right field in errors.
 HF_NAMES = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
@@ -128,13 +131,19 @@ def from_hf_config(d: dict) -> ModelConfig:
     act = d.get("hidden_act", "silu")
     if act not in ACTIVATIONS:
         _refuse("hidden_act", f"{act!r} is not supported (steplm's MLP is SwiGLU: {' or '.join(ACTIVATIONS)})")
-    if d.get("pretraining_tp", 1) not in (None, 1):
-        _refuse("pretraining_tp", f"{d['pretraining_tp']!r} is not supported (only 1)")
+    pretraining_tp = d.get("pretraining_tp", 1)
+    if pretraining_tp is not None and not (isinstance(pretraining_tp, int) and not isinstance(pretraining_tp, bool)
+                                           and pretraining_tp >= 1):
+        _refuse("pretraining_tp", f"must be a positive integer, got {pretraining_tp!r}")
     if d.get("attention_dropout") not in (None, 0, 0.0):
         _refuse("attention_dropout", f"{d['attention_dropout']!r} is not supported (only 0)")
     for key, what in REFUSED_EXTRA.items():
         if d.get(key) is not None:
             _refuse(key, f"is set, but {what}")
+    for key, what in IGNORED_EXTRA.items():
+        if d.get(key) is not None:
+            print(f"steplm: warning: config.json sets {key} ({d[key]!r}), which model_type llama does not use: "
+                  f"{what}", file=sys.stderr)
     for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if not isinstance(d.get(key, False), bool):
             _refuse(key, f"must be true or false, got {d[key]!r}")
@@ -150,7 +159,8 @@ def from_hf_config(d: dict) -> ModelConfig:
                       attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False))
     problems = cfg.problems()
     if problems:
-        msg = re.sub(r"model\.(\w+)", lambda m: HF_NAMES.get(m.group(1), m.group(1)), problems[0])
+        names = {**HF_NAMES, "rope_scaling": "rope_scaling" if d.get("rope_scaling") else "rope_parameters"}
+        msg = re.sub(r"model\.(\w+)", lambda m: names.get(m.group(1), m.group(1)), problems[0])
         raise UserError(f"MODEL: config.json {msg}")
     return cfg
 

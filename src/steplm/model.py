@@ -105,11 +105,19 @@ def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-# RoPE scaling types steplm computes, and the keys each needs (HF rope_parameters names).
+# RoPE scaling types steplm computes, and the keys each needs (HF rope_parameters names). "dynamic"
+# (NTK) rescales only past max_position_embeddings, where steplm never runs: within it transformers
+# computes plain RoPE, and so does this (through the same function).
 ROPE_SCALING_KEYS = {
     "linear": ("factor",),
+    "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
+}
+# Optional keys transformers reads, and their type: "number" (finite; attention_factor positive) or bool.
+ROPE_OPTIONAL_KEYS = {
+    "yarn": {"attention_factor": "number", "beta_fast": "number", "beta_slow": "number", "mscale": "number",
+             "mscale_all_dim": "number", "truncate": "bool"},
 }
 
 
@@ -134,6 +142,16 @@ def rope_scaling_problems(scaling) -> list[str]:
                if not isinstance(scaling.get(k), (int, float)) or isinstance(scaling.get(k), bool)]
     if missing:
         return [f"model.rope_scaling: rope_type {kind} needs a number for {', '.join(missing)}"]
+    for k, want in ROPE_OPTIONAL_KEYS.get(kind, {}).items():
+        v = scaling.get(k)
+        if v is None:  # absent or null: transformers' default
+            continue
+        is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if want == "bool" and not isinstance(v, bool):
+            return [f"model.rope_scaling: {kind}'s {k} must be true or false, got {v!r}"]
+        if want == "number" and not (is_number and _finite(v) and (k != "attention_factor" or v > 0)):
+            what = "a finite positive number" if k == "attention_factor" else "a finite number"
+            return [f"model.rope_scaling: {kind}'s {k} must be {what}, got {v!r}"]
     numbers = {k: v for k, v in scaling.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     bad = [k for k, v in numbers.items() if not _finite(v) or (k in ROPE_SCALING_KEYS[kind] and v <= 0)]
     if bad:
