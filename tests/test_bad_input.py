@@ -52,6 +52,8 @@ TABLE = [
     (["train", "--out", f"{T}/o", "--set", "model.d_model=30", "--set", "model.n_heads=4"], "model.d_model"),
     (["train", "--out", f"{T}/o", "--set", "model.n_layers=0"], "model.n_layers"),
     (["train", "--out", f"{T}/o", "--set", "lora.rank=999"], "lora.rank"),
+    (["train", "--out", f"{T}/o", "--set", "method=galore", "--set", "galore.rank=999"], "galore.rank: must be at most"),
+    (["train", "--out", f"{T}/o", "--set", "method=apollo", "--set", "apollo.rank=100000"], "apollo.rank: must be at most"),
     (["train", "--out", f"{T}/o", "--set", "method=step", "--set", "step.n_stages=2",
       "--set", "step.layers_per_stage=[3,4]"], "step.layers_per_stage"),
     (["train", "--out", f"{T}/o", "--set", "step.growth_fraction=1.5"], "step.growth_fraction"),

@@ -81,6 +81,9 @@ ROPE_OK = [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "linear", "factor": 4},
     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 1.5, "attention_factor": 0.9, "truncate": False},
+    {"rope_type": "dynamic", "factor": 4.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 32},
 ]
@@ -111,7 +114,12 @@ def test_rope_scaling_mapping_is_accepted_from_set_and_yaml(scaling, tmp_path):
     ("model.rope_scaling={rope_type: yarn, factor: 0, original_max_position_embeddings: 64}", "finite positive"),
     ("model.rope_scaling={rope_type: yarn, factor: 2, original_max_position_embeddings: -1}", "finite positive"),
     ("model.rope_scaling={rope_type: linear, factor: true}", "needs a number for factor"),
-    ("model.rope_scaling={rope_type: dynamic, factor: 2}", "rope_type must be one of"),
+    ("model.rope_scaling={rope_type: longrope, factor: 2}", "rope_type must be one of"),
+    ("model.rope_scaling={rope_type: dynamic}", "needs a number for factor"),
+    ("model.rope_scaling={rope_type: yarn, factor: 2, original_max_position_embeddings: 64, beta_fast: '32'}",
+     "yarn's beta_fast must be a finite number"),
+    ("model.rope_scaling={rope_type: yarn, factor: 2, original_max_position_embeddings: 64, truncate: 0}",
+     "yarn's truncate must be true or false"),
     ("model.rope_scaling={rope_type: llama3, factor: 8, low_freq_factor: 4, high_freq_factor: 1, "
      "original_max_position_embeddings: 32}", "below its high_freq_factor"),
 ])

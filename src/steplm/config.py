@@ -602,8 +602,11 @@ def problems(cfg: RunConfig) -> list[str]:
     t, s, lo, m = cfg.train, cfg.step, cfg.lora, cfg.model
     if t.seq_len > m.max_seq_len > 0:
         out.append(f"train.seq_len: must be at most model.max_seq_len ({m.max_seq_len}), got {t.seq_len}")
-    if lo.rank > m.d_model > 0:
-        out.append(f"lora.rank: must be at most model.d_model ({m.d_model}), got {lo.rank}")
+    ranks = {"lora.rank": lo.rank, "galore.rank": cfg.galore.rank, "apollo.rank": cfg.apollo.rank}
+    for key in ("lora.rank", f"{cfg.method}.rank"):  # the projected methods' own rank, when they run
+        rank = ranks.get(key)
+        if rank is not None and rank > m.d_model > 0:  # past the full rank saves nothing (APOLLO's costs more)
+            out.append(f"{key}: must be at most model.d_model ({m.d_model}), got {rank}")
     tok = cfg.data.tokenizer
     if tok.startswith("bpe:"):  # what data.load_tokenizer would refuse, found before training (plan too)
         n = tok[4:]
