@@ -165,3 +165,36 @@ def test_sft_batches_resume_from_state_dict():
     b = SFTBatches(data, 3, seed=5)
     b.load_state_dict(a.state_dict())
     assert [b.next() for _ in range(5)] == [a.next() for _ in range(5)]
+
+
+@pytest.mark.parametrize("lengths,max_new", [([300], 5), ([10], 1000), ([300, 10, 2], 50), ([4, 3], 10)])
+def test_context_warnings_say_what_generation_cuts(tiny_run, capsys, lengths, max_new):
+    """A prompt past the context is cut to its last max_seq_len-1 tokens and --max-new-tokens is
+    capped so that prompt and answer fit: each is said in one warning line, whose numbers are those
+    of the tokens generate_batch actually produces (greedy, no EOS, so every row uses its budget)."""
+    import re
+
+    from steplm.generate import generate_batch, warn_context
+
+    model, _ = load_model(tiny_run)
+    limit = model.config.max_seq_len
+    prompts = [[7] * n for n in lengths]
+    warn_context(prompts, max_new, limit)
+    err = capsys.readouterr().err.strip().splitlines()
+    out = generate_batch(model, prompts, max_new)
+    used = [min(n, limit - 1) for n in lengths]
+    cut = [n for n in lengths if n > limit - 1]
+    capped = [len(o) for o in out if len(o) < max_new]
+    assert [len(o) for o in out] == [min(max_new, limit - u) for u in used]  # the rule the warnings describe
+    assert len(err) == bool(cut) + bool(capped), err
+    if cut:
+        assert f"only the last {limit - 1} tokens" in err[0] and str(max(cut)) in err[0]
+    if capped:
+        assert int(re.search(r"(\d+) new tokens", err[-1]).group(1)) == min(capped)
+        assert f"--max-new-tokens {max_new}" in err[-1]
+
+
+def test_generate_cli_warns_once_for_a_long_prompt(tiny_run, capsys):
+    assert main(["generate", str(tiny_run), "--prompt", "To be, or not to be " * 200, "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("steplm: warning:") == 2 and "exceeds the model's context" in err and "Traceback" not in err

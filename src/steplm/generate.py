@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -111,6 +112,25 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: in
     return out
 
 
+def warn_context(prompts: list[list[int]], max_new_tokens: int, limit: int):
+    """One stderr warning line for each way ``generate_batch`` will fit prompts into the model's
+    context of ``limit`` tokens: prompts cut to their last limit-1 tokens, and --max-new-tokens
+    capped so that prompt and answer fit. Silent when nothing is cut."""
+    n = len(prompts)
+    cut = [len(p) for p in prompts if len(p) > limit - 1]
+    capped = [len(p) for p in prompts if min(len(p), limit - 1) + max_new_tokens > limit]
+    if cut:
+        what = (f"the prompt ({cut[0]} tokens) exceeds" if n == 1 else
+                f"{len(cut)} of {n} prompts (up to {max(cut)} tokens) exceed")
+        print(f"steplm: warning: {what} the model's context (max_seq_len {limit}); only the last {limit - 1} "
+              f"tokens are used", file=sys.stderr)
+    if capped:
+        room = limit - min(max(capped), limit - 1)
+        what = f"at {room} new tokens" if n == 1 else f"for {len(capped)} of {n} prompts (down to {room} new tokens)"
+        print(f"steplm: warning: --max-new-tokens {max_new_tokens} is capped {what}: prompt and answer must fit in "
+              f"the model's context (max_seq_len {limit})", file=sys.stderr)
+
+
 def generate_many(model, prompts: list[list[int]], batch_size: int = 8, progress: bool = False,
                   **kw) -> list[list[int]]:
     """``generate_batch`` over many prompts, longest first in batches of ``batch_size``; results in input order."""
@@ -138,6 +158,7 @@ def complete_many(model, tokenizer, texts: list[str], special: SpecialTokens | N
     prompts = [tokenizer.encode(t).ids for t in texts]
     for p in prompts:
         check_ids(p, model.config.vocab_size, "the prompt")
+    warn_context(prompts, kw.get("max_new_tokens", 0), model.config.max_seq_len)
     ids = generate_many(model, prompts, batch_size, progress, eos=special.stop_ids, **kw)
     return [tokenizer.decode(x) for x in ids]
 
