@@ -88,6 +88,12 @@ class RandomTokens:
         t = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=self.gen)  # (B, T+1)
         return t[:, :-1], t[:, 1:]
 
+    def state_dict(self) -> dict:  # the trainer rewinds a step abandoned on preemption
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.gen.set_state(state["gen"])
+
 
 def corpus(d: Path, name: str, seed: int) -> Path:
     """A small text file for the trainer's tokenizer and data set-up (its tokens are not trained on)."""

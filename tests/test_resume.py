@@ -276,6 +276,22 @@ def test_weights_that_turn_non_finite_stop_the_run(references, tmp_path, checks)
     assert list_steps(out / "checkpoints") == []
 
 
+@pytest.mark.parametrize("method,lr", [("vanilla", 10.0), ("vanilla", 1.0), ("step3", 3.0)])
+def test_a_finite_divergence_stops_the_run(references, tmp_path, method, lr):
+    """Finite weights, but a final validation loss above ln(vocab_size) (worse than a uniform guess,
+    where training starts): exit 3, one line naming train.lr, no model or summary, checkpoints kept."""
+    _, _, cache_tmp = references[method]
+    out = tmp_path / "run"
+    res = run(cmd(cache_tmp, out, method, **{"train.lr": lr}))
+    assert res.returncode == EXIT_TRAINING_STOPPED, res.stderr
+    line = only_line(res.stderr)
+    assert "above ln(vocab_size) = 6.238" in line and "lower train.lr" in line, line  # ln 512, tiny_overrides' bpe
+    val = float(line.split("final validation loss ")[1].split()[0])
+    assert val > 6.238 + 1
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+    assert list_steps(out / "checkpoints")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("states", ["8bit", "bf16"])
 def test_sigkill_resume_with_low_precision_optimizer_states(references, tmp_path, states):

@@ -169,6 +169,7 @@ class Trainer:
     """Owns model, optimizer, schedule, data position, step, stage and RNG state of one run."""
 
     LR_KEY = "train.lr"  # what a divergence message tells the user to lower
+    DIVERGED_NATS = 1.0  # a final val loss this far above ln(vocab_size) (a uniform guess) stops the run: diverged
 
     def __init__(self, cfg: config_mod.RunConfig, out_dir: str | Path, progress: bool = True):
         config_mod.validate(cfg)
@@ -790,6 +791,11 @@ class Trainer:
         if not math.isfinite(val):  # finite weights whose logits overflow: a diverged model is not a result
             raise TrainingStopped(f"stage {self.stage}: the validation loss is {val} (the model diverged); the last "
                                   f"good checkpoint is kept and no model is written (lower {self.LR_KEY})")
+        uniform = math.log(self.cfg.model.vocab_size)  # the loss of a uniform guess, about where training starts
+        if self.stage == len(self.stage_steps) - 1 and val > uniform + self.DIVERGED_NATS:
+            raise TrainingStopped(f"stage {self.stage}: the final validation loss {val:.4g} nats is above "
+                                  f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess (the model diverged); "
+                                  f"the last good checkpoint is kept and no model is written (lower {self.LR_KEY})")
         self.record.update(steps=self.stage_steps[self.stage], tokens=self.tokens, flops=dict(self.flops), val_loss=val,
                            step_seconds=self.step_seconds - self.record.pop("_seconds_at_start"))
         self.stage_records.append(self.record)
