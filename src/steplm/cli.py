@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from .errors import UserError
-from .runguard import check_run_dir, dumps
+from .runguard import dumps
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,7 +139,6 @@ def cmd_train(a):
     out = Path(a.out)
     if a.fresh and out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {out} is not empty; drop --fresh to resume from it, or choose another directory")
-    check_run_dir(out)  # a finished run or a foreign directory, before the data is tokenized
     summary = _fit(lambda: Trainer(cfg, out, progress=not a.quiet), out)
     if summary is None:
         return
@@ -426,7 +425,6 @@ def cmd_sft(a):
     read_examples(a.data)  # bad data: one line, before anything is written
     _precision(a)  # --device cuda without a GPU: one line naming the flag
     out = Path(a.out)
-    check_run_dir(out)  # before the source model loads: a finished or foreign --out, in one line
     cfg = sft_config(a.model, a.data, source_config(a.model), epochs=a.epochs, limit=a.limit, lr=a.lr,
                      warmup_steps=a.warmup_steps, batch_size=a.batch_size, micro_batch=a.micro_batch, seed=a.seed,
                      device=a.device, dtype=a.dtype, compile=a.compile, checkpoint_every=a.checkpoint_every,

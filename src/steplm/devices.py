@@ -74,7 +74,9 @@ def check_model_fits(cfg, n_params: int, device, config_file, positions_key: str
     """Refuse to build a model of ``n_params`` fp32 parameters and ``cfg.max_seq_len`` RoPE positions
     that ``device`` cannot hold (a config.json with max_position_embeddings 2e9 asks for 477 GiB of
     RoPE tables), naming ``positions_key`` of ``config_file`` (MODEL's)."""
-    rope = 2 * cfg.max_seq_len * cfg.head_dim * 4  # cos and sin, fp32
+    from .planner import rope_table_bytes
+
+    rope = rope_table_bytes(cfg.max_seq_len, cfg.head_dim)
     require_memory(4 * n_params + rope, torch.device(device),
                    f"the model ({gib(4 * n_params)} of fp32 weights, {gib(rope)} of RoPE tables for "
                    f"{cfg.max_seq_len:,} positions)", "MODEL",

@@ -662,6 +662,11 @@ def activation_bytes(n_layers: int, d_model: int, n_heads: int, seq_len: int, mi
     return layers + head
 
 
+def rope_table_bytes(max_seq_len: int, head_dim: int) -> int:
+    """Bytes of the model's RoPE tables: cos and sin of shape (max_seq_len, head_dim), fp32."""
+    return 2 * max_seq_len * head_dim * 4
+
+
 def step_peak_bytes(state_bytes: int, grad_bytes: int, head_grad_bytes: int, activations: int) -> int:
     """Peak of one training step: the larger of the model states with every gradient (at the
     optimizer step) and, at the start of the backward pass, the states without the gradients that

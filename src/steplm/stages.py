@@ -147,7 +147,7 @@ def minimum_peak_bytes(cfg, plan: StagePlan, with_activations: bool = True) -> d
     the activations out (SFT: its sequences are shorter than train.seq_len)."""
     m, t = cfg.model, cfg.train
     shape = layer_shape(m)
-    rope = 2 * m.max_seq_len * m.head_dim * 4
+    rope = planner.rope_table_bytes(m.max_seq_len, m.head_dim)
     best = None
     for s in plan.stages:
         states = s.planned_state_bytes["total"]

@@ -183,6 +183,7 @@ class Trainer:
         self.fsdp = self.world > 1 and cfg.train.parallel == "fsdp2"
         self.progress = progress and self.main
         self.lock = None
+        self.preemption: runguard.Preemption | None = None  # set while fit runs
         if not self.fsdp:  # FSDP2 shards the states over the ranks
             self._check_fits(plan_run(cfg))
         if self.main:
@@ -470,8 +471,7 @@ class Trainer:
         if self.after_micro_batch is not None:
             self.after_micro_batch()
         checkpoint.signal_fault(self.step + 1, "mid_step")
-        preemption = getattr(self, "preemption", None)  # set while fit runs
-        if self.world == 1 and preemption is not None and preemption.signum is not None:
+        if self.world == 1 and self.preemption is not None and self.preemption.signum is not None:
             raise runguard.StepAbandoned
 
     def _account(self):
