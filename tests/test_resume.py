@@ -1,6 +1,7 @@
 """Kill-and-resume with real subprocesses and real SIGKILLs, preemption by real SIGTERM/SIGUSR1,
 checkpoint corruption, faults."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -52,6 +53,7 @@ def references(tmp_path_factory):
         d = tmp / method
         res = run(cmd(tmp, d, method))
         assert res.returncode == 0, res.stderr
+        assert "warning" not in res.stderr, res.stderr  # a run that learns is not told it learned nothing
         out[method] = (json.loads((d / "summary.json").read_text()), losses(d), tmp)
     return out
 
@@ -290,6 +292,20 @@ def test_a_finite_divergence_stops_the_run(references, tmp_path, method, lr):
     assert val > 6.238 + 1
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
     assert list_steps(out / "checkpoints")
+
+
+@pytest.mark.parametrize("method,lr", [("vanilla", 1e-30), ("step3", 1e-30)])
+def test_a_run_that_learns_nothing_is_told_so(references, tmp_path, method, lr):
+    """An lr too small to move a weight leaves the loss where it starts, at about ln(vocab_size): the
+    run ends and writes its model, but says in one warning line that it learned nothing."""
+    _, _, cache_tmp = references[method]
+    out = tmp_path / "run"
+    res = run(cmd(cache_tmp, out, method, **{"train.lr": lr}))
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "not below ln(vocab_size) = 6.238" in warnings[0], res.stderr
+    assert "check train.lr" in warnings[0]
+    assert json.loads((out / "summary.json").read_text())["final_val_loss"] >= math.log(512)
 
 
 @pytest.mark.slow

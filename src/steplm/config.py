@@ -527,7 +527,9 @@ _UNIT_RIGHT_OPEN = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 _UNIT_LEFT_OPEN = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 # The range of every numeric field (None values of optional fields are not checked).
 RANGES = {
-    "model.rope_theta": _POSITIVE, "model.norm_eps": _POSITIVE, "model.init_std": _POSITIVE,
+    "model.rope_theta": _POSITIVE, "model.init_std": _POSITIVE,
+    # RMSNorm divides by sqrt(mean(x**2) + eps): an eps near the activations' mean square stops it normalising
+    "model.norm_eps": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. 1e-5 as in LLaMA"),
     "data.val_fraction": _UNIT_OPEN, "data.max_train_tokens": _POSITIVE,
     "train.max_steps": _POSITIVE, "train.micro_batch": _POSITIVE, "train.grad_accum": _POSITIVE,
     "train.seq_len": _POSITIVE, "train.lr": _POSITIVE, "train.embedding_lr_scale": _POSITIVE,

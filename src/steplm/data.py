@@ -354,12 +354,10 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
         for w in writers.values():
             w.close()
         n_train, n_val = writers["train"].n_docs, writers["val"].n_docs
-        if n_train + n_val == 0:
+        if n_train == 0 and (n_val == 0 or data_cfg.val_path):  # with val_path, data.path alone must hold text
             raise UserError(f"data.path: {data_cfg.path} holds no text (empty corpus)")
         if data_cfg.val_path and n_val == 0:
             raise UserError(f"data.val_path: {data_cfg.val_path} holds no text (empty validation corpus)")
-        if data_cfg.val_path and n_train == 0:
-            raise UserError(f"data.path: {data_cfg.path} holds no text (empty corpus)")
         if not data_cfg.val_path and n_train + n_val == 1:
             # One document (a single .txt): hold out its tail, whichever side its hash fell on.
             if n_val:

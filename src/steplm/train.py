@@ -796,6 +796,10 @@ class Trainer:
             raise TrainingStopped(f"stage {self.stage}: the final validation loss {val:.4g} nats is above "
                                   f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess (the model diverged); "
                                   f"the last good checkpoint is kept and no model is written (lower {self.LR_KEY})")
+        if self.stage == len(self.stage_steps) - 1 and val >= uniform and self.main:
+            print(f"steplm: warning: the final validation loss {val:.4g} nats is not below ln(vocab_size) = "
+                  f"{uniform:.4g}, the loss of a uniform guess: the model learned nothing (check {self.LR_KEY} "
+                  f"and model.norm_eps, or train longer)", file=sys.stderr)
         self.record.update(steps=self.stage_steps[self.stage], tokens=self.tokens, flops=dict(self.flops), val_loss=val,
                            step_seconds=self.step_seconds - self.record.pop("_seconds_at_start"))
         self.stage_records.append(self.record)
