@@ -281,7 +281,9 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # No default init: LLaMA.init_weights (or a state dict) fills it, and Embedding's own normal_
+        # on the meta device goes through torch._refs, which imports torch._dynamo (~1.5 s per process).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
@@ -309,9 +311,12 @@ class LLaMA(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
-        cos, sin = rope_cache(cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # RoPE tables (max_seq_len, head_dim). On the meta device (build_model, from_state_dict) they are
+        # filled after to_empty: meta ops run through torch._refs, which imports torch._dynamo (~1.5 s).
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        if self.rope_cos.device.type != "meta":
+            self.reset_rope()
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
 
     def tie_weights(self):
@@ -332,6 +337,11 @@ class LLaMA(nn.Module):
         nn.init.ones_(self.model.norm.weight)
         for layer_id, block in enumerate(self.model.layers):
             init_block(block, layer_id, std, generator)
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self):
+        """Fill the RoPE cos/sin buffers from the config, on their device."""
         cos, sin = rope_cache(self.config, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -405,10 +415,7 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], device="cp
     if cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     model.load_state_dict(state, strict=True)
-    with torch.no_grad():
-        cos, sin = rope_cache(cfg, device=device)
-        model.rope_cos.copy_(cos)
-        model.rope_sin.copy_(sin)
+    model.reset_rope()
     return model.eval()
 
 
