@@ -95,3 +95,25 @@ def test_config_problems_name_keys():
     assert any("model.d_model" in p for p in ModelConfig(d_model=30, n_heads=4).problems())
     assert any("model.n_kv_heads" in p for p in ModelConfig(n_heads=4, n_kv_heads=3).problems())
     assert any("model.n_layers" in p for p in ModelConfig(n_layers=0).problems())
+
+
+def test_every_way_of_building_fills_the_rope_tables():
+    """LLaMA built directly, by build_model (meta, then init) and by from_state_dict (meta, then load)
+    holds the RoPE tables rope_cache computes, and building on meta imports no torch._dynamo (a
+    process that only evaluates or generates would pay ~1.5 s for it)."""
+    import subprocess
+    import sys
+
+    from steplm.model import LLaMA, from_state_dict, rope_cache
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=24, rope_theta=500.0)
+    cos, sin = rope_cache(cfg)
+    built = build_model(cfg, seed=1)
+    loaded = from_state_dict(cfg, {k: v.clone() for k, v in built.state_dict().items()})
+    for m in (LLaMA(cfg), built, loaded):
+        assert torch.equal(m.rope_cos, cos) and torch.equal(m.rope_sin, sin)
+    code = ("import sys; from steplm.model import ModelConfig, build_model, from_state_dict; "
+            "c = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=24); "
+            "from_state_dict(c, build_model(c).state_dict()); "
+            "sys.exit('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
