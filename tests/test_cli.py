@@ -113,3 +113,16 @@ def test_a_value_that_looks_like_an_option_is_judged_as_a_value(tmp_path, capsys
     value = argv[argv.index(flag) + 1]
     assert len(err.splitlines()) == 1 and flag in err and value in err and "expected one argument" not in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_every_argument_of_every_subcommand_has_help():
+    """`steplm CMD --help` explains every argument: none is printed bare."""
+    import argparse
+
+    from steplm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {a.option_strings[0] if a.option_strings else a.dest}"
+            for name, command in sub.choices.items() for a in command._actions
+            if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert len(sub.choices) >= 9 and bare == []

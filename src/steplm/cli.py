@@ -463,11 +463,13 @@ def _add_precision(p, dtype_default="auto"):
 
 
 def _add_sampling(p, max_new=128):
-    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=_positive_int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new,
+                   help=f"tokens to generate at most, capped by the model's context (default {max_new})")
+    p.add_argument("--temperature", type=float, default=0.0, help="softmax temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=_positive_int, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens whose "
+                   "probability reaches p, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
 def cmd_plot(a):
@@ -501,8 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="text file (.txt/.jsonl/.jsonl.gz/.parquet)")
     e.add_argument("--max-tokens", type=_positive_int, help="score at most this many tokens")
     e.add_argument("--seq-len", type=_positive_int, help="window length (default: the model's max_seq_len)")
-    e.add_argument("--batch-size", type=_positive_int, default=8)
-    e.add_argument("--backend", choices=["steplm", "transformers"], default="steplm")
+    e.add_argument("--batch-size", type=_positive_int, default=8, help="windows scored together (default 8)")
+    e.add_argument("--backend", choices=["steplm", "transformers"], default="steplm",
+                   help="score with steplm's model (default) or with transformers' LlamaForCausalLM")
     e.add_argument("--tasks", help="zero-shot tasks, comma-separated: lambada,arc_easy,arc_challenge,winogrande,"
                                    "piqa,openbookqa,hellaswag")
     e.add_argument("--tasks-dir", help="task files (default $STEPLM_TASKS_DIR or ../shared/data/eval)")
@@ -512,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a Hugging Face Llama directory")
-    x.add_argument("run_dir")
+    x.add_argument("run_dir", help="run directory (its merged final model)")
     x.add_argument("--to", required=True, help="output directory")
     x.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype in the files")
     x.add_argument("--max-shard-size", type=_size, default="5GB",
@@ -529,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config", nargs="?", help="a run config (YAML): print its stage plan (a dry run of `train`)")
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (with CONFIG)")
     pl.add_argument("--init-from", metavar="HF_DIR", help="plan STEP from this HF Llama directory (model.init_from)")
-    pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"])
+    pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"],
+                    help="a model size of the paper's Table 1 (its d, L, K and rank)")
     width, big = _int_up_to(planner.MAX_WIDTH), _int_up_to(1 << 30, "a sanity bound")
     pl.add_argument("--hidden", type=width, help="d")
     pl.add_argument("--layers", type=_int_up_to(planner.MAX_LAYERS), help="final layer count L")
@@ -548,16 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "precision, and every K from 1 to %d without --stages)" % planner.MAX_SEARCH_STAGES)
     pl.add_argument("--master-weights", choices=planner.MASTER_WEIGHTS,
                     help="trainable weights and gradients (default fp32, or bf16 with --optimizer-states bf16)")
-    pl.add_argument("--vocab-size", type=big, default=50257)
-    pl.add_argument("--seq-len", type=big, default=1024)
-    pl.add_argument("--micro-batch", type=big, default=1)
+    pl.add_argument("--vocab-size", type=big, default=50257, help="V, for embeddings and head (extended model; "
+                    "default 50257, GPT-2's)")
+    pl.add_argument("--seq-len", type=big, default=1024, help="tokens per sequence (activations; default 1024)")
+    pl.add_argument("--micro-batch", type=big, default=1, help="sequences per forward (activations; default 1)")
     pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing (extended model)")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(fn=cmd_plan)
 
     g = sub.add_parser("generate", help="generate text (KV cache; greedy, temperature, top-k, top-p)")
     g.add_argument("model", help="run directory or HF Llama directory")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--alpaca", action="store_true", help="wrap the prompt in the Alpaca instruction template")
     _add_sampling(g)
     _add_precision(g)
@@ -566,37 +571,39 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("sft", help="instruction-tune (Alpaca template, loss on responses only)")
     f.add_argument("model", help="run directory or HF Llama directory")
     f.add_argument("--data", required=True, help="Alpaca JSON (instruction/input/output) or seed-task JSONL")
-    f.add_argument("--out", required=True)
-    f.add_argument("--epochs", type=_positive_int, default=2)
-    f.add_argument("--lr", type=_positive_float, default=1e-4)
-    f.add_argument("--warmup-steps", type=_non_negative_int, default=100)
+    f.add_argument("--out", required=True, help="run directory of the tuned model")
+    f.add_argument("--epochs", type=_positive_int, default=2, help="passes over the data (default 2)")
+    f.add_argument("--lr", type=_positive_float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
+    f.add_argument("--warmup-steps", type=_non_negative_int, default=100,
+                   help="linear warmup, in optimizer steps, before the cosine decay to 0; at most a tenth of the "
+                        "run (default 100)")
     f.add_argument("--batch-size", type=_positive_int, default=8, help="examples per optimizer step")
     f.add_argument("--micro-batch", type=_positive_int,
                    help="examples per forward (gradient accumulation; default --batch-size)")
     f.add_argument("--limit", type=_positive_int, help="use only the first N examples")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="seed of the epochs' shuffles (default 0)")
     f.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile)")
     f.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
                    help="checkpoint every N steps (0: at the end); rerun the same command to resume")
     f.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any other config key, e.g. train.parallel=fsdp2 under torchrun (repeatable)")
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_precision(f)
     f.set_defaults(fn=cmd_sft)
 
     mb = sub.add_parser("mt-bench", help="answer MT-Bench's two turns; FastChat llm_judge answer format")
-    mb.add_argument("model")
+    mb.add_argument("model", help="run directory or HF Llama directory")
     mb.add_argument("--questions", required=True, help="question.jsonl")
     mb.add_argument("--out", required=True, help="answers .jsonl")
     mb.add_argument("--model-id", help="model_id in the answer file (default: the model directory's name)")
-    mb.add_argument("--limit", type=_positive_int)
+    mb.add_argument("--limit", type=_positive_int, help="answer only the first N questions")
     mb.add_argument("--batch-size", type=_positive_int, default=8, help="questions generated together")
     _add_sampling(mb, max_new=512)
     _add_precision(mb)
     mb.set_defaults(fn=cmd_mt_bench)
 
     pt = sub.add_parser("plot", help="Figure 2: memory per stage of a run, as PNG")
-    pt.add_argument("run_dir")
+    pt.add_argument("run_dir", help="run directory (its summary.json's per-stage memory)")
     pt.add_argument("--vanilla", help="a vanilla run directory to compare against")
     pt.add_argument("--out", help="PNG path (default RUN_DIR/memory.png)")
     pt.set_defaults(fn=cmd_plot)
