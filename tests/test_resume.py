@@ -296,16 +296,17 @@ def test_a_finite_divergence_stops_the_run(references, tmp_path, method, lr):
 
 @pytest.mark.parametrize("method,lr", [("vanilla", 1e-30), ("step3", 1e-30)])
 def test_a_run_that_learns_nothing_is_told_so(references, tmp_path, method, lr):
-    """An lr too small to move a weight leaves the loss where it starts, at about ln(vocab_size): the
-    run ends and writes its model, but says in one warning line that it learned nothing."""
+    """An lr too small to move a weight leaves the loss where it starts, within a few hundredths of
+    ln(vocab_size) (either side): the run ends and writes its model, but says in one warning line that
+    it learned nothing."""
     _, _, cache_tmp = references[method]
     out = tmp_path / "run"
     res = run(cmd(cache_tmp, out, method, **{"train.lr": lr}))
     assert res.returncode == 0, res.stderr
     warnings = [line for line in res.stderr.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "not below ln(vocab_size) = 6.238" in warnings[0], res.stderr
+    assert len(warnings) == 1 and "not 0.1 below ln(vocab_size) = 6.238" in warnings[0], res.stderr
     assert "check train.lr" in warnings[0]
-    assert json.loads((out / "summary.json").read_text())["final_val_loss"] >= math.log(512)
+    assert abs(json.loads((out / "summary.json").read_text())["final_val_loss"] - math.log(512)) < 0.1
 
 
 @pytest.mark.slow

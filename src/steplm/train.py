@@ -170,6 +170,10 @@ class Trainer:
 
     LR_KEY = "train.lr"  # what a divergence message tells the user to lower
     DIVERGED_NATS = 1.0  # a final val loss this far above ln(vocab_size) (a uniform guess) stops the run: diverged
+    # A final val loss less than this far below ln(vocab_size) warns: the model learned (almost) nothing. A fresh
+    # model scores ln(vocab_size) plus or minus a few hundredths; one that learned only the token frequencies of
+    # English text is already about ln(vocab_size) - 1 (unigram entropy), so 0.1 separates the two with room.
+    LEARNED_NATS = 0.1
 
     def __init__(self, cfg: config_mod.RunConfig, out_dir: str | Path, progress: bool = True):
         config_mod.validate(cfg)
@@ -796,10 +800,10 @@ class Trainer:
             raise TrainingStopped(f"stage {self.stage}: the final validation loss {val:.4g} nats is above "
                                   f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess (the model diverged); "
                                   f"the last good checkpoint is kept and no model is written (lower {self.LR_KEY})")
-        if self.stage == len(self.stage_steps) - 1 and val >= uniform and self.main:
-            print(f"steplm: warning: the final validation loss {val:.4g} nats is not below ln(vocab_size) = "
-                  f"{uniform:.4g}, the loss of a uniform guess: the model learned nothing (check {self.LR_KEY} "
-                  f"and model.norm_eps, or train longer)", file=sys.stderr)
+        if self.stage == len(self.stage_steps) - 1 and val > uniform - self.LEARNED_NATS and self.main:
+            print(f"steplm: warning: the final validation loss {val:.4g} nats is not {self.LEARNED_NATS} below "
+                  f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess: the model learned nothing "
+                  f"(check {self.LR_KEY} and model.norm_eps, or train longer)", file=sys.stderr)
         self.record.update(steps=self.stage_steps[self.stage], tokens=self.tokens, flops=dict(self.flops), val_loss=val,
                            step_seconds=self.step_seconds - self.record.pop("_seconds_at_start"))
         self.stage_records.append(self.record)
