@@ -143,6 +143,10 @@ TABLE = [
     (["eval", f"{T}/gpt2dir", "--data", f"{T}/ok.txt"], "Llama"),
     (["eval", RUN, "--data", f"{T}/missing.txt"], "--data"),
     (["eval", RUN, "--tasks", "piqa,mmlu"], "--tasks"),
+    (["eval", RUN, "--tasks", ","], "--tasks: give at least one task name"),
+    (["eval", RUN, "--tasks", ""], "--tasks: give at least one task name"),
+    (["eval", RUN, "--tasks", " , ,"], "--tasks: give at least one task name"),
+    (["eval", RUN, "--tasks", "pi\udcffqa"], "--tasks: is not valid UTF-8"),
     # export
     (["export", f"{T}/full", "--to", f"{T}/x"], "RUN_DIR"),
     (["export", f"{T}/none", "--to", f"{T}/x"], "RUN_DIR"),
@@ -157,12 +161,36 @@ TABLE = [
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/hfexport"], "holds no run to resume"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--lr", "nan"], "--lr"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--lr", "-1"], "--lr"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--seed", "-1"], "--seed"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--seed", "1" + "0" * 20], "--seed"),
+    # sft: --set keys that sft would ignore (the shape is MODEL's) or that a flag owns
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "model.d_model=64"],
+     "--set model.d_model: sft takes only train.* keys"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "lora.rank=4"], "--set lora.rank"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "method=step"], "--set method"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "data.tokenizer=bpe:300"],
+     "--set data.tokenizer"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "train.lr=1e-3"],
+     "--set train.lr: sft sets it from --lr"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "train.max_steps=5"], "--epochs"),
     # generate
     (["generate", RUN, "--prompt", ""], "--prompt"),
     (["generate", RUN, "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
     (["generate", RUN, "--prompt", "hi", "--temperature", "-1"], "--temperature"),
     (["generate", RUN, "--prompt", "hi", "--temperature", "nan"], "--temperature"),
     (["generate", RUN, "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", RUN, "--prompt", "hi", "--seed", "1" + "0" * 20], "--seed: must be in [0, 2**32)"),
+    (["generate", RUN, "--prompt", "hi", "--seed", "-1"], "--seed: must be in [0, 2**32)"),
+    (["generate", RUN, "--prompt", "hi", "--seed", "4294967296"], "--seed"),
+    # bytes that are not UTF-8 reach Python as lone surrogates: no tokenizer or UTF-8 file takes them
+    (["generate", RUN, "--prompt", "a\udcff\udcfe"], "--prompt: is not valid UTF-8 text"),
+    (["generate", RUN, "--prompt", "\ud800"], "--prompt: is not valid UTF-8 text"),
+    (["train", "--out", f"{T}/o", "--set", "data.tokenizer=bpe\udce9"], "--set: is not valid UTF-8"),
+    # mt-bench
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--seed", "-1"], "--seed"),
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--seed", "9" * 30], "--seed"),
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--model-id", "m\udcff"],
+     "--model-id: is not valid UTF-8"),
 ]
 
 
@@ -204,7 +232,7 @@ def snapshot(tmp):
 
 def test_table_has_at_least_30_entries_over_six_commands():
     assert len(TABLE) >= 30
-    assert {args[0] for args, _ in TABLE} == {"plan", "train", "eval", "export", "sft", "generate"}
+    assert {args[0] for args, _ in TABLE} == {"plan", "train", "eval", "export", "sft", "generate", "mt-bench"}
 
 
 @pytest.mark.parametrize("args,needle", TABLE, ids=[f"{a[0]}-{n}" for a, n in TABLE])
@@ -214,7 +242,7 @@ def test_bad_input(tiny_run, tmp_path, capsys, monkeypatch, args, needle):
     inputs(work)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = [a.replace(T, str(work)).replace(RUN, str(tiny_run)).replace("{gpt2}", str(shared("tokenizers/gpt2")))
-            for a in args]
+            .replace("{questions}", str(shared("eval/mt_bench/question.jsonl"))) for a in args]
     if argv[0] == "train":
         argv += ["--set", f"data.cache_dir={tmp_path / 'cache'}", "--quiet"]
     holder = RunLock(work / "locked")  # a live run holding {tmp}/locked

@@ -88,6 +88,7 @@ def test_export_loads_with_auto_classes(tiny_run, tmp_path):
     (["export", "{tmp}/none", "--to", "{tmp}/x"], ["RUN_DIR"]),
     (["plan", "--hidden", "64", "--layers", "0"], ["--layers"]),
     (["frobnicate"], ["invalid choice"]),
+    ([], ["give a subcommand: train, eval", "steplm --help"]),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needles):
     (tmp_path / "empty.txt").write_text("")
@@ -126,3 +127,28 @@ def test_every_argument_of_every_subcommand_has_help():
             for name, command in sub.choices.items() for a in command._actions
             if not a.help and not isinstance(a, argparse._HelpAction)]
     assert len(sub.choices) >= 9 and bare == []
+
+
+@pytest.mark.parametrize("args", [
+    ["plan", "--hidden", "1024", "--layers", "24", "--extended"],
+    ["plan", "--hidden", "1024", "--layers", "24", "--json"],
+    ["plan", str(ROOT / "configs" / "tiny.yaml")],
+])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(args):
+    """`steplm plan ... | head -1`: when the reader closes the pipe, the command stops with the status
+    of a process ended by SIGPIPE (141) and no traceback, as Unix tools do."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        res = subprocess.run([sys.executable, "-m", "steplm", *args], stdout=write, stderr=subprocess.PIPE,
+                             text=True, env=env, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write)
+    assert res.returncode == 141 and res.stderr == "", res.stderr
+
+
+def test_the_error_prefix_names_steplm_once(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "steplm: error: train: the following arguments are required: --out", err

@@ -472,7 +472,48 @@ TASK_DAMAGE = {
         json.dumps({"sentence": "a _ b"}) + "\n"), "winogrande"),
     "hellaswag not bz2": ("hellaswag", lambda d: (d / "hellaswag" / "hellaswag_val_full.txt.bz2").write_bytes(
         b"plain"), "hellaswag"),
+    # files that parse but do not mean what they would be scored as: refused, not dropped or scored as a miss
+    "piqa a label short": ("piqa", lambda d: _edit_lines(d / "piqa" / "valid-labels.lst", lambda ls: ls[:-1]),
+                           "1837 labels for the 1838 items"),
+    "piqa a label extra": ("piqa", lambda d: _edit_lines(d / "piqa" / "valid-labels.lst", lambda ls: ls + ["0"]),
+                           "1839 labels for the 1838 items"),
+    "piqa label 2": ("piqa", lambda d: _edit_lines(d / "piqa" / "valid-labels.lst", lambda ls: ["2"] + ls[1:]),
+                     "item 1: the answer '2' is not one of its 2 choices"),
+    "arc answer not a label": ("arc_easy", lambda d: _edit_json(d / "arc_easy" / "ARC-Easy-Test.jsonl", 2,
+                                                                answerKey="Z"), "item 3: the answer 'Z'"),
+    "openbookqa answer not a label": ("openbookqa", lambda d: _edit_json(d / "openbookqa" / "test.jsonl", 0,
+                                                                         answerKey="E"), "item 1: the answer 'E'"),
+    "winogrande answer 3": ("winogrande", lambda d: _edit_json(d / "winogrande" / "dev.jsonl", 1, answer="3"),
+                            "item 2: the answer '3' is not one of its 2 choices"),
+    "winogrande no blank": ("winogrande", lambda d: _edit_json(d / "winogrande" / "dev.jsonl", 0, sentence="a b"),
+                            "no '_' blank"),
+    "hellaswag gold 4": ("hellaswag", lambda d: _edit_bz2_lines(d / "hellaswag" / "hellaswag_val_full.txt.bz2",
+                                                                lambda ls: ls[:1] + ["4"] + ls[2:]),
+                         "item 1: the answer '4' is not one of its 4 choices"),
+    "hellaswag last item short": ("hellaswag", lambda d: _edit_bz2_lines(
+        d / "hellaswag" / "hellaswag_val_full.txt.bz2", lambda ls: ls[:-1]), "not a multiple of 6"),
+    "piqa empty": ("piqa", lambda d: [(d / "piqa" / f).write_text("") for f in ("valid.jsonl", "valid-labels.lst")],
+                   "holds no items"),
+    "arc empty": ("arc_challenge", lambda d: (d / "arc_challenge" / "ARC-Challenge-Test.jsonl").write_text("\n"),
+                  "holds no items"),
+    "lambada empty": ("lambada", lambda d: (d / "lambada" / "lambada_test.jsonl").write_text(""), "holds no items"),
 }
+
+
+def _edit_lines(path, change):
+    path.write_text("\n".join(change(path.read_text().split("\n")[:-1])) + "\n")
+
+
+def _edit_json(path, row, **fields):
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[row].update(fields)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _edit_bz2_lines(path, change):
+    import bz2
+    lines = bz2.decompress(path.read_bytes()).decode().split("\n")[:-1]
+    path.write_bytes(bz2.compress(("\n".join(change(lines)) + "\n").encode()))
 
 
 @pytest.mark.parametrize("name", list(TASK_DAMAGE))

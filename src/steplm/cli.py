@@ -23,7 +23,14 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message):  # one line, exit 2 (argparse prints usage + error otherwise)
-        raise UserError(f"{self.prog}: {message}")
+        if "arguments are required: cmd" in message:  # `steplm` alone; 'cmd' is an internal name
+            raise UserError(f"give a subcommand: {', '.join(self._subcommands())} (steplm --help says what each does)")
+        where = self.prog.removeprefix("steplm").strip()  # main() prints the 'steplm: error:' prefix
+        raise UserError(f"{where}: {message}" if where else message)
+
+    def _subcommands(self) -> list[str]:
+        return [name for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                for name in action.choices]
 
 
 def _path(s: str) -> str:
@@ -35,6 +42,17 @@ def _path(s: str) -> str:
     return s
 
 
+def _text(s: str) -> str:
+    """An argparse type for text that is tokenized or written into JSON/YAML: bytes that are not UTF-8
+    arrive from the shell as lone surrogates, which no tokenizer or UTF-8 file can take."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text")
+    return s
+
+
+TEXT_ARGS = {"prompt", "model_id", "set", "tasks", "layers_per_stage"}
 PATH_ARGS = {"config", "data", "out", "to", "init_from", "model", "run_dir", "questions", "vanilla", "tasks_dir"}
 
 
@@ -171,9 +189,11 @@ def cmd_eval(a):
 
     device, dtype = _precision(a)
 
-    if a.tasks:
+    if a.tasks is not None:
         from .tasks import TASKS, evaluate_tasks
         names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        if not names:
+            raise UserError(f"--tasks: give at least one task name ({', '.join(TASKS)})")
         unknown = [t for t in names if t not in TASKS]
         if unknown:
             raise UserError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
@@ -417,11 +437,31 @@ def cmd_info(a):
         print(f"steplm: SFT {h['sft']}")
 
 
+# The train.* keys an sft flag sets: a --set of one would silently override (or be overridden by) the flag.
+SFT_FLAG_KEYS = {"train.lr": "--lr", "train.warmup_steps": "--warmup-steps", "train.micro_batch": "--micro-batch",
+                 "train.grad_accum": "--batch-size", "train.seed": "--seed", "train.device": "--device",
+                 "train.dtype": "--dtype", "train.compile": "--compile", "train.checkpoint_every": "--checkpoint-every",
+                 "train.max_steps": "--epochs"}
+
+
+def _check_sft_sets(sets: list[str]) -> None:
+    """sft's --set takes train.* keys only: the model's shape and tokenizer are MODEL's, the examples
+    --data's, and the method plain AdamW, so any other key would be ignored without a word."""
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        if key in SFT_FLAG_KEYS:
+            raise UserError(f"--set {key}: sft sets it from {SFT_FLAG_KEYS[key]}; use that flag")
+        if not key.startswith("train."):
+            raise UserError(f"--set {key}: sft takes only train.* keys (the model's shape and tokenizer come from "
+                            f"MODEL, the examples from --data, and the optimizer is plain AdamW)")
+
+
 def cmd_sft(a):
     import os
 
     from .sft import SFTTrainer, read_examples, sft_config, source_config
 
+    _check_sft_sets(a.set or [])
     read_examples(a.data)  # bad data: one line, before anything is written
     _precision(a)  # --device cuda without a GPU: one line naming the flag
     out = Path(a.out)
@@ -469,7 +509,7 @@ def _add_sampling(p, max_new=128):
     p.add_argument("--top-k", type=_positive_int, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens whose "
                    "probability reaches p, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**32) (default 0)")
 
 
 def cmd_plot(a):
@@ -581,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--micro-batch", type=_positive_int,
                    help="examples per forward (gradient accumulation; default --batch-size)")
     f.add_argument("--limit", type=_positive_int, help="use only the first N examples")
-    f.add_argument("--seed", type=int, default=0, help="seed of the epochs' shuffles (default 0)")
+    f.add_argument("--seed", type=_seed, default=0, help="seed of the epochs' shuffles, in [0, 2**32) (default 0)")
     f.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile)")
     f.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
                    help="checkpoint every N steps (0: at the end); rerun the same command to resume")
@@ -611,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
         for action in command._actions:
             if action.dest in PATH_ARGS and action.type is None:
                 action.type = _path
+            if action.dest in TEXT_ARGS and action.type is None:
+                action.type = _text
     return p
 
 
@@ -632,7 +674,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("steplm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `steplm plan ... | head`: the reader left; stop quietly, as Unix tools do
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    try:
+        sys.stdout.flush()  # a buffered tail meeting a closed pipe fails here, not at interpreter exit
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     return 0
+
+
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so Python's flush at exit does not raise into a traceback again."""
+    import os
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

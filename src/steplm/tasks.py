@@ -62,43 +62,66 @@ def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list
 
 def _load_task(name: str, d: Path) -> list[Doc]:
     docs: list[Doc] = []
+
+    def add(doc: Doc, path: Path, item: int, answer) -> None:
+        """Keep one item; an answer that names none of its choices is the file's fault, not a miss."""
+        if not 0 <= doc.gold < len(doc.requests):
+            raise UserError(f"--tasks-dir: {path} item {item + 1}: the answer {answer!r} is not one of its "
+                            f"{len(doc.requests)} choices (task {name})")
+        docs.append(doc)
+
     if name == "piqa":
-        rows = _jsonl(_need(d / "piqa" / "valid.jsonl", name))
-        labels = _need(d / "piqa" / "valid-labels.lst", name).read_text().split()
-        for r, lab in zip(rows, labels):
+        path = _need(d / "piqa" / "valid.jsonl", name)
+        label_path = _need(d / "piqa" / "valid-labels.lst", name)
+        rows, labels = _jsonl(path), label_path.read_text().split()
+        if len(rows) != len(labels):  # zip would drop the surplus silently
+            raise UserError(f"--tasks-dir: {label_path} holds {len(labels)} labels for the {len(rows)} items of "
+                            f"{path} (task {name}): one label per item")
+        for i, (r, lab) in enumerate(zip(rows, labels)):
             ctx, ch = f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]]
-            docs.append(Doc([(ctx, " " + c) for c in ch], int(lab), ch))
-    elif name in ("arc_easy", "arc_challenge"):
-        sub = "ARC-Easy" if name == "arc_easy" else "ARC-Challenge"
-        for r in _jsonl(_need(d / name / f"{sub}-Test.jsonl", name)):
+            add(Doc([(ctx, " " + c) for c in ch], int(lab) if lab in ("0", "1") else -1, ch), label_path, i, lab)
+    elif name in ("arc_easy", "arc_challenge", "openbookqa"):
+        file = {"arc_easy": "ARC-Easy-Test", "arc_challenge": "ARC-Challenge-Test", "openbookqa": "test"}[name]
+        path = _need(d / name / f"{file}.jsonl", name)
+        for i, r in enumerate(_jsonl(path)):
             q = r["question"]
             ch = [c["text"] for c in q["choices"]]
+            ctx = q["stem"] if name == "openbookqa" else f"Question: {q['stem']}\nAnswer:"
             labels = [c["label"] for c in q["choices"]]
-            ctx = f"Question: {q['stem']}\nAnswer:"
-            docs.append(Doc([(ctx, " " + c) for c in ch], labels.index(r["answerKey"]), ch))
-    elif name == "openbookqa":
-        for r in _jsonl(_need(d / "openbookqa" / "test.jsonl", name)):
-            q = r["question"]
-            ch = [c["text"] for c in q["choices"]]
-            labels = [c["label"] for c in q["choices"]]
-            docs.append(Doc([(q["stem"], " " + c) for c in ch], labels.index(r["answerKey"]), ch))
+            gold = labels.index(r["answerKey"]) if r["answerKey"] in labels else -1
+            add(Doc([(ctx, " " + c) for c in ch], gold, ch), path, i, r["answerKey"])
     elif name == "hellaswag":
-        with bz2.open(_need(d / "hellaswag" / "hellaswag_val_full.txt.bz2", name), "rt", encoding="utf-8") as f:
+        path = _need(d / "hellaswag" / "hellaswag_val_full.txt.bz2", name)
+        with bz2.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
-        for i in range(0, len(lines) - 5, 6):
-            ctx, gold, endings = lines[i], int(lines[i + 1]), lines[i + 2:i + 6]
-            docs.append(Doc([(ctx, " " + e) for e in endings], gold, endings))
+        if lines and lines[-1] == "":
+            lines.pop()
+        if len(lines) % 6:  # context, gold, four endings: a short last item would be dropped silently
+            raise UserError(f"--tasks-dir: {path} holds {len(lines)} lines, not a multiple of 6 (a context, "
+                            f"the gold index and four endings per item; task {name})")
+        for i in range(0, len(lines), 6):
+            ctx, gold, endings = lines[i], lines[i + 1].strip(), lines[i + 2:i + 6]
+            add(Doc([(ctx, " " + e) for e in endings], int(gold) if gold in ("0", "1", "2", "3") else -1, endings),
+                path, i // 6, gold)
     elif name == "winogrande":
-        for r in _jsonl(_need(d / "winogrande" / "dev.jsonl", name)):
+        path = _need(d / "winogrande" / "dev.jsonl", name)
+        for i, r in enumerate(_jsonl(path)):
             s = r["sentence"]
+            if "_" not in s:
+                raise UserError(f"--tasks-dir: {path} item {i + 1}: the sentence has no '_' blank (task {name})")
             idx = s.index("_")
             suffix = s[idx + 1:].strip()
             contexts = [s[:idx] + r["option1"], s[:idx] + r["option2"]]
-            docs.append(Doc([(c, " " + suffix) for c in contexts], int(r["answer"]) - 1, contexts))
+            answer = str(r["answer"])
+            add(Doc([(c, " " + suffix) for c in contexts], int(answer) - 1 if answer in ("1", "2") else -1, contexts),
+                path, i, r["answer"])
     elif name == "lambada":
-        for r in _jsonl(_need(d / "lambada" / "lambada_test.jsonl", name)):
+        path = _need(d / "lambada" / "lambada_test.jsonl", name)
+        for r in _jsonl(path):
             words = r["text"].split(" ")
             docs.append(Doc([(" ".join(words[:-1]), " " + words[-1])], 0, [words[-1]]))
+    if not docs:  # a score over no items is not a score
+        raise UserError(f"--tasks-dir: {path} holds no items (task {name})")
     return docs
 
 
