@@ -36,6 +36,11 @@ TABLE = [
     (["plan", "--hidden", "1024", "--budget-gb", "1e12", "--stages", "0"], "--stages"),
     (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "3,x"], "--layers-per-stage"),
     (["plan", "--hidden", "64", "--layers", "4", "--extended", "--seq-len", "99999999999"], "--seq-len"),
+    # plan: the head shapes train refuses
+    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "3"], "--n-heads: must divide --hidden (64)"),
+    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "128"], "--n-heads: must divide --hidden"),
+    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "64"], "must be even for RoPE"),
+    (["plan", "--hidden", "60", "--layers", "4", "--n-heads", "4", "--extended"], "must be even for RoPE"),
     # train: data
     (["train", "--out", f"{T}/o", "--data", f"{T}/missing.txt"], "data.path"),
     (["train", "--out", f"{T}/o", "--data", f"{T}/empty.txt", "--set", "data.tokenizer=bpe:300"], "empty corpus"),
@@ -45,6 +50,19 @@ TABLE = [
      "model.vocab_size"),
     (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.tokenizer=/nonexistent/tok"],
      "data.tokenizer"),
+    # train: the validation data is named as such
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.val_path=" + T + "/short.txt", "--set",
+      "data.tokenizer=bpe:300", *TINY], "data.val_path: " + T + "/short.txt holds"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.val_path=" + T + "/latin1.txt", "--set",
+      "data.tokenizer=bpe:300"], "data.val_path: " + T + "/latin1.txt is not UTF-8"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.val_path=" + T + "/notext.jsonl.gz",
+      "--set", "data.tokenizer=bpe:300"], "data.val_path: line 1"),
+    (["train", "--out", f"{T}/o", "--set", "train.eval_tokens=8", "--set", "train.seq_len=16"],
+     "train.eval_tokens: must be at least one window"),
+    # train: model.init_from names what is wrong with the folder
+    (["train", "--out", f"{T}/o", "--init-from", f"{T}/none"], "--init-from: " + T + "/none does not exist"),
+    (["train", "--out", f"{T}/o", "--init-from", f"{T}/afile"], "is not a directory"),
+    (["train", "--out", f"{T}/o", "--init-from", f"{T}/full"], "has no config.json"),
     # train: config
     (["train", "--out", f"{T}/o", "--set", "train.bogus=1"], "unknown config key: train.bogus"),
     (["train", "--out", f"{T}/o", f"{T}/bad.yaml"], "not valid YAML"),
@@ -143,10 +161,23 @@ TABLE = [
     (["eval", f"{T}/gpt2dir", "--data", f"{T}/ok.txt"], "Llama"),
     (["eval", RUN, "--data", f"{T}/missing.txt"], "--data"),
     (["eval", RUN, "--tasks", "piqa,mmlu"], "--tasks"),
+    # eval: what is wrong with --data is named by eval's flags, not by train's config keys
+    (["eval", RUN, "--data", f"{T}/notext.jsonl.gz"], "has no string field 'text' (set --text-field)"),
+    (["eval", RUN, "--data", f"{T}/notext.jsonl.gz", "--text-field", "content"], "--data: line 1"),
+    (["eval", RUN, "--data", f"{T}/latin1.txt"], "--data: "),
+    (["eval", RUN, "--data", f"{T}/emptydir"], "--data: no .txt/.jsonl"),
+    (["eval", RUN, "--data", f"{T}/ok.txt", "--max-tokens", "1"], "--max-tokens: 1 is less than one window"),
+    (["eval", RUN, "--data", f"{T}/ok.txt", "--max-tokens", "7", "--seq-len", "8"], "--max-tokens"),
+    (["eval", f"{T}/none", "--data", f"{T}/ok.txt"], "MODEL: " + T + "/none does not exist"),
     (["eval", RUN, "--tasks", ","], "--tasks: give at least one task name"),
     (["eval", RUN, "--tasks", ""], "--tasks: give at least one task name"),
     (["eval", RUN, "--tasks", " , ,"], "--tasks: give at least one task name"),
     (["eval", RUN, "--tasks", "pi\udcffqa"], "--tasks: is not valid UTF-8"),
+    # plot
+    (["plot", f"{T}/none"], "RUN_DIR: " + T + "/none is not a directory"),
+    (["plot", RUN, "--vanilla", f"{T}/none"], "--vanilla: " + T + "/none is not a directory"),
+    (["plot", RUN, "--vanilla", f"{T}/full"], "--vanilla: " + T + "/full has no summary.json"),
+    (["plot", RUN, "--vanilla", f"{T}/sftdone"], "--vanilla: "),
     # export
     (["export", f"{T}/full", "--to", f"{T}/x"], "RUN_DIR"),
     (["export", f"{T}/none", "--to", f"{T}/x"], "RUN_DIR"),
@@ -198,6 +229,8 @@ def inputs(tmp):
     (tmp / "empty.txt").write_text("  \n")
     (tmp / "ok.txt").write_text("some words for a tokenizer to learn from. " * 200)
     (tmp / "latin1.txt").write_bytes("café olé".encode("latin-1"))
+    (tmp / "short.txt").write_text("a few words.")
+    (tmp / "emptydir").mkdir()
     with gzip.open(tmp / "notext.jsonl.gz", "wt") as f:
         f.write(json.dumps({"body": "x"}) + "\n")
     (tmp / "bad.yaml").write_text("model: [unclosed\n")
@@ -232,7 +265,8 @@ def snapshot(tmp):
 
 def test_table_has_at_least_30_entries_over_six_commands():
     assert len(TABLE) >= 30
-    assert {args[0] for args, _ in TABLE} == {"plan", "train", "eval", "export", "sft", "generate", "mt-bench"}
+    assert {args[0] for args, _ in TABLE} == {"plan", "train", "eval", "export", "sft", "generate", "mt-bench",
+                                               "plot"}
 
 
 @pytest.mark.parametrize("args,needle", TABLE, ids=[f"{a[0]}-{n}" for a, n in TABLE])
@@ -253,7 +287,7 @@ def test_bad_input(tiny_run, tmp_path, capsys, monkeypatch, args, needle):
         holder.release()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert needle in err, err
+    assert needle.replace(T, str(work)) in err, err
     assert snapshot(work) == before  # nothing half-written
 
 
@@ -266,3 +300,26 @@ def test_all_type_problems_in_one_line(tmp_path, capsys):
     for key in ("unknown config key: lora.bogus", "model.d_model", "train.lr", "train.compile", "train.beta2"):
         assert key in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--data", "{work}/empty.txt", "--set", "data.tokenizer=bpe:300"], "empty corpus"),
+    (["train", "--data", "{work}/latin1.txt", "--set", "data.tokenizer=bpe:300"], "not UTF-8"),
+    (["train", "--data", "{work}/ok.txt", "--set", "data.tokenizer={gpt2}", *TINY], "model.vocab_size"),
+    (["train", "--data", "{work}/ok.txt", "--set", "data.val_path={work}/empty.txt", "--set",
+      "data.tokenizer=bpe:300"], "data.val_path"),
+])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_failed_run_removes_the_parent_folders_it_created(tmp_path, capsys, args, needle, depth):
+    """--out a/b/c/run: a run that fails before its first checkpoint removes a as well, and with it
+    the default token cache (a/b/c/.cache); folders that were there before stay."""
+    work = tmp_path / "work"
+    work.mkdir()
+    inputs(work)
+    out = work.joinpath(*[f"p{i}" for i in range(depth)], "run")
+    before = snapshot(work)
+    argv = [a.replace("{work}", str(work)).replace("{gpt2}", str(shared("tokenizers/gpt2"))) for a in args]
+    assert main(argv + ["--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert snapshot(work) == before

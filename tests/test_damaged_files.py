@@ -58,6 +58,8 @@ RUN_DAMAGE = {
     "weights NaN": (_weights(_nan), "non-finite weights"),
     "weights inf": (_weights(_inf), "non-finite weights"),
     "weights missing a tensor": (_weights(_drop), "does not match its model_config.json"),
+    "model_config missing": (lambda d: (d / "model_config.json").unlink(), "steplm run without model_config.json"),
+    "weights missing": (lambda d: (d / "model.safetensors").unlink(), "steplm run without model.safetensors"),
     # RoPE tables no machine holds (2·positions·head_dim fp32): one line, not an allocator traceback
     "max_seq_len 2e9": (lambda d: _edit_json(d / "model_config.json", max_seq_len=2_000_000_000),
                         "lower max_seq_len in"),
@@ -479,13 +481,13 @@ TASK_DAMAGE = {
                            "1839 labels for the 1838 items"),
     "piqa label 2": ("piqa", lambda d: _edit_lines(d / "piqa" / "valid-labels.lst", lambda ls: ["2"] + ls[1:]),
                      "item 1: the answer '2' is not one of its 2 choices"),
-    "arc answer not a label": ("arc_easy", lambda d: _edit_json(d / "arc_easy" / "ARC-Easy-Test.jsonl", 2,
+    "arc answer not a label": ("arc_easy", lambda d: _edit_jsonl_row(d / "arc_easy" / "ARC-Easy-Test.jsonl", 2,
                                                                 answerKey="Z"), "item 3: the answer 'Z'"),
-    "openbookqa answer not a label": ("openbookqa", lambda d: _edit_json(d / "openbookqa" / "test.jsonl", 0,
+    "openbookqa answer not a label": ("openbookqa", lambda d: _edit_jsonl_row(d / "openbookqa" / "test.jsonl", 0,
                                                                          answerKey="E"), "item 1: the answer 'E'"),
-    "winogrande answer 3": ("winogrande", lambda d: _edit_json(d / "winogrande" / "dev.jsonl", 1, answer="3"),
+    "winogrande answer 3": ("winogrande", lambda d: _edit_jsonl_row(d / "winogrande" / "dev.jsonl", 1, answer="3"),
                             "item 2: the answer '3' is not one of its 2 choices"),
-    "winogrande no blank": ("winogrande", lambda d: _edit_json(d / "winogrande" / "dev.jsonl", 0, sentence="a b"),
+    "winogrande no blank": ("winogrande", lambda d: _edit_jsonl_row(d / "winogrande" / "dev.jsonl", 0, sentence="a b"),
                             "no '_' blank"),
     "hellaswag gold 4": ("hellaswag", lambda d: _edit_bz2_lines(d / "hellaswag" / "hellaswag_val_full.txt.bz2",
                                                                 lambda ls: ls[:1] + ["4"] + ls[2:]),
@@ -504,7 +506,7 @@ def _edit_lines(path, change):
     path.write_text("\n".join(change(path.read_text().split("\n")[:-1])) + "\n")
 
 
-def _edit_json(path, row, **fields):
+def _edit_jsonl_row(path, row, **fields):
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     rows[row].update(fields)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

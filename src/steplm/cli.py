@@ -114,7 +114,7 @@ def _fit(make_trainer, out: Path) -> dict | None:
     from .checkpoint import list_steps
     from .runguard import RunDirInUse
 
-    created = not out.exists()
+    created = _first_missing(out)  # --out a/b/run may create a and a/b as well (and the token cache in a/b)
     trainer, fitted = None, False
     try:
         trainer = make_trainer()
@@ -125,7 +125,7 @@ def _fit(make_trainer, out: Path) -> dict | None:
         # Nothing half-written left behind, unless the directory belongs to the run that holds it
         # (or this rank finished its run and only the closing barrier failed).
         if created and not fitted and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         # The traceback's finished frames (Trainer.fit's among them) would keep the trainer alive
         # past the teardown below; their locals are not needed for the one-line message.
         traceback.clear_frames(e.__traceback__)
@@ -139,6 +139,15 @@ def _fit(make_trainer, out: Path) -> dict | None:
         gc.collect()
         distributed.cleanup()
     return summary if is_main else None
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what creating it
+    would create. None when ``path`` exists."""
+    path, top = path.absolute(), None
+    while not path.exists() and path != path.parent:
+        path, top = path.parent, path
+    return top
 
 
 def cmd_train(a):
@@ -211,7 +220,8 @@ def cmd_eval(a):
         return
     if not a.data:
         raise UserError("--data: give a text file to score (e.g. ../shared/data/wikitext2/valid.txt)")
-    res = perplexity(a.model, a.data, a.max_tokens, a.backend, a.seq_len, a.batch_size, device=device, dtype=dtype)
+    res = perplexity(a.model, a.data, a.max_tokens, a.backend, a.seq_len, a.batch_size, device=device, dtype=dtype,
+                     text_field=a.text_field)
     print(dumps(res) if a.json else f"loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  tokens {res['tokens']}")
 
 
@@ -240,12 +250,12 @@ def cmd_export(a):
         raise UserError(f"--to: {out} is not empty; give a new or empty directory")
     model, tok = load_run(src)
     special = read_special_tokens(src, tok)
-    created = not out.exists()
+    created = _first_missing(out)
     try:
         export(model, tok, out, special, dtype=a.dtype, max_shard_size=a.max_shard_size, history=run_history(src))
     except BaseException:
         if created:
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise
     print(f"exported to {out}/ (load with AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
 
@@ -294,6 +304,11 @@ def cmd_plan(a):
     a.lora_rank = a.lora_rank or min(128, a.hidden)
     if a.lora_rank > a.hidden:
         raise UserError(f"--lora-rank: must be at most --hidden ({a.hidden}), got {a.lora_rank}")
+    if a.n_heads and a.hidden % a.n_heads:  # the same shapes `train` takes (model.d_model, model.head_dim)
+        raise UserError(f"--n-heads: must divide --hidden ({a.hidden}), got {a.n_heads}")
+    if a.n_heads and (a.hidden // a.n_heads) % 2:
+        raise UserError(f"--n-heads: the head size --hidden / --n-heads = {a.hidden // a.n_heads} must be even for "
+                        f"RoPE, got {a.n_heads} heads")
     kv = None
     if a.n_kv_heads:
         if not a.n_heads or a.hidden % a.n_heads or a.n_heads % a.n_kv_heads:
@@ -541,7 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out perplexity of a run or HF directory")
     e.add_argument("model", help="run directory or HF Llama directory")
     e.add_argument("--data", help="text file (.txt/.jsonl/.jsonl.gz/.parquet)")
-    e.add_argument("--max-tokens", type=_positive_int, help="score at most this many tokens")
+    e.add_argument("--text-field", default="text", type=_text,
+                   help="the field of .jsonl/.parquet records that holds the text (default text)")
+    e.add_argument("--max-tokens", type=_positive_int, help="score at most this many tokens, in whole windows of "
+                   "--seq-len (so at least one window)")
     e.add_argument("--seq-len", type=_positive_int, help="window length (default: the model's max_seq_len)")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="windows scored together (default 8)")
     e.add_argument("--backend", choices=["steplm", "transformers"], default="steplm",

@@ -604,6 +604,9 @@ def problems(cfg: RunConfig) -> list[str]:
     t, s, lo, m = cfg.train, cfg.step, cfg.lora, cfg.model
     if t.seq_len > m.max_seq_len > 0:
         out.append(f"train.seq_len: must be at most model.max_seq_len ({m.max_seq_len}), got {t.seq_len}")
+    if cfg.sft.model is None and 0 < t.eval_tokens < t.seq_len:  # validation scores whole windows (SFT has none)
+        out.append(f"train.eval_tokens: must be at least one window of train.seq_len ({t.seq_len}) tokens, "
+                   f"got {t.eval_tokens}")
     ranks = {"lora.rank": lo.rank, "galore.rank": cfg.galore.rank, "apollo.rank": cfg.apollo.rank}
     for key in ("lora.rank", f"{cfg.method}.rank"):  # the projected methods' own rank, when they run
         rank = ranks.get(key)

@@ -30,8 +30,9 @@ def _suffix(p: Path) -> str:
     return ".jsonl.gz" if p.name.endswith(".jsonl.gz") else p.suffix
 
 
-def list_sources(path: str, exclude: list[str] = ()) -> list[Path]:
-    """The files a data path stands for, sorted; raises UserError for a missing or empty path."""
+def list_sources(path: str, exclude: list[str] = (), key: str = "data.path") -> list[Path]:
+    """The files a data path stands for, sorted; raises UserError, naming ``key``, for a missing or
+    empty path."""
     p = Path(path).expanduser()
     if p.is_file():
         return [p]
@@ -41,14 +42,16 @@ def list_sources(path: str, exclude: list[str] = ()) -> list[Path]:
                        and _suffix(f) in TEXT_SUFFIXES + RECORD_SUFFIXES
                        and not skip.intersection(f.relative_to(p).parts[:-1]))
         if not files:
-            raise UserError(f"data.path: no .txt/.jsonl/.jsonl.gz/.parquet/.py files under {p}")
+            raise UserError(f"{key}: no .txt/.jsonl/.jsonl.gz/.parquet/.py files under {p}")
         return files
-    raise UserError(f"data.path: {path} does not exist (give a file, a directory, or a local HF dataset)")
+    raise UserError(f"{key}: {path} does not exist (give a file, a directory, or a local HF dataset)")
 
 
-def read_documents(path: str, text_field: str = "text", exclude: list[str] = ()) -> Iterator[tuple[str, str]]:
-    """Yield (document id, text) for every document under ``path``."""
-    for f in list_sources(path, exclude):
+def read_documents(path: str, text_field: str = "text", exclude: list[str] = (), key: str = "data.path",
+                   field_key: str = "data.text_field") -> Iterator[tuple[str, str]]:
+    """Yield (document id, text) for every document under ``path``. Errors are one-line UserErrors
+    naming ``key`` (the path's config key or flag) and ``field_key`` (the record field's)."""
+    for f in list_sources(path, exclude, key):
         suffix = _suffix(f)
         try:
             if suffix not in RECORD_SUFFIXES:  # .txt, .py, or a file named on its own: UTF-8 text
@@ -62,10 +65,10 @@ def read_documents(path: str, text_field: str = "text", exclude: list[str] = ())
                         try:
                             rec = json.loads(line)
                         except json.JSONDecodeError:
-                            raise UserError(f"data.path: line {n} of {f} is not valid JSON")
+                            raise UserError(f"{key}: line {n} of {f} is not valid JSON")
                         if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                            raise UserError(f"data.path: line {n} of {f} has no string field '{text_field}' "
-                                            f"(set data.text_field)")
+                            raise UserError(f"{key}: line {n} of {f} has no string field '{text_field}' "
+                                            f"(set {field_key})")
                         yield f"{f}:{n}", rec[text_field]
             else:  # parquet
                 import pyarrow
@@ -73,29 +76,29 @@ def read_documents(path: str, text_field: str = "text", exclude: list[str] = ())
                 try:
                     table = pq.read_table(f)
                 except pyarrow.ArrowException as e:
-                    raise UserError(f"data.path: {f} is not a readable parquet file ({one_line(e)})")
+                    raise UserError(f"{key}: {f} is not a readable parquet file ({one_line(e)})")
                 if text_field not in table.column_names:
-                    raise UserError(f"data.path: {f} has no column '{text_field}' (set data.text_field)")
+                    raise UserError(f"{key}: {f} has no column '{text_field}' (set {field_key})")
                 for n, text in enumerate(table.column(text_field).to_pylist()):
                     yield f"{f}:{n}", text or ""
         except UnicodeDecodeError:
-            raise UserError(f"data.path: {f} is not UTF-8 text")
+            raise UserError(f"{key}: {f} is not UTF-8 text")
         except (OSError, EOFError) as e:
             if isinstance(e, UserError):
                 raise
-            raise UserError(f"data.path: cannot read {f} ({one_line(e)})")
+            raise UserError(f"{key}: cannot read {f} ({one_line(e)})")
 
 
-def read_hf_dataset(name: str, text_field: str) -> Iterator[tuple[str, str]]:
+def read_hf_dataset(name: str, text_field: str, key: str = "data.path") -> Iterator[tuple[str, str]]:
     """Documents of a Hugging Face dataset's train split (needs `datasets` and a reachable hub)."""
     try:
         import datasets
     except ImportError:
-        raise UserError(f"data.path: {name} is not a local path, and reading a hub dataset needs `pip install datasets`")
+        raise UserError(f"{key}: {name} is not a local path, and reading a hub dataset needs `pip install datasets`")
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - anything the hub raises becomes one line
-        raise UserError(f"data.path: {name} is not a local path and could not be loaded from the hub ({type(e).__name__})")
+        raise UserError(f"{key}: {name} is not a local path and could not be loaded from the hub ({type(e).__name__})")
     for n, rec in enumerate(ds):
         yield f"{name}:{n}", rec[text_field]
 
@@ -105,11 +108,12 @@ def _looks_local(path: str) -> bool:
     return p.exists() or path.startswith((".", "/", "~")) or _suffix(p) in TEXT_SUFFIXES + RECORD_SUFFIXES
 
 
-def documents(path: str, text_field: str = "text", exclude: list[str] = ()) -> Iterator[tuple[str, str]]:
+def documents(path: str, text_field: str = "text", exclude: list[str] = (), key: str = "data.path"
+              ) -> Iterator[tuple[str, str]]:
     """Local path if it exists, else a hub dataset name of the form owner/name or name."""
     if _looks_local(path):
-        return read_documents(path, text_field, exclude)
-    return read_hf_dataset(path, text_field)
+        return read_documents(path, text_field, exclude, key)
+    return read_hf_dataset(path, text_field, key)
 
 
 def is_validation(doc_id: str, fraction: float) -> bool:
@@ -280,10 +284,7 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
         raise UserError("data.path: no training data given (use --data PATH or set data.path)")
     for key, path in (("data.path", data_cfg.path), ("data.val_path", data_cfg.val_path)):
         if path and _looks_local(path):
-            try:
-                list_sources(path, data_cfg.exclude)
-            except UserError as e:
-                raise UserError(str(e).replace("data.path", key, 1))
+            list_sources(path, data_cfg.exclude, key)
     key = _cache_key({"src": _source_fingerprint(data_cfg.path, data_cfg.exclude),
                       "val": _source_fingerprint(data_cfg.val_path, data_cfg.exclude) if data_cfg.val_path else None,
                       "frac": data_cfg.val_fraction, "tok": data_cfg.tokenizer, "field": data_cfg.text_field,
@@ -326,7 +327,7 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
         writers = {"train": ShardWriter(tmp / "train.bin", dtype), "val": ShardWriter(tmp / "val.bin", dtype)}
         if data_cfg.val_path:
             splits = [("train", documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude)),
-                      ("val", documents(data_cfg.val_path, data_cfg.text_field, data_cfg.exclude))]
+                      ("val", documents(data_cfg.val_path, data_cfg.text_field, data_cfg.exclude, "data.val_path"))]
         else:
             splits = [(None, documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude))]
         bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress, mininterval=1, delay=1)
@@ -414,19 +415,6 @@ def _fault_wait_for_peers(cache_root: Path, key: str):
         time.sleep(0.05)
 
 
-def tokenize_file(path: str, tok, text_field: str = "text") -> np.ndarray:
-    """All documents of ``path`` as one EOS-separated int64 token stream (for evaluation)."""
-    eos = eos_id(tok)
-    ids: list[int] = []
-    for _, text in read_documents(path, text_field):
-        if text.strip():
-            ids.extend(tok.encode(text, add_special_tokens=False).ids)
-            ids.append(eos)
-    if not ids:
-        raise UserError(f"--data: {path} holds no text")
-    return np.asarray(ids, dtype=np.int64)
-
-
 # ---------------------------------------------------------------------------- batches
 class BatchSampler:
     """Random (B, T+1) windows of a token stream, reproducible from its generator state.
@@ -459,11 +447,16 @@ class BatchSampler:
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
-    """Non-overlapping (N, seq_len+1) windows from the start of the stream (each shares one token with the next)."""
+    """Non-overlapping (N, seq_len+1) windows from the start of the stream (each shares one token with
+    the next): N = the most whole windows of ``seq_len`` scored tokens, at most ``max_tokens`` tokens in
+    all. Raises UserError (naming --data, --max-tokens) when no whole window fits."""
     n = (len(tokens) - 1) // seq_len
-    if max_tokens:
-        n = min(n, max(1, max_tokens // seq_len))
     if n == 0:
         raise UserError(f"--data: only {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    if max_tokens:
+        if max_tokens < seq_len:
+            raise UserError(f"--max-tokens: {max_tokens} is less than one window of {seq_len} tokens; raise it "
+                            f"or lower --seq-len")
+        n = min(n, max_tokens // seq_len)
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
     return np.asarray(tokens[idx], dtype=np.int64)

@@ -20,6 +20,8 @@ def load(path: str | Path, device="cpu"):
     from .train import load_run
 
     p = Path(path)
+    if not p.exists():
+        raise UserError(f"MODEL: {p} does not exist (give a steplm run directory or an HF model directory)")
     if not p.is_dir():
         raise UserError(f"MODEL: {p} is not a directory (give a steplm run directory or an HF model directory)")
     if (p / "model_config.json").is_file():
@@ -34,10 +36,11 @@ def load_model(path: str | Path, device="cpu"):
     return p.model, p.tokenizer
 
 
-def token_stream(path: str, encode, eos: int) -> np.ndarray:
-    """Every document of ``path`` encoded and joined with EOS (int64)."""
+def token_stream(path: str, encode, eos: int, text_field: str = "text") -> np.ndarray:
+    """Every document of ``path`` (the ``text_field`` of .jsonl/.parquet records) encoded and joined
+    with EOS (int64). Raises UserError naming --data or --text-field."""
     ids: list[int] = []
-    for _, text in read_documents(path):
+    for _, text in read_documents(path, text_field, key="--data", field_key="--text-field"):
         if text.strip():
             ids.extend(encode(text))
             ids.append(eos)
@@ -63,9 +66,11 @@ def windows_loss(logits_fn, windows: np.ndarray, batch_size: int, device="cpu") 
 
 def perplexity(model_path: str, data: str, max_tokens: int | None = None, backend: str = "steplm",
                seq_len: int | None = None, batch_size: int = 8, progress: bool = False,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, text_field: str = "text"
+               ) -> dict:
     """{"loss", "ppl", "tokens"} on non-overlapping windows of ``data``, run on ``device``; ``dtype`` bf16 runs
-    the model under bf16 autocast (weights stay fp32), fp32 (the default) is the reference."""
+    the model under bf16 autocast (weights stay fp32), fp32 (the default) is the reference. ``text_field``
+    is the field of .jsonl/.parquet records that holds the text."""
     from .devices import autocast
 
     device = torch.device(device)
@@ -74,7 +79,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
     if backend == "steplm":
         p = load(model_path, device)
         model, tok = p.model, p.tokenizer
-        stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, p.special.eos_id)
+        stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, p.special.eos_id, text_field)
         check_ids(stream, model.config.vocab_size, f"--data {data}")
         T = _context(seq_len, model.config.max_seq_len)
         logits_fn = model
@@ -102,7 +107,8 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         check_finite(dict(hf.named_parameters()), f"MODEL: {p}")
         if hf_tok.eos_token_id is None:
             raise UserError(f"MODEL: {p} tokenizer_config.json names no eos_token")
-        stream = token_stream(data, lambda t: hf_tok(t, add_special_tokens=False)["input_ids"], hf_tok.eos_token_id)
+        stream = token_stream(data, lambda t: hf_tok(t, add_special_tokens=False)["input_ids"], hf_tok.eos_token_id,
+                              text_field)
         check_ids(stream, hf.config.vocab_size, f"--data {data}")
         T = _context(seq_len, hf.config.max_position_embeddings)
         logits_fn = lambda x: hf(input_ids=x).logits  # noqa: E731

@@ -16,6 +16,19 @@ import torch
 from .errors import UserError
 
 
+RUN_MODEL_FILES = ("model.safetensors", "model_config.json")  # what a finished run (train or sft) writes last
+
+
+def unfinished_run(d: Path, who: str = "MODEL") -> UserError | None:
+    """The error for a steplm run folder (it holds config.yaml) without its final model files: an
+    unfinished or damaged run. None for anything else."""
+    missing = [f for f in RUN_MODEL_FILES if not (d / f).is_file()]
+    if not (d / "config.yaml").is_file() or not missing:
+        return None
+    return UserError(f"{who}: {d} is a steplm run without {' or '.join(missing)}, which a finished run writes "
+                     f"(finish it by rerunning its steplm train or sft command, or restore the file)")
+
+
 def read_json(path: str | Path, who: str, kind: type | None = dict) -> Any:
     """The parsed JSON of ``path``; ``kind`` (dict, list or None for any) is the top-level type it
     must have. ``who`` is the flag or key that gave the file, the start of the error line."""

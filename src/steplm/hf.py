@@ -21,7 +21,7 @@ import torch
 
 from .devices import check_model_fits
 from .errors import UserError
-from .files import read_json, read_model_config, read_safetensors, read_tokenizer
+from .files import read_json, read_model_config, read_safetensors, read_tokenizer, unfinished_run
 from .model import ROPE_SCALING_KEYS, LLaMA, ModelConfig, from_state_dict
 from .tokens import SpecialTokens, gpt2_special_tokens, read_special_tokens, write_special_tokens
 
@@ -278,7 +278,13 @@ class Pretrained:
 def read_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of an HF Llama directory's config.json (no weights read), or a one-line UserError."""
     d = Path(path)
+    if not d.exists():
+        raise UserError(f"MODEL: {d} does not exist (give a steplm run directory or an HF model directory)")
+    if not d.is_dir():
+        raise UserError(f"MODEL: {d} is not a directory (give a steplm run directory or an HF model directory)")
     if not (d / "config.json").is_file():
+        if unfinished_run(d):
+            raise unfinished_run(d)
         if (d / "model_config.json").is_file():  # only model.init_from reads a folder this way
             raise UserError(f"MODEL: {d} is a steplm run, not an HF model directory; export it first "
                             f"(steplm export {d} --to DIR) and give DIR")
@@ -390,6 +396,8 @@ def describe(path: str | Path) -> dict:
         hf_cfg = read_json(d / "config.json", "MODEL")
         cfg, kind = from_hf_config(hf_cfg), "Hugging Face Llama"
         history = hf_cfg.get("steplm")
+    elif unfinished_run(d):
+        raise unfinished_run(d)
     else:
         raise UserError(f"MODEL: {d} is neither a steplm run directory nor an HF model directory")
     out = {"path": str(d), "kind": kind, "model": cfg.to_dict(), "steplm": history}

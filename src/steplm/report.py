@@ -8,14 +8,17 @@ from . import planner
 from .errors import UserError
 
 
-def read_summary(run_dir: str | Path) -> dict:
+def read_summary(run_dir: str | Path, key: str = "RUN_DIR") -> dict:
+    """A finished run's summary.json; a UserError naming ``key`` (the argument that gave the folder)."""
     from .files import read_json
     p = Path(run_dir) / "summary.json"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{key}: {run_dir} is not a directory (give a steplm run directory)")
     if not p.is_file():
-        raise UserError(f"RUN_DIR: {run_dir} has no summary.json (is the run finished?)")
-    s = read_json(p, "RUN_DIR")
+        raise UserError(f"{key}: {run_dir} has no summary.json (is the run finished?)")
+    s = read_json(p, key)
     if not isinstance(s.get("stages"), list) or not s["stages"] or not all(isinstance(x, dict) for x in s["stages"]):
-        raise UserError(f"RUN_DIR: {p} has no per-stage records (stages); is it a steplm run's summary?")
+        raise UserError(f"{key}: {p} has no per-stage records (stages); is it a steplm run's summary?")
     return s
 
 
@@ -51,8 +54,13 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings, prec)
     van_planned = cfg.model.n_layers * planner.trainable_layer_bytes(shape, prec) + head
     mb = 1 / 2**20
+    vanilla = read_summary(vanilla_dir, "--vanilla") if vanilla_dir else None
     try:
-        van_measured = read_summary(vanilla_dir)["stages"][0]["measured_state_bytes"]["total"] if vanilla_dir else None
+        van_measured = vanilla["stages"][0]["measured_state_bytes"]["total"] if vanilla else None
+    except (KeyError, TypeError) as e:
+        raise UserError(f"--vanilla: {vanilla_dir}'s summary.json lacks the memory record {e} (written by an older "
+                        f"or damaged run)")
+    try:
         planned = [s["planned_state_bytes"]["total"] * mb for s in stages]
         measured = [s["measured_state_bytes"]["total"] * mb for s in stages]
         labels = [f"stage {s['stage'] + 1}\n{s['layers']} layers" for s in stages]

@@ -262,6 +262,11 @@ class Trainer:
                             f"({cfg.model.vocab_size}); raise model.vocab_size")
         self.train_shard = TokenShard.open(self.shard_dir / "train.bin")
         self.val_tokens = np.asarray(TokenShard.open(self.shard_dir / "val.bin").tokens)
+        if len(self.val_tokens) <= cfg.train.seq_len:  # found now, not at the first evaluation
+            where = (f"data.val_path: {cfg.data.val_path} holds" if cfg.data.val_path else
+                     f"data.val_fraction: the validation split ({cfg.data.val_fraction} of {cfg.data.path}) holds")
+            raise UserError(f"{where} {len(self.val_tokens)} tokens, fewer than one window of train.seq_len + 1 = "
+                            f"{cfg.train.seq_len + 1}; give more validation text or lower train.seq_len")
 
     def _initial_model(self, stage1: ModelConfig) -> LLaMA:
         """Stage 1's model: fresh (seeded) or loaded from model.init_from."""
@@ -849,9 +854,11 @@ class Trainer:
 # ---------------------------------------------------------------------------- loading
 def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
     """The final merged model and tokenizer of a run directory."""
-    from .files import one_line, read_model_config, read_safetensors, read_tokenizer
+    from .files import one_line, read_model_config, read_safetensors, read_tokenizer, unfinished_run
 
     d = Path(run_dir)
+    if unfinished_run(d):
+        raise unfinished_run(d)
     if not (d / "model.safetensors").is_file() or not (d / "model_config.json").is_file():
         raise UserError(f"MODEL: {d} is not a finished steplm run (no model.safetensors / model_config.json)")
     mcfg = read_model_config(d, "MODEL")
