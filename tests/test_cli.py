@@ -52,6 +52,8 @@ def test_eval_backends_agree_on_wikitext(tiny_run, tmp_path):
     res_a = run_cli("eval", str(tiny_run), "--data", wiki, "--max-tokens", "4096", "--json")
     res_b = run_cli("eval", str(hf_dir), "--data", wiki, "--max-tokens", "4096", "--json", "--backend", "transformers")
     assert res_a.returncode == 0 and res_b.returncode == 0, res_a.stderr + res_b.stderr
+    # nothing but the result: no torchao kernel-load or pytree warnings, no tokenizer length warning
+    assert res_a.stderr == "" and res_b.stderr == "", res_a.stderr + res_b.stderr
     a, b = json.loads(res_a.stdout), json.loads(res_b.stdout)
     assert a["tokens"] == b["tokens"] > 3000
     assert abs(a["loss"] - b["loss"]) / a["loss"] <= 1e-4

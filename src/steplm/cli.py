@@ -677,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, Preempted, \
         TrainingStopped
+    _quiet_library_logs()
     try:
         args = build_parser().parse_args(argv)
         args.fn(args)
@@ -701,6 +702,15 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
     return 0
+
+
+def _quiet_library_logs() -> None:
+    """Importing transformers imports torchao, which logs a warning per prebuilt CUDA kernel it cannot
+    load and per Enum it registers with torch's pytree: noise around a command's one line of output.
+    Errors still print."""
+    import logging
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE

@@ -107,7 +107,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         check_finite(dict(hf.named_parameters()), f"MODEL: {p}")
         if hf_tok.eos_token_id is None:
             raise UserError(f"MODEL: {p} tokenizer_config.json names no eos_token")
-        stream = token_stream(data, lambda t: hf_tok(t, add_special_tokens=False)["input_ids"], hf_tok.eos_token_id,
+        stream = token_stream(data, lambda t: hf_tok(t, add_special_tokens=False, verbose=False)["input_ids"], hf_tok.eos_token_id,
                               text_field)
         check_ids(stream, hf.config.vocab_size, f"--data {data}")
         T = _context(seq_len, hf.config.max_position_embeddings)
