@@ -186,6 +186,11 @@ TABLE = [
     # sft
     (["sft", RUN, "--data", f"{T}/missing.json", "--out", f"{T}/o"], "--data"),
     (["sft", RUN, "--data", f"{T}/noinstr.json", "--out", f"{T}/o"], "instruction"),
+    # sft: fields that are not text are refused, not turned into text
+    (["sft", RUN, "--data", f"{T}/input_int.json", "--out", f"{T}/o"], "record 2 of"),
+    (["sft", RUN, "--data", f"{T}/output_list.json", "--out", f"{T}/o"], "an 'output' that is not a string (list)"),
+    (["sft", RUN, "--data", f"{T}/instance_null.jsonl", "--out", f"{T}/o"], "record 1 instance 2 of"),
+    (["sft", RUN, "--data", f"{T}/all_blank.json", "--out", f"{T}/o"], "--data: no example of"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/full"], "holds no run to resume"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", RUN], "holds a finished run"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/sftdone"], "holds a finished run"),
@@ -241,6 +246,12 @@ def inputs(tmp):
     (tmp / "gpt2dir" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp / "noinstr.json").write_text(json.dumps([{"prompt": "x", "output": "y"}]))
     (tmp / "alpaca.json").write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}]))
+    ok = {"instruction": "x", "input": "", "output": "y"}
+    (tmp / "input_int.json").write_text(json.dumps([ok, {**ok, "input": 5}]))
+    (tmp / "output_list.json").write_text(json.dumps([{**ok, "output": ["a", "b"]}]))
+    (tmp / "instance_null.jsonl").write_text(json.dumps({"instruction": "x", "instances": [
+        {"input": "", "output": "y"}, {"input": "", "output": None}]}) + "\n")
+    (tmp / "all_blank.json").write_text(json.dumps([{**ok, "output": ""}, {**ok, "output": " "}]))
     (tmp / "list.yaml").write_text("- a\n")
     (tmp / "scalar.yaml").write_text("5\n")
     (tmp / "list_section.yaml").write_text("train: [1, 2]\n")

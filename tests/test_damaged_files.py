@@ -136,6 +136,7 @@ HF_DAMAGE = {
                                                      "original_max_position_embeddings": 16}), "finite positive"),
     "max_position_embeddings 2e9": (_hf_config(max_position_embeddings=2_000_000_000), "max_position_embeddings"),
     "max_position_embeddings 1e13": (_hf_config(max_position_embeddings=10**13), "max_position_embeddings"),
+    "weights missing": (lambda d: (d / "model.safetensors").unlink(), "no weights"),
 }
 
 
@@ -201,6 +202,21 @@ def test_a_damaged_hf_folder_is_one_line_for_eval_and_init_from(hf_export, tmp_p
                     str(tmp_path / "o"), "--quiet", "--set", f"data.cache_dir={tmp_path.parent / 'cache'}"], capsys,
                    HF_DAMAGE[name][1], tmp_path)
     assert (str(d) in err or "init-from" in err or "init_from" in err) and "MODEL" not in err, err
+
+
+@pytest.mark.parametrize("damage", ["hf weights missing", "run weights missing", "run weights and config.yaml missing",
+                                    "run model_config missing"])
+def test_info_refuses_a_folder_no_command_can_load(tiny_run, hf_export, tmp_path, capsys, damage):
+    """`info` describes only what eval/generate/export can load: a folder without weights, or a run
+    without its final files, is one line naming what is missing, not a description and exit 0."""
+    d = tmp_path / "m"
+    shutil.copytree(hf_export if damage.startswith("hf") else tiny_run, d, ignore=shutil.ignore_patterns("checkpoints"))
+    for name in {"hf weights missing": ["model.safetensors"], "run weights missing": ["model.safetensors"],
+                 "run weights and config.yaml missing": ["model.safetensors", "config.yaml"],
+                 "run model_config missing": ["model_config.json"]}[damage]:
+        (d / name).unlink()
+    needle = "steplm run without" if damage in ("run weights missing", "run model_config missing") else "no weights"
+    _refused(["info", str(d)], capsys, needle, tmp_path)
 
 
 def test_init_from_a_steplm_run_says_to_export_it(tiny_run, tmp_path, capsys):

@@ -205,3 +205,23 @@ def test_sft_divergence_names_the_sft_flag(tiny_run, tmp_path, capsys, extra):
     assert main(args) == 3
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lower --lr" in err and "train.lr" not in err, err
+
+
+def test_examples_without_a_response_are_dropped_and_counted(tiny_run, tmp_path, capsys):
+    """Blank outputs (only EOS to learn) and responses that max_seq_len cuts off entirely are not
+    tuned on, and one warning says how many of each were dropped: no example is ignored silently."""
+    from steplm.evaluate import load
+    max_len = load(tiny_run).config.max_seq_len
+    long_instruction = " ".join(["word"] * (4 * max_len))  # the prompt alone fills the context
+    records = ([{"instruction": f"Say {i}.", "input": "", "output": f"number {i}"} for i in range(5)]
+               + [{"instruction": "Say nothing.", "input": "", "output": out} for out in ("", "  \n")]
+               + [{"instruction": long_instruction, "input": "", "output": "too late"}])
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "sft"
+    assert main(["sft", str(tiny_run), "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "1",
+                 "--warmup-steps", "0", "--quiet", "--dtype", "fp32"]) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "tuning on 5 of 8 examples" in warnings[0], warnings
+    assert "2 have an empty output, 1 a response cut off" in warnings[0], warnings
+    assert json.loads((out / "sft_summary.json").read_text())["examples"] == 5

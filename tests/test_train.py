@@ -462,3 +462,17 @@ def test_minimum_peak_bytes_is_below_the_tracked_peak(tmp_path, extra):
         t.next_stage()
     assert need["total"] <= max(peaks) + rope
     assert need["total"] >= max(peaks) / 10
+
+
+@pytest.mark.parametrize("method,extra", [("step", {"step.n_stages": 2}), ("relora", {"lora.relora_interval": 3})])
+def test_a_stage_whose_every_step_fails_names_the_adapter_scale(tmp_path, capsys, method, extra):
+    """lora.alpha = 1e30 makes every adapter step overflow: the run stops (exit 3) naming the stage as
+    `plan` numbers it and the two knobs, lr and lora.alpha with the scale it gave, not only the lr."""
+    from steplm.cli import main
+    from steplm.errors import EXIT_TRAINING_STOPPED
+    sets = tiny_overrides(tmp_path, **{"method": method, "lora.alpha": 1e30, "train.max_steps": 8, **extra})
+    argv = ["train", "--out", str(tmp_path / "run"), "--quiet", *[x for kv in sets for x in ("--set", kv)]]
+    assert main(argv) == EXIT_TRAINING_STOPPED
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "stage 2 of 2 ended without a successful optimizer step" in err, err
+    assert "lower train.lr, or lora.alpha" in err and f"{1e30 / 4:.3g}" in err, err  # tiny_overrides: lora.rank 4

@@ -194,6 +194,10 @@ def _load_bin(path: Path, device) -> dict[str, torch.Tensor]:
     return state
 
 
+# The weight files read_weights reads, in the order it looks for them.
+WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin")
+
+
 def read_weights(model_dir: str | Path, device="cpu") -> dict[str, torch.Tensor]:
     """Every tensor of an HF model directory: sharded safetensors (with model.safetensors.index.json),
     model.safetensors, or pytorch_model.bin (sharded or not), in its stored dtype."""
@@ -389,6 +393,8 @@ def describe(path: str | Path) -> dict:
     """What a run or HF model directory holds, without loading weights: architecture, special tokens,
     and steplm's stage history ("steplm" in config.json, or the run's summary.json)."""
     d = Path(path)
+    if unfinished_run(d):
+        raise unfinished_run(d)
     if (d / "model_config.json").is_file():
         cfg, kind = read_model_config(d, "MODEL"), "steplm run"
         history = run_history(d)
@@ -396,11 +402,12 @@ def describe(path: str | Path) -> dict:
         hf_cfg = read_json(d / "config.json", "MODEL")
         cfg, kind = from_hf_config(hf_cfg), "Hugging Face Llama"
         history = hf_cfg.get("steplm")
-    elif unfinished_run(d):
-        raise unfinished_run(d)
     else:
         raise UserError(f"MODEL: {d} is neither a steplm run directory nor an HF model directory")
-    out = {"path": str(d), "kind": kind, "model": cfg.to_dict(), "steplm": history}
+    weights = [f for f in WEIGHT_FILES if (d / f).is_file()]
+    if not weights:  # a folder no command can load is not described as a model
+        raise UserError(f"MODEL: {d} holds no weights (one of {', '.join(WEIGHT_FILES)})")
+    out = {"path": str(d), "kind": kind, "model": cfg.to_dict(), "steplm": history, "weights": weights}
     if (d / "tokenizer.json").is_file():
         tok = read_tokenizer(d / "tokenizer.json", "MODEL")
         s = read_special_tokens(d, tok)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,17 +40,29 @@ def read_examples(path: str | Path) -> list[dict]:
             records = [json.loads(x) for x in text.splitlines() if x.strip()]
     except json.JSONDecodeError:
         raise UserError(f"--data: {p} is neither Alpaca JSON nor JSONL")
+    if not isinstance(records, list):
+        raise UserError(f"--data: {p} is neither Alpaca JSON (a list of records) nor JSONL")
     out = []
+
+    def strings(where: str, rec: dict) -> dict:
+        """The example's input and output, each a string ('' when absent); anything else is refused,
+        not turned into text."""
+        ex = {"instruction": r["instruction"], "input": rec.get("input", ""), "output": rec.get("output", "")}
+        for k in ("input", "output"):
+            if not isinstance(ex[k], str):
+                raise UserError(f"--data: {where} of {p} has an '{k}' that is not a string "
+                                f"({type(ex[k]).__name__})")
+        return ex
+
     for n, r in enumerate(records, 1):
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
             raise UserError(f"--data: record {n} of {p} has no 'instruction' string")
         if "instances" in r:
             if not isinstance(r["instances"], list) or not all(isinstance(i, dict) for i in r["instances"]):
                 raise UserError(f"--data: record {n} of {p} has 'instances' that are not a list of objects")
-            out += [{"instruction": r["instruction"], "input": i.get("input", ""), "output": i.get("output", "")}
-                    for i in r["instances"]]
-        elif isinstance(r.get("output"), str):
-            out.append({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]})
+            out += [strings(f"record {n} instance {j}", i) for j, i in enumerate(r["instances"], 1)]
+        elif "output" in r:
+            out.append(strings(f"record {n}", r))
         else:
             raise UserError(f"--data: record {n} of {p} has neither 'output' nor 'instances'")
     if not out:
@@ -164,12 +177,20 @@ class SFTTrainer(Trainer):
         self.tokenizer, self.special = self.source.tokenizer, self.source.special
         examples = read_examples(s.data)[:s.limit]
         max_len = self.source.config.max_seq_len
-        data = [build_example(self.tokenizer, ex, self.special.eos_id, max_len) for ex in examples]
+        usable = [ex for ex in examples if ex["output"].strip()]  # a blank response teaches only to stop
+        data = [build_example(self.tokenizer, ex, self.special.eos_id, max_len) for ex in usable]
         for ids, _ in data:
             check_ids(ids, self.source.config.vocab_size, "an example of --data")
         self.examples = [d for d in data if response_tokens([d])]
         if not self.examples:
-            raise UserError("sft.data: every example's response is cut off by the model's max_seq_len")
+            raise UserError(f"--data: no example of {s.data} has a response to learn: {len(examples) - len(usable)} "
+                            f"of {len(examples)} have an empty output, and the rest's responses "
+                            f"are cut off by the model's max_seq_len ({max_len} tokens)")
+        empty, cut = len(examples) - len(usable), len(data) - len(self.examples)
+        if (empty or cut) and self.main:  # dropped, and said so: an SFT run never ignores examples silently
+            print(f"steplm: warning: tuning on {len(self.examples)} of {len(examples)} examples of {s.data}: "
+                  f"{empty} have an empty output, {cut} a response cut off by the model's "
+                  f"max_seq_len ({max_len} tokens)", file=sys.stderr)
         t = self.cfg.train
         self.batch_examples = t.micro_batch * t.grad_accum * self.world
         steps = math.ceil(len(self.examples) / self.batch_examples) * s.epochs

@@ -439,7 +439,7 @@ class Trainer:
             self.skipped += 1
             if self.skipped > t.max_skipped:
                 raise TrainingStopped(f"step {self.step + 1}: {self.skipped} bad batches skipped, more than "
-                                      f"train.max_skipped ({t.max_skipped}); lower {self.LR_KEY}")
+                                      f"train.max_skipped ({t.max_skipped}); {self._lower_hint()}")
             return total, False
         self.optimizer.grad_scale = scale  # None: no scale; read by this step only (GradScaler's protocol)
         try:
@@ -635,7 +635,7 @@ class Trainer:
         self.load_state_dict(state, weights)
         self.resumed_from = path
         if self.progress:
-            print(f"steplm: resuming from {path} (step {self.step}, stage {self.stage})", file=sys.stderr)
+            print(f"steplm: resuming from {path} (step {self.step}, {self._stage_name()})", file=sys.stderr)
 
     def _check_resume_config(self):
         saved = self.out / "config.yaml"
@@ -790,19 +790,33 @@ class Trainer:
             raise UserError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")
         return SummaryWriter(str(self.out / "tensorboard"))
 
+    def _stage_name(self) -> str:
+        """'stage 2 of 3': 1-based, as `steplm plan` numbers stages (metrics rows keep the 0-based index)."""
+        return f"stage {self.stage + 1} of {len(self.stage_steps)}"
+
+    def _lower_hint(self) -> str:
+        """What to lower when steps keep failing: the lr, and with adapters in the model their scale too."""
+        from .lora import LoRALinear
+        if any(isinstance(m, LoRALinear) for m in self.model.modules()):
+            lo = self.cfg.lora
+            return (f"lower {self.LR_KEY}, or lora.alpha (the adapters scale their update by lora.alpha / "
+                    f"lora.rank = {lo.alpha / lo.rank:.3g})")
+        return f"lower {self.LR_KEY}"
+
     def _finish_stage(self, log):
         """End-of-stage evaluation and memory record."""
         if self.record is None:
-            raise TrainingStopped(f"stage {self.stage} ended without a successful optimizer step")
+            raise TrainingStopped(f"{self._stage_name()} ended without a successful optimizer step: every step's loss "
+                                  f"or gradient norm was not finite, or above train.max_grad_norm; {self._lower_hint()}")
         if self.device.type == "cuda":
             self.record["peak_bytes"] = torch.cuda.max_memory_allocated()
         val = self.evaluate()
         if not math.isfinite(val):  # finite weights whose logits overflow: a diverged model is not a result
-            raise TrainingStopped(f"stage {self.stage}: the validation loss is {val} (the model diverged); the last "
+            raise TrainingStopped(f"{self._stage_name()}: the validation loss is {val} (the model diverged); the last "
                                   f"good checkpoint is kept and no model is written (lower {self.LR_KEY})")
         uniform = math.log(self.cfg.model.vocab_size)  # the loss of a uniform guess, about where training starts
         if self.stage == len(self.stage_steps) - 1 and val > uniform + self.DIVERGED_NATS:
-            raise TrainingStopped(f"stage {self.stage}: the final validation loss {val:.4g} nats is above "
+            raise TrainingStopped(f"{self._stage_name()}: the final validation loss {val:.4g} nats is above "
                                   f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess (the model diverged); "
                                   f"the last good checkpoint is kept and no model is written (lower {self.LR_KEY})")
         if self.stage == len(self.stage_steps) - 1 and val > uniform - self.LEARNED_NATS and self.main:
