@@ -9,9 +9,15 @@ SHARED = Path(os.environ.get("STEPLM_SHARED_DATA", ROOT.parent / "shared" / "dat
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs -n auto) the workers share the cores: each worker, and
+    """The default token cache (data.cache_dir unset: $STEPLM_CACHE_DIR) goes to a temporary folder,
+    never to the user's ~/.cache.
+
+    Under pytest-xdist (``make test`` runs -n auto) the workers share the cores: each worker, and
     each subprocess it starts (OMP_NUM_THREADS), gets its share of intra-op threads, so the
     workers' thread pools do not oversubscribe the machine."""
+    if "STEPLM_CACHE_DIR" not in os.environ:  # set by the controller, inherited by the xdist workers
+        import tempfile
+        os.environ["STEPLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="steplm-test-tokens-")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         import torch

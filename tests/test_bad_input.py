@@ -209,6 +209,11 @@ TABLE = [
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "train.lr=1e-3"],
      "--set train.lr: sft sets it from --lr"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "train.max_steps=5"], "--epochs"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "train.seq_len=8"],
+     "--set train.seq_len: sft does not use it"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "train.eval_tokens=1"],
+     "--set train.eval_tokens: sft does not use it"),
+    (["sft", RUN, "--data", f"{T}/input_zero.json", "--out", f"{T}/o"], "an 'input' that is not a string (int)"),
     # generate
     (["generate", RUN, "--prompt", ""], "--prompt"),
     (["generate", RUN, "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
@@ -248,9 +253,10 @@ def inputs(tmp):
     (tmp / "alpaca.json").write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}]))
     ok = {"instruction": "x", "input": "", "output": "y"}
     (tmp / "input_int.json").write_text(json.dumps([ok, {**ok, "input": 5}]))
+    (tmp / "input_zero.json").write_text(json.dumps([{**ok, "input": 0}]))
     (tmp / "output_list.json").write_text(json.dumps([{**ok, "output": ["a", "b"]}]))
     (tmp / "instance_null.jsonl").write_text(json.dumps({"instruction": "x", "instances": [
-        {"input": "", "output": "y"}, {"input": "", "output": None}]}) + "\n")
+        {"input": "", "output": "y"}, {"input": "", "output": 5}]}) + "\n")
     (tmp / "all_blank.json").write_text(json.dumps([{**ok, "output": ""}, {**ok, "output": " "}]))
     (tmp / "list.yaml").write_text("- a\n")
     (tmp / "scalar.yaml").write_text("5\n")
@@ -298,7 +304,8 @@ def test_bad_input(tiny_run, tmp_path, capsys, monkeypatch, args, needle):
         holder.release()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert needle.replace(T, str(work)) in err, err
+    # the needle must be in the message itself: pytest names tmp_path after the test id, which holds it
+    assert needle.replace(T, "<work>") in err.replace(str(work), "<work>").replace(str(tmp_path), "<tmp>"), err
     assert snapshot(work) == before  # nothing half-written
 
 
@@ -322,8 +329,8 @@ def test_all_type_problems_in_one_line(tmp_path, capsys):
 ])
 @pytest.mark.parametrize("depth", [1, 3])
 def test_a_failed_run_removes_the_parent_folders_it_created(tmp_path, capsys, args, needle, depth):
-    """--out a/b/c/run: a run that fails before its first checkpoint removes a as well, and with it
-    the default token cache (a/b/c/.cache); folders that were there before stay."""
+    """--out a/b/c/run: a run that fails before its first checkpoint removes a as well (the default
+    token cache lies outside, in $STEPLM_CACHE_DIR); folders that were there before stay."""
     work = tmp_path / "work"
     work.mkdir()
     inputs(work)
@@ -334,3 +341,38 @@ def test_a_failed_run_removes_the_parent_folders_it_created(tmp_path, capsys, ar
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("where", ["beside", "above"])
+def test_a_failed_run_keeps_what_others_put_in_the_folders_it_created(tmp_path, capsys, monkeypatch, where):
+    """A sweep into a new folder, sweep/lr30 and sweep/lr1e-3: when lr30 fails after lr1e-3 (or the
+    user) put files in sweep/, only sweep/lr30 goes; sweep/ and all it holds stay."""
+    from steplm.errors import UserError
+    from steplm.train import Trainer
+
+    out = tmp_path / "sweep" / "day1" / "lr30"
+    other = (out.parent if where == "beside" else tmp_path / "sweep") / "lr1e-3"
+
+    def fit(self):  # another run finishes while this one trains, then this one fails
+        other.mkdir(parents=True)
+        (other / "model.safetensors").write_text("a finished run's weights")
+        raise UserError("train.lr: this run failed")
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    (tmp_path / "ok.txt").write_text("some words for a tokenizer to learn from. " * 200)
+    argv = ["train", "--out", str(out), "--data", str(tmp_path / "ok.txt"), "--set", "data.tokenizer=bpe:300",
+            "--quiet", *TINY]
+    assert main(argv) == 2
+    assert "this run failed" in capsys.readouterr().err
+    assert not out.exists() and (other / "model.safetensors").read_text() == "a finished run's weights"
+    assert (out.parent.exists()) == (where == "beside")  # sweep/day1 stays only while it holds lr1e-3
+
+
+def test_an_out_with_dot_dot_creates_no_folder_on_the_way(tmp_path, capsys, monkeypatch):
+    """--out nd/../run means run: a failing run leaves neither nd nor run behind."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text(" \n")
+    assert main(["train", "--out", "nd/../run", "--data", "empty.txt", "--set", "data.tokenizer=bpe:300",
+                 "--quiet"]) == 2
+    assert "empty corpus" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import re
 import shutil
 import sys
@@ -114,7 +115,7 @@ def _fit(make_trainer, out: Path) -> dict | None:
     from .checkpoint import list_steps
     from .runguard import RunDirInUse
 
-    created = _first_missing(out)  # --out a/b/run may create a and a/b as well (and the token cache in a/b)
+    created = _first_missing(out)  # --out a/b/run may create a and a/b as well
     trainer, fitted = None, False
     try:
         trainer = make_trainer()
@@ -125,7 +126,7 @@ def _fit(make_trainer, out: Path) -> dict | None:
         # Nothing half-written left behind, unless the directory belongs to the run that holds it
         # (or this rank finished its run and only the closing barrier failed).
         if created and not fitted and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
-            shutil.rmtree(created, ignore_errors=True)
+            _remove_created(out, created)
         # The traceback's finished frames (Trainer.fit's among them) would keep the trainer alive
         # past the teardown below; their locals are not needed for the one-line message.
         traceback.clear_frames(e.__traceback__)
@@ -141,6 +142,12 @@ def _fit(make_trainer, out: Path) -> dict | None:
     return summary if is_main else None
 
 
+def _out_path(given: str) -> Path:
+    """An output folder's path with 'a/../b' folded to 'b' (as the user means it): mkdir would
+    otherwise create a as well, a folder nobody asked for."""
+    return Path(os.path.normpath(given))
+
+
 def _first_missing(path: Path) -> Path | None:
     """The outermost folder of ``path`` (itself included) that does not exist yet: what creating it
     would create. None when ``path`` exists."""
@@ -148,6 +155,23 @@ def _first_missing(path: Path) -> Path | None:
     while not path.exists() and path != path.parent:
         path, top = path.parent, path
     return top
+
+
+def _remove_created(out: Path, top: Path) -> None:
+    """Undo a failed command's folders: ``out`` (which it created, with everything in it), then each
+    parent up to ``top`` while it is empty. A parent that meanwhile holds anything else (another
+    run, a user's file) stays, with all it holds."""
+    out = out.absolute()
+    shutil.rmtree(out, ignore_errors=True)
+    if top == out:
+        return
+    for parent in out.parents:
+        try:
+            parent.rmdir()  # only an empty folder
+        except OSError:
+            return
+        if parent == top:
+            return
 
 
 def cmd_train(a):
@@ -163,7 +187,7 @@ def cmd_train(a):
         overrides.append(f"train.seed={a.seed}")
     cfg = config.load(a.config, overrides, init_from=a.init_from)
     config.validate(cfg)
-    out = Path(a.out)
+    out = _out_path(a.out)
     if a.fresh and out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {out} is not empty; drop --fresh to resume from it, or choose another directory")
     summary = _fit(lambda: Trainer(cfg, out, progress=not a.quiet), out)
@@ -175,7 +199,6 @@ def cmd_train(a):
 
 
 def _tasks_dir(given: str | None) -> str:
-    import os
     if given and not Path(given).is_dir():  # a folder the user named is never silently replaced
         raise UserError(f"--tasks-dir: {given} is not a directory")
     for cand in (given, os.environ.get("STEPLM_TASKS_DIR"), "../shared/data/eval"):
@@ -243,19 +266,19 @@ def cmd_export(a):
     src = Path(a.run_dir)
     if not src.is_dir():
         raise UserError(f"RUN_DIR: {src} does not exist")
-    out = Path(a.to)
+    out = _out_path(a.to)
     if out.exists() and not out.is_dir():
         raise UserError(f"--to: {out} is a file; give a new or empty directory")
     if out.is_dir() and any(out.iterdir()):  # never mix an export into a run or another model's files
         raise UserError(f"--to: {out} is not empty; give a new or empty directory")
-    model, tok = load_run(src)
+    model, tok = load_run(src, who="RUN_DIR")
     special = read_special_tokens(src, tok)
     created = _first_missing(out)
     try:
         export(model, tok, out, special, dtype=a.dtype, max_shard_size=a.max_shard_size, history=run_history(src))
     except BaseException:
         if created:
-            shutil.rmtree(created, ignore_errors=True)
+            _remove_created(out, created)
         raise
     print(f"exported to {out}/ (load with AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
 
@@ -457,6 +480,9 @@ SFT_FLAG_KEYS = {"train.lr": "--lr", "train.warmup_steps": "--warmup-steps", "tr
                  "train.grad_accum": "--batch-size", "train.seed": "--seed", "train.device": "--device",
                  "train.dtype": "--dtype", "train.compile": "--compile", "train.checkpoint_every": "--checkpoint-every",
                  "train.max_steps": "--epochs"}
+# The train.* keys sft has no use for: it never validates, and cuts each example at MODEL's context.
+SFT_UNUSED_KEYS = {"train.eval_every": "sft has no validation split", "train.eval_tokens": "sft has no validation split",
+                   "train.seq_len": "each example is cut at MODEL's max_seq_len"}
 
 
 def _check_sft_sets(sets: list[str]) -> None:
@@ -466,20 +492,20 @@ def _check_sft_sets(sets: list[str]) -> None:
         key = item.split("=", 1)[0].strip()
         if key in SFT_FLAG_KEYS:
             raise UserError(f"--set {key}: sft sets it from {SFT_FLAG_KEYS[key]}; use that flag")
+        if key in SFT_UNUSED_KEYS:
+            raise UserError(f"--set {key}: sft does not use it ({SFT_UNUSED_KEYS[key]})")
         if not key.startswith("train."):
             raise UserError(f"--set {key}: sft takes only train.* keys (the model's shape and tokenizer come from "
                             f"MODEL, the examples from --data, and the optimizer is plain AdamW)")
 
 
 def cmd_sft(a):
-    import os
-
     from .sft import SFTTrainer, read_examples, sft_config, source_config
 
     _check_sft_sets(a.set or [])
     read_examples(a.data)  # bad data: one line, before anything is written
     _precision(a)  # --device cuda without a GPU: one line naming the flag
-    out = Path(a.out)
+    out = _out_path(a.out)
     cfg = sft_config(a.model, a.data, source_config(a.model), epochs=a.epochs, limit=a.limit, lr=a.lr,
                      warmup_steps=a.warmup_steps, batch_size=a.batch_size, micro_batch=a.micro_batch, seed=a.seed,
                      device=a.device, dtype=a.dtype, compile=a.compile, checkpoint_every=a.checkpoint_every,
@@ -718,7 +744,6 @@ EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPI
 
 def _quiet_stdout() -> None:
     """Point stdout at /dev/null, so Python's flush at exit does not raise into a traceback again."""
-    import os
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
 

@@ -45,7 +45,7 @@ class DataConfig:
     exclude: list[str] = field(default_factory=lambda: ["test", "tests", "idle_test"])
     """Directory names skipped when `path` is a directory."""
     cache_dir: str | None = None
-    """Where token shards are cached; default <out>/../.cache/steplm or ~/.cache/steplm."""
+    """Where token shards are cached; default $STEPLM_CACHE_DIR, else ~/.cache/steplm/tokens ($XDG_CACHE_HOME)."""
     max_train_tokens: int | None = None
     """Stop tokenizing the training corpus after about this many tokens (None: all)."""
 

@@ -118,7 +118,8 @@ def documents(path: str, text_field: str = "text", exclude: list[str] = (), key:
 
 def is_validation(doc_id: str, fraction: float) -> bool:
     """Stable document-level split: hash of the document id."""
-    h = int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big")
+    # surrogateescape: a file name that is not UTF-8 reaches Python with lone surrogates (its bytes, kept)
+    h = int.from_bytes(hashlib.sha1(doc_id.encode("utf-8", "surrogateescape")).digest()[:8], "big")
     return h / 2**64 < fraction
 
 
@@ -274,6 +275,15 @@ def _source_fingerprint(path: str, exclude) -> list:
     if not p.exists():
         return [path]
     return [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in list_sources(path, exclude)]
+
+
+def default_cache_dir() -> Path:
+    """Where token shards are cached when data.cache_dir is not set: $STEPLM_CACHE_DIR, else
+    $XDG_CACHE_HOME/steplm/tokens (~/.cache/steplm/tokens), outside any run folder, so that a failed run
+    leaves nothing beside its --out and runs anywhere share one cache."""
+    if os.environ.get("STEPLM_CACHE_DIR"):
+        return Path(os.environ["STEPLM_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "steplm" / "tokens"
 
 
 def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "object"]:

@@ -393,15 +393,17 @@ def describe(path: str | Path) -> dict:
     """What a run or HF model directory holds, without loading weights: architecture, special tokens,
     and steplm's stage history ("steplm" in config.json, or the run's summary.json)."""
     d = Path(path)
-    if unfinished_run(d):
-        raise unfinished_run(d)
     if (d / "model_config.json").is_file():
+        if unfinished_run(d):
+            raise unfinished_run(d)
         cfg, kind = read_model_config(d, "MODEL"), "steplm run"
         history = run_history(d)
     elif (d / "config.json").is_file():
         hf_cfg = read_json(d / "config.json", "MODEL")
         cfg, kind = from_hf_config(hf_cfg), "Hugging Face Llama"
         history = hf_cfg.get("steplm")
+    elif unfinished_run(d):
+        raise unfinished_run(d)
     else:
         raise UserError(f"MODEL: {d} is neither a steplm run directory nor an HF model directory")
     weights = [f for f in WEIGHT_FILES if (d / f).is_file()]

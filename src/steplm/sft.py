@@ -45,9 +45,9 @@ def read_examples(path: str | Path) -> list[dict]:
     out = []
 
     def strings(where: str, rec: dict) -> dict:
-        """The example's input and output, each a string ('' when absent); anything else is refused,
-        not turned into text."""
-        ex = {"instruction": r["instruction"], "input": rec.get("input", ""), "output": rec.get("output", "")}
+        """The example's input and output, each a string ('' when absent or null, as pandas and datasets
+        write a missing value); anything else is refused, not turned into text."""
+        ex = {"instruction": r["instruction"], **{k: "" if rec.get(k) is None else rec[k] for k in ("input", "output")}}
         for k in ("input", "output"):
             if not isinstance(ex[k], str):
                 raise UserError(f"--data: {where} of {p} has an '{k}' that is not a string "

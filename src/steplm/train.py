@@ -26,7 +26,7 @@ from . import config as config_mod
 from . import distributed
 from . import methods, runguard
 from .devices import autocast, check_model_fits, gib, pick_device, pick_dtype, require_memory, retain_host_memory
-from .data import BatchSampler, TokenShard, eval_windows, prepare
+from .data import BatchSampler, TokenShard, default_cache_dir, eval_windows, prepare
 from .errors import Preempted, TrainingStopped, UserError
 from .lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
 from .stages import Stage, minimum_peak_bytes, plan_run
@@ -246,7 +246,7 @@ class Trainer:
         """Tokenize the corpus (rank 0 first, the others read its cache) and open the token shards;
         sets self.tokenizer, self.train_shard and self.val_tokens."""
         cfg = self.cfg
-        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out.parent / ".cache" / "steplm"
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
         if not self.main:
             distributed.barrier()  # rank 0 tokenizes first; the others then read its cache
         self.shard_dir, self.tokenizer = prepare(cfg.data, cache, self.progress)
@@ -866,23 +866,24 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------- loading
-def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
-    """The final merged model and tokenizer of a run directory."""
+def load_run(run_dir: str | Path, device="cpu", who: str = "MODEL") -> tuple[LLaMA, object]:
+    """The final merged model and tokenizer of a run directory; a one-line UserError naming ``who``
+    (the argument that gave the folder: MODEL, or RUN_DIR for export) when it cannot."""
     from .files import one_line, read_model_config, read_safetensors, read_tokenizer, unfinished_run
 
     d = Path(run_dir)
-    if unfinished_run(d):
-        raise unfinished_run(d)
+    if unfinished_run(d, who):
+        raise unfinished_run(d, who)
     if not (d / "model.safetensors").is_file() or not (d / "model_config.json").is_file():
-        raise UserError(f"MODEL: {d} is not a finished steplm run (no model.safetensors / model_config.json)")
-    mcfg = read_model_config(d, "MODEL")
-    tok = read_tokenizer(d / "tokenizer.json", "MODEL")
-    state = read_safetensors(d / "model.safetensors", "MODEL", device)
-    check_model_fits(mcfg, sum(t.numel() for t in state.values()), device, d / "model_config.json", "max_seq_len")
+        raise UserError(f"{who}: {d} is not a finished steplm run (no model.safetensors / model_config.json)")
+    mcfg = read_model_config(d, who)
+    tok = read_tokenizer(d / "tokenizer.json", who)
+    state = read_safetensors(d / "model.safetensors", who, device)
+    check_model_fits(mcfg, sum(t.numel() for t in state.values()), device, d / "model_config.json", "max_seq_len", who)
     try:
         model = from_state_dict(mcfg, state, device)
     except (KeyError, RuntimeError) as e:  # missing tensors or wrong shapes for model_config.json
-        raise UserError(f"MODEL: {d / 'model.safetensors'} does not match its model_config.json ({one_line(e)})")
+        raise UserError(f"{who}: {d / 'model.safetensors'} does not match its model_config.json ({one_line(e)})")
     from .hf import check_finite
-    check_finite(model.state_dict(), f"MODEL: {d}")
+    check_finite(model.state_dict(), f"{who}: {d}")
     return model, tok
