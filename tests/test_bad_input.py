@@ -232,6 +232,19 @@ TABLE = [
     (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--seed", "9" * 30], "--seed"),
     (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--model-id", "m\udcff"],
      "--model-id: is not valid UTF-8"),
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--model-id", ""], "--model-id: give"),
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--model-id", "  "], "--model-id"),
+    # mt-bench: an --out that would overwrite an input
+    (["mt-bench", RUN, "--questions", f"{T}/q.jsonl", "--out", f"{T}/q.jsonl"], "is the --questions file"),
+    (["mt-bench", RUN, "--questions", f"{T}/q.jsonl", "--out", f"{T}/./q.jsonl"], "is the --questions file"),
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", RUN + "/model.safetensors"], "is inside MODEL"),
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", RUN + "/answers.jsonl"], "is inside MODEL"),
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/ok.txt"], "is not a .jsonl answers file"),
+    # output folders whose names are not UTF-8: tokenizer.json cannot be written there
+    (["train", "--out", f"{T}/\udcffrun", "--data", f"{T}/ok.txt"], "is not a UTF-8 path"),
+    (["export", RUN, "--to", f"{T}/\udcfedir"], "is not a UTF-8 path"),
+    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/s\udcfd"], "is not a UTF-8 path"),
+    (["plot", RUN, "--out", "/proc/steplm-plot.png"], "--out: cannot write /proc/steplm-plot.png"),
 ]
 
 
@@ -240,6 +253,7 @@ def inputs(tmp):
     (tmp / "ok.txt").write_text("some words for a tokenizer to learn from. " * 200)
     (tmp / "latin1.txt").write_bytes("café olé".encode("latin-1"))
     (tmp / "short.txt").write_text("a few words.")
+    (tmp / "q.jsonl").write_text(shared("eval/mt_bench/question.jsonl").read_text())
     (tmp / "emptydir").mkdir()
     with gzip.open(tmp / "notext.jsonl.gz", "wt") as f:
         f.write(json.dumps({"body": "x"}) + "\n")

@@ -515,7 +515,39 @@ TASK_DAMAGE = {
     "arc empty": ("arc_challenge", lambda d: (d / "arc_challenge" / "ARC-Challenge-Test.jsonl").write_text("\n"),
                   "holds no items"),
     "lambada empty": ("lambada", lambda d: (d / "lambada" / "lambada_test.jsonl").write_text(""), "holds no items"),
+    # items that parse but leave nothing to score, or would be scored as something else
+    "arc empty choice": ("arc_easy", lambda d: _edit_question(d / "arc_easy" / "ARC-Easy-Test.jsonl", 0,
+                                                              lambda q: q["choices"][1].update(text="")),
+                         "item 1: 'text' is empty"),
+    "arc single choice": ("arc_challenge", lambda d: _edit_question(
+        d / "arc_challenge" / "ARC-Challenge-Test.jsonl", 1, lambda q: q.update(choices=q["choices"][:1])),
+        "item 2: 1 choice(s)"),
+    "arc labels repeat": ("arc_easy", lambda d: _edit_question(d / "arc_easy" / "ARC-Easy-Test.jsonl", 0, lambda q: [
+        c.update(label="A") for c in q["choices"]]), "item 1: the choice labels"),
+    "openbookqa stem a list": ("openbookqa", lambda d: _edit_question(d / "openbookqa" / "test.jsonl", 3,
+                                                                      lambda q: q.update(stem=["Q"])),
+                               "item 4: 'stem' is not text (list)"),
+    "piqa goal null": ("piqa", lambda d: _edit_jsonl_row(d / "piqa" / "valid.jsonl", 0, goal=None),
+                       "item 1: 'goal' is not text (NoneType)"),
+    "piqa empty solution": ("piqa", lambda d: _edit_jsonl_row(d / "piqa" / "valid.jsonl", 1, sol2="  "),
+                            "item 2: 'sol2' is empty"),
+    "hellaswag blank ending": ("hellaswag", lambda d: _edit_bz2_lines(
+        d / "hellaswag" / "hellaswag_val_full.txt.bz2", lambda ls: ls[:3] + [""] + ls[4:]), "item 1: 'ending' is empty"),
+    "lambada trailing space": ("lambada", lambda d: _edit_jsonl_row(d / "lambada" / "lambada_test.jsonl", 0,
+                                                                    text="hello world "), "item 1: the text ends"),
+    "lambada empty text": ("lambada", lambda d: _edit_jsonl_row(d / "lambada" / "lambada_test.jsonl", 2, text=""),
+                           "item 3: the text ends"),
+    "winogrande nothing after the blank": ("winogrande", lambda d: _edit_jsonl_row(
+        d / "winogrande" / "dev.jsonl", 0, sentence="The _"), "item 1: nothing follows"),
+    "winogrande answer true": ("winogrande", lambda d: _edit_jsonl_row(d / "winogrande" / "dev.jsonl", 0,
+                                                                       answer=True), "the answer True"),
 }
+
+
+def _edit_question(path, row, change):
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    change(rows[row]["question"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _edit_lines(path, change):
@@ -550,3 +582,22 @@ def test_a_damaged_sft_file_is_one_line(tiny_run, tmp_path, capsys, content, nee
     (tmp_path / "d.json").write_bytes(content)
     _refused(["sft", str(tiny_run), "--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "o")], capsys,
              needle, tmp_path)
+
+
+def test_a_finite_model_whose_perplexity_overflows_reports_inf(damaged_run, tiny_run, tmp_path, capsys):
+    """A head scaled by 1e4 gives finite logits whose mean loss is past exp's range (~709 nats):
+    eval and the LAMBADA score report ppl inf (the string "inf" in JSON), not an OverflowError."""
+    d = tmp_path / "hot"
+    shutil.copytree(tiny_run, d, ignore=shutil.ignore_patterns("checkpoints"))
+
+    def heat(w):
+        w["lm_head.weight" if "lm_head.weight" in w else "model.embed_tokens.weight"] *= 1e4
+    _weights(heat)(d)
+    assert main(["eval", str(d), "--data", str(shared("shakespeare/input.txt")), "--max-tokens", "256",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["loss"] > 709 and res["ppl"] == "inf", res
+    assert main(["eval", str(d), "--tasks", "lambada", "--tasks-dir", str(shared("eval")), "--limit", "5",
+                 "--json"]) == 0
+    lam = json.loads(capsys.readouterr().out)["tasks"]["lambada"]
+    assert lam["ppl"] == "inf", lam

@@ -142,9 +142,15 @@ def _fit(make_trainer, out: Path) -> dict | None:
     return summary if is_main else None
 
 
-def _out_path(given: str) -> Path:
+def _out_path(given: str, flag: str) -> Path:
     """An output folder's path with 'a/../b' folded to 'b' (as the user means it): mkdir would
-    otherwise create a as well, a folder nobody asked for."""
+    otherwise create a as well, a folder nobody asked for. A path that is not UTF-8 is refused before
+    any work: the tokenizers library writes tokenizer.json only through UTF-8 paths."""
+    try:
+        given.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag}: {given.encode('utf-8', 'surrogateescape')!r} is not a UTF-8 path; the tokenizer "
+                        f"files cannot be written there, choose another name")
     return Path(os.path.normpath(given))
 
 
@@ -187,7 +193,7 @@ def cmd_train(a):
         overrides.append(f"train.seed={a.seed}")
     cfg = config.load(a.config, overrides, init_from=a.init_from)
     config.validate(cfg)
-    out = _out_path(a.out)
+    out = _out_path(a.out, "--out")
     if a.fresh and out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {out} is not empty; drop --fresh to resume from it, or choose another directory")
     summary = _fit(lambda: Trainer(cfg, out, progress=not a.quiet), out)
@@ -266,7 +272,7 @@ def cmd_export(a):
     src = Path(a.run_dir)
     if not src.is_dir():
         raise UserError(f"RUN_DIR: {src} does not exist")
-    out = _out_path(a.to)
+    out = _out_path(a.to, "--to")
     if out.exists() and not out.is_dir():
         raise UserError(f"--to: {out} is a file; give a new or empty directory")
     if out.is_dir() and any(out.iterdir()):  # never mix an export into a run or another model's files
@@ -505,7 +511,7 @@ def cmd_sft(a):
     _check_sft_sets(a.set or [])
     read_examples(a.data)  # bad data: one line, before anything is written
     _precision(a)  # --device cuda without a GPU: one line naming the flag
-    out = _out_path(a.out)
+    out = _out_path(a.out, "--out")
     cfg = sft_config(a.model, a.data, source_config(a.model), epochs=a.epochs, limit=a.limit, lr=a.lr,
                      warmup_steps=a.warmup_steps, batch_size=a.batch_size, micro_batch=a.micro_batch, seed=a.seed,
                      device=a.device, dtype=a.dtype, compile=a.compile, checkpoint_every=a.checkpoint_every,
@@ -528,6 +534,14 @@ def cmd_mt_bench(a):
         raise UserError(f"--out: directory {out.parent} does not exist")
     if out.is_dir():
         raise UserError(f"--out: {out} is a directory; give the answers file's path (e.g. {out / 'answers.jsonl'})")
+    if out.exists() and out.resolve() == Path(a.questions).resolve():
+        raise UserError(f"--out: {out} is the --questions file; give another path for the answers")
+    if Path(a.model).resolve() in out.resolve().parents:  # never write into the model's own folder
+        raise UserError(f"--out: {out} is inside MODEL ({a.model}); write the answers elsewhere")
+    if out.exists() and out.suffix != ".jsonl":
+        raise UserError(f"--out: {out} exists and is not a .jsonl answers file; give a new path or a .jsonl file")
+    if a.model_id is not None and not a.model_id.strip():
+        raise UserError("--model-id: give a non-empty name (default: the model folder's name)")
     m = load(a.model, device)
     with autocast(device, dtype):
         n = mt_bench_answers(m.model, m.tokenizer, a.questions, out, a.model_id or Path(a.model).name, a.limit,

@@ -118,7 +118,12 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
     with autocast(device, dtype):
         total, count = windows_loss(logits_fn, windows, batch_size, device)
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+    return {"loss": loss, "ppl": perplexity_of(loss), "tokens": count}
+
+
+def perplexity_of(loss: float) -> float:
+    """exp(loss), inf past float range (a mean loss above ~709 nats: a finite but hopeless model)."""
+    return math.exp(loss) if loss < 709 else math.inf
 
 
 def _context(seq_len: int | None, max_len: int) -> int:

@@ -37,6 +37,19 @@ def png_path(out: str | Path | None, default: Path, flag: str = "--out") -> Path
     return p.with_suffix(".png") if not p.suffix else p
 
 
+def save_png(fig, out: str | Path, flag: str = "--out") -> None:
+    """Write ``fig`` to ``out`` and close it; a place that cannot be written is one UserError line."""
+    import matplotlib.pyplot as plt
+
+    from .files import one_line
+    try:
+        fig.savefig(out, dpi=120)
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"{flag}: cannot write {out} ({one_line(e)})")
+    finally:
+        plt.close(fig)
+
+
 def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir: str | Path | None = None) -> Path:
     """The paper's Figure 2: model-state memory per stage, planned vs measured, against vanilla."""
     import matplotlib
@@ -81,8 +94,7 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     ax.set_ylim(0, top * 1.45)
     ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_png(fig, out)
     return out
 
 
@@ -117,6 +129,5 @@ def plot_loss_vs_flops(runs: dict[str, str | Path], out: str | Path) -> Path:
     ax.set_ylabel("validation loss (nats)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_png(fig, out)
     return Path(out)

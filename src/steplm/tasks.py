@@ -62,12 +62,25 @@ def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list
 
 def _load_task(name: str, d: Path) -> list[Doc]:
     docs: list[Doc] = []
+    path = d  # the file being read, for the error lines
 
-    def add(doc: Doc, path: Path, item: int, answer) -> None:
+    def bad(item: int, what: str) -> UserError:
+        return UserError(f"--tasks-dir: {path} item {item + 1}: {what} (task {name})")
+
+    def text(item: int, value, field: str, blank_ok: bool = True) -> str:
+        """A field that must be text (never a list or null turned into "['Q']" or "None")."""
+        if not isinstance(value, str):
+            raise bad(item, f"'{field}' is not text ({type(value).__name__})")
+        if not blank_ok and not value.strip():
+            raise bad(item, f"'{field}' is empty: nothing to score")
+        return value
+
+    def add(doc: Doc, item: int, answer) -> None:
         """Keep one item; an answer that names none of its choices is the file's fault, not a miss."""
+        if name != "lambada" and len(doc.requests) < 2:
+            raise bad(item, f"{len(doc.requests)} choice(s): a multiple-choice item needs at least 2")
         if not 0 <= doc.gold < len(doc.requests):
-            raise UserError(f"--tasks-dir: {path} item {item + 1}: the answer {answer!r} is not one of its "
-                            f"{len(doc.requests)} choices (task {name})")
+            raise bad(item, f"the answer {answer!r} is not one of its {len(doc.requests)} choices")
         docs.append(doc)
 
     if name == "piqa":
@@ -78,18 +91,24 @@ def _load_task(name: str, d: Path) -> list[Doc]:
             raise UserError(f"--tasks-dir: {label_path} holds {len(labels)} labels for the {len(rows)} items of "
                             f"{path} (task {name}): one label per item")
         for i, (r, lab) in enumerate(zip(rows, labels)):
-            ctx, ch = f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]]
-            add(Doc([(ctx, " " + c) for c in ch], int(lab) if lab in ("0", "1") else -1, ch), label_path, i, lab)
+            ctx = f"Question: {text(i, r['goal'], 'goal')}\nAnswer:"
+            ch = [text(i, r[k], k, blank_ok=False) for k in ("sol1", "sol2")]
+            if lab not in ("0", "1"):
+                path = label_path
+            add(Doc([(ctx, " " + c) for c in ch], int(lab) if lab in ("0", "1") else -1, ch), i, lab)
     elif name in ("arc_easy", "arc_challenge", "openbookqa"):
         file = {"arc_easy": "ARC-Easy-Test", "arc_challenge": "ARC-Challenge-Test", "openbookqa": "test"}[name]
         path = _need(d / name / f"{file}.jsonl", name)
         for i, r in enumerate(_jsonl(path)):
             q = r["question"]
-            ch = [c["text"] for c in q["choices"]]
-            ctx = q["stem"] if name == "openbookqa" else f"Question: {q['stem']}\nAnswer:"
+            ch = [text(i, c["text"], "text", blank_ok=False) for c in q["choices"]]
+            stem = text(i, q["stem"], "stem")
+            ctx = stem if name == "openbookqa" else f"Question: {stem}\nAnswer:"
             labels = [c["label"] for c in q["choices"]]
+            if len(set(map(str, labels))) != len(labels):  # index() would pick the first silently
+                raise bad(i, f"the choice labels {labels} repeat")
             gold = labels.index(r["answerKey"]) if r["answerKey"] in labels else -1
-            add(Doc([(ctx, " " + c) for c in ch], gold, ch), path, i, r["answerKey"])
+            add(Doc([(ctx, " " + c) for c in ch], gold, ch), i, r["answerKey"])
     elif name == "hellaswag":
         path = _need(d / "hellaswag" / "hellaswag_val_full.txt.bz2", name)
         with bz2.open(path, "rt", encoding="utf-8") as f:
@@ -101,24 +120,30 @@ def _load_task(name: str, d: Path) -> list[Doc]:
                             f"the gold index and four endings per item; task {name})")
         for i in range(0, len(lines), 6):
             ctx, gold, endings = lines[i], lines[i + 1].strip(), lines[i + 2:i + 6]
+            for e in endings:
+                text(i // 6, e, "ending", blank_ok=False)
             add(Doc([(ctx, " " + e) for e in endings], int(gold) if gold in ("0", "1", "2", "3") else -1, endings),
-                path, i // 6, gold)
+                i // 6, gold)
     elif name == "winogrande":
         path = _need(d / "winogrande" / "dev.jsonl", name)
         for i, r in enumerate(_jsonl(path)):
-            s = r["sentence"]
+            s = text(i, r["sentence"], "sentence")
             if "_" not in s:
-                raise UserError(f"--tasks-dir: {path} item {i + 1}: the sentence has no '_' blank (task {name})")
+                raise bad(i, "the sentence has no '_' blank")
             idx = s.index("_")
             suffix = s[idx + 1:].strip()
-            contexts = [s[:idx] + r["option1"], s[:idx] + r["option2"]]
+            if not suffix:  # partial scoring scores what follows the blank
+                raise bad(i, "nothing follows the sentence's '_' blank: nothing to score")
+            contexts = [s[:idx] + text(i, r[k], k, blank_ok=False) for k in ("option1", "option2")]
             answer = str(r["answer"])
             add(Doc([(c, " " + suffix) for c in contexts], int(answer) - 1 if answer in ("1", "2") else -1, contexts),
-                path, i, r["answer"])
+                i, r["answer"])
     elif name == "lambada":
         path = _need(d / "lambada" / "lambada_test.jsonl", name)
-        for r in _jsonl(path):
-            words = r["text"].split(" ")
+        for i, r in enumerate(_jsonl(path)):
+            words = text(i, r["text"], "text").split(" ")
+            if not words[-1].strip():  # lm-eval's target is the text after its last space
+                raise bad(i, "the text ends in a space or is empty: no last word to predict")
             docs.append(Doc([(" ".join(words[:-1]), " " + words[-1])], 0, [words[-1]]))
     if not docs:  # a score over no items is not a score
         raise UserError(f"--tasks-dir: {path} holds no items (task {name})")
@@ -193,6 +218,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path, lim
                    batch_size: int = 16, progress: bool = False, special=None) -> dict:
     """{"tasks": {name: metrics}}: acc/acc_norm/n for multiple choice, acc/ppl/n for LAMBADA, acc/n for WinoGrande.
     ``special`` (tokens.SpecialTokens) gives the empty-context prefix; default GPT-2's <|endoftext|>."""
+    from .evaluate import perplexity_of
     from .tokens import check_ids, gpt2_special_tokens
 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # None: a model without a config
@@ -226,7 +252,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path, lim
             acc_norm += max(range(k), key=lambda j: norm[j]) == doc.gold
         n = len(docs)
         if name == "lambada":
-            result[name] = {"acc": acc / n, "ppl": math.exp(-sum(lls) / n), "n": n}
+            result[name] = {"acc": acc / n, "ppl": perplexity_of(-sum(lls) / n), "n": n}
         elif name == "winogrande":
             result[name] = {"acc": acc / n, "n": n}
         else:

@@ -27,6 +27,7 @@ from . import distributed
 from . import methods, runguard
 from .devices import autocast, check_model_fits, gib, pick_device, pick_dtype, require_memory, retain_host_memory
 from .data import BatchSampler, TokenShard, default_cache_dir, eval_windows, prepare
+from .evaluate import perplexity_of
 from .errors import Preempted, TrainingStopped, UserError
 from .lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
 from .stages import Stage, minimum_peak_bytes, plan_run
@@ -846,7 +847,7 @@ class Trainer:
         params = count_params(self.model)
         summary = {
             "method": self.method.name,
-            "final_val_loss": val, "final_val_ppl": math.exp(val) if val < 700 else math.inf,
+            "final_val_loss": val, "final_val_ppl": perplexity_of(val),
             "tokens_seen": self.tokens,
             "flops": self.flops[self.cfg.step.flops_convention],
             "flops_convention": self.cfg.step.flops_convention,
