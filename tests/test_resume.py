@@ -169,7 +169,7 @@ def test_nan_loss_stops_keeping_last_good_checkpoint(references, tmp_path):
     res = run(cmd(cache_tmp, out, "vanilla", **{"train.on_nonfinite": "stop"}), fault="nan_at_step:5")
     assert res.returncode == EXIT_TRAINING_STOPPED
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "step 5" in lines[0] and "last good checkpoint is kept" in lines[0]
+    assert len(lines) == 1 and "step 5" in lines[0] and "the last good checkpoint (step 4) is kept" in lines[0]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
 
 

@@ -476,3 +476,34 @@ def test_a_stage_whose_every_step_fails_names_the_adapter_scale(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "stage 2 of 2 ended without a successful optimizer step" in err, err
     assert "lower train.lr, or lora.alpha" in err and f"{1e30 / 4:.3g}" in err, err  # tiny_overrides: lora.rank 4
+
+
+def test_a_stop_without_a_checkpoint_says_so_and_names_init_std(tmp_path, capsys):
+    """model.init_std = 30 starts with logits so large that training goes nowhere: the stop names
+    model.init_std beside the lr, and says there is no checkpoint (checkpoint_every 0), not that "the
+    last good checkpoint is kept"."""
+    from steplm.cli import main
+    from steplm.errors import EXIT_TRAINING_STOPPED
+    sets = tiny_overrides(tmp_path, **{"model.init_std": 30, "train.lr": 1e-30, "train.checkpoint_every": 0})
+    argv = ["train", "--out", str(tmp_path / "run"), "--quiet", *[x for kv in sets for x in ("--set", kv)]]
+    assert main(argv) == EXIT_TRAINING_STOPPED
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "there is no checkpoint to resume from" in err and "is kept" not in err, err
+    assert "lower train.lr" in err and "model.init_std (30" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_learned_nothing_warning_counts_the_skipped_steps(tmp_path, capsys):
+    """lr 1e30: after the first update every step is a bad batch and is skipped; the run ends (its
+    weights are finite) and its one warning says how many of its steps were skipped, the count the
+    metrics rows record."""
+    import re
+
+    from steplm.cli import main
+    sets = tiny_overrides(tmp_path, **{"train.lr": 1e30})
+    assert main(["train", "--out", str(tmp_path / "run"), "--quiet", *[x for kv in sets for x in ("--set", kv)]]) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "learned nothing" in warnings[0], warnings
+    m = re.search(r"; (\d+) of its 12 steps were skipped as bad batches", warnings[0])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert m and int(m.group(1)) == max(r.get("skipped", 0) for r in rows) > 0, warnings

@@ -435,8 +435,8 @@ class Trainer:
         if bad:
             what = f"loss {total:.4g}, gradient norm {norm:.4g}"
             if t.on_nonfinite == "stop":
-                raise TrainingStopped(f"step {self.step + 1}: bad batch ({what}); stopped, the last good "
-                                      f"checkpoint is kept (set train.on_nonfinite=skip to skip such batches)")
+                raise TrainingStopped(f"step {self.step + 1}: bad batch ({what}); stopped, {self._kept()} "
+                                      f"(set train.on_nonfinite=skip to skip such batches)")
             self.skipped += 1
             if self.skipped > t.max_skipped:
                 raise TrainingStopped(f"step {self.step + 1}: {self.skipped} bad batches skipped, more than "
@@ -760,8 +760,8 @@ class Trainer:
             raise self._nonfinite("log step")
 
     def _nonfinite(self, where: str) -> TrainingStopped:
-        return TrainingStopped(f"step {self.step}: the weights are not finite (found at the {where}); the last good "
-                               f"checkpoint is kept and no model was written (lower {self.LR_KEY})")
+        return TrainingStopped(f"step {self.step}: the weights are not finite (found at the {where}); {self._kept()} "
+                               f"and no model was written ({self._lower_hint()})")
 
     def _stop_for_preemption(self, metrics):
         """Checkpoint the step just finished (unless that was already done) and raise Preempted."""
@@ -796,13 +796,24 @@ class Trainer:
         return f"stage {self.stage + 1} of {len(self.stage_steps)}"
 
     def _lower_hint(self) -> str:
-        """What to lower when steps keep failing: the lr, and with adapters in the model their scale too."""
+        """What to lower when steps keep failing: the lr; with adapters in the model their scale; and an
+        init_std far above the default's 0.02, whose logits start huge."""
         from .lora import LoRALinear
+        hint = f"lower {self.LR_KEY}"
         if any(isinstance(m, LoRALinear) for m in self.model.modules()):
             lo = self.cfg.lora
-            return (f"lower {self.LR_KEY}, or lora.alpha (the adapters scale their update by lora.alpha / "
-                    f"lora.rank = {lo.alpha / lo.rank:.3g})")
-        return f"lower {self.LR_KEY}"
+            hint += (f", or lora.alpha (the adapters scale their update by lora.alpha / lora.rank = "
+                     f"{lo.alpha / lo.rank:.3g})")
+        if self.cfg.model.init_std > 0.2 and not self.cfg.sft.model:
+            hint += f", or model.init_std ({self.cfg.model.init_std:g}; the default is 0.02)"
+        return hint
+
+    def _kept(self) -> str:
+        """What a stopped run leaves to resume from: its newest checkpoint, or nothing."""
+        steps = checkpoint.list_steps(self.out / "checkpoints")
+        if steps:
+            return f"the last good checkpoint (step {steps[-1]}) is kept"
+        return "there is no checkpoint to resume from (train.checkpoint_every keeps them)"
 
     def _finish_stage(self, log):
         """End-of-stage evaluation and memory record."""
@@ -813,17 +824,19 @@ class Trainer:
             self.record["peak_bytes"] = torch.cuda.max_memory_allocated()
         val = self.evaluate()
         if not math.isfinite(val):  # finite weights whose logits overflow: a diverged model is not a result
-            raise TrainingStopped(f"{self._stage_name()}: the validation loss is {val} (the model diverged); the last "
-                                  f"good checkpoint is kept and no model is written (lower {self.LR_KEY})")
+            raise TrainingStopped(f"{self._stage_name()}: the validation loss is {val} (the model diverged); "
+                                  f"{self._kept()} and no model is written ({self._lower_hint()})")
         uniform = math.log(self.cfg.model.vocab_size)  # the loss of a uniform guess, about where training starts
         if self.stage == len(self.stage_steps) - 1 and val > uniform + self.DIVERGED_NATS:
             raise TrainingStopped(f"{self._stage_name()}: the final validation loss {val:.4g} nats is above "
                                   f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess (the model diverged); "
-                                  f"the last good checkpoint is kept and no model is written (lower {self.LR_KEY})")
+                                  f"{self._kept()} and no model is written ({self._lower_hint()})")
         if self.stage == len(self.stage_steps) - 1 and val > uniform - self.LEARNED_NATS and self.main:
+            skipped = (f"; {self.skipped} of its {sum(self.stage_steps)} steps were skipped as bad batches"
+                       if self.skipped else "")
             print(f"steplm: warning: the final validation loss {val:.4g} nats is not {self.LEARNED_NATS} below "
                   f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess: the model learned nothing "
-                  f"(check {self.LR_KEY} and model.norm_eps, or train longer)", file=sys.stderr)
+                  f"(check {self.LR_KEY} and model.norm_eps, or train longer){skipped}", file=sys.stderr)
         self.record.update(steps=self.stage_steps[self.stage], tokens=self.tokens, flops=dict(self.flops), val_loss=val,
                            step_seconds=self.step_seconds - self.record.pop("_seconds_at_start"))
         self.stage_records.append(self.record)
