@@ -8,7 +8,7 @@ import pytest
 from steplm.cli import main
 from steplm.runguard import RunLock
 
-from conftest import shared
+from conftest import ROOT, shared
 
 T = "{tmp}"
 RUN = "{run}"
@@ -36,6 +36,18 @@ TABLE = [
     (["plan", "--hidden", "1024", "--budget-gb", "1e12", "--stages", "0"], "--stages"),
     (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "3,x"], "--layers-per-stage"),
     (["plan", "--hidden", "64", "--layers", "4", "--extended", "--seq-len", "99999999999"], "--seq-len"),
+    # plan: flags the plan would not read
+    (["plan", "--hidden", "256", "--budget-gb", "1", "--layers-per-stage", "3,3"], "--layers-per-stage: not used"),
+    (["plan", "--hidden", "256", "--budget-gb", "1", "--layers", "6"], "--layers: not used with --budget-gb"),
+    (["plan", "--hidden", "256", "--layers", "6", "--stages", "3", "--layers-per-stage", "3,3"],
+     "--stages: 3 stages, but --layers-per-stage lists 2"),
+    (["plan", "--hidden", "256", "--layers", "6", "--layers-per-stage", "1,5", "--cap-growth"], "--cap-growth"),
+    (["plan", "--hidden", "256", "--layers", "9", "--layers-per-stage", "2,2,5", "--cap-growth"], "stage 3 adds 5"),
+    (["plan", "--hidden", "256", "--layers", "6", "--vocab-size", "8192"], "--vocab-size: describes"),
+    (["plan", "--hidden", "256", "--layers", "6", "--seq-len", "256"], "give --extended too"),
+    (["plan", "--hidden", "256", "--layers", "6", "--micro-batch", "4"], "--micro-batch"),
+    (["plan", "--hidden", "256", "--layers", "6", "--checkpointing"], "--checkpointing"),
+    (["plan", "{tiny_yaml}", "--extended"], "--extended: not used with a CONFIG"),
     # plan: the head shapes train refuses
     (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "3"], "--n-heads: must divide --hidden (64)"),
     (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "128"], "--n-heads: must divide --hidden"),
@@ -169,6 +181,14 @@ TABLE = [
     (["eval", RUN, "--data", f"{T}/ok.txt", "--max-tokens", "1"], "--max-tokens: 1 is less than one window"),
     (["eval", RUN, "--data", f"{T}/ok.txt", "--max-tokens", "7", "--seq-len", "8"], "--max-tokens"),
     (["eval", f"{T}/none", "--data", f"{T}/ok.txt"], "MODEL: " + T + "/none does not exist"),
+    # eval: flags of the other mode would change nothing
+    (["eval", RUN, "--tasks", "piqa", "--data", f"{T}/ok.txt"], "--data: not used with --tasks"),
+    (["eval", RUN, "--tasks", "piqa", "--backend", "transformers"], "--backend: not used with --tasks"),
+    (["eval", RUN, "--tasks", "piqa", "--seq-len", "8"], "--seq-len: not used with --tasks"),
+    (["eval", RUN, "--tasks", "piqa", "--max-tokens", "64"], "--max-tokens: not used with --tasks"),
+    (["eval", RUN, "--tasks", "piqa", "--text-field", "body"], "--text-field: not used with --tasks"),
+    (["eval", RUN, "--data", f"{T}/ok.txt", "--limit", "3"], "--limit: used only with --tasks"),
+    (["eval", RUN, "--data", f"{T}/ok.txt", "--tasks-dir", T], "--tasks-dir: used only with --tasks"),
     (["eval", RUN, "--tasks", ","], "--tasks: give at least one task name"),
     (["eval", RUN, "--tasks", ""], "--tasks: give at least one task name"),
     (["eval", RUN, "--tasks", " , ,"], "--tasks: give at least one task name"),
@@ -223,6 +243,11 @@ TABLE = [
     (["generate", RUN, "--prompt", "hi", "--seed", "1" + "0" * 20], "--seed: must be in [0, 2**32)"),
     (["generate", RUN, "--prompt", "hi", "--seed", "-1"], "--seed: must be in [0, 2**32)"),
     (["generate", RUN, "--prompt", "hi", "--seed", "4294967296"], "--seed"),
+    # generate: sampling flags under greedy decoding would change nothing
+    (["generate", RUN, "--prompt", "hi", "--top-k", "5"], "--top-k: has no effect at --temperature 0"),
+    (["generate", RUN, "--prompt", "hi", "--top-p", "0.9"], "--top-p: has no effect"),
+    (["generate", RUN, "--prompt", "hi", "--seed", "7"], "--seed: has no effect"),
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--top-k", "3"], "--top-k: has no"),
     # bytes that are not UTF-8 reach Python as lone surrogates: no tokenizer or UTF-8 file takes them
     (["generate", RUN, "--prompt", "a\udcff\udcfe"], "--prompt: is not valid UTF-8 text"),
     (["generate", RUN, "--prompt", "\ud800"], "--prompt: is not valid UTF-8 text"),
@@ -307,7 +332,8 @@ def test_bad_input(tiny_run, tmp_path, capsys, monkeypatch, args, needle):
     inputs(work)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = [a.replace(T, str(work)).replace(RUN, str(tiny_run)).replace("{gpt2}", str(shared("tokenizers/gpt2")))
-            .replace("{questions}", str(shared("eval/mt_bench/question.jsonl"))) for a in args]
+            .replace("{questions}", str(shared("eval/mt_bench/question.jsonl")))
+            .replace("{tiny_yaml}", str(ROOT / "configs" / "tiny.yaml")) for a in args]
     if argv[0] == "train":
         argv += ["--set", f"data.cache_dir={tmp_path / 'cache'}", "--quiet"]
     holder = RunLock(work / "locked")  # a live run holding {tmp}/locked

@@ -226,8 +226,16 @@ def cmd_eval(a):
     from .evaluate import load, perplexity
 
     device, dtype = _precision(a)
+    task_mode = a.tasks is not None
+    unused = ([("--data", a.data), ("--seq-len", a.seq_len), ("--max-tokens", a.max_tokens),
+               ("--backend", a.backend), ("--text-field", a.text_field)] if task_mode else
+              [("--limit", a.limit), ("--tasks-dir", a.tasks_dir)])
+    for flag, value in unused:  # a flag that would change nothing is refused, not ignored
+        if value is not None:
+            raise UserError(f"{flag}: " + ("not used with --tasks (the tasks score their own items with steplm's "
+                                           "model)" if task_mode else "used only with --tasks"))
 
-    if a.tasks is not None:
+    if task_mode:
         from .tasks import TASKS, evaluate_tasks
         names = [t.strip() for t in a.tasks.split(",") if t.strip()]
         if not names:
@@ -249,8 +257,8 @@ def cmd_eval(a):
         return
     if not a.data:
         raise UserError("--data: give a text file to score (e.g. ../shared/data/wikitext2/valid.txt)")
-    res = perplexity(a.model, a.data, a.max_tokens, a.backend, a.seq_len, a.batch_size, device=device, dtype=dtype,
-                     text_field=a.text_field)
+    res = perplexity(a.model, a.data, a.max_tokens, a.backend or "steplm", a.seq_len, a.batch_size, device=device,
+                     dtype=dtype, text_field=a.text_field or "text")
     print(dumps(res) if a.json else f"loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  tokens {res['tokens']}")
 
 
@@ -295,7 +303,8 @@ def _plan_config(a):
     from .stages import format_plan, plan_run
 
     shape_flags = [f for f in ("preset", "hidden", "layers", "stages", "lora_rank", "layers_per_stage", "ffn_hidden",
-                               "n_heads", "n_kv_heads", "budget_gb", "optimizer_states", "master_weights")
+                               "n_heads", "n_kv_heads", "budget_gb", "optimizer_states", "master_weights", "cap_growth",
+                               "extended", "vocab_size", "seq_len", "micro_batch", "checkpointing")
                    if getattr(a, f)]
     if shape_flags:
         flag = "--" + shape_flags[0].replace("_", "-")
@@ -309,6 +318,32 @@ def _plan_config(a):
     print(dumps(plan.to_dict()) if a.json else format_plan(plan))
 
 
+def _check_plan_flags(a) -> None:
+    """Refuse flags that the plan they are given with would not read: each would change nothing."""
+    if a.budget_gb is not None:  # budget mode finds the depth and split itself
+        for flag, value in (("--layers", a.layers), ("--layers-per-stage", a.layers_per_stage)):
+            if value:
+                raise UserError(f"{flag}: not used with --budget-gb, which finds the deepest model that fits")
+    if not a.extended:
+        for flag, value in (("--vocab-size", a.vocab_size), ("--seq-len", a.seq_len), ("--micro-batch", a.micro_batch),
+                            ("--checkpointing", a.checkpointing)):
+            if value:
+                raise UserError(f"{flag}: describes the embeddings, head and activations, which only --extended "
+                                f"adds; give --extended too")
+    if a.layers_per_stage:
+        try:
+            split = [int(x) for x in a.layers_per_stage.split(",")]
+        except ValueError:
+            raise UserError(f"--layers-per-stage: expected comma-separated integers, got {a.layers_per_stage!r}")
+        if a.stages and len(split) != a.stages:
+            raise UserError(f"--stages: {a.stages} stages, but --layers-per-stage lists {len(split)}")
+        if a.cap_growth:
+            grown = [i for i in range(1, len(split)) if split[i] > sum(split[:i])]
+            if grown:
+                raise UserError(f"--layers-per-stage: stage {grown[0] + 1} adds {split[grown[0]]} layers to "
+                                f"{sum(split[:grown[0]])}, more than --cap-growth allows (n_(i+1) <= N_i)")
+
+
 def cmd_plan(a):
     from . import planner
 
@@ -316,6 +351,8 @@ def cmd_plan(a):
         return _plan_config(a)
     search = a.budget_gb is not None and not a.optimizer_states and not a.master_weights
     search_stages = a.budget_gb is not None and not a.stages and not a.preset
+    _check_plan_flags(a)
+    a.vocab_size, a.seq_len, a.micro_batch = a.vocab_size or 50257, a.seq_len or 1024, a.micro_batch or 1
     states = a.optimizer_states or ("bf16" if a.master_weights == "bf16" else "fp32")
     prec = planner.Precision(states, a.master_weights or "fp32")
     if prec.problems():
@@ -437,8 +474,13 @@ def _sampling(a) -> dict:
         raise UserError(f"--temperature: must be a finite number >= 0, got {a.temperature}")
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise UserError(f"--top-p: must be in (0, 1], got {a.top_p}")
+    if a.temperature == 0:  # greedy decoding draws nothing: a sampling flag would change nothing
+        for flag, value in (("--top-k", a.top_k), ("--top-p", a.top_p), ("--seed", a.seed)):
+            if value is not None:
+                raise UserError(f"{flag}: has no effect at --temperature 0 (greedy decoding); give --temperature "
+                                f"above 0 to sample")
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k,
-            "top_p": a.top_p, "seed": a.seed}
+            "top_p": a.top_p, "seed": a.seed or 0}
 
 
 def cmd_generate(a):
@@ -564,7 +606,7 @@ def _add_sampling(p, max_new=128):
     p.add_argument("--top-k", type=_positive_int, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens whose "
                    "probability reaches p, in (0, 1]")
-    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**32) (default 0)")
+    p.add_argument("--seed", type=_seed, help="sampling seed, in [0, 2**32) (default 0; with --temperature > 0)")
 
 
 def cmd_plot(a):
@@ -596,13 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out perplexity of a run or HF directory")
     e.add_argument("model", help="run directory or HF Llama directory")
     e.add_argument("--data", help="text file (.txt/.jsonl/.jsonl.gz/.parquet)")
-    e.add_argument("--text-field", default="text", type=_text,
+    e.add_argument("--text-field", type=_text,
                    help="the field of .jsonl/.parquet records that holds the text (default text)")
     e.add_argument("--max-tokens", type=_positive_int, help="score at most this many tokens, in whole windows of "
                    "--seq-len (so at least one window)")
     e.add_argument("--seq-len", type=_positive_int, help="window length (default: the model's max_seq_len)")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="windows scored together (default 8)")
-    e.add_argument("--backend", choices=["steplm", "transformers"], default="steplm",
+    e.add_argument("--backend", choices=["steplm", "transformers"],
                    help="score with steplm's model (default) or with transformers' LlamaForCausalLM")
     e.add_argument("--tasks", help="zero-shot tasks, comma-separated: lambada,arc_easy,arc_challenge,winogrande,"
                                    "piqa,openbookqa,hellaswag")
@@ -650,10 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "precision, and every K from 1 to %d without --stages)" % planner.MAX_SEARCH_STAGES)
     pl.add_argument("--master-weights", choices=planner.MASTER_WEIGHTS,
                     help="trainable weights and gradients (default fp32, or bf16 with --optimizer-states bf16)")
-    pl.add_argument("--vocab-size", type=big, default=50257, help="V, for embeddings and head (extended model; "
+    pl.add_argument("--vocab-size", type=big, help="V, for embeddings and head (with --extended; "
                     "default 50257, GPT-2's)")
-    pl.add_argument("--seq-len", type=big, default=1024, help="tokens per sequence (activations; default 1024)")
-    pl.add_argument("--micro-batch", type=big, default=1, help="sequences per forward (activations; default 1)")
+    pl.add_argument("--seq-len", type=big, help="tokens per sequence (activations, with --extended; default 1024)")
+    pl.add_argument("--micro-batch", type=big, help="sequences per forward (activations, with --extended; "
+                    "default 1)")
     pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing (extended model)")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(fn=cmd_plan)
