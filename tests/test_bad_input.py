@@ -211,6 +211,7 @@ TABLE = [
     (["sft", RUN, "--data", f"{T}/output_list.json", "--out", f"{T}/o"], "an 'output' that is not a string (list)"),
     (["sft", RUN, "--data", f"{T}/instance_null.jsonl", "--out", f"{T}/o"], "record 1 instance 2 of"),
     (["sft", RUN, "--data", f"{T}/all_blank.json", "--out", f"{T}/o"], "--data: no example of"),
+    (["sft", RUN, "--data", f"{T}/both.jsonl", "--out", f"{T}/o"], "has both 'output' and 'instances'"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/full"], "holds no run to resume"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", RUN], "holds a finished run"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/sftdone"], "holds a finished run"),
@@ -296,6 +297,7 @@ def inputs(tmp):
     (tmp / "output_list.json").write_text(json.dumps([{**ok, "output": ["a", "b"]}]))
     (tmp / "instance_null.jsonl").write_text(json.dumps({"instruction": "x", "instances": [
         {"input": "", "output": "y"}, {"input": "", "output": 5}]}) + "\n")
+    (tmp / "both.jsonl").write_text(json.dumps({**ok, "instances": [{"input": "", "output": "z"}]}) + "\n")
     (tmp / "all_blank.json").write_text(json.dumps([{**ok, "output": ""}, {**ok, "output": " "}]))
     (tmp / "list.yaml").write_text("- a\n")
     (tmp / "scalar.yaml").write_text("5\n")

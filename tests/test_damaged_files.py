@@ -334,11 +334,24 @@ def test_export_into_a_non_empty_folder_is_refused(tiny_run, tmp_path, capsys):
     ("{bad\n", "line 1 is not JSON"), ("", "holds no questions"), ("\n\n", "holds no questions"),
     ("[1, 2]\n", "must be a JSON object"), ('{"question_id": 1, "turns": "hi"}\n', "list of turns"),
     ('{"question_id": 1, "turns": []}\n', "list of turns"), ('{"turns": ["hi"]}\n', "question_id"),
+    # ids FastChat's judge could not match the answers by, and turns with nothing to answer
+    ('{"question_id": 1, "turns": ["a"]}\n{"question_id": 1, "turns": ["b"]}\n', "line 2 of"),
+    ('{"question_id": null, "turns": ["a"]}\n', "question_id None is not an integer or a name"),
+    ('{"question_id": [1, 2], "turns": ["a"]}\n', "question_id [1, 2]"),
+    ('{"question_id": true, "turns": ["a"]}\n', "question_id True"),
+    ('{"question_id": " ", "turns": ["a"]}\n', "question_id ' '"),
+    ('{"question_id": 1, "turns": ["a", ""]}\n', "line 1 of"),
+    ('{"question_id": 1, "turns": ["a"]}\n{"question_id": 2, "turns": [" \\n"]}\n', "a turn is empty"),
 ])
 def test_a_bad_question_file_is_one_line(tiny_run, tmp_path, capsys, text, needle):
     (tmp_path / "q.jsonl").write_text(text)
     _refused(["mt-bench", str(tiny_run), "--questions", str(tmp_path / "q.jsonl"), "--out",
               str(tmp_path / "a.jsonl")], capsys, needle, tmp_path)
+
+
+def test_mt_bench_questions_a_folder_is_refused(tiny_run, tmp_path, capsys):
+    _refused(["mt-bench", str(tiny_run), "--questions", str(tmp_path), "--out", str(tmp_path / "a.jsonl")], capsys,
+             "is a directory; give its question.jsonl", tmp_path)
 
 
 def test_mt_bench_out_a_folder_is_refused(tiny_run, tmp_path, capsys):

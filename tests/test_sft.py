@@ -225,4 +225,25 @@ def test_examples_without_a_response_are_dropped_and_counted(tiny_run, tmp_path,
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
     assert len(warnings) == 1 and "tuning on 5 of 9 examples" in warnings[0], warnings
     assert "3 have an empty output, 1 a response cut off" in warnings[0], warnings
+    assert "0 of the 5 are cut short" in warnings[0], warnings  # "number i" and EOS fit in the context
     assert json.loads((out / "sft_summary.json").read_text())["examples"] == 5
+
+
+def test_responses_cut_short_are_counted(tiny_run, tmp_path, capsys):
+    """A response longer than the context left after its prompt is tuned on without its end and EOS:
+    the warning counts it, and the count matches the examples' own token lengths."""
+    from steplm.evaluate import load
+    from steplm.generate import alpaca_prompt
+    m = load(tiny_run)
+    long_output = " ".join(["word"] * m.config.max_seq_len)
+    records = [{"instruction": "Say it.", "input": "", "output": out} for out in ("short", long_output, long_output)]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records))
+    n_long = sum(len(m.tokenizer.encode(alpaca_prompt(r["instruction"], "")).ids)
+                 + len(m.tokenizer.encode(r["output"], add_special_tokens=False).ids) + 1 > m.config.max_seq_len
+                 for r in records)
+    assert main(["sft", str(tiny_run), "--data", str(data), "--out", str(tmp_path / "o"), "--epochs", "1",
+                 "--batch-size", "1", "--warmup-steps", "0", "--quiet", "--dtype", "fp32"]) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert n_long == 2 and len(warnings) == 1 and "tuning on 3 of 3" in warnings[0], warnings
+    assert f"{n_long} of the 3 are cut short" in warnings[0], warnings

@@ -170,6 +170,8 @@ def mt_bench_answers(model, tokenizer, questions: str | Path, out: str | Path, m
     Turn 1 of all questions is generated in length-sorted batches, then turn 2 (which needs turn 1's answer)."""
     from .files import read_jsonl
     qpath = Path(questions)
+    if qpath.is_dir():
+        raise UserError(f"--questions: {qpath} is a directory; give its question.jsonl")
     if not qpath.is_file():
         raise UserError(f"--questions: {qpath} not found")
     rows = read_jsonl(qpath, "--questions")
@@ -179,6 +181,16 @@ def mt_bench_answers(model, tokenizer, questions: str | Path, out: str | Path, m
            or "question_id" not in r for r in rows):
         raise UserError(f"--questions: {qpath} is not an MT-Bench question file (needs question_id and a list of "
                         "turns, each a string)")
+    seen = set()
+    for n, r in enumerate(rows, 1):  # FastChat's judge matches answers to questions by id
+        qid = r["question_id"]
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)) or (isinstance(qid, str) and not qid.strip()):
+            raise UserError(f"--questions: line {n} of {qpath}: question_id {qid!r} is not an integer or a name")
+        if qid in seen:
+            raise UserError(f"--questions: line {n} of {qpath}: question_id {qid!r} repeats an earlier question's")
+        seen.add(qid)
+        if any(not t.strip() for t in r["turns"]):
+            raise UserError(f"--questions: line {n} of {qpath}: a turn is empty")
     rows = rows[:limit] if limit else rows
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")

@@ -57,6 +57,8 @@ def read_examples(path: str | Path) -> list[dict]:
     for n, r in enumerate(records, 1):
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
             raise UserError(f"--data: record {n} of {p} has no 'instruction' string")
+        if "instances" in r and "output" in r:  # which one is the example? neither is dropped silently
+            raise UserError(f"--data: record {n} of {p} has both 'output' and 'instances'; keep one")
         if "instances" in r:
             if not isinstance(r["instances"], list) or not all(isinstance(i, dict) for i in r["instances"]):
                 raise UserError(f"--data: record {n} of {p} has 'instances' that are not a list of objects")
@@ -187,10 +189,12 @@ class SFTTrainer(Trainer):
                             f"of {len(examples)} have an empty output, and the rest's responses "
                             f"are cut off by the model's max_seq_len ({max_len} tokens)")
         empty, cut = len(examples) - len(usable), len(data) - len(self.examples)
-        if (empty or cut) and self.main:  # dropped, and said so: an SFT run never ignores examples silently
+        short = sum(labels[-1] != self.special.eos_id for _, labels in self.examples)  # EOS past the context
+        if (empty or cut or short) and self.main:  # said so: an SFT run never drops or cuts examples silently
             print(f"steplm: warning: tuning on {len(self.examples)} of {len(examples)} examples of {s.data}: "
-                  f"{empty} have an empty output, {cut} a response cut off by the model's "
-                  f"max_seq_len ({max_len} tokens)", file=sys.stderr)
+                  f"{empty} have an empty output, {cut} a response cut off by the model's max_seq_len "
+                  f"({max_len} tokens); {short} of the {len(self.examples)} are cut short (their end and EOS are "
+                  f"past it)", file=sys.stderr)
         t = self.cfg.train
         self.batch_examples = t.micro_batch * t.grad_accum * self.world
         steps = math.ceil(len(self.examples) / self.batch_examples) * s.epochs
