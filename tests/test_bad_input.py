@@ -198,6 +198,9 @@ TABLE = [
     (["plot", RUN, "--vanilla", f"{T}/none"], "--vanilla: " + T + "/none is not a directory"),
     (["plot", RUN, "--vanilla", f"{T}/full"], "--vanilla: " + T + "/full has no summary.json"),
     (["plot", RUN, "--vanilla", f"{T}/sftdone"], "--vanilla: "),
+    (["plot", RUN, "--vanilla", f"{T}/stepsum"], "--vanilla: " + T + "/stepsum is a 'step' run; give a vanilla run"),
+    (["plot", f"{T}/nocfg"], "RUN_DIR: " + T + "/nocfg has no config.yaml"),
+    (["plot", f"{T}/oldcfg"], "config.yaml is not one this steplm reads (unknown config key: sft.oldkey)"),
     # export
     (["export", f"{T}/full", "--to", f"{T}/x"], "RUN_DIR"),
     (["export", f"{T}/none", "--to", f"{T}/x"], "RUN_DIR"),
@@ -311,6 +314,14 @@ def inputs(tmp):
     (tmp / "hfexport").mkdir()  # what `steplm export` writes: no config.yaml
     (tmp / "hfexport" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp / "hfexport" / "model.safetensors").write_bytes(b"x")
+    stages = {"stages": [{"stage": 0, "layers": 2, "planned_state_bytes": {"total": 1},
+                          "measured_state_bytes": {"total": 1}}]}
+    for name, method, config_yaml in (("stepsum", "step", "method: step\n"), ("nocfg", "vanilla", None),
+                                      ("oldcfg", "vanilla", "sft:\n  oldkey: 1\n")):
+        (tmp / name).mkdir()
+        (tmp / name / "summary.json").write_text(json.dumps({"method": method, **stages}))
+        if config_yaml:
+            (tmp / name / "config.yaml").write_text(config_yaml)
     (tmp / "sftdone").mkdir()  # a finished run of another kind: config.yaml and its summary
     (tmp / "sftdone" / "config.yaml").write_text("method: vanilla\n")
     (tmp / "sftdone" / "summary.json").write_text("{}")

@@ -789,10 +789,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quiet_library_logs() -> None:
     """Importing transformers imports torchao, which logs a warning per prebuilt CUDA kernel it cannot
-    load and per Enum it registers with torch's pytree: noise around a command's one line of output.
-    Errors still print."""
+    load and per Enum it registers with torch's pytree, and APOLLO's bitsandbytes one for a CPU kernel
+    package it lacks: noise around a command's one line of output. Errors still print."""
     import logging
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

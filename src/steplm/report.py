@@ -61,13 +61,20 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     out = png_path(out, Path(run_dir) / "memory.png")
     from .config import load
     from .methods.base import layer_shape, precision
-    cfg = load(Path(run_dir) / "config.yaml")
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise UserError(f"RUN_DIR: {run_dir} has no config.yaml (is it a steplm run directory?)")
+    try:
+        cfg = load(Path(run_dir) / "config.yaml")
+    except UserError as e:
+        raise UserError(f"RUN_DIR: {run_dir}'s config.yaml is not one this steplm reads ({e})")
     shape = layer_shape(cfg.model)
     prec = precision(cfg)
     head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings, prec)
     van_planned = cfg.model.n_layers * planner.trainable_layer_bytes(shape, prec) + head
     mb = 1 / 2**20
     vanilla = read_summary(vanilla_dir, "--vanilla") if vanilla_dir else None
+    if vanilla is not None and vanilla.get("method") != "vanilla":  # its stage 1 would be drawn as vanilla
+        raise UserError(f"--vanilla: {vanilla_dir} is a {vanilla.get('method')!r} run; give a vanilla run")
     try:
         van_measured = vanilla["stages"][0]["measured_state_bytes"]["total"] if vanilla else None
     except (KeyError, TypeError) as e:
@@ -82,8 +89,9 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
         raise UserError(f"RUN_DIR: a summary.json lacks the memory record {e} (written by an older or damaged run)")
     fig, ax = plt.subplots(figsize=(6.4, 4))
     xs = range(len(stages))
-    ax.bar([x - 0.2 for x in xs], planned, 0.4, label="STEP planned (Eq. 2 + embeddings)", color="#8fb3de")
-    ax.bar([x + 0.2 for x in xs], measured, 0.4, label="STEP measured (live tensors)", color="#1f5fa8")
+    name = {"step": "STEP"}.get(summary["method"], summary["method"])
+    ax.bar([x - 0.2 for x in xs], planned, 0.4, label=f"{name} planned (Eq. 2 + embeddings)", color="#8fb3de")
+    ax.bar([x + 0.2 for x in xs], measured, 0.4, label=f"{name} measured (live tensors)", color="#1f5fa8")
     ax.axhline(van_planned * mb, color="#c0392b", ls="--", label="vanilla planned (Eq. 1 + embeddings)")
     if van_measured is not None:
         ax.axhline(van_measured * mb, color="#7b1e12", ls=":", label="vanilla measured")

@@ -33,4 +33,4 @@ class GaLore(Method):
             {"params": projected, "weight_decay": t.weight_decay, "rank": g.rank,
              "update_proj_gap": g.update_proj_gap, "scale": g.scale, "proj_type": g.proj_type},
             *rest,
-        ], lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        ], lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, no_deprecation_warning=True)  # its own warning: noise
