@@ -187,6 +187,30 @@ def test_resume_refuses_a_different_config_but_allows_safe_keys(references, tmp_
     assert fresh.returncode == 2 and "--fresh" in fresh.stderr
 
 
+@pytest.mark.parametrize("change", ["shortened", "edited", "touched"])
+def test_resume_refuses_other_data_but_not_a_new_file_time(references, tmp_path, change):
+    """The data position in a checkpoint means a place in its token stream: a resume over a corpus
+    that was shortened, or edited to the same length, is refused in one line; the same text with a new
+    modification time (a copy, a touch) resumes."""
+    _, _, cache_tmp = references["vanilla"]
+    from conftest import shared
+    text = shared("shakespeare/input.txt").read_text()
+    data = tmp_path / "corpus.txt"
+    data.write_text(text)
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, "vanilla", **{"data.path": str(data)})
+    assert run(args, fault="kill_after_step:4").returncode == -signal.SIGKILL
+    new = {"shortened": text[: len(text) // 2], "edited": text.replace("e", "a"), "touched": text}[change]
+    time.sleep(0.01)
+    data.write_text(new)
+    os.utime(data, (time.time() + 10, time.time() + 10))
+    res = run(args)
+    if change == "touched":
+        assert res.returncode == 0, res.stderr
+    else:
+        assert res.returncode == 2 and "data.path: the data differ from those the checkpoint" in only_line(res.stderr)
+
+
 def only_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, stderr

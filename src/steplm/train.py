@@ -541,7 +541,18 @@ class Trainer:
                 "step_seconds": self.step_seconds, "stage_records": self.stage_records, "record": self.record,
                 "layers": self.layer_layout(model), "optimizer": optimizer.state_dict(),
                 "sampler": self.sampler.state_dict(), "rng": rng, "metrics_bytes": self.metrics_bytes,
-                "stage_steps": self.stage_steps, "layers_per_stage": self.layers_per_stage}
+                "stage_steps": self.stage_steps, "layers_per_stage": self.layers_per_stage,
+                "data": self._data_fingerprint()}
+
+    def _data_fingerprint(self) -> dict | None:
+        """What identifies the tokenized data a run trains on: both splits' token counts and a hash of
+        their first 64K tokens (content, not file times: a copied corpus still resumes). None for SFT."""
+        if getattr(self, "train_shard", None) is None:
+            return None
+        import hashlib
+        train, val = np.asarray(self.train_shard.tokens), np.asarray(self.val_tokens)
+        h = hashlib.sha256(np.ascontiguousarray(train[:65536]).tobytes() + np.ascontiguousarray(val[:65536]).tobytes())
+        return {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "sha256_head": h.hexdigest()}
 
     def _plain_model(self, layout: list[dict], weights: dict[str, torch.Tensor]) -> LLaMA:
         """An unwrapped model of the given shape (frozen bf16 layers with adapters) holding ``weights``."""
@@ -594,6 +605,11 @@ class Trainer:
 
     def load_state_dict(self, state: dict, weights: dict[str, torch.Tensor]):
         """Rebuild the model's shape (grown layers, frozen bf16 bases, adapters), then load everything."""
+        saved, now = state.get("data"), self._data_fingerprint()
+        if saved is not None and now is not None and saved != now:  # its data position would mean other text
+            raise UserError(f"data.path: the data differ from those the checkpoint was trained on ({saved['train_tokens']:,} "
+                            f"training and {saved['val_tokens']:,} validation tokens then, {now['train_tokens']:,} and "
+                            f"{now['val_tokens']:,} now, or other text); resume with the same data, or start a new --out")
         self.model = self._plain_model(state["layers"], weights)
         for key in ("step", "stage", "step_in_stage", "tokens", "skipped", "data_seconds", "step_seconds",
                     "stage_records", "record", "metrics_bytes"):
