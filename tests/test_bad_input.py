@@ -75,6 +75,18 @@ TABLE = [
     (["train", "--out", f"{T}/o", "--init-from", f"{T}/none"], "--init-from: " + T + "/none does not exist"),
     (["train", "--out", f"{T}/o", "--init-from", f"{T}/afile"], "is not a directory"),
     (["train", "--out", f"{T}/o", "--init-from", f"{T}/full"], "has no config.json"),
+    # train: a value given twice, or by a flag and --set, is refused, not settled silently
+    (["train", "--out", f"{T}/o", "--set", "train.lr=1e-3", "--set", "train.lr=2e-3"],
+     "--set train.lr: given twice ('1e-3', then '2e-3')"),
+    (["train", "--out", f"{T}/o", "--set", "train.seed=5", "--seed", "7"], "--seed: also given as --set train.seed"),
+    (["train", "--out", f"{T}/o", "--set", "train.max_steps=3", "--max-steps", "2"], "--max-steps: also given"),
+    (["train", "--out", f"{T}/o", "--set", f"data.path={T}/ok.txt", "--data", f"{T}/ok.txt"], "--data: also given"),
+    (["plan", "{tiny_yaml}", "--set", "model.n_layers=4", "--set", "model.n_layers=6"], "given twice"),
+    # train: a bpe:N tokenizer larger than the embedding, found before the corpus is tokenized
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.tokenizer=bpe:4096", "--set",
+      "model.vocab_size=300"], "model.vocab_size: 300 is below the 4096 tokens"),
+    (["plan", "{tiny_yaml}", "--set", "model.vocab_size=1000"], "model.vocab_size: 1000 is below"),
+    (["plan", f"{T}/emptydir"], "is a directory; give a YAML file"),
     # train: config
     (["train", "--out", f"{T}/o", "--set", "train.bogus=1"], "unknown config key: train.bogus"),
     (["train", "--out", f"{T}/o", f"{T}/bad.yaml"], "not valid YAML"),

@@ -178,10 +178,10 @@ def test_resume_refuses_a_different_config_but_allows_safe_keys(references, tmp_
     out = tmp_path / "run"
     args = cmd(cache_tmp, out, "vanilla")
     assert run(args, fault="kill_after_step:4").returncode == -signal.SIGKILL
-    res = run(args + ["--set", "train.lr=0.5", "--set", "model.n_heads=4"])
+    res = run(cmd(cache_tmp, out, "vanilla", **{"train.lr": 0.5, "model.n_heads": 4}))
     assert res.returncode == 2 and "train.lr" in res.stderr and "model.n_heads" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    res = run(args + ["--set", "train.log_every=2"])
+    res = run(cmd(cache_tmp, out, "vanilla", **{"train.log_every": 2}))
     assert res.returncode == 0, res.stderr
     fresh = run(args + ["--fresh"])
     assert fresh.returncode == 2 and "--fresh" in fresh.stderr

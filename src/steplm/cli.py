@@ -185,6 +185,11 @@ def cmd_train(a):
     from .train import Trainer
 
     overrides = list(a.set or [])
+    set_keys = {item.split("=", 1)[0].strip() for item in overrides}
+    for flag, key, value in (("--data", "data.path", a.data), ("--max-steps", "train.max_steps", a.max_steps),
+                             ("--seed", "train.seed", a.seed), ("--init-from", "model.init_from", a.init_from)):
+        if value is not None and key in set_keys:  # which one was meant?
+            raise UserError(f"{flag}: also given as --set {key}; give one of them")
     if a.data:
         overrides.append(f"data.path={a.data}")
     if a.max_steps is not None:

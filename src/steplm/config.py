@@ -463,6 +463,8 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
     d: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"config file {p} is a directory; give a YAML file (see configs/)")
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
@@ -474,10 +476,14 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
         if not isinstance(d, dict):
             raise UserError(f"config file {p}: top level must be a mapping of sections "
                             f"(method, {', '.join(SECTIONS)}), got {_show(d)}")
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-3")
         key, value = item.split("=", 1)
+        if key.strip() in given and given[key.strip()] != value:  # which one was meant? (a YAML key twice is refused too)
+            raise UserError(f"--set {key.strip()}: given twice ({given[key.strip()]!r}, then {value!r}); give it once")
+        given[key.strip()] = value
         parts = key.strip().split(".")
         if len(parts) == 1 and parts[0] == "method":
             d["method"] = _Raw(value)
@@ -619,6 +625,9 @@ def problems(cfg: RunConfig) -> list[str]:
             out.append(f"data.tokenizer: 'bpe:N' needs an integer N, got {tok!r}")
         elif int(n) < 300:
             out.append(f"data.tokenizer: bpe vocabulary must be at least 300 (256 bytes + merges), got {int(n)}")
+        elif int(n) > m.vocab_size > 0 and not m.init_from:  # else found only after the whole corpus is tokenized
+            out.append(f"model.vocab_size: {m.vocab_size} is below the {int(n)} tokens data.tokenizer {tok} trains; "
+                       f"raise model.vocab_size or lower N")
     prec = Precision(t.optimizer_states, t.master_weights)
     if prec.optimizer_states in OPTIMIZER_STATES and prec.master_weights in MASTER_WEIGHTS:
         out += prec.problems()
