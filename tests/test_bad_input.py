@@ -216,6 +216,7 @@ TABLE = [
     # export
     (["export", f"{T}/full", "--to", f"{T}/x"], "RUN_DIR"),
     (["export", f"{T}/none", "--to", f"{T}/x"], "RUN_DIR"),
+    (["export", f"{T}/ok.txt", "--to", f"{T}/x"], "RUN_DIR: " + T + "/ok.txt is a file, not a run directory"),
     (["export", RUN, "--to", f"{T}/x", "--dtype", "fp16"], "--dtype"),
     (["export", RUN, "--to", f"{T}/x", "--max-shard-size", "lots"], "--max-shard-size"),
     # sft

@@ -89,7 +89,7 @@ def test_export_loads_with_auto_classes(tiny_run, tmp_path):
     (["eval", "{tmp}", "--data", "{tmp}/empty.txt"], ["MODEL"]),
     (["export", "{tmp}/none", "--to", "{tmp}/x"], ["RUN_DIR"]),
     (["plan", "--hidden", "64", "--layers", "0"], ["--layers"]),
-    (["frobnicate"], ["invalid choice"]),
+    (["frobnicate"], ["unknown subcommand: 'frobnicate' (choose from 'train'"]),
     ([], ["give a subcommand: train, eval", "steplm --help"]),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needles):

@@ -205,17 +205,22 @@ def test_a_damaged_hf_folder_is_one_line_for_eval_and_init_from(hf_export, tmp_p
 
 
 @pytest.mark.parametrize("damage", ["hf weights missing", "run weights missing", "run weights and config.yaml missing",
-                                    "run model_config missing"])
+                                    "run model_config missing", "hf tokenizer missing", "run weights empty"])
 def test_info_refuses_a_folder_no_command_can_load(tiny_run, hf_export, tmp_path, capsys, damage):
     """`info` describes only what eval/generate/export can load: a folder without weights, or a run
     without its final files, is one line naming what is missing, not a description and exit 0."""
     d = tmp_path / "m"
     shutil.copytree(hf_export if damage.startswith("hf") else tiny_run, d, ignore=shutil.ignore_patterns("checkpoints"))
+    if damage == "run weights empty":
+        (d / "model.safetensors").write_bytes(b"")
     for name in {"hf weights missing": ["model.safetensors"], "run weights missing": ["model.safetensors"],
                  "run weights and config.yaml missing": ["model.safetensors", "config.yaml"],
-                 "run model_config missing": ["model_config.json"]}[damage]:
+                 "run model_config missing": ["model_config.json"], "hf tokenizer missing": ["tokenizer.json"],
+                 "run weights empty": []}[damage]:
         (d / name).unlink()
-    needle = "steplm run without" if damage in ("run weights missing", "run model_config missing") else "no weights"
+    needle = {"run weights missing": "steplm run without", "run model_config missing": "steplm run without",
+              "hf tokenizer missing": "has no tokenizer.json", "run weights empty": "is empty (0 bytes)"}.get(
+        damage, "no weights")
     _refused(["info", str(d)], capsys, needle, tmp_path)
 
 

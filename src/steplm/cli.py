@@ -26,6 +26,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints usage + error otherwise)
         if "arguments are required: cmd" in message:  # `steplm` alone; 'cmd' is an internal name
             raise UserError(f"give a subcommand: {', '.join(self._subcommands())} (steplm --help says what each does)")
+        message = message.replace("argument cmd: invalid choice", "unknown subcommand")
         where = self.prog.removeprefix("steplm").strip()  # main() prints the 'steplm: error:' prefix
         raise UserError(f"{where}: {message}" if where else message)
 
@@ -283,6 +284,8 @@ def cmd_export(a):
     from .train import load_run
 
     src = Path(a.run_dir)
+    if src.exists() and not src.is_dir():
+        raise UserError(f"RUN_DIR: {src} is a file, not a run directory")
     if not src.is_dir():
         raise UserError(f"RUN_DIR: {src} does not exist")
     out = _out_path(a.to, "--to")

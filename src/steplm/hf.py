@@ -409,6 +409,11 @@ def describe(path: str | Path) -> dict:
     weights = [f for f in WEIGHT_FILES if (d / f).is_file()]
     if not weights:  # a folder no command can load is not described as a model
         raise UserError(f"MODEL: {d} holds no weights (one of {', '.join(WEIGHT_FILES)})")
+    empty = [f for f in weights if (d / f).stat().st_size == 0]
+    if empty:
+        raise UserError(f"MODEL: {d / empty[0]} is empty (0 bytes)")
+    if not (d / "tokenizer.json").is_file():  # every command that runs the model encodes text with it
+        raise UserError(f"MODEL: {d} has no tokenizer.json")
     out = {"path": str(d), "kind": kind, "model": cfg.to_dict(), "steplm": history, "weights": weights}
     if (d / "tokenizer.json").is_file():
         tok = read_tokenizer(d / "tokenizer.json", "MODEL")
