@@ -619,3 +619,22 @@ def test_a_finite_model_whose_perplexity_overflows_reports_inf(damaged_run, tiny
                  "--json"]) == 0
     lam = json.loads(capsys.readouterr().out)["tasks"]["lambada"]
     assert lam["ppl"] == "inf", lam
+
+
+@pytest.mark.parametrize("summary,needle", [("{bad", "is not a readable JSON object"),
+                                            ('["a list"]', "is not a readable JSON object"),
+                                            ('{"method": "vanilla", "layers_per_stage": "abc"}',
+                                             "holds a layers_per_stage of the wrong kind ('abc')")])
+def test_a_damaged_summary_is_left_out_of_the_history_and_said_so(tiny_run, tmp_path, capsys, summary, needle):
+    """info and export still work on a run whose summary.json is damaged (the model is whole), but the
+    history they print or write leaves the damaged record out and one warning line says so."""
+    d = tmp_path / "run"
+    shutil.copytree(tiny_run, d, ignore=shutil.ignore_patterns("checkpoints"))
+    (d / "summary.json").write_text(summary)
+    assert main(["info", str(d), "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)["steplm"]
+    assert "layers_per_stage" not in history
+    assert main(["export", str(d), "--to", str(tmp_path / "hf")]) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and needle in warnings[0], warnings
+    assert "layers_per_stage" not in json.loads((tmp_path / "hf" / "config.json").read_text())["steplm"]

@@ -372,16 +372,29 @@ def run_history(run_dir: str | Path) -> dict:
 
     d = Path(run_dir)
     out: dict = {"version": __version__}
+    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)  # noqa: E731
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    kinds = {"method": lambda v: isinstance(v, str), "layers_per_stage": ints, "stage_steps": ints,
+             "tokens_seen": num, "final_val_loss": num, "examples": num, "epochs": num, "steps": num,
+             "final_loss": num}
     for name, keys in (("summary.json", ("method", "layers_per_stage", "stage_steps", "tokens_seen",
                                          "final_val_loss")),
                        ("sft_summary.json", ("examples", "epochs", "steps", "final_loss"))):
+        if not (d / name).is_file():
+            continue
         try:
             s = json.loads((d / name).read_text())
-        except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            s = e
+        if not isinstance(s, dict):  # the history is optional: a damaged record is left out, and said so
+            print(f"steplm: warning: {d / name} is not a readable JSON object; the model's history leaves it out",
+                  file=sys.stderr)
             continue
-        if not isinstance(s, dict):  # the history is optional: a damaged record is left out
-            continue
-        part = {k: s[k] for k in keys if k in s}
+        bad = [k for k in keys if k in s and not kinds[k](s[k])]
+        if bad:
+            print(f"steplm: warning: {d / name} holds a {bad[0]} of the wrong kind ({s[bad[0]]!r}); the model's "
+                  f"history leaves it out", file=sys.stderr)
+        part = {k: s[k] for k in keys if k in s and k not in bad}
         if name == "summary.json":
             out.update(part)
         else:
