@@ -247,3 +247,22 @@ def test_responses_cut_short_are_counted(tiny_run, tmp_path, capsys):
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
     assert n_long == 2 and len(warnings) == 1 and "tuning on 3 of 3" in warnings[0], warnings
     assert f"{n_long} of the 3 are cut short" in warnings[0], warnings
+
+
+def test_sft_counts_the_tokens_it_trains_on(tiny_run, tmp_path, capsys):
+    """tokens_seen (and the FLOPs made from it) is the examples' real length, prompt + response + EOS,
+    summed over the epochs: not max_seq_len per example, which padding never fills."""
+    from steplm.evaluate import load
+    from steplm.generate import alpaca_prompt
+    m = load(tiny_run)
+    records = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
+               for i in range(1, 7)]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records))
+    lengths = [min(m.config.max_seq_len, len(m.tokenizer.encode(alpaca_prompt(r["instruction"], "")).ids)
+                   + len(m.tokenizer.encode(r["output"], add_special_tokens=False).ids) + 1) for r in records]
+    out = tmp_path / "o"
+    assert main(["sft", str(tiny_run), "--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "2",
+                 "--warmup-steps", "0", "--quiet", "--dtype", "fp32"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens_seen"] == 2 * sum(lengths) < 2 * len(records) * m.config.max_seq_len, summary

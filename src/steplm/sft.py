@@ -215,6 +215,7 @@ class SFTTrainer(Trainer):
         t = self.cfg.train
         t0 = time.perf_counter()
         batch = self.sampler.next()
+        self.batch_tokens = sum(len(ids) for ids, _ in batch)  # the whole step's, every rank's share included
         n_response = response_tokens(batch)
         slots = [batch[(j * self.world + self.rank) * t.micro_batch:(j * self.world + self.rank + 1) * t.micro_batch]
                  for j in range(t.grad_accum)]
@@ -222,6 +223,10 @@ class SFTTrainer(Trainer):
         self.data_seconds += time.perf_counter() - t0
         return accumulate_response_loss(self.loss_fn, micro, self.special.eos_id, self.device, n_response,
                                         scale=float(self.world), after_micro_batch=self._micro_batch_done)
+
+    def _step_tokens(self) -> int:
+        """The step's real tokens (prompts and responses, no padding): examples are not seq_len long."""
+        return self.batch_tokens
 
     @torch.no_grad()
     def evaluate(self, max_tokens: int | None = None) -> float:

@@ -484,8 +484,12 @@ class Trainer:
         if self.world == 1 and self.preemption is not None and self.preemption.signum is not None:
             raise runguard.StepAbandoned
 
+    def _step_tokens(self) -> int:
+        """Tokens one optimizer step counts (as the run always has): every sequence is seq_len long."""
+        return self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.cfg.train.seq_len
+
     def _account(self):
-        tokens = self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.cfg.train.seq_len
+        tokens = self._step_tokens()
         self.tokens += tokens
         for conv in self.flops:
             self.flops[conv] += self.current_stage.flops_per_token[conv] * tokens
@@ -726,7 +730,7 @@ class Trainer:
             self._account()
             self._log_merges(log)
             self.step_seconds += time.perf_counter() - t0
-            tok_window += t.micro_batch * t.grad_accum * t.seq_len
+            tok_window += self._step_tokens()
             if self.world > 1:
                 loss = distributed.mean(loss)
             if self.step % t.log_every == 0 or self.step == total_steps or not ok:
