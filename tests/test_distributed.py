@@ -56,6 +56,11 @@ def test_two_processes_match_one(single_runs, tmp_path, parallel):
     import json
     rows = [json.loads(x) for x in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {0, 1}  # the distributed run grew (and re-wrapped) once
+    # tokens and FLOPs count every rank's sequences: the same global batch, the same totals as one process
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (tmp / "singleTrue", tmp_path / parallel)]
+    steps = sum(summaries[0]["stage_steps"])  # STEP's FLOPs-matched steps: more than the 8 vanilla steps
+    assert summaries[0]["tokens_seen"] == summaries[1]["tokens_seen"] == steps * 4 * 32, summaries  # global batch 4
+    assert summaries[0]["flops"] == summaries[1]["flops"]
     steps = [r["step"] for r in rows if "loss" in r]
     single_steps = [json.loads(x)["step"] for x in (tmp / "singleTrue" / "metrics.jsonl").read_text().splitlines()
                     if '"loss"' in x]

@@ -485,8 +485,9 @@ class Trainer:
             raise runguard.StepAbandoned
 
     def _step_tokens(self) -> int:
-        """Tokens one optimizer step counts (as the run always has): every sequence is seq_len long."""
-        return self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.cfg.train.seq_len
+        """Tokens one optimizer step trains on, over all ranks (train.micro_batch is per rank): every
+        sequence is seq_len long."""
+        return self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.cfg.train.seq_len * self.world
 
     def _account(self):
         tokens = self._step_tokens()

@@ -40,9 +40,11 @@ def precision(cfg) -> planner.Precision:
 
 
 def tokens_per_step(cfg) -> int:
-    """Tokens in one optimizer step (the global batch): micro_batch · grad_accum · seq_len."""
+    """Tokens in one optimizer step, the global batch: micro_batch · grad_accum · seq_len per process,
+    times the WORLD_SIZE processes torchrun starts (1 without it), as the trainer counts them."""
+    import os
     t = cfg.train
-    return t.micro_batch * t.grad_accum * t.seq_len
+    return t.micro_batch * t.grad_accum * t.seq_len * max(1, int(os.environ.get("WORLD_SIZE") or 1))
 
 
 def flops_per_token(cfg, counts: dict, convention: str) -> int:
