@@ -172,7 +172,7 @@ def run_key(cfg) -> str:
 def command(overrides: dict, out_dir: Path) -> str:
     """The `steplm train` command line that trains this run."""
     items = [f"{k}={v}" for k, v in {**BASE, **overrides}.items()]
-    return shlex.join(["steplm", "train", "--out", str(out_dir), "--set", *items])
+    return shlex.join(["steplm", "train", "--out", str(out_dir), *[x for item in items for x in ("--set", item)]])
 
 
 def budget_bytes() -> int:

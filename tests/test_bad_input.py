@@ -87,6 +87,8 @@ TABLE = [
       "model.vocab_size=300"], "model.vocab_size: 300 is below the 4096 tokens"),
     (["plan", "{tiny_yaml}", "--set", "model.vocab_size=1000"], "model.vocab_size: 1000 is below"),
     (["plan", f"{T}/emptydir"], "is a directory; give a YAML file"),
+    (["plan", "--init-from", f"{T}/hfexport", "--set", f"model.init_from={T}/hfexport"],
+     "--init-from: also given as --set model.init_from"),
     # train: config
     (["train", "--out", f"{T}/o", "--set", "train.bogus=1"], "unknown config key: train.bogus"),
     (["train", "--out", f"{T}/o", f"{T}/bad.yaml"], "not valid YAML"),

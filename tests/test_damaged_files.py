@@ -3,6 +3,7 @@ tokenizer folders, checkpoint manifests, question files and plots. Every entry e
 and one line naming the file or flag, with no traceback and nothing written; a damaged checkpoint
 is skipped, never loaded."""
 import json
+import math
 import shutil
 
 import pytest
@@ -205,7 +206,7 @@ def test_a_damaged_hf_folder_is_one_line_for_eval_and_init_from(hf_export, tmp_p
 
 
 @pytest.mark.parametrize("damage", ["hf weights missing", "run weights missing", "run weights and config.yaml missing",
-                                    "run model_config missing", "hf tokenizer missing", "run weights empty"])
+                                    "run model_config missing", "run tokenizer missing", "run weights empty"])
 def test_info_refuses_a_folder_no_command_can_load(tiny_run, hf_export, tmp_path, capsys, damage):
     """`info` describes only what eval/generate/export can load: a folder without weights, or a run
     without its final files, is one line naming what is missing, not a description and exit 0."""
@@ -215,11 +216,11 @@ def test_info_refuses_a_folder_no_command_can_load(tiny_run, hf_export, tmp_path
         (d / "model.safetensors").write_bytes(b"")
     for name in {"hf weights missing": ["model.safetensors"], "run weights missing": ["model.safetensors"],
                  "run weights and config.yaml missing": ["model.safetensors", "config.yaml"],
-                 "run model_config missing": ["model_config.json"], "hf tokenizer missing": ["tokenizer.json"],
+                 "run model_config missing": ["model_config.json"], "run tokenizer missing": ["tokenizer.json"],
                  "run weights empty": []}[damage]:
         (d / name).unlink()
     needle = {"run weights missing": "steplm run without", "run model_config missing": "steplm run without",
-              "hf tokenizer missing": "has no tokenizer.json", "run weights empty": "is empty (0 bytes)"}.get(
+              "run tokenizer missing": "has no tokenizer.json", "run weights empty": "is empty (0 bytes)"}.get(
         damage, "no weights")
     _refused(["info", str(d)], capsys, needle, tmp_path)
 
@@ -557,8 +558,8 @@ TASK_DAMAGE = {
                            "item 3: the text ends"),
     "winogrande nothing after the blank": ("winogrande", lambda d: _edit_jsonl_row(
         d / "winogrande" / "dev.jsonl", 0, sentence="The _"), "item 1: nothing follows"),
-    "winogrande answer true": ("winogrande", lambda d: _edit_jsonl_row(d / "winogrande" / "dev.jsonl", 0,
-                                                                       answer=True), "the answer True"),
+    "winogrande answer 0": ("winogrande", lambda d: _edit_jsonl_row(d / "winogrande" / "dev.jsonl", 0,
+                                                                    answer="0"), "the answer '0'"),
 }
 
 
@@ -619,6 +620,8 @@ def test_a_finite_model_whose_perplexity_overflows_reports_inf(damaged_run, tiny
                  "--json"]) == 0
     lam = json.loads(capsys.readouterr().out)["tasks"]["lambada"]
     assert lam["ppl"] == "inf", lam
+    from steplm.evaluate import perplexity_of
+    assert math.isnan(perplexity_of(float("nan"))) and perplexity_of(800.0) == math.inf
 
 
 @pytest.mark.parametrize("summary,needle", [("{bad", "is not a readable JSON object"),

@@ -192,7 +192,10 @@ def test_smoke_suite_end_to_end_and_resume(rep, tmp_path, monkeypatch):
     # The command reproduces the run's config; a second invocation trains nothing.
     d = main["step-3stages"]["run_dirs"][0]
     args = shlex.split(main["step-3stages"]["command"])
-    assert load(None, args[args.index("--set") + 1:]).to_dict() == load(f"{d}/config.yaml").to_dict()
+    from steplm.cli import build_parser
+    parsed = build_parser().parse_args(args[1:])  # what `steplm train` itself reads from the command
+    assert args[0] == "steplm" and parsed.cmd == "train"
+    assert load(None, parsed.set).to_dict() == load(f"{d}/config.yaml").to_dict()
     runs = sorted((cache / "smoke" / "runs").iterdir())
     monkeypatch.setattr(rep, "Trainer", None)  # any training now would fail
     rep.run_suite("main", cache / "smoke", out)

@@ -317,6 +317,8 @@ def _plan_config(a):
     if shape_flags:
         flag = "--" + shape_flags[0].replace("_", "-")
         raise UserError(f"{flag}: not used with a CONFIG; change the config with --set (e.g. --set model.n_layers=24)")
+    if a.init_from and any(item.split("=", 1)[0].strip() == "model.init_from" for item in a.set or []):
+        raise UserError("--init-from: also given as --set model.init_from; give one of them")
     cfg = config.load(a.config, a.set or [], init_from=a.init_from)
     config.validate(cfg)
     try:

@@ -123,7 +123,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
 
 def perplexity_of(loss: float) -> float:
     """exp(loss), inf past float range (a mean loss above ~709 nats: a finite but hopeless model)."""
-    return math.exp(loss) if loss < 709 else math.inf
+    return math.inf if loss >= 709 else math.exp(loss)  # NaN stays NaN
 
 
 def _context(seq_len: int | None, max_len: int) -> int:

@@ -425,7 +425,7 @@ def describe(path: str | Path) -> dict:
     empty = [f for f in weights if (d / f).stat().st_size == 0]
     if empty:
         raise UserError(f"MODEL: {d / empty[0]} is empty (0 bytes)")
-    if not (d / "tokenizer.json").is_file():  # every command that runs the model encodes text with it
+    if kind == "steplm run" and not (d / "tokenizer.json").is_file():  # (an HF folder may hold another format)
         raise UserError(f"MODEL: {d} has no tokenizer.json")
     out = {"path": str(d), "kind": kind, "model": cfg.to_dict(), "steplm": history, "weights": weights}
     if (d / "tokenizer.json").is_file():

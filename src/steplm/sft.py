@@ -168,6 +168,7 @@ class SFTTrainer(Trainer):
     examples."""
 
     LR_KEY = "--lr"
+    CHECKPOINT_KEY = "--checkpoint-every"
     FIT_ACTIVATIONS = False  # examples are shorter than the model's max_seq_len, the seq_len set here
     FIT_KEYS = {"states": "MODEL's size", "activations": "--micro-batch", "rope": "MODEL's max_position_embeddings"}
 

@@ -170,6 +170,7 @@ class Trainer:
     """Owns model, optimizer, schedule, data position, step, stage and RNG state of one run."""
 
     LR_KEY = "train.lr"  # what a divergence message tells the user to lower
+    CHECKPOINT_KEY = "train.checkpoint_every"  # what keeps checkpoints (sft: its flag)
     DIVERGED_NATS = 1.0  # a final val loss this far above ln(vocab_size) (a uniform guess) stops the run: diverged
     # A final val loss less than this far below ln(vocab_size) warns: the model learned (almost) nothing. A fresh
     # model scores ln(vocab_size) plus or minus a few hundredths; one that learned only the token frequencies of
@@ -612,7 +613,8 @@ class Trainer:
         """Rebuild the model's shape (grown layers, frozen bf16 bases, adapters), then load everything."""
         saved, now = state.get("data"), self._data_fingerprint()
         if saved is not None and now is not None and saved != now:  # its data position would mean other text
-            raise UserError(f"data.path: the data differ from those the checkpoint was trained on ({saved['train_tokens']:,} "
+            key = "data.path or data.val_path" if self.cfg.data.val_path else "data.path"
+            raise UserError(f"{key}: the data differ from those the checkpoint was trained on ({saved['train_tokens']:,} "
                             f"training and {saved['val_tokens']:,} validation tokens then, {now['train_tokens']:,} and "
                             f"{now['val_tokens']:,} now, or other text); resume with the same data, or start a new --out")
         self.model = self._plain_model(state["layers"], weights)
@@ -834,7 +836,7 @@ class Trainer:
         steps = checkpoint.list_steps(self.out / "checkpoints")
         if steps:
             return f"the last good checkpoint (step {steps[-1]}) is kept"
-        return "there is no checkpoint to resume from (train.checkpoint_every keeps them)"
+        return f"there is no checkpoint to resume from ({self.CHECKPOINT_KEY} keeps them)"
 
     def _finish_stage(self, log):
         """End-of-stage evaluation and memory record."""
