@@ -47,11 +47,18 @@ def _path(s: str) -> str:
 def _text(s: str) -> str:
     """An argparse type for text that is tokenized or written into JSON/YAML: bytes that are not UTF-8
     arrive from the shell as lone surrogates, which no tokenizer or UTF-8 file can take."""
+    if not _is_utf8(s):
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text")
+    return s
+
+
+def _is_utf8(s: str) -> bool:
+    """Whether ``s`` encodes as UTF-8: undecodable argv bytes arrive as lone surrogates, which do not."""
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError("is not valid UTF-8 text")
-    return s
+        return False
+    return True
 
 
 TEXT_ARGS = {"prompt", "model_id", "set", "tasks", "layers_per_stage"}
@@ -147,9 +154,7 @@ def _out_path(given: str, flag: str) -> Path:
     """An output folder's path with 'a/../b' folded to 'b' (as the user means it): mkdir would
     otherwise create a as well, a folder nobody asked for. A path that is not UTF-8 is refused before
     any work: the tokenizers library writes tokenizer.json only through UTF-8 paths."""
-    try:
-        given.encode("utf-8")
-    except UnicodeEncodeError:
+    if not _is_utf8(given):
         raise UserError(f"{flag}: {given.encode('utf-8', 'surrogateescape')!r} is not a UTF-8 path; the tokenizer "
                         f"files cannot be written there, choose another name")
     return Path(os.path.normpath(given))
@@ -181,16 +186,22 @@ def _remove_created(out: Path, top: Path) -> None:
             return
 
 
+def _refuse_flag_and_set(sets: list[str], *flags: tuple[str, str, object]) -> None:
+    """A flag given (value not None) together with a --set of the key it sets: which one was meant?"""
+    from .config import override_key
+    keys = {override_key(item) for item in sets}
+    for flag, key, value in flags:
+        if value is not None and key in keys:
+            raise UserError(f"{flag}: also given as --set {key}; give one of them")
+
+
 def cmd_train(a):
     from . import config
     from .train import Trainer
 
     overrides = list(a.set or [])
-    set_keys = {item.split("=", 1)[0].strip() for item in overrides}
-    for flag, key, value in (("--data", "data.path", a.data), ("--max-steps", "train.max_steps", a.max_steps),
-                             ("--seed", "train.seed", a.seed), ("--init-from", "model.init_from", a.init_from)):
-        if value is not None and key in set_keys:  # which one was meant?
-            raise UserError(f"{flag}: also given as --set {key}; give one of them")
+    _refuse_flag_and_set(overrides, ("--data", "data.path", a.data), ("--max-steps", "train.max_steps", a.max_steps),
+                         ("--seed", "train.seed", a.seed), ("--init-from", "model.init_from", a.init_from))
     if a.data:
         overrides.append(f"data.path={a.data}")
     if a.max_steps is not None:
@@ -317,8 +328,7 @@ def _plan_config(a):
     if shape_flags:
         flag = "--" + shape_flags[0].replace("_", "-")
         raise UserError(f"{flag}: not used with a CONFIG; change the config with --set (e.g. --set model.n_layers=24)")
-    if a.init_from and any(item.split("=", 1)[0].strip() == "model.init_from" for item in a.set or []):
-        raise UserError("--init-from: also given as --set model.init_from; give one of them")
+    _refuse_flag_and_set(a.set or [], ("--init-from", "model.init_from", a.init_from))
     cfg = config.load(a.config, a.set or [], init_from=a.init_from)
     config.validate(cfg)
     try:
@@ -326,6 +336,14 @@ def _plan_config(a):
     except ValueError as e:
         raise UserError(f"step.layers_per_stage: {e}")
     print(dumps(plan.to_dict()) if a.json else format_plan(plan))
+
+
+def _split(text: str) -> list[int]:
+    """--layers-per-stage '7,5' as [7, 5]."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--layers-per-stage: expected comma-separated integers, got {text!r}")
 
 
 def _check_plan_flags(a) -> None:
@@ -341,10 +359,7 @@ def _check_plan_flags(a) -> None:
                 raise UserError(f"{flag}: describes the embeddings, head and activations, which only --extended "
                                 f"adds; give --extended too")
     if a.layers_per_stage:
-        try:
-            split = [int(x) for x in a.layers_per_stage.split(",")]
-        except ValueError:
-            raise UserError(f"--layers-per-stage: expected comma-separated integers, got {a.layers_per_stage!r}")
+        split = _split(a.layers_per_stage)
         if a.stages and len(split) != a.stages:
             raise UserError(f"--stages: {a.stages} stages, but --layers-per-stage lists {len(split)}")
         if a.cap_growth:
@@ -418,10 +433,7 @@ def cmd_plan(a):
             if a.stages > a.layers:
                 raise UserError(f"--stages: must be at most --layers ({a.layers}), got {a.stages}")
             if a.layers_per_stage:
-                try:
-                    split = [int(x) for x in a.layers_per_stage.split(",")]
-                except ValueError:
-                    raise UserError(f"--layers-per-stage: expected comma-separated integers, got {a.layers_per_stage!r}")
+                split = _split(a.layers_per_stage)
                 if len(split) > planner.MAX_STAGES:
                     raise UserError(f"--layers-per-stage: at most {planner.MAX_STAGES} stages (the planner's bound), "
                                     f"got {len(split)}")
@@ -546,8 +558,9 @@ SFT_UNUSED_KEYS = {"train.eval_every": "sft has no validation split", "train.eva
 def _check_sft_sets(sets: list[str]) -> None:
     """sft's --set takes train.* keys only: the model's shape and tokenizer are MODEL's, the examples
     --data's, and the method plain AdamW, so any other key would be ignored without a word."""
+    from .config import override_key
     for item in sets:
-        key = item.split("=", 1)[0].strip()
+        key = override_key(item)
         if key in SFT_FLAG_KEYS:
             raise UserError(f"--set {key}: sft sets it from {SFT_FLAG_KEYS[key]}; use that flag")
         if key in SFT_UNUSED_KEYS:

@@ -457,6 +457,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def override_key(item: str) -> str:
+    """The key of one ``key=value`` override (``--set`` item), e.g. 'train.lr'."""
+    return item.split("=", 1)[0].strip()
+
+
 def load(path: str | Path | None, overrides: list[str] = (), init_from: str | None = None) -> RunConfig:
     """Read a YAML config (or the defaults if ``path`` is None) and apply ``key=value`` overrides, then
     ``init_from`` (the --init-from flag, which sets model.init_from)."""
@@ -481,9 +486,10 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-3")
         key, value = item.split("=", 1)
-        if key.strip() in given and given[key.strip()] != value:  # which one was meant? (a YAML key twice is refused too)
-            raise UserError(f"--set {key.strip()}: given twice ({given[key.strip()]!r}, then {value!r}); give it once")
-        given[key.strip()] = value
+        if override_key(item) in given and given[override_key(item)] != value:  # which was meant? (as YAML refuses)
+            raise UserError(f"--set {override_key(item)}: given twice ({given[override_key(item)]!r}, then {value!r}); "
+                            f"give it once")
+        given[override_key(item)] = value
         parts = key.strip().split(".")
         if len(parts) == 1 and parts[0] == "method":
             d["method"] = _Raw(value)

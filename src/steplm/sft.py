@@ -306,7 +306,7 @@ def sft_config(model_dir: str, data: str, source_config, *, epochs: int = 2, lim
             "train.checkpoint_every": checkpoint_every, "train.max_steps": 1, "data.tokenizer": model_dir}
     if limit:
         sets["sft.limit"] = limit
-    given = {item.split("=", 1)[0].strip() for item in overrides}  # a --set key replaces the schedule's value
+    given = {config_mod.override_key(item) for item in overrides}  # a --set key replaces the schedule's value
     cfg = config_mod.load(None, [f"{k}={v}" for k, v in sets.items() if k not in given] + list(overrides))
     cfg.model = replace(source_config, init_from=None)
     return cfg
