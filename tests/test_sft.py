@@ -222,7 +222,7 @@ def test_examples_without_a_response_are_dropped_and_counted(tiny_run, tmp_path,
     out = tmp_path / "sft"
     assert main(["sft", str(tiny_run), "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "1",
                  "--warmup-steps", "0", "--quiet", "--dtype", "fp32"]) == 0
-    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning: tuning on" in ln]
     assert len(warnings) == 1 and "tuning on 5 of 9 examples" in warnings[0], warnings
     assert "3 have an empty output, 1 a response cut off" in warnings[0], warnings
     assert "0 of the 5 are cut short" in warnings[0], warnings  # "number i" and EOS fit in the context
@@ -244,7 +244,8 @@ def test_responses_cut_short_are_counted(tiny_run, tmp_path, capsys):
                  for r in records)
     assert main(["sft", str(tiny_run), "--data", str(data), "--out", str(tmp_path / "o"), "--epochs", "1",
                  "--batch-size", "1", "--warmup-steps", "0", "--quiet", "--dtype", "fp32"]) == 0
-    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    # (a 3-example run may also be told it learned nothing: that warning has its own tests)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning: tuning on" in ln]
     assert n_long == 2 and len(warnings) == 1 and "tuning on 3 of 3" in warnings[0], warnings
     assert f"{n_long} of the 3 are cut short" in warnings[0], warnings
 
