@@ -91,6 +91,7 @@ CONVENTIONS = ("corrected", "paper")  # FLOPs counts the main suite budgets by
 WIKI_PATH = DATA / "wikitext2" / "test.txt"
 WIKI_TOKENS = 204_800          # ≥ 200k tokens of wikitext2/test.txt
 VAL_TOKENS = None              # None: all of gutenberg/valid.jsonl.gz
+VAL_PATH = None                # the reported validation text; None: BASE's data.val_path
 # Items per zero-shot task (the first in file order; None: all). At this scale the scores sit near
 # chance; 200 items resolve about ±7 points (95 %), and fp32 scoring of 1000 would cost ~5 min a run.
 TASK_LIMIT = 200
@@ -201,23 +202,36 @@ def val_key(val_tokens: int | None) -> str:
     return "val" if val_tokens is None else f"val_{val_tokens}"
 
 
-def eval_keys(with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True) -> list[str]:
-    """The eval.json keys that evaluate_run(d, with_tasks, val_tokens, wiki) fills."""
+def eval_keys(with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True, report: bool = True
+              ) -> list[str]:
+    """The eval.json keys that evaluate_run(d, with_tasks, val_tokens, wiki, report) fills."""
+    if not report:
+        return []
     return [val_key(val_tokens)] + ["wikitext"] * wiki + ["tasks"] * with_tasks
 
 
-def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True) -> dict:
-    """Validation perplexity (all of it unless val_tokens), WikiText perplexity (if wiki) and the
-    zero-shot tasks (if with_tasks) of a finished run, cached in d/eval.json."""
+def report_val_path() -> str:
+    """The validation text whose perplexity the tables report: VAL_PATH, else the runs' data.val_path."""
+    return str(VAL_PATH or BASE["data.val_path"])
+
+
+def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS, wiki: bool = True,
+                 report: bool = True) -> dict:
+    """Validation perplexity of report_val_path() (all of it unless val_tokens), WikiText perplexity
+    (if wiki) and the zero-shot tasks (if with_tasks) of a finished run, cached in d/eval.json.
+    report False: nothing (a sweep run, ranked on its own tuning split; eval.json stays empty)."""
     f = d / "eval.json"
     ev = json.loads(f.read_text()) if f.is_file() else {}
+    if not report:
+        f.write_text(json.dumps(ev, indent=2))
+        return ev
     seq = int(BASE["train.seq_len"])
     key = val_key(val_tokens)
     if val_tokens is not None and ev.get("val") == ev.get(key):
         ev.pop("val", None)  # an alias of the subset that an earlier version stored
     if key not in ev:
         t0 = time.perf_counter()
-        ev[key] = perplexity(str(d), BASE["data.val_path"], val_tokens, seq_len=seq)
+        ev[key] = perplexity(str(d), report_val_path(), val_tokens, seq_len=seq)
         ev[key]["seconds"] = time.perf_counter() - t0
     if wiki and "wikitext" not in ev:
         t0 = time.perf_counter()

@@ -63,8 +63,41 @@ def test_interpolation_copy_and_fresh_objects():
     assert new.mlp.up_proj.weight.data_ptr() != m.model.layers[0].mlp.up_proj.weight.data_ptr()
 
 
+@pytest.mark.parametrize("n_old,n_new", [(4, 2), (5, 1), (3, 5), (6, 3)])
+def test_top_is_one_block_above_the_old_layers_made_as_upper_makes_them(n_old, n_new):
+    # the literal reading of "added collectively at the top": every new layer above the last old one,
+    # new layer j of the block from upper's j-th source gap (g, g+1), upper's layers in stack order
+    m = tiny(n_old)
+    randomise_norms(m)
+    old = [effective_state(b) for b in m.model.layers]
+    old_ids = [id(b) for b in m.model.layers]
+    assert insertion_gaps(n_old, n_new, "top") == [n_old - 1] * n_new
+    is_new = grow(m, n_new, init="mean", position="top")
+    assert is_new == [False] * n_old + [True] * n_new
+    assert [id(b) for b in m.model.layers[:n_old]] == old_ids  # the old stack keeps its order
+    sources = insertion_gaps(n_old, n_new, "upper")
+    for j, g in enumerate(sources):
+        st = m.model.layers[n_old + j].state_dict()
+        for k in st:
+            assert torch.allclose(st[k], (old[g][k] + old[min(g + 1, n_old - 1)][k]) / 2), (j, k)
+    assert len({id(x) for x in m.model.layers}) == n_old + n_new
+
+
+def test_top_and_upper_make_the_same_layers_in_other_places():
+    a, b = tiny(5), tiny(5)
+    grow(a, 2, position="upper")
+    grow(b, 2, position="top")
+    new_a = [blk for blk, new in zip(a.model.layers, [False, False, False, True, False, True, False]) if new]
+    new_b = list(b.model.layers)[5:]
+    for x, y in zip(new_a, new_b):
+        assert all(torch.equal(x.state_dict()[k], y.state_dict()[k]) for k in x.state_dict())
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert (a.eval()(x) - b.eval()(x)).abs().max() > 1e-4  # the placement changes the function
+
+
 @pytest.mark.parametrize("init", ["mean", "copy"])
-@pytest.mark.parametrize("position", ["upper", "intermediate", "lower", "random"])
+@pytest.mark.parametrize("position", ["upper", "top", "intermediate", "lower", "random"])
 def test_fpi_preserves_function(init, position):
     m = tiny().eval()
     randomise_norms(m)

@@ -18,7 +18,7 @@ def test_preset_matches_tables_6_and_7(name):
     assert (t.beta1, t.beta2, t.weight_decay) == (0.9, 0.95, 0.1)
     tokens = t.micro_batch * t.grad_accum * t.seq_len
     assert abs(tokens - batch_tokens) <= t.micro_batch * t.seq_len / 2  # nearest whole micro-batch
-    assert cfg.lora.rank == 128 and cfg.lora.relora_warmup == 500 and cfg.lora.relora_interval == 0
+    assert cfg.lora.rank == 128 and cfg.lora.relora_warmup == 500 and cfg.lora.relora_interval == 5000  # PET is ReLoRA
     assert (cfg.galore.rank, cfg.galore.update_proj_gap, cfg.galore.scale) == (128, 200, 0.25)
     assert cfg.step.n_stages == (3 if name.endswith("3stage") else 2)
     assert "assumed" not in (ROOT / "configs" / f"{name}.yaml").read_text()

@@ -26,7 +26,7 @@ from .methods.base import init_depth
 from .planner import MASTER_WEIGHTS, OPTIMIZER_STATES, Precision
 
 METHODS = tuple(_METHODS)
-POSITIONS = ("upper", "intermediate", "lower", "random")
+POSITIONS = ("upper", "top", "intermediate", "lower", "random")
 INITS = ("mean", "copy")
 
 
@@ -179,7 +179,8 @@ class StepConfig:
     fpi: bool = False
     """Zero o_proj and down_proj of new layers so growth preserves the function."""
     position: str = "upper"
-    """Where new layers go: upper, intermediate, lower or random."""
+    """Where new layers go: upper (one per gap from the top gap down), top (one block above the last
+    layer, made as upper makes them), intermediate, lower or random (growth.py states each reading)."""
     budget_match: str = "flops"
     """'flops': stages get vanilla's FLOPs for train.max_steps; 'steps': train.max_steps split across stages."""
     flops_convention: str = "paper"

@@ -8,10 +8,19 @@ Frozen neighbours contribute their effective weight (base + adapter update).
 FPI additionally zeroes the new layer's o_proj and down_proj (weights and any biases), so its residual branches output 0
 and growth preserves the function.
 
-Positions (paper Fig. 3): ``upper`` uses the highest gaps (the k-th new layer sits between old
-layers N-2-k and N-1-k), ``lower`` the lowest (between k and k+1), ``intermediate`` the gaps
-closest to the middle, ``random`` a seeded random choice. When there are more new layers than gaps,
-gaps are reused in the same order, so a gap may receive several layers.
+Positions (paper Sec. 5.2, Fig. 3; the paper describes Upper as new layers "added collectively at
+the top", which admits two readings, both offered):
+- ``upper`` (the default, and every committed STEP result before the ``top`` position existed):
+  one new layer per gap, from the highest gap down: the k-th new layer sits between old layers
+  N-2-k and N-1-k, made from those two. With more new layers than gaps, gaps are reused in the same
+  order, so a gap may receive several layers. New layers therefore land among the upper old layers,
+  not above them.
+- ``top``: the literal reading. All new layers form one contiguous block above the last old layer.
+  Each is initialised from the same pair of old neighbours that ``upper`` would give it (new layer
+  j of the block, counted from the bottom, from the j-th of ``upper``'s gaps in ascending order), so
+  ``top`` and ``upper`` differ in placement only.
+- ``lower``: the lowest gaps first (the k-th new layer between old layers k and k+1);
+  ``intermediate``: the gaps closest to the middle first; ``random``: a seeded random order of gaps.
 """
 from __future__ import annotations
 
@@ -25,8 +34,11 @@ from .model import Block, ModelConfig
 
 
 def insertion_gaps(n_old: int, n_new: int, position: str, seed: int = 0) -> list[int]:
-    """Gap index for each new layer, sorted; gap g means "after old layer g"."""
+    """Gap index for each new layer, sorted; gap g means "after old layer g" (``top``: every new
+    layer after the last old layer, n_old - 1)."""
     n_gaps = max(1, n_old - 1)
+    if position == "top":
+        return [n_old - 1] * n_new
     if position == "upper":
         order = list(range(n_gaps - 1, -1, -1))
     elif position == "lower":
@@ -75,19 +87,27 @@ def make_layer(cfg: ModelConfig, lower: nn.Module, upper: nn.Module, init: str, 
     return block
 
 
+def source_gaps(n_old: int, n_new: int, position: str, seed: int = 0) -> list[int]:
+    """For each new layer in stack order, the gap g whose two old layers (g, g+1) it is made from:
+    the gap it is inserted in, except at ``top``, whose block takes ``upper``'s sources."""
+    return insertion_gaps(n_old, n_new, "upper" if position == "top" else position, seed)
+
+
 def grow(model: nn.Module, n_new: int, init: str = "mean", position: str = "upper", fpi: bool = False,
          seed: int = 0) -> list[bool]:
     """Insert ``n_new`` layers in place; returns, per layer of the grown model, whether it is new."""
     old = list(model.model.layers)
     n_old = len(old)
     gaps = insertion_gaps(n_old, n_new, position, seed)
+    sources = iter(source_gaps(n_old, n_new, position, seed))
     device = next(model.parameters()).device
     layers, is_new = [], []
     for g, blk in enumerate(old):
         layers.append(blk)
         is_new.append(False)
         for _ in range(gaps.count(g)):
-            layers.append(make_layer(model.config, blk, old[min(g + 1, n_old - 1)], init, fpi, device))
+            src = next(sources)
+            layers.append(make_layer(model.config, old[src], old[min(src + 1, n_old - 1)], init, fpi, device))
             is_new.append(True)
     model.model.layers = nn.ModuleList(layers)
     model.config.n_layers = len(layers)
