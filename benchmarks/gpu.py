@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from steplm import config  # noqa: E402
-from steplm.train import Trainer, state_bytes  # noqa: E402
+from steplm.train.trainer import Trainer, state_bytes  # noqa: E402
 
 # The paper's Table 2, 368M model, memory column (GB), in its row order Vanilla, ReLoRA, GaLore, STEP.
 PAPER_TABLE2_GB = {"vanilla": 5.9, "relora": 5.9, "galore": 3.3, "step-2stages": 3.4}
@@ -157,9 +157,9 @@ def eval_and_sft(base: dict, tmp: Path, windows: int, items: int, sft_steps: int
     ``base``, from a model directory written by a one-step vanilla run (random weights: throughput
     and memory do not depend on what the model knows)."""
     from steplm.devices import autocast
-    from steplm.evaluate import load, windows_loss
-    from steplm.sft import SFTTrainer, sft_config, source_config
-    from steplm.tasks import loglikelihoods
+    from steplm.eval.perplexity import load, windows_loss
+    from steplm.train.sft import SFTTrainer, sft_config, source_config
+    from steplm.eval.tasks import loglikelihoods
 
     src = tmp / "sft-source"
     cfg = config.load(None, [f"{k}={v}" for k, v in {**base, "train.max_steps": 1, "train.warmup_steps": 1,

@@ -105,7 +105,7 @@ def _dropped(model, drop: str):
     """``model`` with the ``drop`` feature ignored, as steplm computed it before issue #13."""
     import dataclasses
 
-    from steplm.model import from_state_dict
+    from steplm.model.llama import from_state_dict
     if drop == "rope":
         return from_state_dict(dataclasses.replace(model.config, rope_scaling=None), dict(model.state_dict()))
     if drop == "bias":
@@ -121,8 +121,8 @@ def _dropped(model, drop: str):
 
 def dropped_loss(path: Path, drop: str, wiki: str) -> float:
     """Loss on the same 4096 tokens of the steplm model with the ``drop`` feature ignored."""
-    from steplm.data import eval_windows
-    from steplm.evaluate import load, token_stream, windows_loss
+    from steplm.data.sampler import eval_windows
+    from steplm.eval.perplexity import load, token_stream, windows_loss
     with contextlib.redirect_stderr(io.StringIO()):
         p = load(path)
     model = _dropped(p.model, drop)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (REPL, WARMUP, interleaved, median, stage_ab_args, steplm_trainer, trainer_step,  # noqa: E402
                         with_lora_function, without_adapters)
 
-from steplm import lora  # noqa: E402
+from steplm.passes import lora  # noqa: E402
 
 
 class Stacked(torch.autograd.Function):

@@ -48,7 +48,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,10 +55,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import replicate as R  # noqa: E402  (the run cache, the ledger, the statistics)
 
-from steplm import planner  # noqa: E402
 from steplm.errors import TrainingStopped  # noqa: E402
-from steplm.growth import insertion_gaps  # noqa: E402
-from steplm.stages import layer_shape, plan_run  # noqa: E402
+from steplm.passes.growth import insertion_gaps  # noqa: E402
+from steplm.plan.stages import layer_shape, plan_run  # noqa: E402
+from steplm.plan import memory
 
 ROOT, DATA = R.ROOT, R.DATA
 RESULTS = ROOT / "benchmarks" / "results"
@@ -104,7 +103,7 @@ PENDING: list[str] = []        # what a suite could not build yet (a missing swe
 def non_embedding_params(n_layers: int | None = None) -> int:
     """Non-embedding parameters of the final model (all its decoder blocks), from the planner."""
     cfg = R.resolve({} if n_layers is None else {"model.n_layers": n_layers})
-    return cfg.model.n_layers * planner.params_per_layer(layer_shape(cfg.model))
+    return cfg.model.n_layers * memory.params_per_layer(layer_shape(cfg.model))
 
 
 def budget(tpp: float, n_layers: int | None = None) -> dict:

@@ -60,14 +60,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from steplm import config, planner  # noqa: E402
-from steplm.evaluate import perplexity  # noqa: E402
-from steplm.growth import insertion_gaps  # noqa: E402
-from steplm.report import plot_loss_vs_flops, plot_memory  # noqa: E402
-from steplm.stages import layer_shape, plan_run  # noqa: E402
+from steplm import config  # noqa: E402
+from steplm.eval.perplexity import perplexity  # noqa: E402
+from steplm.passes.growth import insertion_gaps  # noqa: E402
+from steplm.plots import plot_loss_vs_flops, plot_memory  # noqa: E402
+from steplm.plan.stages import layer_shape, plan_run  # noqa: E402
 from steplm.devices import cpu_name  # noqa: E402
 from steplm.errors import TrainingStopped  # noqa: E402
-from steplm.train import Trainer, _cpu_peak_step, state_bytes  # noqa: E402
+from steplm.train.trainer import Trainer, _cpu_peak_step, state_bytes  # noqa: E402
+from steplm.plan import solve
 
 DATA = ROOT.parent / "shared" / "data"
 CACHE = Path(os.environ.get("STEPLM_REPLICATE_CACHE", Path.home() / ".cache" / "steplm" / "replicate"))
@@ -185,7 +186,7 @@ def budget_row(conv: str = "corrected") -> dict:
     """STEP-2stages sized by the budget planner: the deepest model whose peak fits budget_bytes(),
     at vanilla's FLOPs under the count ``conv``."""
     cfg = resolve({})
-    plan = planner.deepest_within(budget_bytes(), 2, layer_shape(cfg.model), cfg.lora.rank)
+    plan = solve.deepest_within(budget_bytes(), 2, layer_shape(cfg.model), cfg.lora.rank)
     L = sum(plan.layers_per_stage)
     # train.max_steps is a vanilla-equivalent budget for the model's own depth: scale it by the
     # ratio of the two vanillas' FLOPs per step under the count (the corrected count's head and
@@ -247,8 +248,8 @@ def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS,
 
 def zero_shot(d: Path) -> dict:
     """The seven tasks' scores, each with its chance level (mean 1/choices; LAMBADA: 0, open vocabulary)."""
-    from steplm.evaluate import load
-    from steplm.tasks import TASKS, evaluate_tasks, load_task
+    from steplm.eval.perplexity import load
+    from steplm.eval.tasks import TASKS, evaluate_tasks, load_task
     p = load(str(d))
     res = evaluate_tasks(p.model, p.tokenizer, list(TASKS), DATA / "eval", limit=TASK_LIMIT, special=p.special)["tasks"]
     for name in TASKS:

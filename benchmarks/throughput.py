@@ -50,9 +50,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from steplm import config, flops  # noqa: E402
+from steplm import config  # noqa: E402
+from steplm.plan import flops  # noqa: E402
 from steplm.devices import cpu_name, retain_host_memory  # noqa: E402
-from steplm.train import Trainer, _cpu_peak_step  # noqa: E402
+from steplm.train.trainer import Trainer, _cpu_peak_step  # noqa: E402
 
 GPT2 = {"model.vocab_size": 50257, "model.d_model": 256, "model.n_layers": 8, "model.n_heads": 4,
         "train.micro_batch": 8, "train.seq_len": 256}
@@ -89,7 +90,7 @@ def without_adapters(t: Trainer) -> Trainer:
     """The same trainer with its frozen linears' adapters switched off (rank 0: the frozen bf16 GEMM
     alone) and its step recompiled: the floor that no adapter implementation can go below, since an
     adapter only adds work to a frozen linear. The adapters stay in the optimizer with no gradient."""
-    from steplm.lora import lora_modules
+    from steplm.passes.lora import lora_modules
 
     for m in lora_modules(t.model):
         m.rank = 0
@@ -102,7 +103,7 @@ def with_lora_function(t: Trainer, fn, cast_input: bool = True) -> Trainer:
     lora._LoRALinearFunction's signature) instead of steplm's, and its step recompiled: the whole-step
     A/B of adapter_cost.py and lora_stacking_ab.py. ``cast_input``: cast x to the matmul dtype before
     the call, as LoRALinear does (False: ``fn`` casts it)."""
-    from steplm.lora import LoRALinear, lora_modules
+    from steplm.passes.lora import LoRALinear, lora_modules
 
     def forward(m):
         def f(x):
@@ -145,7 +146,7 @@ def hf_step(shape: dict, compiled: bool):
     the CPU has native bf16), or eager fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from steplm.model import default_ffn_hidden
+    from steplm.model.llama import default_ffn_hidden
     d, V = shape["model.d_model"], shape["model.vocab_size"]
     B, T = shape["train.micro_batch"], shape["train.seq_len"]
     model = LlamaForCausalLM(LlamaConfig(
@@ -187,7 +188,7 @@ def matmul_ceiling(n: int = 4096, reps: int = 10) -> float:
 def model_flops_per_token(shape: dict, trainable_layers: int | None = None, frozen_layers: int = 0) -> int:
     """Corrected-count training FLOPs per token (flops.py), every layer trainable unless given."""
     d, L = shape["model.d_model"], shape["model.n_layers"]
-    from steplm.model import default_ffn_hidden
+    from steplm.model.llama import default_ffn_hidden
     P = 4 * d * d + 3 * d * default_ffn_hidden(d) + 2 * d
     n_tr = P * (L if trainable_layers is None else trainable_layers)
     return flops.flops_per_token(n_tr, frozen_layers * P, "corrected", n_layers=L, d_model=d,
@@ -249,7 +250,7 @@ def loss_chunk_sweep(shape: dict, chunk_rows=(128, 256, 512, 1024), rounds: int 
     import torch.nn.functional as F
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from steplm.loss import linear_cross_entropy
+    from steplm.model.loss import linear_cross_entropy
     d, V = shape["model.d_model"], shape["model.vocab_size"]
     n = shape["train.micro_batch"] * shape["train.seq_len"]
     g = torch.Generator().manual_seed(0)
@@ -300,7 +301,7 @@ def attention_sweep(shape: dict, rounds: int = 6, reps: int = 5, seed: int = 0, 
     dq, dk and dv against SDPA in fp64."""
     import torch.nn.functional as F
 
-    from steplm.attention import BLOCK, SLICE_BYTES, CausalAttention
+    from steplm.model.attention import BLOCK, SLICE_BYTES, CausalAttention
     B, H, T = shape["train.micro_batch"], shape["model.n_heads"], shape["train.seq_len"]
     hd = shape["model.d_model"] // H
     g = torch.Generator().manual_seed(seed)
@@ -336,7 +337,7 @@ def lora_linear_sweep(shape: dict, rank: int = 16, rounds: int = 6, reps: int = 
     (in, out) of the block's linears (attention d→d, MLP d→f and f→d)."""
     import torch.nn.functional as F
 
-    from steplm.lora import _LoRALinearFunction
+    from steplm.passes.lora import _LoRALinearFunction
     d, n = shape["model.d_model"], shape["train.micro_batch"] * shape["train.seq_len"]
     f = config.load(None, [f"model.d_model={d}"]).model.ffn_hidden
     dt = torch.bfloat16 if bf16_fast() else torch.float32

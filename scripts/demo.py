@@ -17,10 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from steplm import config, planner  # noqa: E402
-from steplm.report import plot_loss_vs_flops, plot_memory  # noqa: E402
-from steplm.stages import layer_shape  # noqa: E402
-from steplm.train import Trainer  # noqa: E402
+from steplm import config  # noqa: E402
+from steplm.plots import plot_loss_vs_flops, plot_memory  # noqa: E402
+from steplm.plan.stages import layer_shape  # noqa: E402
+from steplm.train.trainer import Trainer  # noqa: E402
+from steplm.plan import solve
 
 
 def main():
@@ -37,7 +38,7 @@ def main():
 
     step_cfg = config.load(ROOT / "configs" / "tiny-step.yaml", common)
     shape = layer_shape(step_cfg.model)
-    plan = planner.optimize(step_cfg.model.n_layers, step_cfg.step.n_stages, shape, step_cfg.lora.rank)
+    plan = solve.optimize(step_cfg.model.n_layers, step_cfg.step.n_stages, shape, step_cfg.lora.rank)
     print(f"corpus: Python {sys.version.split()[0]} standard library at {stdlib}")
     print(f"plan (Eq. 3, d={step_cfg.model.d_model}, L={step_cfg.model.n_layers}, r={step_cfg.lora.rank}): "
           f"layers per stage {plan.layers_per_stage}, layer states {plan.peak_bytes / 2**20:.2f} MiB vs "

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steplm.attention import CausalAttention, use_matmul_backward
+from steplm.model.attention import CausalAttention, use_matmul_backward
 
 
 def _inputs(B, H, T, hd, seed=0):
@@ -88,8 +88,8 @@ def test_training_with_either_backward_agrees(tmp_path, method):
 
     from conftest import tiny_overrides
     from steplm import config
-    from steplm.model import Attention
-    from steplm.train import Trainer
+    from steplm.model.llama import Attention
+    from steplm.train.trainer import Trainer
 
     def run(flag):
         extra = {"method": method, "train.max_steps": 6, "train.dtype": "bf16", "train.attention_matmul_backward": flag}

@@ -135,7 +135,7 @@ def test_scaled_rope_frequencies_from_a_set_are_transformers(scaling):
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from steplm.model import rope_inv_freq
+    from steplm.model.llama import rope_inv_freq
     flow = "{" + ", ".join(f"{k}: {v}" for k, v in scaling.items()) + "}"
     cfg = config.load(None, [f"model.rope_scaling={flow}", "model.d_model=64", "model.n_heads=2"]).model
     hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=cfg.max_seq_len,

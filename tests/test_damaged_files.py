@@ -7,12 +7,13 @@ import math
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from steplm import checkpoint, config, data
+from steplm import config
+from steplm.train import checkpoint
 from steplm.cli import main
 from steplm.errors import TrainingStopped
+from steplm.data import shards
 
 from conftest import ROOT, shared, tiny_overrides
 
@@ -178,7 +179,7 @@ def test_a_tokenizer_beyond_the_model_vocabulary_is_one_line(hf_export, tmp_path
 
 def test_a_small_vocabulary_model_still_runs_on_text_within_it(hf_export, tmp_path, capsys):
     """Refused only when an id is out of range: the same model scores text whose ids all fit."""
-    from steplm.files import read_tokenizer
+    from steplm.io.files import read_tokenizer
 
     d = tmp_path / "hf"
     shutil.copytree(hf_export, d)
@@ -235,7 +236,7 @@ def test_init_from_a_steplm_run_says_to_export_it(tiny_run, tmp_path, capsys):
 def cache_entry(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
     cfg = config.load(None, tiny_overrides(tmp))
-    out, _ = data.prepare(cfg.data, tmp / "cache", progress=False)
+    out, _ = shards.prepare(cfg.data, tmp / "cache", progress=False)
     return out
 
 
@@ -401,7 +402,7 @@ def test_plan_refuses_a_bad_bpe_spec_as_train_does(tmp_path, capsys, spec, needl
 def test_a_non_finite_validation_loss_stops_the_run_and_writes_no_model(tmp_path, monkeypatch):
     """Finite weights whose logits overflow (a diverged run) give val loss nan: the run stops with
     TrainingStopped (exit 3), and no model.safetensors or summary.json is written as its result."""
-    from steplm.train import Trainer
+    from steplm.train.trainer import Trainer
     cfg = config.load(None, tiny_overrides(tmp_path, **{"train.max_steps": 4}))
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: float("nan"))
     with pytest.raises(TrainingStopped, match="validation loss is nan"):
@@ -620,7 +621,7 @@ def test_a_finite_model_whose_perplexity_overflows_reports_inf(damaged_run, tiny
                  "--json"]) == 0
     lam = json.loads(capsys.readouterr().out)["tasks"]["lambada"]
     assert lam["ppl"] == "inf", lam
-    from steplm.evaluate import perplexity_of
+    from steplm.eval.perplexity import perplexity_of
     assert math.isnan(perplexity_of(float("nan"))) and perplexity_of(800.0) == math.inf
 
 

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from steplm import config
-from steplm.data import BatchSampler, TokenShard, eval_windows, load_tokenizer, prepare, read_documents
+from steplm.data.sampler import BatchSampler, eval_windows
+from steplm.data.shards import TokenShard, prepare
+from steplm.data.tokenizer import load_tokenizer
+from steplm.data.corpus import read_documents
 from steplm.errors import UserError
 
 from conftest import shared
@@ -140,7 +143,7 @@ def test_eval_windows():
 
 
 def test_single_document_gets_tail_split_wherever_it_hashes(tmp_path):
-    from steplm.data import is_validation
+    from steplm.data.corpus import is_validation
     names = {is_validation(str(tmp_path / f"book{i}.txt"), 0.5): f"book{i}.txt" for i in range(40)}
     assert set(names) == {True, False}  # one file name of each kind
     for in_val, name in names.items():
@@ -156,7 +159,7 @@ def test_single_document_gets_tail_split_wherever_it_hashes(tmp_path):
 RACE = """
 import json, os, sys, types
 from pathlib import Path
-from steplm.data import prepare
+from steplm.data.shards import prepare
 cfg = types.SimpleNamespace(path=sys.argv[1], val_path=None, val_fraction=0.5, tokenizer="bpe:512", text_field="text",
                             exclude=[], max_train_tokens=None)
 out, tok = prepare(cfg, Path(sys.argv[2]), progress=False)

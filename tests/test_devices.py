@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from steplm import tasks
+from steplm.eval import tasks
 from steplm.cli import main
 from steplm.devices import autocast, pick_device, pick_dtype
 from steplm.errors import UserError
-from steplm.evaluate import load_model, perplexity
+from steplm.eval.perplexity import load_model, perplexity
 
 from conftest import ROOT, shared, tiny_overrides
 
@@ -137,7 +137,7 @@ import ctypes, json, sys
 import torch
 from steplm import config
 from steplm.devices import retain_host_memory
-from steplm.train import Trainer
+from steplm.train.trainer import Trainer
 
 class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+): every field a size_t
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -1,7 +1,7 @@
 """FLOPs accounting and budget splitting, checked against hand-derived numbers."""
 import pytest
 
-from steplm.flops import flops_per_token, nominal_lengths, split_budget
+from steplm.plan.flops import flops_per_token, nominal_lengths, split_budget
 
 
 def test_conventions():

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from steplm.cli import main
-from steplm.evaluate import load_model
-from steplm.generate import alpaca_prompt, generate, sample_next
-from steplm.sft import IGNORE, build_example, read_examples
+from steplm.eval.perplexity import load_model
+from steplm.eval.generate import alpaca_prompt, generate, sample_next
+from steplm.train.sft import IGNORE, build_example, read_examples
 
 from conftest import shared
 
@@ -106,14 +106,14 @@ def test_bad_input(tiny_run, tmp_path, capsys, args, needle):
 
 def _context_sensitive_model():
     """A random GQA model whose greedy output depends strongly on the prompt (a 12-step run's does not)."""
-    from steplm.model import ModelConfig, build_model
+    from steplm.model.llama import ModelConfig, build_model
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=40, init_std=0.2)
     return build_model(cfg, seed=0).eval()
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_batched_generation_matches_one_at_a_time(temperature):
-    from steplm.generate import generate_batch, generate_many
+    from steplm.eval.generate import generate_batch, generate_many
 
     model = _context_sensitive_model()
     g = torch.Generator().manual_seed(1)
@@ -154,7 +154,7 @@ def test_left_padded_logits_match_unpadded():
 
 
 def test_sft_batches_resume_from_state_dict():
-    from steplm.sft import SFTBatches
+    from steplm.train.sft import SFTBatches
 
     data = [([i, i + 1], [IGNORE, i + 1]) for i in range(7)]
     a = SFTBatches(data, 3, seed=5)
@@ -174,7 +174,7 @@ def test_context_warnings_say_what_generation_cuts(tiny_run, capsys, lengths, ma
     of the tokens generate_batch actually produces (greedy, no EOS, so every row uses its budget)."""
     import re
 
-    from steplm.generate import generate_batch, warn_context
+    from steplm.eval.generate import generate_batch, warn_context
 
     model, _ = load_model(tiny_run)
     limit = model.config.max_seq_len

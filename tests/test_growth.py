@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from steplm.growth import effective_state, grow, insertion_gaps
-from steplm.lora import apply_lora
-from steplm.model import ModelConfig, build_model
+from steplm.passes.growth import effective_state, grow, insertion_gaps
+from steplm.passes.lora import apply_lora
+from steplm.model.llama import ModelConfig, build_model
 
 
 def tiny(n_layers=4):

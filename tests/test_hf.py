@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from steplm.cli import main
-from steplm.hf import CHECKED, IMPLEMENTED, NO_EFFECT, from_hf_config, load_pretrained, to_hf_config
-from steplm.model import ModelConfig
+from steplm.io.hf import CHECKED, IMPLEMENTED, NO_EFFECT, from_hf_config, load_pretrained, to_hf_config
+from steplm.model.llama import ModelConfig
 
 from conftest import ROOT, shared
 
@@ -31,7 +31,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 # ---------------------------------------------------------------------------- builders
 def gpt2_style_tokenizer():
     """A byte-level BPE whose only special token is <|endoftext|> (steplm's own convention)."""
-    from steplm.data import load_tokenizer
+    from steplm.data.tokenizer import load_tokenizer
     return load_tokenizer("bpe:300", iter([TEXT]))
 
 
@@ -111,7 +111,7 @@ def _without_rope_scaling(m):
 
 
 def _rebuilt(m, **changes):
-    from steplm.model import from_state_dict
+    from steplm.model.llama import from_state_dict
     return from_state_dict(dataclasses.replace(m.config, **changes), dict(m.state_dict()))
 
 
@@ -350,7 +350,7 @@ def test_refusal_is_one_line_exit_2(tmp_path, name, breaker, needle):
 
 # ---------------------------------------------------------------------------- special tokens
 def test_special_tokens_come_from_the_directory(tmp_path):
-    from steplm.tokens import read_special_tokens
+    from steplm.io.special_tokens import read_special_tokens
     tok = make_hf_dir(tmp_path, llama_tok=True)
     s = read_special_tokens(tmp_path, tok)
     assert (s.eos_id, s.bos_id) == (tok.token_to_id("</s>"), tok.token_to_id("<s>"))
@@ -408,8 +408,8 @@ def test_generation_stops_at_the_models_eos_like_transformers(tmp_path, capsys):
 
 
 def test_sft_and_mt_bench_with_a_llama_tokenizer(tmp_path, capsys):
-    from steplm.sft import build_example
-    from steplm.tokens import read_special_tokens
+    from steplm.train.sft import build_example
+    from steplm.io.special_tokens import read_special_tokens
     d = tmp_path / "m"
     tok = make_hf_dir(d, llama_tok=True, max_position_embeddings=256)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
@@ -434,8 +434,8 @@ def test_sft_and_mt_bench_with_a_llama_tokenizer(tmp_path, capsys):
 def test_a_choice_swallowed_by_the_boundary_token_is_still_scored():
     from tokenizers import Tokenizer, models
 
-    from steplm import tasks
-    from steplm.model import build_model
+    from steplm.eval import tasks
+    from steplm.model.llama import build_model
     vocab = {"x": 0, "y": 1, "xy": 2, "z": 3, "<|endoftext|>": 4}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[("x", "y")]))
 
@@ -464,9 +464,9 @@ def test_config_round_trips_every_feature():
 
 
 def test_export_parity_with_every_feature(tmp_path):
-    from steplm.data import load_tokenizer
-    from steplm.hf import export
-    from steplm.model import build_model
+    from steplm.data.tokenizer import load_tokenizer
+    from steplm.io.hf import export
+    from steplm.model.llama import build_model
     cfg = ModelConfig(vocab_size=300, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=64,
                       max_seq_len=64, rope_scaling=dict(LLAMA3), attention_bias=True, mlp_bias=True, init_std=0.1)
     model = build_model(cfg, seed=1).eval()
@@ -481,7 +481,7 @@ def test_export_parity_with_every_feature(tmp_path):
 
 
 def test_export_bf16_sharded_with_history_round_trips(tiny_run, tmp_path, capsys):
-    from steplm.evaluate import load_model
+    from steplm.eval.perplexity import load_model
     out = tmp_path / "hf"
     assert main(["export", str(tiny_run), "--to", str(out), "--dtype", "bf16", "--max-shard-size", "100KB"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())

@@ -10,9 +10,11 @@ import json
 import pytest
 import torch
 
-from steplm import config, planner
+from steplm import config
 from steplm.errors import UserError
 from steplm.methods.base import layer_shape
+from steplm.plan import memory
+from steplm.plan import solve
 
 from conftest import shared
 from test_hf import hf_logits, ids, make_hf_dir, run_cli
@@ -99,21 +101,21 @@ def test_a_rope_scaled_checkpoint_configures_a_run(rope, text, tmp_path):
 
 
 def test_the_planner_fixes_n1_to_the_checkpoint_depth(hf_dir, text, tmp_path):
-    from steplm.stages import plan_run
+    from steplm.plan.stages import plan_run
     cfg = config.load(None, sets(tmp_path, text, **{"model.n_layers": 7, "step.n_stages": 3}), init_from=str(hf_dir))
     config.validate(cfg)
     plan = plan_run(cfg)
     P, E = hf_layer_counts(hf_dir, cfg.lora.rank)
-    assert planner.params_per_layer(layer_shape(cfg.model)) == P
-    assert planner.lora_params_per_layer(layer_shape(cfg.model), cfg.lora.rank) == E
-    best = min((max(planner.stage_bytes([2, *rest], P, E)), [2, *rest])
+    assert memory.params_per_layer(layer_shape(cfg.model)) == P
+    assert memory.lora_params_per_layer(layer_shape(cfg.model), cfg.lora.rank) == E
+    best = min((max(memory.stage_bytes([2, *rest], P, E)), [2, *rest])
                for rest in itertools.product(range(1, 6), repeat=2) if 2 + sum(rest) == 7)
     assert plan.layers_per_stage[0] == 2
-    assert max(planner.stage_bytes(plan.layers_per_stage, P, E)) == best[0]
+    assert max(memory.stage_bytes(plan.layers_per_stage, P, E)) == best[0]
 
 
 def test_exact_solver_with_n1_fixed_matches_brute_force():
-    P, E = planner.params_per_layer(planner.LayerShape(64, 96, 32, 96, True, True)), 7936
+    P, E = memory.params_per_layer(memory.LayerShape(64, 96, 32, 96, True, True)), 7936
     for L, K, first, cap in itertools.product(range(3, 11), range(2, 5), range(1, 6), (False, True)):
         if K > L or first > L - K + 1:
             continue
@@ -122,14 +124,14 @@ def test_exact_solver_with_n1_fixed_matches_brute_force():
             splits = [s for s in splits if all(s[i] <= sum(s[:i]) for i in range(1, K))]
         if not splits:
             with pytest.raises(ValueError):
-                planner.solve_exact(L, K, P, E, cap, first=first)
+                solve.solve_exact(L, K, P, E, cap, first=first)
             continue
-        peak = min(max(planner.stage_bytes(s, P, E)) for s in splits)
-        sol = planner.solve_exact(L, K, P, E, cap, first=first)
+        peak = min(max(memory.stage_bytes(s, P, E)) for s in splits)
+        sol = solve.solve_exact(L, K, P, E, cap, first=first)
         assert sol.peak == peak and sol.latest[0] == first
-        assert sol.ties == sorted(s for s in splits if max(planner.stage_bytes(s, P, E)) == peak)
-        milp = planner.solve_milp(L, K, P, E, cap, first=first, time_limit=None)
-        assert milp[0] == first and max(planner.stage_bytes(milp, P, E)) == peak
+        assert sol.ties == sorted(s for s in splits if max(memory.stage_bytes(s, P, E)) == peak)
+        milp = solve.solve_milp(L, K, P, E, cap, first=first, time_limit=None)
+        assert milp[0] == first and max(memory.stage_bytes(milp, P, E)) == peak
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -165,7 +167,7 @@ def test_cli_refusal_exit_2_writes_nothing(hf_dir, text, tmp_path):
 @pytest.fixture(scope="module")
 def run(hf_dir, text, tmp_path_factory):
     """A STEP run from the checkpoint: 2 -> 4 layers with FPI; logits checked before the first step and after growth."""
-    from steplm.train import Trainer
+    from steplm.train.trainer import Trainer
     tmp = tmp_path_factory.mktemp("init_run")
     cfg = config.load(None, sets(tmp, text), init_from=str(hf_dir))
     tr = Trainer(cfg, tmp / "run", progress=False)
@@ -204,14 +206,14 @@ def test_short_run_lowers_the_loss(run):
 
 def test_measured_state_bytes_equal_planned_for_the_real_block(run, hf_dir):
     P, E = hf_layer_counts(hf_dir, run["cfg"].lora.rank)
-    expected = planner.stage_bytes([2, 2], P, E)  # Eq. 2 on transformers' own counts
+    expected = memory.stage_bytes([2, 2], P, E)  # Eq. 2 on transformers' own counts
     for stage, layers in zip(run["summary"]["stages"], expected):
         assert stage["planned_state_bytes"]["layers"] == stage["measured_state_bytes"]["layers"] == layers
         assert stage["planned_state_bytes"]["total"] == stage["measured_state_bytes"]["total"]
 
 
 def test_export_loads_in_transformers_with_parity(run, tmp_path):
-    from steplm.train import load_run
+    from steplm.train.trainer import load_run
     r = run_cli("export", str(run["out"]), "--to", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
@@ -230,7 +232,7 @@ def test_plan_cli_takes_init_from(hf_dir):
 
 
 def test_a_tokenizer_without_endoftext_is_refused(text, tmp_path):
-    from steplm.train import Trainer
+    from steplm.train.trainer import Trainer
     d = tmp_path / "llama_tok"
     make_hf_dir(d, llama_tok=True, **ARCH)
     cfg = config.load(None, sets(tmp_path, text), init_from=str(d))

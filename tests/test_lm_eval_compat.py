@@ -9,8 +9,8 @@ import json
 import pytest
 
 from steplm.cli import main
-from steplm.evaluate import load_model
-from steplm.tasks import evaluate_tasks
+from steplm.eval.perplexity import load_model
+from steplm.eval.tasks import evaluate_tasks
 
 from conftest import shared
 

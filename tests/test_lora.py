@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from steplm.lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
-from steplm.model import Block, ModelConfig
+from steplm.passes.lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
+from steplm.model.llama import Block, ModelConfig
 
 
 def test_init_and_zero_update():
@@ -144,8 +144,8 @@ def test_merged_state_dict_drops_adapters():
 
 
 def test_biases_survive_freezing_growth_and_export():
-    from steplm.growth import effective_state
-    from steplm.model import build_model
+    from steplm.passes.growth import effective_state
+    from steplm.model.llama import build_model
     cfg = ModelConfig(vocab_size=10, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, attention_bias=True,
                       mlp_bias=True)
     model = build_model(cfg, seed=0).eval()
@@ -179,7 +179,7 @@ def test_biases_survive_freezing_growth_and_export():
 # ---------------------------------------------------------------------------- merge precision
 import numpy as np  # noqa: E402
 
-from steplm.lora import round_to  # noqa: E402
+from steplm.passes.lora import round_to  # noqa: E402
 
 
 def bf16_brackets(x32: np.ndarray):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steplm.loss import chunk_rows, linear_cross_entropy
+from steplm.model.loss import chunk_rows, linear_cross_entropy
 
 
 def reference(h, w, y):

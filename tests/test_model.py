@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from steplm.model import ModelConfig, build_model, count_params, default_ffn_hidden
+from steplm.model.llama import ModelConfig, build_model, count_params, default_ffn_hidden
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,8 +40,8 @@ def test_seeded_init_is_deterministic():
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"tie_embeddings": True}, {"ffn_hidden": 50}])
 def test_logits_match_transformers_llama(tmp_path, kw):
-    from steplm.hf import export
-    from steplm.data import load_tokenizer
+    from steplm.io.hf import export
+    from steplm.data.tokenizer import load_tokenizer
 
     cfg = tiny_cfg(**kw)
     model = build_model(cfg, seed=1).eval()
@@ -63,8 +63,8 @@ def test_logits_match_transformers_llama(tmp_path, kw):
 
 
 def test_load_back_from_hf_dir(tmp_path):
-    from steplm.data import load_tokenizer
-    from steplm.hf import export, load_hf_dir
+    from steplm.data.tokenizer import load_tokenizer
+    from steplm.io.hf import export, load_hf_dir
 
     cfg = tiny_cfg(n_kv_heads=2)
     model = build_model(cfg, seed=2).eval()
@@ -79,7 +79,7 @@ def test_load_back_from_hf_dir(tmp_path):
 
 
 def test_kv_cache_decoding_matches_full_forward():
-    from steplm.model import KVCache
+    from steplm.model.llama import KVCache
 
     cfg = tiny_cfg()
     m = build_model(cfg, seed=0).eval()
@@ -104,7 +104,7 @@ def test_every_way_of_building_fills_the_rope_tables():
     import subprocess
     import sys
 
-    from steplm.model import LLaMA, from_state_dict, rope_cache
+    from steplm.model.llama import LLaMA, from_state_dict, rope_cache
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=24, rope_theta=500.0)
     cos, sin = rope_cache(cfg)
@@ -112,7 +112,7 @@ def test_every_way_of_building_fills_the_rope_tables():
     loaded = from_state_dict(cfg, {k: v.clone() for k, v in built.state_dict().items()})
     for m in (LLaMA(cfg), built, loaded):
         assert torch.equal(m.rope_cos, cos) and torch.equal(m.rope_sin, sin)
-    code = ("import sys; from steplm.model import ModelConfig, build_model, from_state_dict; "
+    code = ("import sys; from steplm.model.llama import ModelConfig, build_model, from_state_dict; "
             "c = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=24); "
             "from_state_dict(c, build_model(c).state_dict()); "
             "sys.exit('torch._dynamo' in sys.modules)")

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from steplm import planner
 from steplm.cli import main
-from steplm.planner import LayerShape
+from steplm.plan.memory import LayerShape
+from steplm.plan import memory
+from steplm.plan import solve
 
 GB = 1e9
 
@@ -38,14 +39,14 @@ def brute_force(L, K, d, r, cap=False):
 
 
 def test_eq4_eq5_paper_defaults():
-    assert planner.params_per_layer(LayerShape(1600)) == 12 * 1600**2 + 2 * 1600
-    assert planner.lora_params_per_layer(LayerShape(1600), 128) == 19 * 128 * 1600
+    assert memory.params_per_layer(LayerShape(1600)) == 12 * 1600**2 + 2 * 1600
+    assert memory.lora_params_per_layer(LayerShape(1600), 128) == 19 * 128 * 1600
 
 
 def test_generalised_shapes_count_real_linears():
     s = LayerShape(64, ffn_hidden=192, kv_dim=32)
-    assert planner.params_per_layer(s) == 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 192 + 2 * 64
-    assert planner.lora_params_per_layer(s, 4) == 4 * (2 * 128 + 2 * 96 + 3 * 256)
+    assert memory.params_per_layer(s) == 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 192 + 2 * 64
+    assert memory.lora_params_per_layer(s, 4) == 4 * (2 * 128 + 2 * 96 + 3 * 256)
 
 
 @pytest.mark.parametrize("d,L,K,split,peak_gb,vanilla_gb", [
@@ -55,7 +56,7 @@ def test_generalised_shapes_count_real_linears():
     (2048, 24, 3, [10, 8, 6], 8.25, None),
 ])
 def test_issue_rows(d, L, K, split, peak_gb, vanilla_gb):
-    plan = planner.optimize(L, K, LayerShape(d), 128)
+    plan = solve.optimize(L, K, LayerShape(d), 128)
     assert plan.layers_per_stage == split
     assert round(plan.peak_bytes / GB, 2) == peak_gb == round(max(eq2_by_hand(split, d, 128)) / GB, 2)
     if vanilla_gb:
@@ -63,8 +64,8 @@ def test_issue_rows(d, L, K, split, peak_gb, vanilla_gb):
 
 
 def test_paper_table1_rows_for_1_2b_are_not_optimal():
-    ours2, paper2 = planner.optimize(24, 2, LayerShape(2048), 128), planner.evaluate_split([14, 10], LayerShape(2048), 128)
-    ours3, paper3 = planner.optimize(24, 3, LayerShape(2048), 128), planner.evaluate_split([11, 8, 5], LayerShape(2048), 128)
+    ours2, paper2 = solve.optimize(24, 2, LayerShape(2048), 128), solve.evaluate_split([14, 10], LayerShape(2048), 128)
+    ours3, paper3 = solve.optimize(24, 3, LayerShape(2048), 128), solve.evaluate_split([11, 8, 5], LayerShape(2048), 128)
     assert round(paper2.peak_bytes / GB, 2) == 11.28 and ours2.peak_bytes < paper2.peak_bytes
     assert round(paper3.peak_bytes / GB, 2) == 8.86 and ours3.peak_bytes < paper3.peak_bytes
     assert round(100 * ours3.reduction, 1) == 57.3
@@ -72,18 +73,18 @@ def test_paper_table1_rows_for_1_2b_are_not_optimal():
 
 @pytest.mark.parametrize("d,r", [(2048, 128), (256, 8)])
 def test_dp_and_milp_match_brute_force(d, r):
-    P, E = planner.params_per_layer(LayerShape(d)), planner.lora_params_per_layer(LayerShape(d), r)
+    P, E = memory.params_per_layer(LayerShape(d)), memory.lora_params_per_layer(LayerShape(d), r)
     for L in range(1, 25):
         for K in range(1, min(6, L) + 1):
             best, arg = brute_force(L, K, d, r)
-            sol = planner.solve_exact(L, K, P, E)
+            sol = solve.solve_exact(L, K, P, E)
             assert sol.peak == best and sol.ties == sorted(arg) and sol.latest == max(arg), (L, K)
-            milp = planner.solve_milp(L, K, P, E, time_limit=None)  # correctness, not speed
-            assert max(planner.stage_bytes(milp, P, E)) == best, (L, K, milp)
+            milp = solve.solve_milp(L, K, P, E, time_limit=None)  # correctness, not speed
+            assert max(memory.stage_bytes(milp, P, E)) == best, (L, K, milp)
 
 
 def test_cap_growth_constraint_matches_brute_force():
-    P, E = planner.params_per_layer(LayerShape(512)), planner.lora_params_per_layer(LayerShape(512), 16)
+    P, E = memory.params_per_layer(LayerShape(512)), memory.lora_params_per_layer(LayerShape(512), 16)
     for L in range(3, 16):
         for K in range(2, 5):
             if K > L:
@@ -91,14 +92,14 @@ def test_cap_growth_constraint_matches_brute_force():
             best, arg = brute_force(L, K, 512, 16, cap=True)
             if best is None:
                 continue
-            sol = planner.solve_exact(L, K, P, E, cap_growth=True)
+            sol = solve.solve_exact(L, K, P, E, cap_growth=True)
             assert (sol.peak, sol.ties, sol.latest) == (best, sorted(arg), max(arg))
-            milp = planner.solve_milp(L, K, P, E, cap_growth=True, time_limit=None)
-            assert max(planner.stage_bytes(milp, P, E)) == best
+            milp = solve.solve_milp(L, K, P, E, cap_growth=True, time_limit=None)
+            assert max(memory.stage_bytes(milp, P, E)) == best
 
 
 def test_optimize_returns_dp_answer_and_reports_ties():
-    plan = planner.optimize(24, 10, LayerShape(2048), 128)
+    plan = solve.optimize(24, 10, LayerShape(2048), 128)
     best, arg = brute_force(24, 10, 2048, 128)
     assert plan.peak_bytes == best and plan.layers_per_stage in arg
     assert plan.tied_optima == sorted(arg) and plan.layers_per_stage == max(arg)
@@ -107,11 +108,11 @@ def test_optimize_returns_dp_answer_and_reports_ties():
 def test_budget_mode_is_deepest_fitting():
     shape = LayerShape(1024)
     budget = 4 * GB
-    plan = planner.deepest_within(budget, 2, shape, 64)
+    plan = solve.deepest_within(budget, 2, shape, 64)
     L = sum(plan.layers_per_stage)
     assert brute_force(L, 2, 1024, 64)[0] <= budget < brute_force(L + 1, 2, 1024, 64)[0]
     with pytest.raises(ValueError):
-        planner.deepest_within(1e6, 2, shape, 64)
+        solve.deepest_within(1e6, 2, shape, 64)
 
 
 def test_plan_cli_json(capsys):
@@ -168,12 +169,12 @@ def test_exact_solver_matches_brute_force_on_random_shapes():
             best, arg = brute_force_bytes(L, K, 16 * P, 2 * P + 16 * E, cap)
             if best is None:
                 with pytest.raises(ValueError):
-                    planner.solve_exact(L, K, P, E, cap)
+                    solve.solve_exact(L, K, P, E, cap)
                 continue
-            sol = planner.solve_exact(L, K, P, E, cap, max_ties=10**6)
+            sol = solve.solve_exact(L, K, P, E, cap, max_ties=10**6)
             assert (sol.peak, sol.ties, sol.latest, sol.truncated) == (best, sorted(arg), max(arg), False), \
                 (L, K, P, E, cap)
-            few = planner.solve_exact(L, K, P, E, cap, max_ties=2)
+            few = solve.solve_exact(L, K, P, E, cap, max_ties=2)
             assert few.ties == sorted(arg)[:2] and few.truncated == (len(arg) > 2)
 
 
@@ -187,10 +188,10 @@ def warm_imports():
 @pytest.mark.parametrize("args", [
     ["--hidden", "1024", "--layers", "100000", "--stages", "50"],
     ["--hidden", "1024", "--layers", "100000", "--stages", "50", "--cap-growth"],
-    ["--hidden", "1048576", "--layers", str(planner.MAX_LAYERS), "--stages", str(planner.MAX_STAGES)],
+    ["--hidden", "1048576", "--layers", str(solve.MAX_LAYERS), "--stages", str(solve.MAX_STAGES)],
     ["--hidden", "1024", "--layers", "5000", "--stages", "64", "--lora-rank", "1024"],
     ["--hidden", "1024", "--budget-gb", "1e12"],
-    ["--hidden", "1024", "--budget-gb", "1e300", "--stages", str(planner.MAX_STAGES), "--cap-growth"],
+    ["--hidden", "1024", "--budget-gb", "1e300", "--stages", str(solve.MAX_STAGES), "--cap-growth"],
     ["--hidden", "2048", "--budget-gb", "1e9", "--stages", "64", "--extended", "--seq-len", "1073741824",
      "--micro-batch", "1073741824", "--vocab-size", "1073741824"],
     ["--hidden", "1024", "--layers", "300000", "--stages", "3", "--layers-per-stage", "100000,100000,100000"],
@@ -212,16 +213,16 @@ def test_huge_inputs_answer_within_a_second(warm_imports, capsys, args):
 
 
 @pytest.mark.parametrize("args,flag,bound", [
-    (["--hidden", "1024", "--layers", str(planner.MAX_LAYERS + 1)], "--layers", str(planner.MAX_LAYERS)),
-    (["--hidden", "1024", "--layers", "5000", "--stages", str(planner.MAX_STAGES + 1)], "--stages",
-     str(planner.MAX_STAGES)),
-    (["--hidden", str(planner.MAX_WIDTH + 1), "--layers", "4"], "--hidden", str(planner.MAX_WIDTH)),
-    (["--hidden", "64", "--layers", "4", "--ffn-hidden", str(planner.MAX_WIDTH + 1)], "--ffn-hidden",
-     str(planner.MAX_WIDTH)),
+    (["--hidden", "1024", "--layers", str(solve.MAX_LAYERS + 1)], "--layers", str(solve.MAX_LAYERS)),
+    (["--hidden", "1024", "--layers", "5000", "--stages", str(solve.MAX_STAGES + 1)], "--stages",
+     str(solve.MAX_STAGES)),
+    (["--hidden", str(solve.MAX_WIDTH + 1), "--layers", "4"], "--hidden", str(solve.MAX_WIDTH)),
+    (["--hidden", "64", "--layers", "4", "--ffn-hidden", str(solve.MAX_WIDTH + 1)], "--ffn-hidden",
+     str(solve.MAX_WIDTH)),
     (["--hidden", "64", "--layers", "2000", "--stages", "1025", "--layers-per-stage", ",".join(["1"] * 1025)],
-     "--stages", str(planner.MAX_STAGES)),
+     "--stages", str(solve.MAX_STAGES)),
     (["--hidden", "64", "--layers", "2000", "--layers-per-stage", ",".join(["1"] * 2000)], "--layers-per-stage",
-     str(planner.MAX_STAGES)),
+     str(solve.MAX_STAGES)),
     (["--hidden", "64", "--budget-gb", "inf"], "--budget-gb", "finite"),
     (["--hidden", "64", "--budget-gb", "nan"], "--budget-gb", "finite"),
     (["--hidden", "64", "--budget-gb", "lots"], "--budget-gb", "number"),
@@ -237,12 +238,12 @@ def test_out_of_bound_inputs_are_refused_with_the_bound(capsys, args, flag, boun
 def test_budget_mode_says_when_it_stops_at_the_cap(capsys):
     assert main(["plan", "--hidden", "1024", "--budget-gb", "1e12", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert sum(plan["layers_per_stage"]) == plan["capped_at_layers"] == planner.MAX_LAYERS
+    assert sum(plan["layers_per_stage"]) == plan["capped_at_layers"] == solve.MAX_LAYERS
     assert main(["plan", "--hidden", "1024", "--budget-gb", "1e12"]) == 0
-    assert f"capped: the budget fits at least {planner.MAX_LAYERS} layers" in capsys.readouterr().out
+    assert f"capped: the budget fits at least {solve.MAX_LAYERS} layers" in capsys.readouterr().out
     assert main(["plan", "--hidden", "1024", "--budget-gb", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["capped_at_layers"] is None
-    plan = planner.deepest_within(1e30, 2, LayerShape(64), 8, max_layers=100)
+    plan = solve.deepest_within(1e30, 2, LayerShape(64), 8, max_layers=100)
     assert sum(plan.layers_per_stage) == plan.capped_at_layers == 100
 
 
@@ -250,7 +251,7 @@ def test_budget_mode_with_extra_bytes_matches_brute_force():
     shape, r = LayerShape(256), 8
     extra = lambda L: 3_000_000 * L  # noqa: E731
     for budget in (5e7, 2e8, 1e9):
-        L = sum(planner.deepest_within(budget, 3, shape, r, extra_bytes=extra).layers_per_stage)
+        L = sum(solve.deepest_within(budget, 3, shape, r, extra_bytes=extra).layers_per_stage)
         assert brute_force(L, 3, 256, r)[0] + extra(L) <= budget < brute_force(L + 1, 3, 256, r)[0] + extra(L + 1)
 
 
@@ -262,7 +263,7 @@ def test_extended_step_peak_matches_the_tracked_peak_of_a_real_step(tmp_path, ca
     """`plan --extended`'s step peak (activation model of the fused head + loss) against torch's
     MemTracker over one real eager fp32 step of the same shape, within 10 %."""
     from steplm import config
-    from steplm.train import Trainer
+    from steplm.train.trainer import Trainer
 
     from conftest import tiny_overrides
     B, T, d, h, L, V = (shape[k] for k in ("B", "T", "d", "h", "L", "V"))

@@ -7,10 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from steplm import config, planner
+from steplm import config
 from steplm.errors import UserError
 from steplm.methods.base import adamw
-from steplm.train import Trainer, state_bytes
+from steplm.train.trainer import Trainer, state_bytes
+from steplm.plan import memory
+from steplm.plan import solve
 
 from conftest import tiny_overrides
 
@@ -51,7 +53,7 @@ def test_tensor_bytes_match_live_optimizer_state(states, master, shape):
     n = module.w.numel()
     measured = state_bytes(module, opt)["total"]
     assert measured == expected_tensor_bytes(n, states, master)
-    assert measured == planner.tensor_state_bytes(n, planner.Precision(states, master))
+    assert measured == memory.tensor_state_bytes(n, memory.Precision(states, master))
     assert module.w.dtype == (torch.float32 if master == "fp32" else torch.bfloat16)
 
 
@@ -91,27 +93,27 @@ def test_eq3_reoptimises_the_split_for_8bit_states():
     """1.2b shape (real FFN 5504, LLaMA's rounding): the best 2-stage split by brute force over the
     written-out slopes, for fp32 and 8-bit states; the planner agrees with both."""
     d, f, r, L = 2048, 5504, 128, 24
-    shape = planner.LayerShape(d, f, d)
+    shape = memory.LayerShape(d, f, d)
     for states in ("fp32", "8bit"):
         g, k = _layer_costs_written_out(d, f, d, r, states, "fp32")
         best = min(([n, L - n] for n in range(1, L)), key=lambda s: (max(g * s[0], g * s[1] + k * s[0]), -s[0]))
-        plan = planner.optimize(L, 2, shape, r, prec=planner.Precision(states, "fp32"))
+        plan = solve.optimize(L, 2, shape, r, prec=memory.Precision(states, "fp32"))
         assert plan.layers_per_stage == best
         assert plan.peak_bytes == max(g * best[0], g * best[1] + k * best[0])
         assert plan.vanilla_bytes == g * L
-    assert planner.optimize(L, 2, shape, r).layers_per_stage != \
-        planner.optimize(L, 2, shape, r, prec=planner.Precision("8bit")).layers_per_stage
+    assert solve.optimize(L, 2, shape, r).layers_per_stage != \
+        solve.optimize(L, 2, shape, r, prec=memory.Precision("8bit")).layers_per_stage
 
 
 def test_budget_search_over_stages_and_precision_is_deepest_and_fast():
-    shape, r, budget = planner.LayerShape(2048), 128, 8e9
+    shape, r, budget = memory.LayerShape(2048), 128, 8e9
     t0 = time.process_time()
-    plan = planner.deepest_over(budget, list(range(1, planner.MAX_SEARCH_STAGES + 1)), planner.PRECISIONS, shape, r)
+    plan = solve.deepest_over(budget, list(range(1, solve.MAX_SEARCH_STAGES + 1)), memory.PRECISIONS, shape, r)
     assert time.process_time() - t0 < 1.0  # CPU time: a shared machine's waiting does not count
     L = sum(plan.layers_per_stage)
-    for prec in planner.PRECISIONS:
+    for prec in memory.PRECISIONS:
         for K in (1, 2, 3):
-            assert sum(planner.deepest_within(budget, K, shape, r, prec=prec).layers_per_stage) <= L
+            assert sum(solve.deepest_within(budget, K, shape, r, prec=prec).layers_per_stage) <= L
     assert plan.peak_bytes <= budget
     assert (plan.optimizer_states, plan.master_weights) != ("fp32", "fp32")  # lower precision goes deeper
 

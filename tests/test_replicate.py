@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, shared
-from steplm import planner
 from steplm.config import load
-from steplm.growth import insertion_gaps
-from steplm.stages import layer_shape, plan_run
+from steplm.passes.growth import insertion_gaps
+from steplm.plan.stages import layer_shape, plan_run
+from steplm.plan import memory
 
 
 def _load():
@@ -78,8 +78,8 @@ def test_table4_split_separates_the_four_positions(rep):
 def test_budget_row_is_deepest_split_within_vanilla_memory(rep):
     row = rep.budget_row()
     cfg = rep.resolve({})
-    P = planner.params_per_layer(layer_shape(cfg.model))
-    E = planner.lora_params_per_layer(layer_shape(cfg.model), cfg.lora.rank)
+    P = memory.params_per_layer(layer_shape(cfg.model))
+    E = memory.lora_params_per_layer(layer_shape(cfg.model), cfg.lora.rank)
     budget = 16 * cfg.model.n_layers * P  # Eq. 1 at vanilla's depth
 
     def peak(split):  # Eq. 2, written out

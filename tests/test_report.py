@@ -1,8 +1,8 @@
 """Plots: Figure 2 and loss-vs-FLOPs PNGs from real tiny runs."""
 from steplm import config
 from steplm.cli import main
-from steplm.report import plot_loss_vs_flops
-from steplm.train import Trainer
+from steplm.plots import plot_loss_vs_flops
+from steplm.train.trainer import Trainer
 
 from conftest import tiny_overrides
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from steplm.checkpoint import list_steps
+from steplm.train.checkpoint import list_steps
 from steplm.errors import EXIT_PREEMPTED, EXIT_TRAINING_STOPPED
 
 from conftest import ROOT, tiny_overrides

@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 
-from steplm import config, runguard
-from steplm.data import prepare
+from steplm import config
+from steplm.train import guards
+from steplm.data.shards import prepare
 from steplm.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 
 from conftest import ROOT, tiny_overrides
@@ -46,17 +47,17 @@ def test_check_run_dir(tmp_path, files, refusal):
             (out / name).write_text(text)
     before = sorted(p.name for p in tmp_path.rglob("*"))
     if refusal is None:
-        runguard.check_run_dir(out)
+        guards.check_run_dir(out)
     else:
-        with pytest.raises(runguard.UserError, match=f"--out: {out} .*{refusal}"):
-            runguard.check_run_dir(out)
+        with pytest.raises(guards.UserError, match=f"--out: {out} .*{refusal}"):
+            guards.check_run_dir(out)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # the check writes nothing
 
 
 def test_finished_run_is_refused_and_left_byte_identical(tiny_run, tmp_path, capsys):
     """`train`/`sft --out` on a finished run, and a Trainer built on it, refuse it without touching a file."""
     from steplm.cli import main
-    from steplm.train import Trainer
+    from steplm.train.trainer import Trainer
 
     def state():
         return {str(p.relative_to(tiny_run)): (p.stat().st_mtime_ns, p.read_bytes()) for p in tiny_run.rglob("*")
@@ -69,20 +70,20 @@ def test_finished_run_is_refused_and_left_byte_identical(tiny_run, tmp_path, cap
     alpaca.write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}]))
     assert main(["sft", str(tiny_run), "--data", str(alpaca), "--out", str(tiny_run), "--quiet"]) == 2
     assert "holds a finished run" in capsys.readouterr().err
-    with pytest.raises(runguard.UserError, match="holds a finished run"):
+    with pytest.raises(guards.UserError, match="holds a finished run"):
         Trainer(config.load(tiny_run / "config.yaml"), tiny_run, progress=False)
     assert state() == before
 
 
 # ---------------------------------------------------------------------------- lock
 def test_lock_is_exclusive_and_released(tmp_path):
-    a = runguard.RunLock(tmp_path)
+    a = guards.RunLock(tmp_path)
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
-    with pytest.raises(runguard.RunDirInUse, match=rf"--out: .* in use by another steplm train \(pid {os.getpid()}\)"):
-        runguard.RunLock(tmp_path)
+    with pytest.raises(guards.RunDirInUse, match=rf"--out: .* in use by another steplm train \(pid {os.getpid()}\)"):
+        guards.RunLock(tmp_path)
     a.release()
     assert (tmp_path / ".lock").read_text() == ""  # a clean release leaves no pid behind
-    b = runguard.RunLock(tmp_path)
+    b = guards.RunLock(tmp_path)
     assert b.stale_pid is None
     b.release()
 
@@ -92,33 +93,33 @@ def test_refused_run_waits_for_a_holder_that_has_not_written_its_pid_yet(tmp_pat
     file yet. The loser must name the pid written a moment later, not "unknown"."""
     import fcntl
     import threading
-    fd = os.open(tmp_path / runguard.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fd = os.open(tmp_path / guards.LOCK_NAME, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         writer = threading.Timer(0.3, lambda: os.pwrite(fd, b"424242\n", 0))
         writer.start()
-        with pytest.raises(runguard.RunDirInUse, match=r"pid 424242\)"):
-            runguard.RunLock(tmp_path)
+        with pytest.raises(guards.RunDirInUse, match=r"pid 424242\)"):
+            guards.RunLock(tmp_path)
         writer.join()
         os.ftruncate(fd, 0)  # a holder that never writes its pid is reported as unknown
-        with pytest.raises(runguard.RunDirInUse, match=r"pid unknown\)"):
-            runguard.RunLock(tmp_path)
+        with pytest.raises(guards.RunDirInUse, match=r"pid unknown\)"):
+            guards.RunLock(tmp_path)
     finally:
         os.close(fd)
 
 
 def test_lock_of_a_killed_process_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from steplm.runguard import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from steplm.train.guards import RunLock; "
                                f"lock = RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(120)"],
                               env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(runguard.RunDirInUse, match=f"pid {holder.pid}"):
-            runguard.RunLock(tmp_path)
+        with pytest.raises(guards.RunDirInUse, match=f"pid {holder.pid}"):
+            guards.RunLock(tmp_path)
     finally:
         holder.kill()
         holder.wait()
-    lock = runguard.RunLock(tmp_path)  # the kernel released the dead holder's flock
+    lock = guards.RunLock(tmp_path)  # the kernel released the dead holder's flock
     assert lock.stale_pid == holder.pid
     lock.release()
 
@@ -200,7 +201,7 @@ def test_two_runs_started_together_one_is_refused(cached, tmp_path):
 # ---------------------------------------------------------------------------- signals
 def test_preemption_records_the_signal_and_restores_handlers():
     before = signal.getsignal(signal.SIGUSR1)
-    with runguard.Preemption() as p:
+    with guards.Preemption() as p:
         assert not p.requested()
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.01)
@@ -213,16 +214,16 @@ def test_preemption_records_the_signal_and_restores_handlers():
 def test_all_finite(dtype):
     big = torch.finfo(dtype).max
     params = [torch.zeros(0), torch.full((3, 3), big, dtype=dtype), torch.randn(5).to(dtype)]
-    assert runguard.all_finite(params)  # the largest finite value is finite: max |x|, no overflowing norm
+    assert guards.all_finite(params)  # the largest finite value is finite: max |x|, no overflowing norm
     for bad in (math.nan, math.inf, -math.inf):
         poisoned = [p.clone() for p in params]
         poisoned[2][3] = bad
-        assert not runguard.all_finite(poisoned)
-    assert runguard.all_finite([])
+        assert not guards.all_finite(poisoned)
+    assert guards.all_finite([])
 
 
 def test_strict_json():
     row = {"loss": math.nan, "grad": [math.inf, 1.5, -math.inf], "nested": {"x": math.nan}, "ok": 2}
-    text = runguard.dumps(row)
+    text = guards.dumps(row)
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert back == {"loss": "nan", "grad": ["inf", 1.5, "-inf"], "nested": {"x": "nan"}, "ok": 2}

@@ -10,16 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steplm.checkpoint import list_steps
+from steplm.train.checkpoint import list_steps
 from steplm.cli import main
 from steplm.errors import EXIT_PREEMPTED
-from steplm.sft import IGNORE, accumulate_response_loss
+from steplm.train.sft import IGNORE, accumulate_response_loss
 
 from conftest import ROOT, shared, torchrun_args
 
 
 def _model():
-    from steplm.model import ModelConfig, build_model
+    from steplm.model.llama import ModelConfig, build_model
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=40, init_std=0.2)
     return build_model(cfg, seed=0).train()
 
@@ -210,7 +210,7 @@ def test_sft_divergence_names_the_sft_flag(tiny_run, tmp_path, capsys, extra):
 def test_examples_without_a_response_are_dropped_and_counted(tiny_run, tmp_path, capsys):
     """Blank outputs (only EOS to learn) and responses that max_seq_len cuts off entirely are not
     tuned on, and one warning says how many of each were dropped: no example is ignored silently."""
-    from steplm.evaluate import load
+    from steplm.eval.perplexity import load
     max_len = load(tiny_run).config.max_seq_len
     long_instruction = " ".join(["word"] * (4 * max_len))  # the prompt alone fills the context
     records = ([{"instruction": f"Say {i}.", "input": None if i % 2 else "", "output": f"number {i}"}
@@ -232,8 +232,8 @@ def test_examples_without_a_response_are_dropped_and_counted(tiny_run, tmp_path,
 def test_responses_cut_short_are_counted(tiny_run, tmp_path, capsys):
     """A response longer than the context left after its prompt is tuned on without its end and EOS:
     the warning counts it, and the count matches the examples' own token lengths."""
-    from steplm.evaluate import load
-    from steplm.generate import alpaca_prompt
+    from steplm.eval.perplexity import load
+    from steplm.eval.generate import alpaca_prompt
     m = load(tiny_run)
     long_output = " ".join(["word"] * m.config.max_seq_len)
     records = [{"instruction": "Say it.", "input": "", "output": out} for out in ("short", long_output, long_output)]
@@ -253,8 +253,8 @@ def test_responses_cut_short_are_counted(tiny_run, tmp_path, capsys):
 def test_sft_counts_the_tokens_it_trains_on(tiny_run, tmp_path, capsys):
     """tokens_seen (and the FLOPs made from it) is the examples' real length, prompt + response + EOS,
     summed over the epochs: not max_seq_len per example, which padding never fills."""
-    from steplm.evaluate import load
-    from steplm.generate import alpaca_prompt
+    from steplm.eval.perplexity import load
+    from steplm.eval.generate import alpaca_prompt
     m = load(tiny_run)
     records = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
                for i in range(1, 7)]

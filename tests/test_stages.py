@@ -6,10 +6,11 @@ import sys
 import pytest
 import torch
 
-from steplm import config, methods, planner
+from steplm import config, methods
 from steplm.methods.base import Method
-from steplm.stages import plan_run
-from steplm.train import Trainer
+from steplm.plan.stages import plan_run
+from steplm.train.trainer import Trainer
+from steplm.plan import memory
 
 from conftest import ROOT, tiny_overrides
 from test_cli import assert_one_line_error, run_cli
@@ -18,7 +19,7 @@ STEP3 = {"method": "step", "step.n_stages": 3, "step.layers_per_stage": "[2,1,1]
 
 
 def test_plan_modules_do_not_import_torch():
-    code = "import sys; import steplm.stages, steplm.methods, steplm.planner; print('torch' in sys.modules)"
+    code = "import sys; import steplm.plan.stages, steplm.methods, steplm.plan.memory, steplm.plan.solve; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert res.returncode == 0, res.stderr
@@ -69,8 +70,8 @@ def test_plan_cli_text_table(tmp_path):
     rows = [ln.split() for ln in lines if ln.split() and ln.split()[0] in ("1", "2", "3")]
     assert [int(r[2]) for r in rows] == [10, 18, 24]  # Eq. 3's optimum at d 2048, L 24, K 3
     d = 2048
-    shape = planner.LayerShape(d, 5504)
-    P = planner.params_per_layer(shape)
+    shape = memory.LayerShape(d, 5504)
+    P = memory.params_per_layer(shape)
     assert "vanilla" in res.stdout and "peak model-state memory vs vanilla" in res.stdout
     assert f"{16 * 24 * P / 1e9:.2f}" in res.stdout  # Eq. 1 for the vanilla row
 
@@ -103,12 +104,12 @@ class SGDMethod(Method):
     name = "toy-sgd"
 
     def stage_counts(self, cfg, layers_per_stage):
-        P = planner.params_per_layer(methods.base.layer_shape(cfg.model))
+        P = memory.params_per_layer(methods.base.layer_shape(cfg.model))
         L = cfg.model.n_layers
         return [{"layers": L, "new_layers": L, "trainable": (L - L // 2) * P, "frozen": L // 2 * P, "lora": 0}]
 
     def layer_state_bytes(self, cfg, layers_per_stage, counts):
-        P = planner.params_per_layer(methods.base.layer_shape(cfg.model))
+        P = memory.params_per_layer(methods.base.layer_shape(cfg.model))
         L = cfg.model.n_layers
         return [8 * (L - L // 2) * P + 2 * (L // 2) * P]  # fp32 weight + grad, no moments; bf16 frozen
 
@@ -117,7 +118,7 @@ class SGDMethod(Method):
         return 8 * (2 * m.vocab_size * m.d_model + m.d_model)
 
     def enter_stage(self, run, stage):
-        from steplm.lora import apply_lora
+        from steplm.passes.lora import apply_lora
         for block in run.model.model.layers[: run.cfg.model.n_layers // 2]:
             apply_lora(block, 0, 1.0)
 
@@ -133,7 +134,7 @@ def test_a_new_method_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
     assert isinstance(tr.optimizer, torch.optim.SGD)
     st = tr.fit()["stages"][0]
     assert st["measured_state_bytes"] == st["planned_state_bytes"]
-    assert st["frozen_params"] == cfg.model.n_layers // 2 * planner.params_per_layer(
+    assert st["frozen_params"] == cfg.model.n_layers // 2 * memory.params_per_layer(
         methods.base.layer_shape(cfg.model))
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steplm import tasks
+from steplm.eval import tasks
 from steplm.cli import main
-from steplm.evaluate import load_model
+from steplm.eval.perplexity import load_model
 
 from conftest import shared
 

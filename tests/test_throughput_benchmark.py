@@ -55,7 +55,7 @@ def test_lora_linear_sweep_times_the_three_linears_of_each_block_shape(monkeypat
     """The sweep's rows are the block's three linear shapes, each with the trainable reference at
     ratio 1; the adapter row runs steplm's own LoRA function (a broken one fails the sweep)."""
     import pytest
-    from steplm import lora
+    from steplm.passes import lora
     mod = _bench()
     shape = {"model.d_model": 32, "train.micro_batch": 2, "train.seq_len": 16}
     res = mod.lora_linear_sweep(shape, rank=4, rounds=1, reps=1)
@@ -76,8 +76,8 @@ def test_without_adapters_leaves_the_frozen_gemm_alone(tmp_path):
     import torch
 
     from steplm import config
-    from steplm.lora import LoRALinear
-    from steplm.train import Trainer
+    from steplm.passes.lora import LoRALinear
+    from steplm.train.trainer import Trainer
 
     from conftest import tiny_overrides
 
@@ -108,7 +108,7 @@ def test_adapter_cost_merge_only_does_the_big_gemms_of_the_real_function():
 
     import torch
 
-    from steplm.lora import _LoRALinearFunction
+    from steplm.passes.lora import _LoRALinearFunction
 
     spec = importlib.util.spec_from_file_location("adapter_cost", ROOT / "benchmarks" / "adapter_cost.py")
     mod = importlib.util.module_from_spec(spec)
@@ -136,8 +136,8 @@ def test_with_lora_function_swaps_every_adapted_linear(tmp_path):
     import torch
 
     from steplm import config
-    from steplm.lora import _LoRALinearFunction, lora_modules
-    from steplm.train import Trainer
+    from steplm.passes.lora import _LoRALinearFunction, lora_modules
+    from steplm.train.trainer import Trainer
 
     from conftest import tiny_overrides
 
@@ -168,7 +168,7 @@ def test_attention_sweep_times_both_backwards_and_reports_their_error(monkeypatc
     """Both rows run (torch's SDPA first, the ratio's reference), each with its gradient error
     against fp64, small for both; the steplm row really calls CausalAttention's backward."""
     import pytest
-    from steplm import attention
+    from steplm.model import attention
     mod = _bench()
     shape = {"model.d_model": 32, "model.n_heads": 2, "train.micro_batch": 2, "train.seq_len": 24}
     res = mod.attention_sweep(shape, rounds=1, reps=1, compiled=False)

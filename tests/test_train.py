@@ -7,8 +7,10 @@ import weakref
 import pytest
 import torch
 
-from steplm import config, planner
-from steplm.train import Trainer
+from steplm import config
+from steplm.train.trainer import Trainer
+from steplm.plan import memory
+from steplm.plan import solve
 
 from conftest import tiny_overrides
 
@@ -150,8 +152,8 @@ def test_step_no_pet_has_no_adapters(tmp_path):
 
 def test_planned_split_is_used_when_unset(tmp_path):
     tr = make(tmp_path, **{"method": "step", "step.n_stages": 2, "train.max_steps": 4})
-    shape = planner.LayerShape(tr.cfg.model.d_model, tr.cfg.model.ffn_hidden)
-    assert tr.layers_per_stage == planner.optimize(4, 2, shape, tr.cfg.lora.rank).layers_per_stage
+    shape = memory.LayerShape(tr.cfg.model.d_model, tr.cfg.model.ffn_hidden)
+    assert tr.layers_per_stage == solve.optimize(4, 2, shape, tr.cfg.lora.rank).layers_per_stage
 
 
 def relora_overrides(**extra):
@@ -165,7 +167,7 @@ def test_relora_phases_memory_and_resets(tmp_path):
     tr = make(tmp_path, **relora_overrides())
     assert tr.stage_steps[0] == 3 and tr.stage_steps[1] > 9  # the LoRA phase is cheaper: more steps, same FLOPs
     resets = []
-    import steplm.train as train_mod
+    import steplm.train.trainer as train_mod
     orig = train_mod.merge_and_reinit
     train_mod.merge_and_reinit = lambda *a, **k: resets.append(tr.step) or orig(*a, **k)
     try:
@@ -405,7 +407,7 @@ def test_peak_tracker_equals_torchs_memtracker(tmp_path, method, extra, accum):
     itself reports for the same step: in a frozen-and-adapted stage too, and with accumulation."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from steplm.train import _cpu_peak_step
+    from steplm.train.trainer import _cpu_peak_step
 
     class Reference(MemTracker):  # only the frozen-weight workaround, torch's own peak bookkeeping
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
@@ -444,8 +446,8 @@ def test_minimum_peak_bytes_is_below_the_tracked_peak(tmp_path, extra):
     """The bound that refuses a run too large for the device (Trainer._check_fits) is a lower bound:
     at most the MemTracker peak of a real eager step (plus the RoPE tables, which the tracker does
     not count as the model's), in every stage; and not a loose one (at least a tenth of it)."""
-    from steplm.stages import minimum_peak_bytes
-    from steplm.train import _cpu_peak_step
+    from steplm.plan.stages import minimum_peak_bytes
+    from steplm.train.trainer import _cpu_peak_step
 
     t = make(tmp_path, **extra)
     need = minimum_peak_bytes(t.cfg, t.plan)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from steplm.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
@@ -75,7 +75,7 @@ def check_model_fits(cfg, n_params: int, device, config_file, positions_key: str
     that ``device`` cannot hold (a config.json with max_position_embeddings 2e9 asks for 477 GiB of
     RoPE tables), naming ``who`` (the argument that gave the folder) and ``positions_key`` of
     ``config_file``."""
-    from .planner import rope_table_bytes
+    from steplm.plan.memory import rope_table_bytes
 
     rope = rope_table_bytes(cfg.max_seq_len, cfg.head_dim)
     require_memory(4 * n_params + rope, torch.device(device),

@@ -4,12 +4,12 @@ Adding a method means adding one module with a ``Method`` subclass and one line 
 """
 from __future__ import annotations
 
-from .apollo import Apollo
-from .base import Method
-from .galore import GaLore
-from .relora import ReLoRA
-from .step import Step, StepNoPet
-from .vanilla import Vanilla
+from steplm.methods.apollo import Apollo
+from steplm.methods.base import Method
+from steplm.methods.galore import GaLore
+from steplm.methods.relora import ReLoRA
+from steplm.methods.step import Step, StepNoPet
+from steplm.methods.vanilla import Vanilla
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (Vanilla(), Step(), StepNoPet(), ReLoRA(), GaLore(), Apollo())}
 

@@ -3,8 +3,8 @@ gradient randomly projected to rank apollo.rank, used only to scale the raw grad
 tensor-wise (an SGD-like update with AdamW-level memory savings). A peer baseline to STEP."""
 from __future__ import annotations
 
-from .. import planner
-from .base import Method, layer_shape, split_projected
+from steplm.methods.base import Method, layer_shape, split_projected
+from steplm.plan import memory
 
 
 class Apollo(Method):
@@ -16,13 +16,13 @@ class Apollo(Method):
     def layer_state_bytes(self, cfg, layers_per_stage: list[int], counts: list[dict]) -> list[int]:
         """Per block, for each m×n linear: fp32 weight and gradient 8·m·n, projected moments
         8·r·max(m, n) and the stored random projection 4·r·min(m, n); 16 B per norm weight."""
-        per_layer = planner.apollo_layer_bytes(layer_shape(cfg.model), cfg.apollo.rank)
+        per_layer = memory.apollo_layer_bytes(layer_shape(cfg.model), cfg.apollo.rank)
         return [c["layers"] * per_layer for c in counts]
 
     def build_optimizer(self, cfg, model, groups: list[dict], fused: bool):
         """apollo-torch's APOLLOAdamW: random projection for the layers' *_proj weights, plain AdamW
         for embeddings, head and norms."""
-        from ..errors import UserError
+        from steplm.errors import UserError
 
         try:
             from apollo_torch import APOLLOAdamW

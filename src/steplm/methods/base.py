@@ -11,16 +11,16 @@ hooks receive the run (the ``Trainer``: ``model``, ``cfg``, ``gen``, ``optimizer
 """
 from __future__ import annotations
 
-from .. import flops as flops_mod
-from .. import planner
+from steplm.plan import flops as flops_mod
+from steplm.plan import memory
 
 CONVENTIONS = ("paper", "corrected")
 
 
-def layer_shape(model_cfg) -> planner.LayerShape:
+def layer_shape(model_cfg) -> memory.LayerShape:
     """The planner's view of one decoder block of a ``ModelConfig``: its real widths and biases."""
     m = model_cfg
-    return planner.LayerShape(m.d_model, m.ffn_hidden, m.n_kv_heads * m.head_dim, m.n_heads * m.head_dim,
+    return memory.LayerShape(m.d_model, m.ffn_hidden, m.n_kv_heads * m.head_dim, m.n_heads * m.head_dim,
                               m.attention_bias, m.mlp_bias)
 
 
@@ -34,9 +34,9 @@ def init_depth(cfg) -> int | None:
     return int(json.loads((Path(cfg.model.init_from) / "config.json").read_text())["num_hidden_layers"])
 
 
-def precision(cfg) -> planner.Precision:
+def precision(cfg) -> memory.Precision:
     """The run's optimizer-state and master-weight precision (train.optimizer_states, train.master_weights)."""
-    return planner.Precision(cfg.train.optimizer_states, cfg.train.master_weights)
+    return memory.Precision(cfg.train.optimizer_states, cfg.train.master_weights)
 
 
 def tokens_per_step(cfg) -> int:
@@ -56,7 +56,7 @@ def flops_per_token(cfg, counts: dict, convention: str) -> int:
 
 def full_rank_counts(cfg) -> dict:
     """Counts of the vanilla model at the final depth: every layer trainable."""
-    L, P = cfg.model.n_layers, planner.params_per_layer(layer_shape(cfg.model))
+    L, P = cfg.model.n_layers, memory.params_per_layer(layer_shape(cfg.model))
     return {"layers": L, "new_layers": L, "trainable": L * P, "frozen": 0, "lora": 0}
 
 
@@ -96,7 +96,7 @@ def adamw(cfg, groups: list[dict], fused: bool):
     parameters are cast to bf16 in place first (their gradients follow)."""
     import torch
 
-    from ..errors import UserError
+    from steplm.errors import UserError
 
     t, prec = cfg.train, precision(cfg)
     if prec.master_weights == "bf16":
@@ -184,9 +184,9 @@ class Method:
         """Non-embedding parameter counts of each stage: ``layers``, ``new_layers``, ``trainable``,
         ``frozen`` and ``lora`` (Eq. 2's terms; old layers are frozen and carry adapters)."""
         shape = layer_shape(cfg.model)
-        P = planner.params_per_layer(shape)
+        P = memory.params_per_layer(shape)
         rank = self.lora_rank(cfg)
-        E = planner.lora_params_per_layer(shape, rank) if rank else 0
+        E = memory.lora_params_per_layer(shape, rank) if rank else 0
         out, before = [], 0
         for n in layers_per_stage:
             out.append({"layers": before + n, "new_layers": n, "trainable": n * P + before * E,
@@ -209,13 +209,13 @@ class Method:
 
     def layer_state_bytes(self, cfg, layers_per_stage: list[int], counts: list[dict]) -> list[int]:
         """Model-state bytes of the transformer layers in each stage (Eq. 2; Eq. 1 for one stage)."""
-        g, k = planner.layer_costs(layer_shape(cfg.model), self.lora_rank(cfg), precision(cfg))
-        return planner.stage_bytes_from_costs(layers_per_stage, g, k)
+        g, k = memory.layer_costs(layer_shape(cfg.model), self.lora_rank(cfg), precision(cfg))
+        return memory.stage_bytes_from_costs(layers_per_stage, g, k)
 
     def outer_state_bytes(self, cfg) -> int:
         """Model-state bytes of the embeddings, LM head and final norm, trainable in every stage."""
         m = cfg.model
-        return planner.head_state_bytes(m.vocab_size, m.d_model, m.tie_embeddings, precision(cfg))
+        return memory.head_state_bytes(m.vocab_size, m.d_model, m.tie_embeddings, precision(cfg))
 
     def stage_kind(self, cfg, index: int, counts: dict) -> str:
         """'full' (every layer trainable), 'grown' (old layers frozen) or 'lora' (all linears adapted)."""

@@ -2,26 +2,26 @@
 projected to rank galore.rank for the attention and MLP weights."""
 from __future__ import annotations
 
-from .. import planner
-from .base import Method, layer_shape, split_projected
+from steplm.methods.base import Method, layer_shape, split_projected
+from steplm.plan import memory
 
 
 class GaLore(Method):
     name = "galore"
 
     def problems(self, cfg) -> list[str]:
-        from .apollo import _fp32_only
+        from steplm.methods.apollo import _fp32_only
         return _fp32_only(cfg, self.name)
 
     def layer_state_bytes(self, cfg, layers_per_stage: list[int], counts: list[dict]) -> list[int]:
         """Per block 8·m·n + 8·r·max(m, n) + 4·r·min(m, n) for each m×n linear, 16 B per norm weight."""
-        per_layer = planner.galore_layer_bytes(layer_shape(cfg.model), cfg.galore.rank)
+        per_layer = memory.galore_layer_bytes(layer_shape(cfg.model), cfg.galore.rank)
         return [c["layers"] * per_layer for c in counts]
 
     def build_optimizer(self, cfg, model, groups: list[dict], fused: bool):
         """galore-torch's GaLoreAdamW: projected moments for the layers' *_proj weights, plain AdamW
         for embeddings, head and norms."""
-        from ..errors import UserError
+        from steplm.errors import UserError
 
         try:
             from galore_torch import GaLoreAdamW

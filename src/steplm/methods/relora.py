@@ -3,8 +3,8 @@
 steps under a jagged cosine. The LoRA phase gets the rest of vanilla's FLOPs (or steps)."""
 from __future__ import annotations
 
-from .. import planner
-from .base import Method, flops_per_token, full_rank_counts, layer_shape, precision, relora_reset
+from steplm.methods.base import Method, flops_per_token, full_rank_counts, layer_shape, precision, relora_reset
+from steplm.plan import memory
 
 
 def warm_steps(cfg) -> int:
@@ -25,7 +25,7 @@ class ReLoRA(Method):
 
     def _lora_counts(self, cfg) -> dict:
         shape = layer_shape(cfg.model)
-        P, E = planner.params_per_layer(shape), planner.lora_params_per_layer(shape, cfg.lora.rank)
+        P, E = memory.params_per_layer(shape), memory.lora_params_per_layer(shape, cfg.lora.rank)
         L, norms = cfg.model.n_layers, 2 * cfg.model.d_model
         return {"layers": L, "new_layers": 0, "trainable": L * (norms + E), "frozen": L * (P - norms), "lora": L * E}
 
@@ -50,8 +50,8 @@ class ReLoRA(Method):
         """Warm start: Eq. 1. LoRA phase: linears frozen in bf16, norms and adapters at 16 B."""
         shape, prec = layer_shape(cfg.model), precision(cfg)
         L = cfg.model.n_layers
-        return [L * (planner.relora_layer_bytes(shape, cfg.lora.rank, prec) if c["lora"]
-                     else planner.trainable_layer_bytes(shape, prec)) for c in counts]
+        return [L * (memory.relora_layer_bytes(shape, cfg.lora.rank, prec) if c["lora"]
+                     else memory.trainable_layer_bytes(shape, prec)) for c in counts]
 
     def stage_kind(self, cfg, index: int, counts: dict) -> str:
         return "lora" if counts["lora"] else "full"
@@ -63,7 +63,7 @@ class ReLoRA(Method):
         """At the LoRA phase: adapters on every attention and MLP linear; norms stay trainable."""
         if stage.kind != "lora":
             return
-        from ..lora import apply_lora
+        from steplm.passes.lora import apply_lora
 
         for block in run.model.model.layers:
             apply_lora(block, run.cfg.lora.rank, run.cfg.lora.alpha, run.gen, freeze_norms=False)

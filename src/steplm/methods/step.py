@@ -2,8 +2,8 @@
 adapters, train the new layers and the adapters; the LR rewarms every stage (Eq. 2, Eq. 3)."""
 from __future__ import annotations
 
-from .. import planner
-from .base import Method, init_depth, layer_shape, precision, relora_reset
+from steplm.methods.base import Method, init_depth, layer_shape, precision, relora_reset
+from steplm.plan import solve
 
 
 class Step(Method):
@@ -44,7 +44,7 @@ class Step(Method):
         s = cfg.step
         if s.layers_per_stage:
             return list(s.layers_per_stage)
-        return planner.optimize(cfg.model.n_layers, s.n_stages, layer_shape(cfg.model), self.lora_rank(cfg),
+        return solve.optimize(cfg.model.n_layers, s.n_stages, layer_shape(cfg.model), self.lora_rank(cfg),
                                 s.cap_growth, precision(cfg), first=init_depth(cfg)).layers_per_stage
 
     def enter_stage(self, run, stage) -> None:
@@ -52,8 +52,8 @@ class Step(Method):
         old layer that is not yet frozen and give it adapters of rank ``lora_rank``."""
         if stage.index == 0:
             return
-        from ..growth import grow
-        from ..lora import apply_lora, is_frozen_block
+        from steplm.passes.growth import grow
+        from steplm.passes.lora import apply_lora, is_frozen_block
 
         cfg, s = run.cfg, run.cfg.step
         run.merge_adapters()  # earlier adapters fold into their bases

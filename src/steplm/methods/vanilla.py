@@ -1,5 +1,5 @@
 """Vanilla pre-training: every layer trainable from the first step, one cosine (paper Eq. 1)."""
-from .base import Method
+from steplm.methods.base import Method
 
 
 class Vanilla(Method):

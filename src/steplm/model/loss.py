@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .planner import LOSS_CHUNK_BYTES as CHUNK_BYTES
-from .planner import LOSS_MAX_CHUNK_ROWS as MAX_CHUNK_ROWS
-from .planner import loss_chunk_rows as chunk_rows
+from steplm.plan.memory import LOSS_CHUNK_BYTES as CHUNK_BYTES
+from steplm.plan.memory import LOSS_MAX_CHUNK_ROWS as MAX_CHUNK_ROWS
+from steplm.plan.memory import loss_chunk_rows as chunk_rows
 
 IGNORE_INDEX = -100
 

@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from steplm.errors import UserError
 
 MANIFEST = "MANIFEST.json"
 

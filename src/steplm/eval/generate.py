@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .devices import model_device
-from .errors import UserError
-from .model import KVCache
-from .tokens import SpecialTokens, check_ids, gpt2_special_tokens
+from steplm.devices import model_device
+from steplm.errors import UserError
+from steplm.model.llama import KVCache
+from steplm.io.special_tokens import SpecialTokens, check_ids, gpt2_special_tokens
 
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                 "context. Write a response that appropriately completes the request.\n\n"
@@ -168,7 +168,7 @@ def mt_bench_answers(model, tokenizer, questions: str | Path, out: str | Path, m
                      batch_size: int = 8, **kw) -> int:
     """Answer both turns of every MT-Bench question; write FastChat llm_judge answer JSONL. Returns the count.
     Turn 1 of all questions is generated in length-sorted batches, then turn 2 (which needs turn 1's answer)."""
-    from .files import read_jsonl
+    from steplm.io.files import read_jsonl
     qpath = Path(questions)
     if qpath.is_dir():
         raise UserError(f"--questions: {qpath} is a directory; give its question.jsonl")

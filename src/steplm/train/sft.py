@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .devices import autocast
-from .errors import UserError
-from .generate import alpaca_prompt
-from .runguard import dumps
-from .tokens import check_ids, write_special_tokens
-from .train import Trainer
+from steplm.devices import autocast
+from steplm.errors import UserError
+from steplm.eval.generate import alpaca_prompt
+from steplm.train.guards import dumps
+from steplm.io.special_tokens import check_ids, write_special_tokens
+from steplm.train.trainer import Trainer
 
 IGNORE = -100
 
@@ -173,7 +173,7 @@ class SFTTrainer(Trainer):
     FIT_KEYS = {"states": "MODEL's size", "activations": "--micro-batch", "rope": "MODEL's max_position_embeddings"}
 
     def _setup_data(self):
-        from .evaluate import load
+        from steplm.eval.perplexity import load
 
         s = self.cfg.sft
         self.source = load(s.model, self.device)
@@ -253,7 +253,7 @@ class SFTTrainer(Trainer):
         if not self.main:
             return summary
         write_special_tokens(self.out, self.tokenizer, self.special)
-        from .report import read_metrics
+        from steplm.plots import read_metrics
         rows = read_metrics(self.out)
         losses = [r["loss"] for r in rows if "loss" in r]
         sft = {"model": self.cfg.sft.model, "data": self.cfg.sft.data, "examples": len(self.examples),
@@ -272,8 +272,8 @@ EVAL_EXAMPLES = 64
 def source_config(model_dir: str):
     """The ModelConfig of a steplm run directory (model_config.json) or an HF Llama directory
     (config.json), read without loading weights."""
-    from .files import read_model_config
-    from .hf import read_config
+    from steplm.io.files import read_model_config
+    from steplm.io.hf import read_config
 
     d = Path(model_dir)
     if not d.is_dir():
@@ -291,7 +291,7 @@ def sft_config(model_dir: str, data: str, source_config, *, epochs: int = 2, lim
     cosine to 0 after ``warmup_steps`` of linear warmup, ``epochs`` passes, grad clip 1. A step
     takes ``batch_size`` examples in forwards of ``micro_batch`` (per rank); ``source_config`` is
     the model's ModelConfig. Raises UserError when batch_size is not a multiple of micro_batch × world."""
-    from . import config as config_mod
+    from steplm import config as config_mod
 
     micro = micro_batch or max(1, batch_size // world)
     if batch_size % (micro * world):

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import EOS as GPT2_EOS
-from .errors import UserError
+from steplm.data.tokenizer import EOS as GPT2_EOS
+from steplm.errors import UserError
 
 
 def check_ids(ids, vocab_size: int, what: str):

@@ -8,16 +8,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import eval_windows, read_documents
-from .errors import UserError
-from .tokens import check_ids
+from steplm.data.sampler import eval_windows
+from steplm.data.corpus import read_documents
+from steplm.errors import UserError
+from steplm.io.special_tokens import check_ids
 
 
 def load(path: str | Path, device="cpu"):
     """``hf.Pretrained`` (model, config, tokenizer, special tokens) of a run directory or an HF Llama directory."""
-    from .hf import Pretrained, load_pretrained
-    from .tokens import read_special_tokens
-    from .train import load_run
+    from steplm.io.hf import Pretrained, load_pretrained
+    from steplm.io.special_tokens import read_special_tokens
+    from steplm.train.trainer import load_run
 
     p = Path(path)
     if not p.exists():
@@ -71,7 +72,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
     """{"loss", "ppl", "tokens"} on non-overlapping windows of ``data``, run on ``device``; ``dtype`` bf16 runs
     the model under bf16 autocast (weights stay fp32), fp32 (the default) is the reference. ``text_field``
     is the field of .jsonl/.parquet records that holds the text."""
-    from .devices import autocast
+    from steplm.devices import autocast
 
     device = torch.device(device)
     if not Path(data).exists():
@@ -84,7 +85,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         T = _context(seq_len, model.config.max_seq_len)
         logits_fn = model
     elif backend == "transformers":
-        from .files import one_line, read_json, read_tokenizer
+        from steplm.io.files import one_line, read_json, read_tokenizer
         p = Path(model_path)
         if not (p / "config.json").is_file():
             raise UserError(f"MODEL: --backend transformers needs an HF directory (run `steplm export {p} --to DIR`)")
@@ -103,7 +104,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
             hf_tok = AutoTokenizer.from_pretrained(str(p))
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             raise UserError(f"MODEL: transformers cannot load {p} ({one_line(e)})")
-        from .hf import check_finite
+        from steplm.io.hf import check_finite
         check_finite(dict(hf.named_parameters()), f"MODEL: {p}")
         if hf_tok.eos_token_id is None:
             raise UserError(f"MODEL: {p} tokenizer_config.json names no eos_token")

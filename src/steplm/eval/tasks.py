@@ -14,15 +14,14 @@ asserts there); an empty context is replaced by the model's prefix token (BOS, e
 from __future__ import annotations
 
 import bz2
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .devices import model_device
-from .errors import UserError
+from steplm.devices import model_device
+from steplm.errors import UserError
 
 TASKS = ("lambada", "arc_easy", "arc_challenge", "winogrande", "piqa", "openbookqa", "hellaswag")
 
@@ -36,7 +35,7 @@ class Doc:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    from .files import read_jsonl
+    from steplm.io.files import read_jsonl
     return read_jsonl(path, "--tasks-dir")
 
 
@@ -49,7 +48,7 @@ def _need(path: Path, task: str) -> Path:
 def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list[Doc]:
     """The task's documents, in file order, at most ``limit`` of them. A task file that is not in its
     dataset's format (a missing field, a bad label) is a UserError naming the task and folder."""
-    from .files import one_line
+    from steplm.io.files import one_line
     if name not in TASKS:
         raise UserError(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
     try:
@@ -218,8 +217,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path, lim
                    batch_size: int = 16, progress: bool = False, special=None) -> dict:
     """{"tasks": {name: metrics}}: acc/acc_norm/n for multiple choice, acc/ppl/n for LAMBADA, acc/n for WinoGrande.
     ``special`` (tokens.SpecialTokens) gives the empty-context prefix; default GPT-2's <|endoftext|>."""
-    from .evaluate import perplexity_of
-    from .tokens import check_ids, gpt2_special_tokens
+    from steplm.eval.perplexity import perplexity_of
+    from steplm.io.special_tokens import check_ids, gpt2_special_tokens
 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # None: a model without a config
 

@@ -29,8 +29,8 @@ import random
 import torch
 import torch.nn as nn
 
-from .lora import LoRALinear
-from .model import Block, ModelConfig
+from steplm.passes.lora import LoRALinear
+from steplm.model.llama import Block, ModelConfig
 
 
 def insertion_gaps(n_old: int, n_new: int, position: str, seed: int = 0) -> list[int]:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .devices import check_model_fits
-from .errors import UserError
-from .files import read_json, read_model_config, read_safetensors, read_tokenizer, unfinished_run
-from .model import ROPE_SCALING_KEYS, LLaMA, ModelConfig, from_state_dict
-from .tokens import SpecialTokens, gpt2_special_tokens, read_special_tokens, write_special_tokens
+from steplm.devices import check_model_fits
+from steplm.errors import UserError
+from steplm.io.files import read_json, read_model_config, read_safetensors, read_tokenizer, unfinished_run
+from steplm.model.llama import ROPE_SCALING_KEYS, LLaMA, ModelConfig, from_state_dict
+from steplm.io.special_tokens import SpecialTokens, gpt2_special_tokens, read_special_tokens, write_special_tokens
 
 # LlamaConfig fields, by what import does with them.
 IMPLEMENTED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -342,7 +342,7 @@ def export(model: LLaMA, tokenizer, out_dir: str | Path, special: SpecialTokens 
     bytes plus model.safetensors.index.json) in ``dtype``, generation_config.json and tokenizer files."""
     from huggingface_hub import save_torch_state_dict
 
-    from .lora import merged_state_dict
+    from steplm.passes.lora import merged_state_dict
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -368,7 +368,7 @@ def export(model: LLaMA, tokenizer, out_dir: str | Path, special: SpecialTokens 
 def run_history(run_dir: str | Path) -> dict:
     """steplm's record of how a run directory's model was made, for config.json's "steplm" key:
     method, layers per stage, steps per stage (from summary.json), SFT epochs/steps (from sft_summary.json)."""
-    from . import __version__
+    from steplm import __version__
 
     d = Path(run_dir)
     out: dict = {"version": __version__}

@@ -21,17 +21,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint
-from . import config as config_mod
-from . import distributed
-from . import methods, runguard
-from .devices import autocast, check_model_fits, gib, pick_device, pick_dtype, require_memory, retain_host_memory
-from .data import BatchSampler, TokenShard, default_cache_dir, eval_windows, prepare
-from .evaluate import perplexity_of
-from .errors import Preempted, TrainingStopped, UserError
-from .lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
-from .stages import Stage, minimum_peak_bytes, plan_run
-from .model import Attention, LLaMA, ModelConfig, build_model, count_params, from_state_dict
+from steplm.train import checkpoint
+from steplm import config as config_mod
+from steplm.train import distributed
+from steplm import methods
+from steplm.train import guards
+from steplm.devices import autocast, check_model_fits, gib, pick_device, pick_dtype, require_memory, retain_host_memory
+from steplm.data.sampler import BatchSampler, eval_windows
+from steplm.data.shards import TokenShard, default_cache_dir, prepare
+from steplm.eval.perplexity import perplexity_of
+from steplm.errors import Preempted, TrainingStopped, UserError
+from steplm.passes.lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
+from steplm.plan.stages import Stage, minimum_peak_bytes, plan_run
+from steplm.model.llama import Attention, LLaMA, ModelConfig, build_model, count_params, from_state_dict
 
 
 def _fsdp_module_type():
@@ -135,7 +137,7 @@ def _cpu_peak_step(step_fn, model, optimizer, trainer=None) -> int | None:
 def pretrained_model(stage1: ModelConfig, device: torch.device) -> LLaMA:
     """Stage 1's model loaded from model.init_from (fp32, trainable), checked against ``stage1``,
     the validated config it must match in every architecture key and in depth."""
-    from .hf import load_pretrained
+    from steplm.io.hf import load_pretrained
 
     src = stage1.init_from
     try:
@@ -189,7 +191,7 @@ class Trainer:
         self.fsdp = self.world > 1 and cfg.train.parallel == "fsdp2"
         self.progress = progress and self.main
         self.lock = None
-        self.preemption: runguard.Preemption | None = None  # set while fit runs
+        self.preemption: guards.Preemption | None = None  # set while fit runs
         if not self.fsdp:  # FSDP2 shards the states over the ranks
             self._check_fits(plan_run(cfg))
         if self.main:
@@ -285,12 +287,12 @@ class Trainer:
         """Create the run directory and take its lock (one writer per directory; a dead holder's lock
         is taken over). Creating the lock file doubles as the write test. A finished run or a foreign
         non-empty directory is refused before anything is written there."""
-        runguard.check_run_dir(self.out)
+        guards.check_run_dir(self.out)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--out: cannot write to {self.out} ({e.strerror})")
-        self.lock = runguard.RunLock(self.out)
+        self.lock = guards.RunLock(self.out)
         if self.lock.stale_pid and self.progress:
             print(f"steplm: taking over {self.out} from pid {self.lock.stale_pid}, which died holding it",
                   file=sys.stderr)
@@ -415,7 +417,7 @@ class Trainer:
         start = self.sampler.state_dict()  # a step abandoned on preemption is redone from here
         try:
             total = self.forward_backward()
-        except runguard.StepAbandoned:
+        except guards.StepAbandoned:
             self.sampler.load_state_dict(start)
             self.optimizer.zero_grad(set_to_none=True)
             raise
@@ -483,7 +485,7 @@ class Trainer:
             self.after_micro_batch()
         checkpoint.signal_fault(self.step + 1, "mid_step")
         if self.world == 1 and self.preemption is not None and self.preemption.signum is not None:
-            raise runguard.StepAbandoned
+            raise guards.StepAbandoned
 
     def _step_tokens(self) -> int:
         """Tokens one optimizer step trains on, over all ranks (train.micro_batch is per rank): every
@@ -641,7 +643,7 @@ class Trainer:
         model, optimizer = self._gather_plain() if self.fsdp else (self.model, self.optimizer)
         if not self.main:
             return None
-        if not runguard.all_finite(model.parameters()):
+        if not guards.all_finite(model.parameters()):
             raise self._nonfinite("checkpoint")
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if self.cfg.model.tie_embeddings:
@@ -678,7 +680,7 @@ class Trainer:
         the current optimizer step (several ranks), writes a checkpoint and raises Preempted; it raises
         TrainingStopped rather than write non-finite weights."""
         try:
-            with runguard.Preemption() as self.preemption:
+            with guards.Preemption() as self.preemption:
                 return self._fit()
         finally:
             if self.lock is not None:
@@ -694,7 +696,7 @@ class Trainer:
         def log(row):
             if metrics is None:
                 return
-            metrics.write(runguard.dumps(row) + "\n")
+            metrics.write(guards.dumps(row) + "\n")
             metrics.flush()
             if board is not None:
                 for k, v in row.items():
@@ -722,7 +724,7 @@ class Trainer:
                     loss, ok = box["out"]
                 else:
                     (loss, ok), peak = self.train_step(), None
-            except runguard.StepAbandoned:
+            except guards.StepAbandoned:
                 self._stop_for_preemption(metrics)  # the checkpoint of the last whole step
             if self.record is None and ok:  # after the stage's first optimizer step
                 self.record = self._stage_record(state_bytes(self.model, self.optimizer), None)
@@ -776,7 +778,7 @@ class Trainer:
     def _check_weights_finite(self):
         """Stop (exit 3) as soon as a parameter holds NaN/inf: one fused on-device reduction and one
         host sync, at log steps only."""
-        finite = runguard.all_finite(self.model.parameters())
+        finite = guards.all_finite(self.model.parameters())
         if self.world > 1:
             finite = distributed.mean(float(finite)) == 1.0
         if not finite:
@@ -821,7 +823,7 @@ class Trainer:
     def _lower_hint(self) -> str:
         """What to lower when steps keep failing: the lr; with adapters in the model their scale; and an
         init_std far above the default's 0.02, whose logits start huge."""
-        from .lora import LoRALinear
+        from steplm.passes.lora import LoRALinear
         hint = f"lower {self.LR_KEY}"
         if any(isinstance(m, LoRALinear) for m in self.model.modules()):
             lo = self.cfg.lora
@@ -872,7 +874,7 @@ class Trainer:
         final = merged_state_dict(self.model)
         if not self.main:
             return {"weights_sha256": weights_sha256(final)}
-        if not runguard.all_finite(final.values()):  # never write a poisoned model as the result
+        if not guards.all_finite(final.values()):  # never write a poisoned model as the result
             raise self._nonfinite("final save")
         tmp = self.out / "model.safetensors.tmp"
         save_file(final, str(tmp), metadata={"format": "pt"})
@@ -898,7 +900,7 @@ class Trainer:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "stages": self.stage_records,
         }
-        (self.out / "summary.json").write_text(runguard.dumps(summary, indent=2))
+        (self.out / "summary.json").write_text(guards.dumps(summary, indent=2))
         return summary
 
 
@@ -906,7 +908,7 @@ class Trainer:
 def load_run(run_dir: str | Path, device="cpu", who: str = "MODEL") -> tuple[LLaMA, object]:
     """The final merged model and tokenizer of a run directory; a one-line UserError naming ``who``
     (the argument that gave the folder: MODEL, or RUN_DIR for export) when it cannot."""
-    from .files import one_line, read_model_config, read_safetensors, read_tokenizer, unfinished_run
+    from steplm.io.files import one_line, read_model_config, read_safetensors, read_tokenizer, unfinished_run
 
     d = Path(run_dir)
     if unfinished_run(d, who):
@@ -921,6 +923,6 @@ def load_run(run_dir: str | Path, device="cpu", who: str = "MODEL") -> tuple[LLa
         model = from_state_dict(mcfg, state, device)
     except (KeyError, RuntimeError) as e:  # missing tensors or wrong shapes for model_config.json
         raise UserError(f"{who}: {d / 'model.safetensors'} does not match its model_config.json ({one_line(e)})")
-    from .hf import check_finite
+    from steplm.io.hf import check_finite
     check_finite(model.state_dict(), f"{who}: {d}")
     return model, tok

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from . import flops as flops_mod
-from . import methods, planner
-from .methods.base import CONVENTIONS, flops_per_token, full_rank_counts, layer_shape, precision, tokens_per_step
+from steplm.plan import flops as flops_mod
+from steplm import methods
+from steplm.methods.base import CONVENTIONS, flops_per_token, full_rank_counts, layer_shape, precision, tokens_per_step
+from steplm.plan import memory
 
 __all__ = ["Stage", "StagePlan", "plan_run", "layer_shape", "format_plan"]
 
@@ -102,7 +103,7 @@ class StagePlan:
 
 def _vanilla(cfg) -> dict:
     counts, tokens = full_rank_counts(cfg), cfg.train.max_steps * tokens_per_step(cfg)
-    layers = cfg.model.n_layers * planner.trainable_layer_bytes(layer_shape(cfg.model), precision(cfg))
+    layers = cfg.model.n_layers * memory.trainable_layer_bytes(layer_shape(cfg.model), precision(cfg))
     return {"layers": cfg.model.n_layers, "steps": cfg.train.max_steps, "tokens": tokens,
             "flops": {c: flops_per_token(cfg, counts, c) * tokens for c in CONVENTIONS},
             "planned_state_bytes": {"layers": layers, "total": layers + methods.get("vanilla").outer_state_bytes(cfg)}}
@@ -140,18 +141,18 @@ def minimum_peak_bytes(cfg, plan: StagePlan, with_activations: bool = True) -> d
     fit before anything is allocated. The largest over stages of the larger of two sets that are
     alive together: the stage's model states (planned_state_bytes 'total', Eq. 2 with embeddings and
     head) at the optimizer step, and what one micro-batch keeps for backward even under activation
-    checkpointing and torch.compile (``planner.activation_bytes`` with checkpointing, at 2 bytes per
+    checkpointing and torch.compile (``memory.activation_bytes`` with checkpointing, at 2 bytes per
     value: every block's input, one block's graph, the head's and loss chunk's); plus the RoPE tables
     (2 · max_seq_len · head_dim fp32), which live throughout. Returns 'total' and its three parts,
     'states', 'activations' and 'rope', of the stage that sets it. ``with_activations`` False leaves
     the activations out (SFT: its sequences are shorter than train.seq_len)."""
     m, t = cfg.model, cfg.train
     shape = layer_shape(m)
-    rope = planner.rope_table_bytes(m.max_seq_len, m.head_dim)
+    rope = memory.rope_table_bytes(m.max_seq_len, m.head_dim)
     best = None
     for s in plan.stages:
         states = s.planned_state_bytes["total"]
-        acts = planner.activation_bytes(s.layers, m.d_model, m.n_heads, t.seq_len, t.micro_batch, m.vocab_size,
+        acts = memory.activation_bytes(s.layers, m.d_model, m.n_heads, t.seq_len, t.micro_batch, m.vocab_size,
                                         True, ffn_hidden=shape.ffn_hidden, q_dim=shape.q_dim, kv_dim=shape.kv_dim,
                                         act_bytes=2) if with_activations else 0
         row = {"total": max(states, acts) + rope, "states": states, "activations": acts, "rope": rope}
@@ -167,7 +168,7 @@ def _fmt_bytes(b: float, unit: float) -> str:
 def format_plan(plan: StagePlan) -> str:
     """The plan as a text table: one row per stage, then vanilla's totals and the reduction."""
     peak, van = plan.peak_state_bytes(), plan.vanilla["planned_state_bytes"]
-    unit, name = (planner.GB, "GB") if van["total"] >= planner.GB else (2**20, "MiB")
+    unit, name = (memory.GB, "GB") if van["total"] >= memory.GB else (2**20, "MiB")
     conv = plan.flops_convention
     head = (f"{'stage':>5} {'kind':>5} {'layers':>6} {'new':>4} {'trainable':>13} {'frozen':>13} {'adapter':>11} "
             f"{'steps':>7} {'tokens':>13} {'FLOPs (' + conv + ')':>18} {'layers ' + name:>10} {'total ' + name:>10}")

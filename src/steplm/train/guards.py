@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import UserError
+from steplm.errors import UserError
 
 LOCK_NAME = ".lock"
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -133,7 +133,7 @@ class Preemption:
         """Whether a preemption signal arrived (on any rank: a collective when ``world`` > 1)."""
         if world <= 1:
             return self.signum is not None
-        from . import distributed
+        from steplm.train import distributed
         return distributed.mean(float(self.signum is not None)) > 0
 
     @property

@@ -18,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .model import ModelConfig
+from steplm.errors import UserError
+from steplm.model.llama import ModelConfig
 
-from .methods import REGISTRY as _METHODS
-from .methods.base import init_depth
-from .planner import MASTER_WEIGHTS, OPTIMIZER_STATES, Precision
+from steplm.methods import REGISTRY as _METHODS
+from steplm.methods.base import init_depth
+from steplm.plan.memory import MASTER_WEIGHTS, OPTIMIZER_STATES, Precision
 
 METHODS = tuple(_METHODS)
 POSITIONS = ("upper", "top", "intermediate", "lower", "random")
@@ -398,7 +398,7 @@ NOT_FROM_CHECKPOINT = ("n_layers", "init_std", "init_from")
 
 def _checkpoint_config(cfg: RunConfig, source: str) -> ModelConfig:
     """The ModelConfig of model.init_from's config.json, or a UserError naming ``source``."""
-    from .hf import read_config
+    from steplm.io.hf import read_config
 
     d = Path(cfg.model.init_from)
     try:
@@ -414,7 +414,7 @@ def init_from_conflicts(cfg: RunConfig, given: set[str], given_tokenizer: bool, 
                         source: str = "model.init_from") -> list[str]:
     """The model keys in ``given`` (and data.tokenizer) whose values differ from model.init_from's
     checkpoint ``ck``, each naming both sides."""
-    from .hf import HF_NAMES
+    from steplm.io.hf import HF_NAMES
 
     m, d, out = cfg.model, cfg.model.init_from, []
     for f in dataclasses.fields(ModelConfig):

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import planner
-from .errors import UserError
+from steplm.errors import UserError
+from steplm.plan import memory
 
 
 def read_summary(run_dir: str | Path, key: str = "RUN_DIR") -> dict:
     """A finished run's summary.json; a UserError naming ``key`` (the argument that gave the folder)."""
-    from .files import read_json
+    from steplm.io.files import read_json
     p = Path(run_dir) / "summary.json"
     if not Path(run_dir).is_dir():
         raise UserError(f"{key}: {run_dir} is not a directory (give a steplm run directory)")
@@ -41,7 +41,7 @@ def save_png(fig, out: str | Path, flag: str = "--out") -> None:
     """Write ``fig`` to ``out`` and close it; a place that cannot be written is one UserError line."""
     import matplotlib.pyplot as plt
 
-    from .files import one_line
+    from steplm.io.files import one_line
     try:
         fig.savefig(out, dpi=120)
     except (OSError, UnicodeError) as e:
@@ -59,8 +59,8 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     summary = read_summary(run_dir)
     stages = summary["stages"]
     out = png_path(out, Path(run_dir) / "memory.png")
-    from .config import load
-    from .methods.base import layer_shape, precision
+    from steplm.config import load
+    from steplm.methods.base import layer_shape, precision
     if not (Path(run_dir) / "config.yaml").is_file():
         raise UserError(f"RUN_DIR: {run_dir} has no config.yaml (is it a steplm run directory?)")
     try:
@@ -69,8 +69,8 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
         raise UserError(f"RUN_DIR: {run_dir}'s config.yaml is not one this steplm reads ({e})")
     shape = layer_shape(cfg.model)
     prec = precision(cfg)
-    head = planner.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings, prec)
-    van_planned = cfg.model.n_layers * planner.trainable_layer_bytes(shape, prec) + head
+    head = memory.head_state_bytes(cfg.model.vocab_size, cfg.model.d_model, cfg.model.tie_embeddings, prec)
+    van_planned = cfg.model.n_layers * memory.trainable_layer_bytes(shape, prec) + head
     mb = 1 / 2**20
     vanilla = read_summary(vanilla_dir, "--vanilla") if vanilla_dir else None
     if vanilla is not None and vanilla.get("method") != "vanilla":  # its stage 1 would be drawn as vanilla

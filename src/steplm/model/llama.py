@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .attention import BLOCK, SLICE_BYTES, CausalAttention, use_matmul_backward
-from .loss import linear_cross_entropy
+from steplm.model.attention import BLOCK, SLICE_BYTES, CausalAttention, use_matmul_backward
+from steplm.model.loss import linear_cross_entropy
 
 
 def default_ffn_hidden(d_model: int, multiple_of: int = 64) -> int:

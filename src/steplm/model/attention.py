@@ -25,7 +25,6 @@ false`` keeps torch's SDPA.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 SLICE_BYTES = 64 * 2**20
 BLOCK = 128

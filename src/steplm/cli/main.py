@@ -11,8 +11,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import UserError
-from .runguard import dumps
+from steplm.errors import UserError
+from steplm.train.guards import dumps
+from steplm.plan import memory
+from steplm.plan import solve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,9 +121,9 @@ def _seed(s):
 def _fit(make_trainer, out: Path) -> dict | None:
     """Build a trainer and fit it; the summary on rank 0 (None on the other ranks). A run that fails
     before its first checkpoint leaves no directory it created behind."""
-    from . import distributed
-    from .checkpoint import list_steps
-    from .runguard import RunDirInUse
+    from steplm.train import distributed
+    from steplm.train.checkpoint import list_steps
+    from steplm.train.guards import RunDirInUse
 
     created = _first_missing(out)  # --out a/b/run may create a and a/b as well
     trainer, fitted = None, False
@@ -188,7 +190,7 @@ def _remove_created(out: Path, top: Path) -> None:
 
 def _refuse_flag_and_set(sets: list[str], *flags: tuple[str, str, object]) -> None:
     """A flag given (value not None) together with a --set of the key it sets: which one was meant?"""
-    from .config import override_key
+    from steplm.config import override_key
     keys = {override_key(item) for item in sets}
     for flag, key, value in flags:
         if value is not None and key in keys:
@@ -196,8 +198,8 @@ def _refuse_flag_and_set(sets: list[str], *flags: tuple[str, str, object]) -> No
 
 
 def cmd_train(a):
-    from . import config
-    from .train import Trainer
+    from steplm import config
+    from steplm.train.trainer import Trainer
 
     overrides = list(a.set or [])
     _refuse_flag_and_set(overrides, ("--data", "data.path", a.data), ("--max-steps", "train.max_steps", a.max_steps),
@@ -232,15 +234,15 @@ def _tasks_dir(given: str | None) -> str:
 
 def _precision(a):
     """(torch.device, torch.dtype) from --device and --dtype, with train.device/train.dtype's meaning."""
-    from .devices import pick_device, pick_dtype
+    from steplm.devices import pick_device, pick_dtype
 
     device = pick_device(a.device, "--device")
     return device, pick_dtype(a.dtype, device)
 
 
 def cmd_eval(a):
-    from .devices import autocast
-    from .evaluate import load, perplexity
+    from steplm.devices import autocast
+    from steplm.eval.perplexity import load, perplexity
 
     device, dtype = _precision(a)
     task_mode = a.tasks is not None
@@ -253,7 +255,7 @@ def cmd_eval(a):
                                            "model)" if task_mode else "used only with --tasks"))
 
     if task_mode:
-        from .tasks import TASKS, evaluate_tasks
+        from steplm.eval.tasks import TASKS, evaluate_tasks
         names = [t.strip() for t in a.tasks.split(",") if t.strip()]
         if not names:
             raise UserError(f"--tasks: give at least one task name ({', '.join(TASKS)})")
@@ -290,9 +292,9 @@ def _size(s):
 
 
 def cmd_export(a):
-    from .hf import export, run_history
-    from .tokens import read_special_tokens
-    from .train import load_run
+    from steplm.io.hf import export, run_history
+    from steplm.io.special_tokens import read_special_tokens
+    from steplm.train.trainer import load_run
 
     src = Path(a.run_dir)
     if src.exists() and not src.is_dir():
@@ -318,8 +320,8 @@ def cmd_export(a):
 
 def _plan_config(a):
     """`steplm plan CONFIG.yaml [--set ...]`: the whole StagePlan of a run config, before training."""
-    from . import config
-    from .stages import format_plan, plan_run
+    from steplm import config
+    from steplm.plan.stages import format_plan, plan_run
 
     shape_flags = [f for f in ("preset", "hidden", "layers", "stages", "lora_rank", "layers_per_stage", "ffn_hidden",
                                "n_heads", "n_kv_heads", "budget_gb", "optimizer_states", "master_weights", "cap_growth",
@@ -370,7 +372,6 @@ def _check_plan_flags(a) -> None:
 
 
 def cmd_plan(a):
-    from . import planner
 
     if a.config or a.set or a.init_from:  # like `train`, --set alone starts from the default config
         return _plan_config(a)
@@ -379,12 +380,12 @@ def cmd_plan(a):
     _check_plan_flags(a)
     a.vocab_size, a.seq_len, a.micro_batch = a.vocab_size or 50257, a.seq_len or 1024, a.micro_batch or 1
     states = a.optimizer_states or ("bf16" if a.master_weights == "bf16" else "fp32")
-    prec = planner.Precision(states, a.master_weights or "fp32")
+    prec = memory.Precision(states, a.master_weights or "fp32")
     if prec.problems():
         flag = "--" + prec.problems()[0].split(":")[0].split(".")[1].replace("_", "-")
         raise UserError(f"{flag}: {prec.problems()[0].split(': ', 1)[1]}")
     if a.preset:
-        p = planner.PRESETS[a.preset]
+        p = memory.PRESETS[a.preset]
         a.hidden = a.hidden or p["d_model"]
         a.layers = a.layers or p["n_layers"]
         a.stages = a.stages or p["n_stages"]
@@ -405,27 +406,27 @@ def cmd_plan(a):
         if not a.n_heads or a.hidden % a.n_heads or a.n_heads % a.n_kv_heads:
             raise UserError("--n-kv-heads: needs --n-heads dividing --hidden and divisible by --n-kv-heads")
         kv = a.n_kv_heads * (a.hidden // a.n_heads)
-    shape = planner.LayerShape(a.hidden, a.ffn_hidden, kv)
+    shape = memory.LayerShape(a.hidden, a.ffn_hidden, kv)
     heads = a.n_heads or max(1, a.hidden // 128)
 
     def extra(L, prec=prec):
         """Bytes beyond the layers' model states that --budget-gb must also fit (--extended)."""
         if not a.extended:
             return 0
-        return planner.head_state_bytes(a.vocab_size, a.hidden, prec=prec) + activations(L)
+        return memory.head_state_bytes(a.vocab_size, a.hidden, prec=prec) + activations(L)
 
     def activations(L):
-        return planner.activation_bytes(L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing,
+        return memory.activation_bytes(L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing,
                                         ffn_hidden=a.ffn_hidden, kv_dim=kv)
     try:
         if a.budget_gb is not None and (search or search_stages):
-            plan = planner.deepest_over(
-                a.budget_gb * planner.GB,
-                list(range(1, planner.MAX_SEARCH_STAGES + 1)) if search_stages else [a.stages],
-                planner.PRECISIONS if search else [prec], shape, a.lora_rank, a.cap_growth, extra)
-            prec = planner.Precision(plan.optimizer_states, plan.master_weights)
+            plan = solve.deepest_over(
+                a.budget_gb * memory.GB,
+                list(range(1, solve.MAX_SEARCH_STAGES + 1)) if search_stages else [a.stages],
+                memory.PRECISIONS if search else [prec], shape, a.lora_rank, a.cap_growth, extra)
+            prec = memory.Precision(plan.optimizer_states, plan.master_weights)
         elif a.budget_gb is not None:
-            plan = planner.deepest_within(a.budget_gb * planner.GB, a.stages, shape, a.lora_rank, a.cap_growth, extra,
+            plan = solve.deepest_within(a.budget_gb * memory.GB, a.stages, shape, a.lora_rank, a.cap_growth, extra,
                                           prec=prec)
         else:
             if not a.layers:
@@ -434,27 +435,27 @@ def cmd_plan(a):
                 raise UserError(f"--stages: must be at most --layers ({a.layers}), got {a.stages}")
             if a.layers_per_stage:
                 split = _split(a.layers_per_stage)
-                if len(split) > planner.MAX_STAGES:
-                    raise UserError(f"--layers-per-stage: at most {planner.MAX_STAGES} stages (the planner's bound), "
+                if len(split) > solve.MAX_STAGES:
+                    raise UserError(f"--layers-per-stage: at most {solve.MAX_STAGES} stages (the planner's bound), "
                                     f"got {len(split)}")
                 if any(n < 1 for n in split):
                     raise UserError("--layers-per-stage: every stage needs at least one layer")
                 if sum(split) != a.layers:
                     raise UserError(f"--layers-per-stage: must sum to --layers ({a.layers}), got {sum(split)}")
-                plan = planner.evaluate_split(split, shape, a.lora_rank, prec)
+                plan = solve.evaluate_split(split, shape, a.lora_rank, prec)
             else:
-                plan = planner.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth, prec)
+                plan = solve.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth, prec)
     except ValueError as e:
         flag = "--budget-gb" if a.budget_gb is not None else "--layers-per-stage"
         raise UserError(f"{flag}: {e}")
     if a.extended:
         L = sum(plan.layers_per_stage)
         plan.extended = {
-            "embedding_head_norm_bytes": planner.head_state_bytes(a.vocab_size, a.hidden, prec=prec),
+            "embedding_head_norm_bytes": memory.head_state_bytes(a.vocab_size, a.hidden, prec=prec),
             "activation_bytes": activations(L),
             "activation_formula": "steplm's graph, fp32: per token and layer (6d+3q+2kv+4f)*4 + (2+heads)*4 "
                                   "(d*4 with checkpointing, plus one layer); head: d*4 per token + 4*V*d + "
-                                  "3 fp32 logits chunks (planner.activation_bytes)",
+                                  "3 fp32 logits chunks (memory.activation_bytes)",
         }
         i = plan.stage_bytes.index(plan.peak_bytes)  # the largest stage
         depth, before = plan.cumulative_layers[i], plan.cumulative_layers[i] - plan.layers_per_stage[i]
@@ -463,13 +464,13 @@ def cmd_plan(a):
         plan.extended["activation_bytes"] = activations(depth)
         grad = 2 if prec.master_weights == "bf16" else 4  # bytes of one gradient element
         head_params = 2 * a.vocab_size * a.hidden + a.hidden
-        plan.extended["peak_bytes"] = planner.step_peak_bytes(
+        plan.extended["peak_bytes"] = memory.step_peak_bytes(
             plan.peak_bytes + head, grad * (trainable + head_params), grad * a.vocab_size * a.hidden,
             activations(depth))
     if a.json:
         print(dumps(plan.to_dict()))
         return
-    gb, unit = (planner.GB, "GB") if plan.vanilla_bytes >= planner.GB else (1e6, "MB")
+    gb, unit = (memory.GB, "GB") if plan.vanilla_bytes >= memory.GB else (1e6, "MB")
     print(f"d={a.hidden} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)} r={a.lora_rank}  "
           f"P={plan.params_per_layer:,} E={plan.lora_params_per_layer:,}  solver: {plan.solver}")
     print(f"optimizer states {plan.optimizer_states}, master weights {plan.master_weights}")
@@ -506,9 +507,9 @@ def _sampling(a) -> dict:
 
 
 def cmd_generate(a):
-    from .devices import autocast
-    from .evaluate import load
-    from .generate import alpaca_prompt, complete
+    from steplm.devices import autocast
+    from steplm.eval.perplexity import load
+    from steplm.eval.generate import alpaca_prompt, complete
 
     if not a.prompt:
         raise UserError("--prompt: give a non-empty prompt")
@@ -521,7 +522,7 @@ def cmd_generate(a):
 
 
 def cmd_info(a):
-    from .hf import describe
+    from steplm.io.hf import describe
 
     if not Path(a.model).is_dir():
         raise UserError(f"MODEL: {a.model} is not a directory")
@@ -558,7 +559,7 @@ SFT_UNUSED_KEYS = {"train.eval_every": "sft has no validation split", "train.eva
 def _check_sft_sets(sets: list[str]) -> None:
     """sft's --set takes train.* keys only: the model's shape and tokenizer are MODEL's, the examples
     --data's, and the method plain AdamW, so any other key would be ignored without a word."""
-    from .config import override_key
+    from steplm.config import override_key
     for item in sets:
         key = override_key(item)
         if key in SFT_FLAG_KEYS:
@@ -571,7 +572,7 @@ def _check_sft_sets(sets: list[str]) -> None:
 
 
 def cmd_sft(a):
-    from .sft import SFTTrainer, read_examples, sft_config, source_config
+    from steplm.train.sft import SFTTrainer, read_examples, sft_config, source_config
 
     _check_sft_sets(a.set or [])
     read_examples(a.data)  # bad data: one line, before anything is written
@@ -588,9 +589,9 @@ def cmd_sft(a):
 
 
 def cmd_mt_bench(a):
-    from .devices import autocast
-    from .evaluate import load
-    from .generate import mt_bench_answers
+    from steplm.devices import autocast
+    from steplm.eval.perplexity import load
+    from steplm.eval.generate import mt_bench_answers
 
     sampling = _sampling(a)
     device, dtype = _precision(a)
@@ -633,7 +634,7 @@ def _add_sampling(p, max_new=128):
 
 
 def cmd_plot(a):
-    from .report import plot_memory
+    from steplm.plots import plot_memory
 
     out = plot_memory(a.run_dir, a.out, a.vanilla)
     print(f"wrote {out}", file=sys.stderr)
@@ -641,7 +642,6 @@ def cmd_plot(a):
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from . import planner  # pure Python: its bounds become the plan flags' limits
     p = _Parser(prog="steplm", description="STEP: staged parameter-efficient pre-training of LLaMA models.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -697,10 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--init-from", metavar="HF_DIR", help="plan STEP from this HF Llama directory (model.init_from)")
     pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"],
                     help="a model size of the paper's Table 1 (its d, L, K and rank)")
-    width, big = _int_up_to(planner.MAX_WIDTH), _int_up_to(1 << 30, "a sanity bound")
+    width, big = _int_up_to(solve.MAX_WIDTH), _int_up_to(1 << 30, "a sanity bound")
     pl.add_argument("--hidden", type=width, help="d")
-    pl.add_argument("--layers", type=_int_up_to(planner.MAX_LAYERS), help="final layer count L")
-    pl.add_argument("--stages", type=_int_up_to(planner.MAX_STAGES), help="K (default 2)")
+    pl.add_argument("--layers", type=_int_up_to(solve.MAX_LAYERS), help="final layer count L")
+    pl.add_argument("--stages", type=_int_up_to(solve.MAX_STAGES), help="K (default 2)")
     pl.add_argument("--lora-rank", type=width, help="r (default min(128, d), the paper's rank)")
     pl.add_argument("--layers-per-stage", help="evaluate this split instead of optimising, e.g. 7,5")
     pl.add_argument("--ffn-hidden", type=width, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
@@ -708,12 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--n-kv-heads", type=width, help="key/value heads (GQA)")
     pl.add_argument("--cap-growth", action="store_true", help="require n_(i+1) <= N_i")
     pl.add_argument("--budget-gb", type=_positive_float, help="deepest model whose peak fits this many GB (1e9 B); "
-                    f"stops at {planner.MAX_LAYERS} layers and says so")
+                    f"stops at {solve.MAX_LAYERS} layers and says so")
     pl.add_argument("--extended", action="store_true", help="add embeddings, head, norms and activations")
-    pl.add_argument("--optimizer-states", choices=planner.OPTIMIZER_STATES,
+    pl.add_argument("--optimizer-states", choices=memory.OPTIMIZER_STATES,
                     help="AdamW moments (default fp32; with --budget-gb and no value: search every supported "
-                         "precision, and every K from 1 to %d without --stages)" % planner.MAX_SEARCH_STAGES)
-    pl.add_argument("--master-weights", choices=planner.MASTER_WEIGHTS,
+                         "precision, and every K from 1 to %d without --stages)" % solve.MAX_SEARCH_STAGES)
+    pl.add_argument("--master-weights", choices=memory.MASTER_WEIGHTS,
                     help="trainable weights and gradients (default fp32, or bf16 with --optimizer-states bf16)")
     pl.add_argument("--vocab-size", type=big, help="V, for embeddings and head (with --extended; "
                     "default 50257, GPT-2's)")
@@ -781,8 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, Preempted, \
-        TrainingStopped
+    from steplm.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, Preempted,
+                               TrainingStopped)
     _quiet_library_logs()
     try:
         args = build_parser().parse_args(argv)

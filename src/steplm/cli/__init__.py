@@ -1,0 +1,2 @@
+"""The steplm command line."""
+from steplm.cli.main import build_parser, main  # noqa: F401

@@ -1,0 +1,116 @@
+"""Corpus reading: the documents of a file, a folder or a HF dataset, and the stable
+document-level validation split (a hash of each document's id).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+from steplm.errors import UserError
+from steplm.io.files import one_line
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+
+
+# ---------------------------------------------------------------------------- reading
+def _suffix(p: Path) -> str:
+    return ".jsonl.gz" if p.name.endswith(".jsonl.gz") else p.suffix
+
+
+def list_sources(path: str, exclude: list[str] = (), key: str = "data.path") -> list[Path]:
+    """The files a data path stands for, sorted; raises UserError, naming ``key``, for a missing or
+    empty path."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        skip = set(exclude) | {"__pycache__", "site-packages"}
+        files = sorted(f for f in p.rglob("*") if f.is_file()
+                       and _suffix(f) in TEXT_SUFFIXES + RECORD_SUFFIXES
+                       and not skip.intersection(f.relative_to(p).parts[:-1]))
+        if not files:
+            raise UserError(f"{key}: no .txt/.jsonl/.jsonl.gz/.parquet/.py files under {p}")
+        return files
+    raise UserError(f"{key}: {path} does not exist (give a file, a directory, or a local HF dataset)")
+
+
+def read_documents(path: str, text_field: str = "text", exclude: list[str] = (), key: str = "data.path",
+                   field_key: str = "data.text_field") -> Iterator[tuple[str, str]]:
+    """Yield (document id, text) for every document under ``path``. Errors are one-line UserErrors
+    naming ``key`` (the path's config key or flag) and ``field_key`` (the record field's)."""
+    for f in list_sources(path, exclude, key):
+        suffix = _suffix(f)
+        try:
+            if suffix not in RECORD_SUFFIXES:  # .txt, .py, or a file named on its own: UTF-8 text
+                yield str(f), f.read_text(encoding="utf-8")
+            elif suffix in (".jsonl", ".jsonl.gz"):
+                opener = gzip.open if suffix == ".jsonl.gz" else open
+                with opener(f, "rt", encoding="utf-8") as fh:
+                    for n, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError:
+                            raise UserError(f"{key}: line {n} of {f} is not valid JSON")
+                        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                            raise UserError(f"{key}: line {n} of {f} has no string field '{text_field}' "
+                                            f"(set {field_key})")
+                        yield f"{f}:{n}", rec[text_field]
+            else:  # parquet
+                import pyarrow
+                import pyarrow.parquet as pq
+                try:
+                    table = pq.read_table(f)
+                except pyarrow.ArrowException as e:
+                    raise UserError(f"{key}: {f} is not a readable parquet file ({one_line(e)})")
+                if text_field not in table.column_names:
+                    raise UserError(f"{key}: {f} has no column '{text_field}' (set {field_key})")
+                for n, text in enumerate(table.column(text_field).to_pylist()):
+                    yield f"{f}:{n}", text or ""
+        except UnicodeDecodeError:
+            raise UserError(f"{key}: {f} is not UTF-8 text")
+        except (OSError, EOFError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"{key}: cannot read {f} ({one_line(e)})")
+
+
+def read_hf_dataset(name: str, text_field: str, key: str = "data.path") -> Iterator[tuple[str, str]]:
+    """Documents of a Hugging Face dataset's train split (needs `datasets` and a reachable hub)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{key}: {name} is not a local path, and reading a hub dataset needs `pip install datasets`")
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # noqa: BLE001 - anything the hub raises becomes one line
+        raise UserError(f"{key}: {name} is not a local path and could not be loaded from the hub ({type(e).__name__})")
+    for n, rec in enumerate(ds):
+        yield f"{name}:{n}", rec[text_field]
+
+
+def _looks_local(path: str) -> bool:
+    p = Path(path).expanduser()
+    return p.exists() or path.startswith((".", "/", "~")) or _suffix(p) in TEXT_SUFFIXES + RECORD_SUFFIXES
+
+
+def documents(path: str, text_field: str = "text", exclude: list[str] = (), key: str = "data.path"
+              ) -> Iterator[tuple[str, str]]:
+    """Local path if it exists, else a hub dataset name of the form owner/name or name."""
+    if _looks_local(path):
+        return read_documents(path, text_field, exclude, key)
+    return read_hf_dataset(path, text_field, key)
+
+
+def is_validation(doc_id: str, fraction: float) -> bool:
+    """Stable document-level split: hash of the document id."""
+    # surrogateescape: a file name that is not UTF-8 reaches Python with lone surrogates (its bytes, kept)
+    h = int.from_bytes(hashlib.sha1(doc_id.encode("utf-8", "surrogateescape")).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, the zero-shot tasks, generation and MT-Bench answers."""

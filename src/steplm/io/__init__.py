@@ -1,0 +1,1 @@
+"""Reading and writing model folders: run folders, checkpoints, Hugging Face folders."""

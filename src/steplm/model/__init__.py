@@ -1,0 +1,1 @@
+"""The LLaMA architecture: decoder, attention, fused head + loss. Architecture only."""

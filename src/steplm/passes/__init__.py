@@ -1,0 +1,1 @@
+"""Passes over a built model: growth, LoRA adapters."""

@@ -1,0 +1,1 @@
+"""The training loop and what it owns: run state, checkpoints, guards, processes."""
