@@ -432,7 +432,8 @@ def test_a_stray_file_in_a_checkpoint_is_ignored_but_an_unlisted_loader_file_is_
 def test_yaml_merge_keys_and_anchors_still_load(tmp_path, yaml_text, want):
     import yaml
     (tmp_path / "c.yaml").write_text(yaml_text)
-    d = yaml.load(yaml_text, Loader=config._UniqueKeyLoader)
+    from steplm.config.load import _UniqueKeyLoader
+    d = yaml.load(yaml_text, Loader=_UniqueKeyLoader)
     assert d["train"]["lr"] == want
 
 

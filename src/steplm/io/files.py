@@ -99,7 +99,7 @@ def read_safetensors(path: str | Path, who: str, device="cpu") -> dict[str, torc
 
 def read_model_config(run_dir: str | Path, who: str):
     """The ModelConfig of a steplm run folder's model_config.json, its keys and values checked."""
-    from steplm.model.llama import ModelConfig
+    from steplm.config.schema import ModelConfig
     p = Path(run_dir) / "model_config.json"
     d = read_json(p, who)
     try:

@@ -22,7 +22,8 @@ import torch
 from steplm.devices import check_model_fits
 from steplm.errors import UserError
 from steplm.io.files import read_json, read_model_config, read_safetensors, read_tokenizer, unfinished_run
-from steplm.model.llama import ROPE_SCALING_KEYS, LLaMA, ModelConfig, from_state_dict
+from steplm.config.schema import ROPE_SCALING_KEYS, ModelConfig
+from steplm.model.llama import LLaMA, from_state_dict
 from steplm.io.special_tokens import SpecialTokens, gpt2_special_tokens, read_special_tokens, write_special_tokens
 
 # LlamaConfig fields, by what import does with them.

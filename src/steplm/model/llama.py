@@ -6,165 +6,17 @@ Parameter names match Hugging Face ``LlamaForCausalLM`` one to one
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from steplm.config.schema import ROPE_SCALING_KEYS, ModelConfig, default_ffn_hidden  # noqa: F401
 from steplm.model.attention import BLOCK, SLICE_BYTES, CausalAttention, use_matmul_backward
 from steplm.model.loss import linear_cross_entropy
 
 
-def default_ffn_hidden(d_model: int, multiple_of: int = 64) -> int:
-    """LLaMA's SwiGLU width: 8/3·d rounded up to a multiple of ``multiple_of``."""
-    hidden = int(8 * d_model / 3)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 50257
-    """Vocabulary size; must cover the tokenizer's."""
-    d_model: int = 256
-    """Hidden size d."""
-    n_layers: int = 8
-    """Number of decoder blocks L (the final depth for STEP)."""
-    n_heads: int = 4
-    """Attention heads; d_model must be divisible by it unless head_dim is set."""
-    n_kv_heads: int | None = None
-    """Key/value heads for GQA; None means n_heads (plain multi-head attention)."""
-    head_dim: int | None = None
-    """Width of one attention head; None means d_model / n_heads (HF head_dim)."""
-    ffn_hidden: int | None = None
-    """SwiGLU hidden size; None means 8/3·d rounded up to a multiple of 64."""
-    max_seq_len: int = 256
-    """Longest sequence the model is trained on (RoPE is computed up to it)."""
-    rope_theta: float = 10000.0
-    """RoPE base."""
-    rope_scaling: dict | None = None
-    """RoPE frequency scaling, HF rope_parameters without rope_theta, e.g. {rope_type: linear, factor: 4};
-    rope_type linear, llama3 or yarn (computed by transformers' own functions). None: plain RoPE."""
-    attention_bias: bool = False
-    """Biases on the q/k/v/o projections (HF attention_bias)."""
-    mlp_bias: bool = False
-    """Biases on the gate/up/down projections (HF mlp_bias)."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
-    tie_embeddings: bool = False
-    """Share the token embedding with the LM head."""
-    init_std: float = 0.02
-    """Std of the normal init; output projections are further scaled by depth."""
-    init_from: str | None = None
-    """An HF Llama directory that stage 1 starts from instead of a random init (`steplm train --init-from`).
-    Its config.json fixes every architecture key (a conflicting model.* key is an error) and its tokenizer
-    is used as-is; model.n_layers is the final depth, at least the checkpoint's (STEP grows it to that).
-    The model classes ignore it: it says where the weights come from, as init_std does for a random init."""
-
-    def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.ffn_hidden is None:
-            self.ffn_hidden = default_ffn_hidden(self.d_model)
-        if self.head_dim is None and _positive_int(self.d_model) and _positive_int(self.n_heads) \
-                and self.d_model % self.n_heads == 0:
-            self.head_dim = self.d_model // self.n_heads  # left None otherwise; problems() names d_model
-
-    def problems(self) -> list[str]:
-        """Every inconsistency in this config, each naming the key to change."""
-        out = []
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
-            v = getattr(self, name)
-            if not _positive_int(v):
-                out.append(f"model.{name}: must be a positive integer, got {v!r}")
-        if not out:
-            if self.head_dim is None:
-                out.append(f"model.d_model: must be divisible by model.n_heads ({self.n_heads}), got {self.d_model} "
-                           "(or set model.head_dim)")
-            elif not _positive_int(self.head_dim) or self.head_dim % 2:
-                out.append(f"model.head_dim: must be a positive even integer for RoPE, got {self.head_dim!r}")
-            if self.n_heads % self.n_kv_heads:
-                out.append(f"model.n_kv_heads: must divide model.n_heads ({self.n_heads}), got {self.n_kv_heads}")
-        out += rope_scaling_problems(self.rope_scaling)
-        for name in ("attention_bias", "mlp_bias"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"model.{name}: must be true or false, got {getattr(self, name)!r}")
-        return out
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-# RoPE scaling types steplm computes, and the keys each needs (HF rope_parameters names). "dynamic"
-# (NTK) rescales only past max_position_embeddings, where steplm never runs: within it transformers
-# computes plain RoPE, and so does this (through the same function).
-ROPE_SCALING_KEYS = {
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "yarn": ("factor", "original_max_position_embeddings"),
-}
-# Optional keys transformers reads, and their type: "number" (finite; attention_factor positive) or bool.
-ROPE_OPTIONAL_KEYS = {
-    "yarn": {"attention_factor": "number", "beta_fast": "number", "beta_slow": "number", "mscale": "number",
-             "mscale_all_dim": "number", "truncate": "bool"},
-}
-
-
-def _finite(v) -> bool:
-    """A finite number (an int too large for a float is not)."""
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
-def rope_scaling_problems(scaling) -> list[str]:
-    """What is wrong with a ``model.rope_scaling`` value (empty if it is None or usable)."""
-    if scaling is None:
-        return []
-    if not isinstance(scaling, dict):
-        return [f"model.rope_scaling: must be a mapping such as {{rope_type: linear, factor: 4}}, got {scaling!r}"]
-    kind = scaling.get("rope_type")
-    if kind not in ROPE_SCALING_KEYS:
-        return [f"model.rope_scaling: rope_type must be one of {', '.join(ROPE_SCALING_KEYS)}, got {kind!r}"]
-    missing = [k for k in ROPE_SCALING_KEYS[kind]
-               if not isinstance(scaling.get(k), (int, float)) or isinstance(scaling.get(k), bool)]
-    if missing:
-        return [f"model.rope_scaling: rope_type {kind} needs a number for {', '.join(missing)}"]
-    for k, want in ROPE_OPTIONAL_KEYS.get(kind, {}).items():
-        v = scaling.get(k)
-        if v is None:  # absent or null: transformers' default
-            continue
-        is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if want == "bool" and not isinstance(v, bool):
-            return [f"model.rope_scaling: {kind}'s {k} must be true or false, got {v!r}"]
-        if want == "number" and not (is_number and _finite(v) and (k != "attention_factor" or v > 0)):
-            what = "a finite positive number" if k == "attention_factor" else "a finite number"
-            return [f"model.rope_scaling: {kind}'s {k} must be {what}, got {v!r}"]
-    numbers = {k: v for k, v in scaling.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    bad = [k for k, v in numbers.items() if not _finite(v) or (k in ROPE_SCALING_KEYS[kind] and v <= 0)]
-    if bad:
-        return [f"model.rope_scaling: {', '.join(bad)} must be a finite {'positive ' * (bad[0] in ROPE_SCALING_KEYS[kind])}"
-                f"number, got {', '.join(repr(numbers[k]) for k in bad)}"]
-    if kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
-        return ["model.rope_scaling: llama3's low_freq_factor must be below its high_freq_factor, got "
-                f"{scaling['low_freq_factor']!r} and {scaling['high_freq_factor']!r}"]
-    if scaling.get("factor", 1) < 1:
-        return [f"model.rope_scaling: factor must be at least 1 (it stretches the context), got {scaling['factor']!r}"]
-    if "rope_theta" in scaling:
-        return ["model.rope_scaling: give the base as model.rope_theta, not inside rope_scaling"]
-    return []
 
 
 class RMSNorm(nn.Module):

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from steplm.passes.lora import LoRALinear
-from steplm.model.llama import Block, ModelConfig
+from steplm.config.schema import ModelConfig
+from steplm.model.llama import Block
 
 
 def insertion_gaps(n_old: int, n_new: int, position: str, seed: int = 0) -> list[int]:

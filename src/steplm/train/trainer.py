@@ -33,7 +33,8 @@ from steplm.eval.perplexity import perplexity_of
 from steplm.errors import Preempted, TrainingStopped, UserError
 from steplm.passes.lora import LoRALinear, apply_lora, merge_and_reinit, merged_state_dict
 from steplm.plan.stages import Stage, minimum_peak_bytes, plan_run
-from steplm.model.llama import Attention, LLaMA, ModelConfig, build_model, count_params, from_state_dict
+from steplm.config.schema import ModelConfig
+from steplm.model.llama import Attention, LLaMA, build_model, count_params, from_state_dict
 
 
 def _fsdp_module_type():

@@ -1,0 +1,250 @@
+"""Validation of a whole RunConfig: one generic checker reads every field's type, choices and range
+from the schema, then the rules that tie fields together; every problem is collected and reported
+at once, each naming the key to change (``validate`` raises one UserError). No torch."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from steplm.config.schema import ModelConfig, RunConfig, SECTIONS, dotted_fields
+from steplm.errors import UserError
+from steplm.methods import REGISTRY as _METHODS
+from steplm.methods.base import init_depth
+from steplm.plan.memory import MASTER_WEIGHTS, OPTIMIZER_STATES, Precision
+
+
+class Raw(str):
+    """A --set value as typed: kept as text for string fields, read as YAML for the others."""
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          dict: "a mapping such as {rope_type: linear, factor: 4}"}
+
+
+def _describe(hint) -> str:
+    """What a value of this annotation looks like, for error messages."""
+    hint = _plain(hint)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s"
+    return _KINDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _plain(hint):
+    """A Literal of strings checks as str (its choices are checked with the ranges, in value_problem)."""
+    return str if typing.get_origin(hint) is Literal else hint
+
+
+def _accepts_str(hint) -> bool:
+    hint = _plain(hint)
+    return hint is str or (typing.get_origin(hint) in (types.UnionType, typing.Union) and str in typing.get_args(hint))
+
+
+def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
+    """``value`` checked against the field annotation ``hint`` (bool, int, float, str, dict, ``X | None``,
+    ``list[X]``): returns it (ints widened to float for float fields, YAML 1.1's "1e-3" strings read
+    as numbers), or appends a problem naming ``key`` and returns None. Bools are not integers, and a
+    float must be finite."""
+    if isinstance(value, Raw):
+        if _accepts_str(hint):
+            return str(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            problems.append(f"{key}: cannot read {str(value)!r} as {_describe(hint)}")
+            return None
+    hint = _plain(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        if len(options) != 1:
+            raise TypeError(f"{key}: unsupported annotation {hint}")  # a programming error, not bad input
+        mine: list[str] = []
+        out = check_value(value, options[0], key, mine)
+        problems += [m.replace(f"must be {_describe(options[0])}", f"must be {_describe(hint)}") for m in mine]
+        return out
+    bad = f"{key}: must be {_describe(hint)}, got {_show(value)}"
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            problems.append(bad)
+            return None
+        (item,) = typing.get_args(hint)
+        return [check_value(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if hint is dict:  # a mapping whose contents the owning section checks (model.rope_scaling)
+        if not isinstance(value, dict):
+            problems.append(bad)
+            return None
+        return value
+    if hint is bool or hint is str:
+        if not isinstance(value, hint):
+            problems.append(bad)
+            return None
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(bad)
+            return None
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                number = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+            except ValueError:
+                problems.append(bad)
+                return None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                problems.append(f"{key}: must be a finite number, got {_show(value)}")
+                return None
+        else:
+            problems.append(bad)
+            return None
+        if not math.isfinite(number):
+            problems.append(f"{key}: must be a finite number, got {_show(value)}")
+            return None
+        return number
+    raise TypeError(f"{key}: unsupported annotation {hint}")
+
+
+
+def value_problem(key: str, v) -> str | None:
+    """The range or choice problem of one type-checked value of config key ``key``, if any: read from
+    the field (a ``Range`` in its metadata, ``Literal`` choices, or ``choices`` in its metadata)."""
+    cls, f = dotted_fields()[key]
+    if v is None:
+        return None
+    rng = f.metadata.get("range")
+    if rng is not None and v not in rng:
+        return f"{key}: {rng.text}, got {v!r}"
+    hint = typing.get_type_hints(cls)[f.name]
+    choices = f.metadata.get("choices") or (typing.get_args(hint) if typing.get_origin(hint) is Literal else None)
+    if choices is not None and v not in choices:
+        return f"{key}: must be one of {', '.join(choices)}, got {v!r}"
+    return None
+
+
+def _get(cfg: RunConfig, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def type_problems(cfg: RunConfig) -> list[str]:
+    """Every value of ``cfg`` that does not match its field's annotation (``from_dict`` and ``load``
+    refuse such values already; this covers configs built in code)."""
+    out: list[str] = []
+    check_value(cfg.method, str, "method", out)
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        if not isinstance(section, cls):
+            out.append(f"{name}: must be a {cls.__name__}, got {_show(section)}")
+            continue
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            check_value(getattr(section, f.name), hints[f.name], f"{name}.{f.name}", out)
+    return out
+
+
+def problems(cfg: RunConfig) -> list[str]:
+    """Every problem in the config, each naming the key to change: wrong types first (nothing else
+    is checked then), else ranges, choices and consistency."""
+    out = type_problems(cfg)
+    if out:
+        return out
+    out = list(cfg.model.problems())
+    for key in dotted_fields():
+        found = value_problem(key, _get(cfg, key))
+        if found:
+            out.append(found)
+    t, s, lo, m = cfg.train, cfg.step, cfg.lora, cfg.model
+    if t.seq_len > m.max_seq_len > 0:
+        out.append(f"train.seq_len: must be at most model.max_seq_len ({m.max_seq_len}), got {t.seq_len}")
+    if cfg.sft.model is None and 0 < t.eval_tokens < t.seq_len:  # validation scores whole windows (SFT has none)
+        out.append(f"train.eval_tokens: must be at least one window of train.seq_len ({t.seq_len}) tokens, "
+                   f"got {t.eval_tokens}")
+    ranks = {"lora.rank": lo.rank, "galore.rank": cfg.galore.rank, "apollo.rank": cfg.apollo.rank}
+    for key in ("lora.rank", f"{cfg.method}.rank"):  # the projected methods' own rank, when they run
+        rank = ranks.get(key)
+        if rank is not None and rank > m.d_model > 0:  # past the full rank saves nothing (APOLLO's costs more)
+            out.append(f"{key}: must be at most model.d_model ({m.d_model}), got {rank}")
+    tok = cfg.data.tokenizer
+    if tok.startswith("bpe:"):  # what data.load_tokenizer would refuse, found before training (plan too)
+        n = tok[4:]
+        if not n.isdigit():
+            out.append(f"data.tokenizer: 'bpe:N' needs an integer N, got {tok!r}")
+        elif int(n) < 300:
+            out.append(f"data.tokenizer: bpe vocabulary must be at least 300 (256 bytes + merges), got {int(n)}")
+        elif int(n) > m.vocab_size > 0 and not m.init_from:  # else found only after the whole corpus is tokenized
+            out.append(f"model.vocab_size: {m.vocab_size} is below the {int(n)} tokens data.tokenizer {tok} trains; "
+                       f"raise model.vocab_size or lower N")
+    prec = Precision(t.optimizer_states, t.master_weights)
+    if prec.optimizer_states in OPTIMIZER_STATES and prec.master_weights in MASTER_WEIGHTS:
+        out += prec.problems()
+    L = m.n_layers
+    if s.n_stages > L > 0:
+        out.append(f"step.n_stages: must be at most model.n_layers ({L}), got {s.n_stages}")
+    if s.layers_per_stage is not None:
+        lps = s.layers_per_stage
+        if not all(n >= 1 for n in lps):
+            out.append(f"step.layers_per_stage: must be a list of positive integers, got {lps!r}")
+        else:
+            if len(lps) != s.n_stages:
+                out.append(f"step.layers_per_stage: needs step.n_stages ({s.n_stages}) entries, got {len(lps)}")
+            if L > 0 and sum(lps) != L:
+                out.append(f"step.layers_per_stage: must sum to model.n_layers ({L}), got {sum(lps)}")
+    if cfg.method in _METHODS:
+        out += _METHODS[cfg.method].problems(cfg)
+    if m.init_from:
+        from steplm.config.init_from import checkpoint_config, init_from_conflicts
+
+        # A config built in code must agree with the checkpoint on every architecture key.
+        mine = init_from_conflicts(cfg, {f.name for f in dataclasses.fields(ModelConfig)}, True,
+                                   checkpoint_config(cfg, "model.init_from"))
+        depth = init_depth(cfg)
+        if not mine and isinstance(L, int) and L < depth:
+            mine.append(f"model.n_layers: the final depth must be at least model.init_from {m.init_from}'s "
+                        f"({depth}), got {L}")
+        if not mine and not out and cfg.method in _METHODS:
+            mine += _METHODS[cfg.method].init_problems(cfg, depth)
+        out = mine + out
+    return out
+
+
+def validate(cfg: RunConfig):
+    """Raise one UserError listing every problem (joined with '; ')."""
+    found = problems(cfg)
+    if found:
+        raise UserError("; ".join(found))
+
+
+# Keys that may differ when a run resumes: they change logging and bookkeeping, not the trajectory.
+RESUME_SAFE_KEYS = {"train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                    "train.eval_tokens", "data.cache_dir", "train.host_allocator"}
+
+
+def differing_keys(a: RunConfig, b: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    da, db = a.to_dict(), b.to_dict()
+    out = []
+    for sec in da:
+        if isinstance(da[sec], dict):
+            out += [f"{sec}.{k}" for k in da[sec] if da[sec][k] != db.get(sec, {}).get(k)]
+        elif da[sec] != db.get(sec):
+            out.append(sec)
+    return out
