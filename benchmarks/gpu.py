@@ -14,7 +14,7 @@ embeddings) and tokens/s over the timed steps. Writes benchmarks/results/gpu.jso
 
 After the training rows, at the same shape (issue #16): perplexity throughput (tokens/s over
 non-overlapping windows, bf16 autocast), zero-shot task throughput (4-choice items/s through the
-tasks' batched log-likelihood scorer), and an SFT step on the shared trainer (sft.SFTTrainer:
+tasks' batched log-likelihood scorer), and an SFT step on the shared trainer (train.sft.sft_trainer:
 tokens/s and torch.cuda.max_memory_allocated), from a model directory that a one-step run writes.
 
 Tokens are drawn uniformly from the whole vocabulary: memory and speed do not depend on the text,
@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from steplm import config  # noqa: E402
-from steplm.train.trainer import Trainer, state_bytes  # noqa: E402
+from steplm.train.loop import Trainer  # noqa: E402
+from steplm.train.metrics import state_bytes
 
 # The paper's Table 2, 368M model, memory column (GB), in its row order Vanilla, ReLoRA, GaLore, STEP.
 PAPER_TABLE2_GB = {"vanilla": 5.9, "relora": 5.9, "galore": 3.3, "step-2stages": 3.4}
@@ -126,7 +127,7 @@ def measure(method: str, overrides: dict, steps: int, warmup: int, tmp: Path) ->
             if i == steps - 1:  # gradients still held: the paper's 16 B/param counts them
                 live = state_bytes(t.model, t.optimizer)
             t.optimizer.zero_grad(set_to_none=True)
-            t._account()
+            t.account()
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -157,15 +158,17 @@ def eval_and_sft(base: dict, tmp: Path, windows: int, items: int, sft_steps: int
     ``base``, from a model directory written by a one-step vanilla run (random weights: throughput
     and memory do not depend on what the model knows)."""
     from steplm.devices import autocast
-    from steplm.eval.perplexity import load, windows_loss
-    from steplm.train.sft import SFTTrainer, sft_config, source_config
+    from steplm.io.run_dir import load_model_dir
+    from steplm.eval.perplexity import windows_loss
+    from steplm.train.sft import sft_trainer, sft_config
+    from steplm.io.run_dir import source_config
     from steplm.eval.tasks import loglikelihoods
 
     src = tmp / "sft-source"
     cfg = config.load(None, [f"{k}={v}" for k, v in {**base, "train.max_steps": 1, "train.warmup_steps": 1,
                                                       "train.eval_tokens": 2 * base["train.seq_len"]}.items()])
     Trainer(cfg, src, progress=False).fit()
-    p = load(str(src), cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    p = load_model_dir(str(src), cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     device, dtype = next(p.model.parameters()).device, torch.bfloat16 if cfg.train.dtype != "fp32" else torch.float32
     model, V, T = p.model.eval(), p.config.vocab_size, p.config.max_seq_len
     g = torch.Generator().manual_seed(0)
@@ -202,8 +205,8 @@ def eval_and_sft(base: dict, tmp: Path, windows: int, items: int, sft_steps: int
     scfg = sft_config(str(src), str(data), source_config(str(src)), epochs=1, lr=1e-4, warmup_steps=10,
                       batch_size=8, micro_batch=8, device=cfg.train.device, dtype=cfg.train.dtype,
                       overrides=[f"train.activation_checkpointing={cfg.train.activation_checkpointing}"])
-    t = SFTTrainer(scfg, tmp / "sft", progress=False)
-    lengths = [len(ids) for ids, _ in t.examples]
+    t = sft_trainer(scfg, tmp / "sft", progress=False)
+    lengths = [len(ids) for ids, _ in t.task.examples]
     cuda = t.device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -214,12 +217,12 @@ def eval_and_sft(base: dict, tmp: Path, windows: int, items: int, sft_steps: int
             t0, step0 = time.perf_counter(), i
         t.train_step()
         t.optimizer.zero_grad(set_to_none=True)
-        t._account()
+        t.account()
     sync()
-    tokens = sum(lengths) / len(lengths) * t.batch_examples * (sft_steps - step0)
+    tokens = sum(lengths) / len(lengths) * t.task.batch_examples * (sft_steps - step0)
     out.update(sft_tokens_per_second=tokens / (time.perf_counter() - t0),
                sft_max_memory_allocated_gb=torch.cuda.max_memory_allocated() / GB if cuda else None,
-               sft_examples_per_step=t.batch_examples, sft_mean_example_tokens=sum(lengths) / len(lengths),
+               sft_examples_per_step=t.task.batch_examples, sft_mean_example_tokens=sum(lengths) / len(lengths),
                windows=windows, window_tokens=T, task_items=items, sft_steps=sft_steps)
     del t
     if cuda:

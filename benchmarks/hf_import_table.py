@@ -122,9 +122,10 @@ def _dropped(model, drop: str):
 def dropped_loss(path: Path, drop: str, wiki: str) -> float:
     """Loss on the same 4096 tokens of the steplm model with the ``drop`` feature ignored."""
     from steplm.data.sampler import eval_windows
-    from steplm.eval.perplexity import load, token_stream, windows_loss
+    from steplm.io.run_dir import load_model_dir
+    from steplm.eval.perplexity import token_stream, windows_loss
     with contextlib.redirect_stderr(io.StringIO()):
-        p = load(path)
+        p = load_model_dir(path)
     model = _dropped(p.model, drop)
     stream = token_stream(wiki, lambda t: p.tokenizer.encode(t, add_special_tokens=False).ids, p.special.eos_id)
     total, count = windows_loss(model, eval_windows(stream, model.config.max_seq_len, 4096), 8)

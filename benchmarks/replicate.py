@@ -67,7 +67,8 @@ from steplm.plots import plot_loss_vs_flops, plot_memory  # noqa: E402
 from steplm.plan.stages import layer_shape, plan_run  # noqa: E402
 from steplm.devices import cpu_name  # noqa: E402
 from steplm.errors import TrainingStopped  # noqa: E402
-from steplm.train.trainer import Trainer, _cpu_peak_step, state_bytes  # noqa: E402
+from steplm.train.loop import Trainer  # noqa: E402
+from steplm.train.metrics import cpu_peak_step, state_bytes
 from steplm.plan import solve
 
 DATA = ROOT.parent / "shared" / "data"
@@ -248,9 +249,9 @@ def evaluate_run(d: Path, with_tasks: bool, val_tokens: int | None = VAL_TOKENS,
 
 def zero_shot(d: Path) -> dict:
     """The seven tasks' scores, each with its chance level (mean 1/choices; LAMBADA: 0, open vocabulary)."""
-    from steplm.eval.perplexity import load
+    from steplm.io.run_dir import load_model_dir
     from steplm.eval.tasks import TASKS, evaluate_tasks, load_task
-    p = load(str(d))
+    p = load_model_dir(str(d))
     res = evaluate_tasks(p.model, p.tokenizer, list(TASKS), DATA / "eval", limit=TASK_LIMIT, special=p.special)["tasks"]
     for name in TASKS:
         docs = load_task(name, DATA / "eval", TASK_LIMIT)
@@ -347,12 +348,12 @@ def memory_probe(overrides: dict, out_dir: Path) -> list[dict]:
         for i in range(PROBE_STEPS):
             if i == PROBE_STEPS - 1:
                 box = {}
-                peak = _cpu_peak_step(lambda: box.setdefault("out", t.train_step()), t.model, t.optimizer, t)
+                peak = cpu_peak_step(lambda: box.setdefault("out", t.train_step()), t.model, t.optimizer, t)
             else:
                 t.train_step()
             measured = state_bytes(t.model, t.optimizer)
             t.optimizer.zero_grad(set_to_none=True)
-            t._account()
+            t.account()
         planned = t.current_stage.planned_state_bytes
         if planned["total"] != measured["total"] or planned["layers"] != measured["layers"]:
             raise AssertionError(f"{cfg.method} stage {t.stage}: planned {planned} != measured {measured}")
@@ -909,7 +910,7 @@ def time_vanilla_steps(n: int = 10, warmup: int = 2) -> float:
             t0 = time.perf_counter()
             t.train_step()
             t.optimizer.zero_grad(set_to_none=True)
-            t._account()
+            t.account()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return statistics.median(times)

@@ -10,7 +10,7 @@ Rows (issue #11):
   matmuls (AVX-512 bf16 / AMX), and in fp32 where it has not (there bf16 is emulated, ~10x slower):
   the same rule as train.dtype=auto.
   steplm with glibc's default host allocator (train.host_allocator=system: the lever, before/after);
-  the compiled HF loop with steplm's retained heap (devices.retain_host_memory), a control.
+  the compiled HF loop with steplm's retained heap (allocator.retain_host_memory), a control.
 - Replication shape, vocabulary 8192, batch 16 x 256: steplm; steplm with torch's flash attention
   backward (train.attention_matmul_backward=false: the lever, before/after); the compiled HF loop,
   also with steplm's retained heap; a STEP
@@ -19,7 +19,7 @@ Rows (issue #11):
 
 Each row runs under its own host-allocator policy, switched untimed before its block of steps:
 steplm's rows as steplm runs them (it retains freed heap memory on CPU), the HF loop as a user runs
-it (glibc's defaults, as far as one process can go back to them: devices.retain_host_memory(False)
+it (glibc's defaults, as far as one process can go back to them: allocator.retain_host_memory(False)
 leaves the retained free chunks in the heap, which favours those rows). So "steplm / HF compiled"
 compares the two as each runs, and "both with the retained heap" compares the code alone.
 
@@ -52,8 +52,11 @@ import torch  # noqa: E402
 
 from steplm import config  # noqa: E402
 from steplm.plan import flops  # noqa: E402
-from steplm.devices import cpu_name, retain_host_memory  # noqa: E402
-from steplm.train.trainer import Trainer, _cpu_peak_step  # noqa: E402
+from steplm.allocator import retain_host_memory  # noqa: E402
+from steplm.passes import parallelize  # noqa: E402
+from steplm.devices import cpu_name  # noqa: E402
+from steplm.train.loop import Trainer  # noqa: E402
+from steplm.train.metrics import cpu_peak_step
 
 GPT2 = {"model.vocab_size": 50257, "model.d_model": 256, "model.n_layers": 8, "model.n_heads": 4,
         "train.micro_batch": 8, "train.seq_len": 256}
@@ -94,7 +97,7 @@ def without_adapters(t: Trainer) -> Trainer:
 
     for m in lora_modules(t.model):
         m.rank = 0
-    t._compile()
+    parallelize.parallelize(t)
     return t
 
 
@@ -112,7 +115,7 @@ def with_lora_function(t: Trainer, fn, cast_input: bool = True) -> Trainer:
         return f
     for m in lora_modules(t.model):
         m.forward = forward(m)
-    t._compile()
+    parallelize.parallelize(t)
     return t
 
 
@@ -210,7 +213,7 @@ def tracked_peak(shape: dict, tmp: Path, fused: bool) -> int:
     t = steplm_trainer(shape, tmp, f"peak-{fused}", **{"train.compile": False, "train.fused_loss": fused})
     t.train_step()
     t.optimizer.zero_grad(set_to_none=True)
-    return _cpu_peak_step(lambda: t.train_step(), t.model, t.optimizer, t)
+    return cpu_peak_step(lambda: t.train_step(), t.model, t.optimizer, t)
 
 
 def interleaved(fns: dict, rounds: int, reps: int, before=None, log: bool = False,

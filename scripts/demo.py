@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from steplm import config  # noqa: E402
 from steplm.plots import plot_loss_vs_flops, plot_memory  # noqa: E402
 from steplm.plan.stages import layer_shape  # noqa: E402
-from steplm.train.trainer import Trainer  # noqa: E402
+from steplm.train.loop import Trainer  # noqa: E402
 from steplm.plan import solve
 
 

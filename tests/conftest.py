@@ -63,7 +63,7 @@ def shakespeare_dir(tmp_path_factory):
 def tiny_run(tmp_path_factory, shakespeare_dir):
     """A finished tiny vanilla run directory."""
     from steplm import config
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
 
     tmp = tmp_path_factory.mktemp("tiny_run")
     cfg = config.load(None, tiny_overrides(tmp, **{"data.path": str(shakespeare_dir), "data.val_fraction": 0.2,

@@ -89,7 +89,7 @@ def test_training_with_either_backward_agrees(tmp_path, method):
     from conftest import tiny_overrides
     from steplm import config
     from steplm.model.llama import Attention
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
 
     def run(flag):
         extra = {"method": method, "train.max_steps": 6, "train.dtype": "bf16", "train.attention_matmul_backward": flag}

@@ -416,7 +416,7 @@ def test_a_failed_run_keeps_what_others_put_in_the_folders_it_created(tmp_path, 
     """A sweep into a new folder, sweep/lr30 and sweep/lr1e-3: when lr30 fails after lr1e-3 (or the
     user) put files in sweep/, only sweep/lr30 goes; sweep/ and all it holds stay."""
     from steplm.errors import UserError
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
 
     out = tmp_path / "sweep" / "day1" / "lr30"
     other = (out.parent if where == "beside" else tmp_path / "sweep") / "lr1e-3"

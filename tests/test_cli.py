@@ -63,7 +63,7 @@ def test_eval_backends_agree_on_wikitext(tiny_run, tmp_path):
 def test_export_loads_with_auto_classes(tiny_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
-    from steplm.train.trainer import load_run
+    from steplm.io.run_dir import load_run
 
     out = tmp_path / "hf"
     assert main(["export", str(tiny_run), "--to", str(out)]) == 0

@@ -402,7 +402,7 @@ def test_plan_refuses_a_bad_bpe_spec_as_train_does(tmp_path, capsys, spec, needl
 def test_a_non_finite_validation_loss_stops_the_run_and_writes_no_model(tmp_path, monkeypatch):
     """Finite weights whose logits overflow (a diverged run) give val loss nan: the run stops with
     TrainingStopped (exit 3), and no model.safetensors or summary.json is written as its result."""
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
     cfg = config.load(None, tiny_overrides(tmp_path, **{"train.max_steps": 4}))
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: float("nan"))
     with pytest.raises(TrainingStopped, match="validation loss is nan"):
@@ -622,7 +622,7 @@ def test_a_finite_model_whose_perplexity_overflows_reports_inf(damaged_run, tiny
                  "--json"]) == 0
     lam = json.loads(capsys.readouterr().out)["tasks"]["lambada"]
     assert lam["ppl"] == "inf", lam
-    from steplm.eval.perplexity import perplexity_of
+    from steplm.eval.loss import perplexity_of
     assert math.isnan(perplexity_of(float("nan"))) and perplexity_of(800.0) == math.inf
 
 

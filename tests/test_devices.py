@@ -13,7 +13,8 @@ from steplm.eval import tasks
 from steplm.cli import main
 from steplm.devices import autocast, pick_device, pick_dtype
 from steplm.errors import UserError
-from steplm.eval.perplexity import load_model, perplexity
+from steplm.io.run_dir import load_model
+from steplm.eval.perplexity import perplexity
 
 from conftest import ROOT, shared, tiny_overrides
 
@@ -136,8 +137,8 @@ _ALLOCATOR_PROBE = """
 import ctypes, json, sys
 import torch
 from steplm import config
-from steplm.devices import retain_host_memory
-from steplm.train.trainer import Trainer
+from steplm.allocator import retain_host_memory
+from steplm.train.loop import Trainer
 
 class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+): every field a size_t
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -71,7 +71,7 @@ _PROBE = """
 import gc, os, sys
 from torch.nn.parallel import DistributedDataParallel
 from steplm import cli
-from steplm.train.trainer import Trainer
+from steplm.train.loop import Trainer
 rc = cli.main(sys.argv[1:])
 objs = gc.get_objects()  # before any collection of ours: what main left for interpreter exit
 left = sum(isinstance(o, (DistributedDataParallel, Trainer)) for o in objs)

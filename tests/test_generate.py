@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from steplm.cli import main
-from steplm.eval.perplexity import load_model
+from steplm.io.run_dir import load_model
 from steplm.eval.generate import alpaca_prompt, generate, sample_next
 from steplm.train.sft import IGNORE, build_example, read_examples
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from steplm.cli import main
-from steplm.io.hf import CHECKED, IMPLEMENTED, NO_EFFECT, from_hf_config, load_pretrained, to_hf_config
+from steplm.io.hf import CHECKED, IMPLEMENTED, NO_EFFECT, from_hf_config, to_hf_config
+from steplm.io.run_dir import load_pretrained
 from steplm.model.llama import ModelConfig
 
 from conftest import ROOT, shared
@@ -481,7 +482,7 @@ def test_export_parity_with_every_feature(tmp_path):
 
 
 def test_export_bf16_sharded_with_history_round_trips(tiny_run, tmp_path, capsys):
-    from steplm.eval.perplexity import load_model
+    from steplm.io.run_dir import load_model
     out = tmp_path / "hf"
     assert main(["export", str(tiny_run), "--to", str(out), "--dtype", "bf16", "--max-shard-size", "100KB"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())

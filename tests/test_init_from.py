@@ -167,7 +167,7 @@ def test_cli_refusal_exit_2_writes_nothing(hf_dir, text, tmp_path):
 @pytest.fixture(scope="module")
 def run(hf_dir, text, tmp_path_factory):
     """A STEP run from the checkpoint: 2 -> 4 layers with FPI; logits checked before the first step and after growth."""
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
     tmp = tmp_path_factory.mktemp("init_run")
     cfg = config.load(None, sets(tmp, text), init_from=str(hf_dir))
     tr = Trainer(cfg, tmp / "run", progress=False)
@@ -213,7 +213,7 @@ def test_measured_state_bytes_equal_planned_for_the_real_block(run, hf_dir):
 
 
 def test_export_loads_in_transformers_with_parity(run, tmp_path):
-    from steplm.train.trainer import load_run
+    from steplm.io.run_dir import load_run
     r = run_cli("export", str(run["out"]), "--to", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
@@ -232,7 +232,7 @@ def test_plan_cli_takes_init_from(hf_dir):
 
 
 def test_a_tokenizer_without_endoftext_is_refused(text, tmp_path):
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
     d = tmp_path / "llama_tok"
     make_hf_dir(d, llama_tok=True, **ARCH)
     cfg = config.load(None, sets(tmp_path, text), init_from=str(d))

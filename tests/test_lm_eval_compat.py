@@ -9,7 +9,7 @@ import json
 import pytest
 
 from steplm.cli import main
-from steplm.eval.perplexity import load_model
+from steplm.io.run_dir import load_model
 from steplm.eval.tasks import evaluate_tasks
 
 from conftest import shared

@@ -64,7 +64,8 @@ def test_logits_match_transformers_llama(tmp_path, kw):
 
 def test_load_back_from_hf_dir(tmp_path):
     from steplm.data.tokenizer import load_tokenizer
-    from steplm.io.hf import export, load_hf_dir
+    from steplm.io.hf import export
+    from steplm.io.run_dir import load_hf_dir
 
     cfg = tiny_cfg(n_kv_heads=2)
     model = build_model(cfg, seed=2).eval()

@@ -263,7 +263,7 @@ def test_extended_step_peak_matches_the_tracked_peak_of_a_real_step(tmp_path, ca
     """`plan --extended`'s step peak (activation model of the fused head + loss) against torch's
     MemTracker over one real eager fp32 step of the same shape, within 10 %."""
     from steplm import config
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
 
     from conftest import tiny_overrides
     B, T, d, h, L, V = (shape[k] for k in ("B", "T", "d", "h", "L", "V"))

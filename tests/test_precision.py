@@ -10,7 +10,8 @@ import torch
 from steplm import config
 from steplm.errors import UserError
 from steplm.methods.base import adamw
-from steplm.train.trainer import Trainer, state_bytes
+from steplm.train.loop import Trainer
+from steplm.train.metrics import state_bytes
 from steplm.plan import memory
 from steplm.plan import solve
 

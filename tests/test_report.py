@@ -2,7 +2,7 @@
 from steplm import config
 from steplm.cli import main
 from steplm.plots import plot_loss_vs_flops
-from steplm.train.trainer import Trainer
+from steplm.train.loop import Trainer
 
 from conftest import tiny_overrides
 

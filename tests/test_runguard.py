@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from steplm import config
+from steplm.io import files
 from steplm.train import guards
 from steplm.data.shards import prepare
 from steplm.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
@@ -57,7 +58,7 @@ def test_check_run_dir(tmp_path, files, refusal):
 def test_finished_run_is_refused_and_left_byte_identical(tiny_run, tmp_path, capsys):
     """`train`/`sft --out` on a finished run, and a Trainer built on it, refuse it without touching a file."""
     from steplm.cli import main
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
 
     def state():
         return {str(p.relative_to(tiny_run)): (p.stat().st_mtime_ns, p.read_bytes()) for p in tiny_run.rglob("*")
@@ -224,6 +225,6 @@ def test_all_finite(dtype):
 
 def test_strict_json():
     row = {"loss": math.nan, "grad": [math.inf, 1.5, -math.inf], "nested": {"x": math.nan}, "ok": 2}
-    text = guards.dumps(row)
+    text = files.dumps(row)
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert back == {"loss": "nan", "grad": ["inf", 1.5, "-inf"], "nested": {"x": "nan"}, "ok": 2}

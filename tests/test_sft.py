@@ -210,8 +210,8 @@ def test_sft_divergence_names_the_sft_flag(tiny_run, tmp_path, capsys, extra):
 def test_examples_without_a_response_are_dropped_and_counted(tiny_run, tmp_path, capsys):
     """Blank outputs (only EOS to learn) and responses that max_seq_len cuts off entirely are not
     tuned on, and one warning says how many of each were dropped: no example is ignored silently."""
-    from steplm.eval.perplexity import load
-    max_len = load(tiny_run).config.max_seq_len
+    from steplm.io.run_dir import load_model_dir
+    max_len = load_model_dir(tiny_run).config.max_seq_len
     long_instruction = " ".join(["word"] * (4 * max_len))  # the prompt alone fills the context
     records = ([{"instruction": f"Say {i}.", "input": None if i % 2 else "", "output": f"number {i}"}
                 for i in range(5)]  # null: how pandas and datasets write a missing input
@@ -232,9 +232,9 @@ def test_examples_without_a_response_are_dropped_and_counted(tiny_run, tmp_path,
 def test_responses_cut_short_are_counted(tiny_run, tmp_path, capsys):
     """A response longer than the context left after its prompt is tuned on without its end and EOS:
     the warning counts it, and the count matches the examples' own token lengths."""
-    from steplm.eval.perplexity import load
+    from steplm.io.run_dir import load_model_dir
     from steplm.eval.generate import alpaca_prompt
-    m = load(tiny_run)
+    m = load_model_dir(tiny_run)
     long_output = " ".join(["word"] * m.config.max_seq_len)
     records = [{"instruction": "Say it.", "input": "", "output": out} for out in ("short", long_output, long_output)]
     data = tmp_path / "d.json"
@@ -253,9 +253,9 @@ def test_responses_cut_short_are_counted(tiny_run, tmp_path, capsys):
 def test_sft_counts_the_tokens_it_trains_on(tiny_run, tmp_path, capsys):
     """tokens_seen (and the FLOPs made from it) is the examples' real length, prompt + response + EOS,
     summed over the epochs: not max_seq_len per example, which padding never fills."""
-    from steplm.eval.perplexity import load
+    from steplm.io.run_dir import load_model_dir
     from steplm.eval.generate import alpaca_prompt
-    m = load(tiny_run)
+    m = load_model_dir(tiny_run)
     records = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
                for i in range(1, 7)]
     data = tmp_path / "d.json"

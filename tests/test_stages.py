@@ -9,7 +9,7 @@ import torch
 from steplm import config, methods
 from steplm.methods.base import Method
 from steplm.plan.stages import plan_run
-from steplm.train.trainer import Trainer
+from steplm.train.loop import Trainer
 from steplm.plan import memory
 
 from conftest import ROOT, tiny_overrides

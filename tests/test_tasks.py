@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from steplm.eval import tasks
 from steplm.cli import main
-from steplm.eval.perplexity import load_model
+from steplm.io.run_dir import load_model
 
 from conftest import shared
 

@@ -77,7 +77,7 @@ def test_without_adapters_leaves_the_frozen_gemm_alone(tmp_path):
 
     from steplm import config
     from steplm.passes.lora import LoRALinear
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
 
     from conftest import tiny_overrides
 
@@ -137,7 +137,7 @@ def test_with_lora_function_swaps_every_adapted_linear(tmp_path):
 
     from steplm import config
     from steplm.passes.lora import _LoRALinearFunction, lora_modules
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
 
     from conftest import tiny_overrides
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from steplm import config
-from steplm.train.trainer import Trainer
+from steplm.train.loop import Trainer
+from steplm.train.optimizer import clip_in_step
 from steplm.plan import memory
 from steplm.plan import solve
 
@@ -167,7 +168,7 @@ def test_relora_phases_memory_and_resets(tmp_path):
     tr = make(tmp_path, **relora_overrides())
     assert tr.stage_steps[0] == 3 and tr.stage_steps[1] > 9  # the LoRA phase is cheaper: more steps, same FLOPs
     resets = []
-    import steplm.train.trainer as train_mod
+    import steplm.passes.lora as train_mod  # where merge_adapters finds it
     orig = train_mod.merge_and_reinit
     train_mod.merge_and_reinit = lambda *a, **k: resets.append(tr.step) or orig(*a, **k)
     try:
@@ -374,7 +375,7 @@ def test_clipping_folded_into_the_fused_step_matches_clip_grad_norm(tmp_path):
     def run(fused):
         cfg = config.load(None, tiny_overrides(tmp_path, **{"train.grad_clip": 0.05, "train.fused_optimizer": fused}))
         t = Trainer(cfg, tmp_path / f"run{fused}", progress=False)
-        assert t._clip_in_step() == fused
+        assert clip_in_step(t.cfg, t.optimizer, t.fsdp) == fused
         scales, step = [], t.optimizer.step
 
         def spy(*args, **kwargs):  # the scale the fused step reads
@@ -407,7 +408,7 @@ def test_peak_tracker_equals_torchs_memtracker(tmp_path, method, extra, accum):
     itself reports for the same step: in a frozen-and-adapted stage too, and with accumulation."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from steplm.train.trainer import _cpu_peak_step
+    from steplm.train.metrics import cpu_peak_step
 
     class Reference(MemTracker):  # only the frozen-weight workaround, torch's own peak bookkeeping
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
@@ -423,14 +424,15 @@ def test_peak_tracker_equals_torchs_memtracker(tmp_path, method, extra, accum):
         t.train_step()  # both measure a step that starts with the optimizer state already there
         t.optimizer.zero_grad(set_to_none=True)
         if fast:
-            peaks.append(_cpu_peak_step(t.train_step, t.model, t.optimizer, t))
+            peaks.append(cpu_peak_step(t.train_step, t.model, t.optimizer, t))
         else:
             ref = Reference()
             ref.track_external(t.model, t.optimizer)
-            t.after_micro_batch = ref.reset_mod_stats
+            hook = lambda _: ref.reset_mod_stats()  # noqa: E731
+            t.hooks["micro_batch_end"].append(hook)
             with ref:
                 t.train_step()
-            t.after_micro_batch = None
+            t.hooks["micro_batch_end"].remove(hook)
             peaks.append(int(next(iter(ref.get_tracker_snapshot("peak").values()))["Total"]))
         t.optimizer.zero_grad(set_to_none=True)
     assert peaks[0] > 0 and peaks == [peaks[1]] * 3
@@ -447,7 +449,7 @@ def test_minimum_peak_bytes_is_below_the_tracked_peak(tmp_path, extra):
     at most the MemTracker peak of a real eager step (plus the RoPE tables, which the tracker does
     not count as the model's), in every stage; and not a loose one (at least a tenth of it)."""
     from steplm.plan.stages import minimum_peak_bytes
-    from steplm.train.trainer import _cpu_peak_step
+    from steplm.train.metrics import cpu_peak_step
 
     t = make(tmp_path, **extra)
     need = minimum_peak_bytes(t.cfg, t.plan)
@@ -457,7 +459,7 @@ def test_minimum_peak_bytes_is_below_the_tracked_peak(tmp_path, extra):
     while True:
         t.train_step()
         t.optimizer.zero_grad(set_to_none=True)
-        peaks.append(_cpu_peak_step(t.train_step, t.model, t.optimizer, t))
+        peaks.append(cpu_peak_step(t.train_step, t.model, t.optimizer, t))
         t.optimizer.zero_grad(set_to_none=True)
         if t.stage == len(t.stage_steps) - 1:
             break

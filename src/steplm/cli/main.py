@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from steplm.errors import UserError
-from steplm.train.guards import dumps
+from steplm.io.files import dumps
 from steplm.plan import memory
 from steplm.plan import solve
 
@@ -199,7 +199,7 @@ def _refuse_flag_and_set(sets: list[str], *flags: tuple[str, str, object]) -> No
 
 def cmd_train(a):
     from steplm import config
-    from steplm.train.trainer import Trainer
+    from steplm.train.loop import Trainer
 
     overrides = list(a.set or [])
     _refuse_flag_and_set(overrides, ("--data", "data.path", a.data), ("--max-steps", "train.max_steps", a.max_steps),
@@ -242,7 +242,8 @@ def _precision(a):
 
 def cmd_eval(a):
     from steplm.devices import autocast
-    from steplm.eval.perplexity import load, perplexity
+    from steplm.io.run_dir import load_model_dir
+    from steplm.eval.perplexity import perplexity
 
     device, dtype = _precision(a)
     task_mode = a.tasks is not None
@@ -263,7 +264,7 @@ def cmd_eval(a):
         if unknown:
             raise UserError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
         tasks_dir = _tasks_dir(a.tasks_dir)
-        m = load(a.model, device)
+        m = load_model_dir(a.model, device)
         with autocast(device, dtype):
             res = evaluate_tasks(m.model, m.tokenizer, names, tasks_dir, a.limit, a.batch_size,
                                  progress=not a.json, special=m.special)
@@ -292,9 +293,10 @@ def _size(s):
 
 
 def cmd_export(a):
-    from steplm.io.hf import export, run_history
+    from steplm.io.hf import export
+    from steplm.io.run_dir import run_history
     from steplm.io.special_tokens import read_special_tokens
-    from steplm.train.trainer import load_run
+    from steplm.io.run_dir import load_run
 
     src = Path(a.run_dir)
     if src.exists() and not src.is_dir():
@@ -508,21 +510,21 @@ def _sampling(a) -> dict:
 
 def cmd_generate(a):
     from steplm.devices import autocast
-    from steplm.eval.perplexity import load
+    from steplm.io.run_dir import load_model_dir
     from steplm.eval.generate import alpaca_prompt, complete
 
     if not a.prompt:
         raise UserError("--prompt: give a non-empty prompt")
     sampling = _sampling(a)
     device, dtype = _precision(a)
-    m = load(a.model, device)
+    m = load_model_dir(a.model, device)
     text = alpaca_prompt(a.prompt) if a.alpaca else a.prompt
     with autocast(device, dtype):
         print(complete(m.model, m.tokenizer, text, m.special, **sampling))
 
 
 def cmd_info(a):
-    from steplm.io.hf import describe
+    from steplm.io.run_dir import describe
 
     if not Path(a.model).is_dir():
         raise UserError(f"MODEL: {a.model} is not a directory")
@@ -572,7 +574,8 @@ def _check_sft_sets(sets: list[str]) -> None:
 
 
 def cmd_sft(a):
-    from steplm.train.sft import SFTTrainer, read_examples, sft_config, source_config
+    from steplm.train.sft import sft_trainer, read_examples, sft_config
+    from steplm.io.run_dir import source_config
 
     _check_sft_sets(a.set or [])
     read_examples(a.data)  # bad data: one line, before anything is written
@@ -582,7 +585,7 @@ def cmd_sft(a):
                      warmup_steps=a.warmup_steps, batch_size=a.batch_size, micro_batch=a.micro_batch, seed=a.seed,
                      device=a.device, dtype=a.dtype, compile=a.compile, checkpoint_every=a.checkpoint_every,
                      world=int(os.environ.get("WORLD_SIZE", "1")), overrides=a.set or [])
-    s = _fit(lambda: SFTTrainer(cfg, out, progress=not a.quiet), out)
+    s = _fit(lambda: sft_trainer(cfg, out, progress=not a.quiet), out)
     if s is not None:
         print(dumps({k: s[k] for k in ("examples", "epochs", "steps", "first_loss", "final_loss")}))
         print(f"model written to {out}/ (sft_summary.json, metrics.jsonl, model.safetensors)", file=sys.stderr)
@@ -590,7 +593,7 @@ def cmd_sft(a):
 
 def cmd_mt_bench(a):
     from steplm.devices import autocast
-    from steplm.eval.perplexity import load
+    from steplm.io.run_dir import load_model_dir
     from steplm.eval.generate import mt_bench_answers
 
     sampling = _sampling(a)
@@ -608,7 +611,7 @@ def cmd_mt_bench(a):
         raise UserError(f"--out: {out} exists and is not a .jsonl answers file; give a new path or a .jsonl file")
     if a.model_id is not None and not a.model_id.strip():
         raise UserError("--model-id: give a non-empty name (default: the model folder's name)")
-    m = load(a.model, device)
+    m = load_model_dir(a.model, device)
     with autocast(device, dtype):
         n = mt_bench_answers(m.model, m.tokenizer, a.questions, out, a.model_id or Path(a.model).name, a.limit,
                              progress=True, special=m.special, batch_size=a.batch_size, **sampling)

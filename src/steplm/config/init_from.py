@@ -15,7 +15,7 @@ NOT_FROM_CHECKPOINT = ("n_layers", "init_std", "init_from")
 
 def checkpoint_config(cfg: RunConfig, source: str) -> ModelConfig:
     """The ModelConfig of model.init_from's config.json, or a UserError naming ``source``."""
-    from steplm.io.hf import read_config
+    from steplm.io.run_dir import read_config
 
     d = Path(cfg.model.init_from)
     try:

@@ -16,7 +16,6 @@ import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
-from steplm.methods import REGISTRY
 from steplm.plan.memory import MASTER_WEIGHTS, OPTIMIZER_STATES
 
 
@@ -269,7 +268,7 @@ class TrainConfig:
     instead of torch's flash backward, which is slower there; false keeps torch's SDPA."""
     host_allocator: Literal["retain", "system"] = "retain"
     """On CPU: 'retain' makes glibc keep freed memory for reuse instead of unmapping every large
-    buffer each step (devices.retain_host_memory; 1.1-1.2x a CPU step), 'system' leaves the
+    buffer each step (allocator.retain_host_memory; 1.1-1.2x a CPU step), 'system' leaves the
     process's allocator as it is. Process-wide; no effect on GPUs or outside glibc."""
     fused_optimizer: bool = True
     """Use the fused AdamW kernel (FSDP2's sharded parameters always use the foreach kernel)."""
@@ -370,8 +369,9 @@ class SFTConfig:
 
 @dataclass
 class RunConfig:
-    method: str = field(default="vanilla", metadata={"choices": REGISTRY})  # read at check time: a registered method is valid
-    """vanilla, step, step-no-pet, relora, galore or apollo (registered in steplm.methods)."""
+    method: str = "vanilla"
+    """vanilla, step, step-no-pet, relora, galore or apollo: any method registered in steplm.methods
+    (validate.py checks it against the registry)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

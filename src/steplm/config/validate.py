@@ -125,6 +125,8 @@ def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
 def value_problem(key: str, v) -> str | None:
     """The range or choice problem of one type-checked value of config key ``key``, if any: read from
     the field (a ``Range`` in its metadata, ``Literal`` choices, or ``choices`` in its metadata)."""
+    if key == "method":  # a registered method (read at check time: registering one needs no other line)
+        return None if v in _METHODS else f"method: must be one of {', '.join(_METHODS)}, got {v!r}"
     cls, f = dotted_fields()[key]
     if v is None:
         return None

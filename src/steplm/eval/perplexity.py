@@ -1,7 +1,6 @@
 """Held-out perplexity of a steplm run directory or an HF Llama directory."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -9,32 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from steplm.data.sampler import eval_windows
+from steplm.eval.loss import perplexity_of
+from steplm.io.run_dir import load_model_dir
 from steplm.data.corpus import read_documents
 from steplm.errors import UserError
 from steplm.io.special_tokens import check_ids
-
-
-def load(path: str | Path, device="cpu"):
-    """``hf.Pretrained`` (model, config, tokenizer, special tokens) of a run directory or an HF Llama directory."""
-    from steplm.io.hf import Pretrained, load_pretrained
-    from steplm.io.special_tokens import read_special_tokens
-    from steplm.train.trainer import load_run
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"MODEL: {p} does not exist (give a steplm run directory or an HF model directory)")
-    if not p.is_dir():
-        raise UserError(f"MODEL: {p} is not a directory (give a steplm run directory or an HF model directory)")
-    if (p / "model_config.json").is_file():
-        model, tok = load_run(p, device)
-        return Pretrained(model, model.config, tok, read_special_tokens(p, tok))
-    return load_pretrained(p, device)
-
-
-def load_model(path: str | Path, device="cpu"):
-    """(model, tokenizers.Tokenizer) from a run directory or an HF Llama directory; see ``load``."""
-    p = load(path, device)
-    return p.model, p.tokenizer
 
 
 def token_stream(path: str, encode, eos: int, text_field: str = "text") -> np.ndarray:
@@ -78,7 +56,7 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
     if not Path(data).exists():
         raise UserError(f"--data: {data} does not exist")
     if backend == "steplm":
-        p = load(model_path, device)
+        p = load_model_dir(model_path, device)
         model, tok = p.model, p.tokenizer
         stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, p.special.eos_id, text_field)
         check_ids(stream, model.config.vocab_size, f"--data {data}")
@@ -120,11 +98,6 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         total, count = windows_loss(logits_fn, windows, batch_size, device)
     loss = total / count
     return {"loss": loss, "ppl": perplexity_of(loss), "tokens": count}
-
-
-def perplexity_of(loss: float) -> float:
-    """exp(loss), inf past float range (a mean loss above ~709 nats: a finite but hopeless model)."""
-    return math.inf if loss >= 709 else math.exp(loss)  # NaN stays NaN
 
 
 def _context(seq_len: int | None, max_len: int) -> int:

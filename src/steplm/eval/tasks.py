@@ -217,7 +217,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path, lim
                    batch_size: int = 16, progress: bool = False, special=None) -> dict:
     """{"tasks": {name: metrics}}: acc/acc_norm/n for multiple choice, acc/ppl/n for LAMBADA, acc/n for WinoGrande.
     ``special`` (tokens.SpecialTokens) gives the empty-context prefix; default GPT-2's <|endoftext|>."""
-    from steplm.eval.perplexity import perplexity_of
+    from steplm.eval.loss import perplexity_of
     from steplm.io.special_tokens import check_ids, gpt2_special_tokens
 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # None: a model without a config

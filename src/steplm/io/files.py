@@ -8,25 +8,14 @@ Rust panic) instead of exit 2 (``errors``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from steplm.errors import UserError
 
-
-RUN_MODEL_FILES = ("model.safetensors", "model_config.json")  # what a finished run (train or sft) writes last
-
-
-def unfinished_run(d: Path, who: str = "MODEL") -> UserError | None:
-    """The error for a steplm run folder (it holds config.yaml) without its final model files: an
-    unfinished or damaged run. None for anything else."""
-    missing = [f for f in RUN_MODEL_FILES if not (d / f).is_file()]
-    if not (d / "config.yaml").is_file() or not missing:
-        return None
-    return UserError(f"{who}: {d} is a steplm run without {' or '.join(missing)}, which a finished run writes "
-                     f"(finish it by rerunning its steplm train or sft command, or restore the file)")
+if TYPE_CHECKING:
+    import torch
 
 
 def read_json(path: str | Path, who: str, kind: type | None = dict) -> Any:
@@ -97,22 +86,23 @@ def read_safetensors(path: str | Path, who: str, device="cpu") -> dict[str, torc
         raise UserError(f"{who}: {p} is not a readable safetensors file ({one_line(e)})")
 
 
-def read_model_config(run_dir: str | Path, who: str):
-    """The ModelConfig of a steplm run folder's model_config.json, its keys and values checked."""
-    from steplm.config.schema import ModelConfig
-    p = Path(run_dir) / "model_config.json"
-    d = read_json(p, who)
-    try:
-        cfg = ModelConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{who}: {p} is not a steplm model config ({one_line(e)})")
-    problems = cfg.problems()
-    if problems:
-        raise UserError(f"{who}: {p}: {problems[0]}")
-    return cfg
-
-
 def one_line(e: BaseException) -> str:
     """An exception's message on one line, at most 160 characters."""
     msg = " ".join(str(e).split()) or type(e).__name__
     return msg if len(msg) <= 160 else msg[:157] + "..."
+
+
+def finite_or_text(obj):
+    """``obj`` with every non-finite float replaced by its text ("nan", "inf", "-inf"), recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: finite_or_text(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_text(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON (no bare NaN/Infinity): non-finite floats are written as strings."""
+    return json.dumps(finite_or_text(obj), allow_nan=False, **kwargs)

@@ -14,17 +14,16 @@ import importlib.util
 import json
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from steplm.devices import check_model_fits
 from steplm.errors import UserError
-from steplm.io.files import read_json, read_model_config, read_safetensors, read_tokenizer, unfinished_run
+from steplm.io.files import read_json, read_safetensors
 from steplm.config.schema import ROPE_SCALING_KEYS, ModelConfig
-from steplm.model.llama import LLaMA, from_state_dict
-from steplm.io.special_tokens import SpecialTokens, gpt2_special_tokens, read_special_tokens, write_special_tokens
+from steplm.model.llama import LLaMA
+from steplm.io.special_tokens import SpecialTokens, gpt2_special_tokens, write_special_tokens
 
 # LlamaConfig fields, by what import does with them.
 IMPLEMENTED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -269,57 +268,6 @@ def _plain_rope(cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, rope_scaling=None)
 
 
-# ---------------------------------------------------------------------------- import
-@dataclass
-class Pretrained:
-    """A loaded model directory: the steplm model (fp32, eval mode), its config, tokenizer and special tokens."""
-    model: LLaMA
-    config: ModelConfig
-    tokenizer: object
-    """A ``tokenizers.Tokenizer``."""
-    special: SpecialTokens
-
-
-def read_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of an HF Llama directory's config.json (no weights read), or a one-line UserError."""
-    d = Path(path)
-    if not d.exists():
-        raise UserError(f"MODEL: {d} does not exist (give a steplm run directory or an HF model directory)")
-    if not d.is_dir():
-        raise UserError(f"MODEL: {d} is not a directory (give a steplm run directory or an HF model directory)")
-    if not (d / "config.json").is_file():
-        if unfinished_run(d):
-            raise unfinished_run(d)
-        if (d / "model_config.json").is_file():  # only model.init_from reads a folder this way
-            raise UserError(f"MODEL: {d} is a steplm run, not an HF model directory; export it first "
-                            f"(steplm export {d} --to DIR) and give DIR")
-        raise UserError(f"MODEL: {d} has no config.json (give a steplm run directory or an HF model directory)")
-    return from_hf_config(read_json(d / "config.json", "MODEL"))
-
-
-def load_pretrained(path: str | Path, device="cpu") -> Pretrained:
-    """A steplm model, its ModelConfig, tokenizer and special tokens from an HF Llama directory
-    (no transformers needed unless the config scales RoPE). Refuses what it cannot load exactly."""
-    d = Path(path)
-    cfg = read_config(d)
-    if not (d / "tokenizer.json").is_file():
-        raise UserError(f"MODEL: {d} has no tokenizer.json")
-    tok = read_tokenizer(d / "tokenizer.json", "MODEL")
-    special = read_special_tokens(d, tok)
-    state = read_weights(d, device)
-    cfg = _check_weights(cfg, state)
-    check_finite(state, f"MODEL: {d}")
-    check_model_fits(cfg, sum(t.numel() for t in state.values()), device, d / "config.json", "max_position_embeddings")
-    model = from_state_dict(cfg, {k: v.float() for k, v in state.items()}, device)
-    return Pretrained(model, cfg, tok, special)
-
-
-def load_hf_dir(path: str | Path, device="cpu") -> tuple[LLaMA, object]:
-    """(model, tokenizers.Tokenizer) from an HF Llama directory; see ``load_pretrained``."""
-    p = load_pretrained(path, device)
-    return p.model, p.tokenizer
-
-
 # ---------------------------------------------------------------------------- export
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -364,74 +312,3 @@ def export(model: LLaMA, tokenizer, out_dir: str | Path, special: SpecialTokens 
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_tokenizer(tokenizer, out, model.config.max_seq_len, special)
     write_special_tokens(out, tokenizer, special)
-
-
-def run_history(run_dir: str | Path) -> dict:
-    """steplm's record of how a run directory's model was made, for config.json's "steplm" key:
-    method, layers per stage, steps per stage (from summary.json), SFT epochs/steps (from sft_summary.json)."""
-    from steplm import __version__
-
-    d = Path(run_dir)
-    out: dict = {"version": __version__}
-    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)  # noqa: E731
-    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    kinds = {"method": lambda v: isinstance(v, str), "layers_per_stage": ints, "stage_steps": ints,
-             "tokens_seen": num, "final_val_loss": num, "examples": num, "epochs": num, "steps": num,
-             "final_loss": num}
-    for name, keys in (("summary.json", ("method", "layers_per_stage", "stage_steps", "tokens_seen",
-                                         "final_val_loss")),
-                       ("sft_summary.json", ("examples", "epochs", "steps", "final_loss"))):
-        if not (d / name).is_file():
-            continue
-        try:
-            s = json.loads((d / name).read_text())
-        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            s = e
-        if not isinstance(s, dict):  # the history is optional: a damaged record is left out, and said so
-            print(f"steplm: warning: {d / name} is not a readable JSON object; the model's history leaves it out",
-                  file=sys.stderr)
-            continue
-        bad = [k for k in keys if k in s and not kinds[k](s[k])]
-        if bad:
-            print(f"steplm: warning: {d / name} holds a {bad[0]} of the wrong kind ({s[bad[0]]!r}); the model's "
-                  f"history leaves it out", file=sys.stderr)
-        part = {k: s[k] for k in keys if k in s and k not in bad}
-        if name == "summary.json":
-            out.update(part)
-        else:
-            out["sft"] = part
-    return out
-
-
-def describe(path: str | Path) -> dict:
-    """What a run or HF model directory holds, without loading weights: architecture, special tokens,
-    and steplm's stage history ("steplm" in config.json, or the run's summary.json)."""
-    d = Path(path)
-    if (d / "model_config.json").is_file():
-        if unfinished_run(d):
-            raise unfinished_run(d)
-        cfg, kind = read_model_config(d, "MODEL"), "steplm run"
-        history = run_history(d)
-    elif (d / "config.json").is_file():
-        hf_cfg = read_json(d / "config.json", "MODEL")
-        cfg, kind = from_hf_config(hf_cfg), "Hugging Face Llama"
-        history = hf_cfg.get("steplm")
-    elif unfinished_run(d):
-        raise unfinished_run(d)
-    else:
-        raise UserError(f"MODEL: {d} is neither a steplm run directory nor an HF model directory")
-    weights = [f for f in WEIGHT_FILES if (d / f).is_file()]
-    if not weights:  # a folder no command can load is not described as a model
-        raise UserError(f"MODEL: {d} holds no weights (one of {', '.join(WEIGHT_FILES)})")
-    empty = [f for f in weights if (d / f).stat().st_size == 0]
-    if empty:
-        raise UserError(f"MODEL: {d / empty[0]} is empty (0 bytes)")
-    if kind == "steplm run" and not (d / "tokenizer.json").is_file():  # (an HF folder may hold another format)
-        raise UserError(f"MODEL: {d} has no tokenizer.json")
-    out = {"path": str(d), "kind": kind, "model": cfg.to_dict(), "steplm": history, "weights": weights}
-    if (d / "tokenizer.json").is_file():
-        tok = read_tokenizer(d / "tokenizer.json", "MODEL")
-        s = read_special_tokens(d, tok)
-        out["special_tokens"] = {"eos": tok.id_to_token(s.eos_id), "eos_id": s.eos_id, "stop_ids": list(s.stop_ids),
-                                 "bos_id": s.bos_id}
-    return out

@@ -7,7 +7,7 @@ trainer, ``steplm plan CONFIG`` and the benchmarks all read. Its training half i
 the one ``Trainer`` calls: ``enter_stage`` (a pass over the model at a stage boundary: grow, freeze,
 add adapters), ``build_optimizer`` and ``after_optimizer_step`` (ReLoRA's merge and reset). The
 hooks receive the run (the ``Trainer``: ``model``, ``cfg``, ``gen``, ``optimizer``, ``step_in_stage``,
-``current_stage`` and ``merge_adapters``) and import torch lazily, so importing a method stays pure.
+``current_stage``, ``merge_rows``) and import torch lazily, so importing a method stays pure.
 """
 from __future__ import annotations
 
@@ -81,12 +81,37 @@ def restart_ramp(cfg, step_in_stage: int) -> float:
     return min(1.0, (step_in_stage % k + 1) / ramp)
 
 
+def merge_adapters(run, optimizer=None, prune_ratio=None) -> int:
+    """Fold every adapter into its frozen base and re-initialise it (``merge_and_reinit``), and
+    queue a metrics row with the share of the update that the rounding into bf16 kept. Warns once
+    when that share falls below 0.9. ``run``: the Trainer. Returns the number of adapters merged."""
+    import sys
+
+    from steplm.passes.lora import merge_and_reinit
+
+    lo, stats = run.cfg.lora, {}
+    n = merge_and_reinit(run.model, optimizer, run.gen, prune_ratio, lo.merge_rounding, stats)
+    share = stats.get("kept_share")
+    if share is None:
+        return n
+    run.merge_rows.append({"step": run.step, "stage": run.stage, "merge_kept_share": share,
+                            "merge_update_rms_ratio": stats["update_rms_ratio"],
+                            "merge_rounding": lo.merge_rounding, "merged_adapters": n})
+    if share < 0.9 and not run.warned_merge and run.main:
+        run.warned_merge = True
+        print(f"steplm: warning: step {run.step}: rounding the merged adapters into bf16 kept {share:.0%} of "
+              f"their update (update/weight rms {stats['update_rms_ratio']:.1e}); merge larger updates with a "
+              f"longer lora.relora_interval or a higher train.lr, or set lora.merge_rounding=stochastic",
+              file=sys.stderr)
+    return n
+
+
 def relora_reset(run) -> None:
     """Every lora.relora_interval steps of a stage with adapters: merge them into their bases,
-    re-initialise them and clear (or prune) their Adam moments (``Trainer.merge_adapters``)."""
+    re-initialise them and clear (or prune) their Adam moments (``merge_adapters``)."""
     k = run.cfg.lora.relora_interval
     if k and run.step_in_stage % k == 0 and run.current_stage.adapter_resets:
-        run.merge_adapters(run.optimizer, run.cfg.lora.reset_prune)
+        merge_adapters(run, run.optimizer, run.cfg.lora.reset_prune)
 
 
 def adamw(cfg, groups: list[dict], fused: bool):

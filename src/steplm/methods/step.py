@@ -2,7 +2,7 @@
 adapters, train the new layers and the adapters; the LR rewarms every stage (Eq. 2, Eq. 3)."""
 from __future__ import annotations
 
-from steplm.methods.base import Method, init_depth, layer_shape, precision, relora_reset
+from steplm.methods.base import Method, init_depth, layer_shape, merge_adapters, precision, relora_reset
 from steplm.plan import solve
 
 
@@ -56,7 +56,7 @@ class Step(Method):
         from steplm.passes.lora import apply_lora, is_frozen_block
 
         cfg, s = run.cfg, run.cfg.step
-        run.merge_adapters()  # earlier adapters fold into their bases
+        merge_adapters(run)  # earlier adapters fold into their bases
         is_new = grow(run.model, stage.new_layers, s.init, s.position, s.fpi, seed=cfg.train.seed + stage.index)
         for block, new in zip(run.model.model.layers, is_new):
             if not new and not is_frozen_block(block):

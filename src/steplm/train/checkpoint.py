@@ -16,32 +16,9 @@ import sys
 from pathlib import Path
 
 from steplm.errors import UserError
+from steplm.train import faults
 
 MANIFEST = "MANIFEST.json"
-
-
-def fault_active(point: str, step: int) -> bool:
-    """Fault injection for the reliability tests: STEPLM_FAULT=<point>:<step>."""
-    return os.environ.get("STEPLM_FAULT", "") == f"{point}:{step}"
-
-
-def signal_fault(step: int, when: str = "after_step"):
-    """Fault injection: STEPLM_FAULT=sigterm_after_step:N (or sigusr1_after_step:N) makes this process
-    send itself that real signal once optimizer step N is done; ``sigterm_mid_step:N`` (``when`` =
-    "mid_step") after the first micro-batch of step N."""
-    import signal
-    for point, sig in ((f"sigterm_{when}", signal.SIGTERM), (f"sigusr1_{when}", signal.SIGUSR1)):
-        if fault_active(point, step):
-            os.kill(os.getpid(), sig)
-
-
-def _fault(point: str, step: int):
-    """A real SIGKILL of this process, or an ENOSPC, at an injected point."""
-    if fault_active(point, step):
-        if point.startswith("enospc"):
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _sha256(path: Path) -> str:
@@ -84,8 +61,8 @@ def save(root: Path, step: int, writers: dict, keep: int) -> Path:
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
             sums[name] = _sha256(path)
-            _fault("kill_in_checkpoint", step)
-            _fault("enospc_in_checkpoint", step)
+            faults.crash("kill_in_checkpoint", step)
+            faults.crash("enospc_in_checkpoint", step)
         with open(tmp / MANIFEST, "w") as f:
             json.dump({"step": step, "sha256": sums}, f, allow_nan=False)
             f.flush()

@@ -4,7 +4,6 @@ signals, finite weights, and strict JSON in everything the run writes.
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import os
 import signal
@@ -159,17 +158,132 @@ def all_finite(tensors) -> bool:
     return bool(torch.stack(flags).all())
 
 
-def finite_or_text(obj):
-    """``obj`` with every non-finite float replaced by its text ("nan", "inf", "-inf"), recursively."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: finite_or_text(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_text(v) for v in obj]
-    return obj
+def take_run_dir(out: Path, progress: bool) -> RunLock:
+    """Create the run directory and take its lock (one writer per directory; a dead holder's lock
+    is taken over). Creating the lock file doubles as the write test. A finished run or a foreign
+    non-empty directory is refused before anything is written there."""
+    import sys
+
+    check_run_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot write to {out} ({e.strerror})")
+    lock = RunLock(out)
+    if lock.stale_pid and progress:
+        print(f"steplm: taking over {out} from pid {lock.stale_pid}, which died holding it", file=sys.stderr)
+    return lock
 
 
-def dumps(obj, **kwargs) -> str:
-    """Strict JSON (no bare NaN/Infinity): non-finite floats are written as strings."""
-    return json.dumps(finite_or_text(obj), allow_nan=False, **kwargs)
+# -- what a run's numbers must be ------------------------------------------------------------------
+DIVERGED_NATS = 1.0
+"""A final val loss this far above ln(vocab_size) (a uniform guess) stops the run: it diverged."""
+LEARNED_NATS = 0.1
+"""A final val loss less than this far below ln(vocab_size) warns: the model learned (almost) nothing.
+A fresh model scores ln(vocab_size) plus or minus a few hundredths; one that learned only the token
+frequencies of English text is already about ln(vocab_size) - 1 (unigram entropy), so 0.1 separates
+the two with room."""
+
+
+def lower_hint(run) -> str:
+    """What to lower when steps keep failing: the lr; with adapters in the model their scale; and an
+    init_std far above the default's 0.02, whose logits start huge."""
+    from steplm.passes.lora import LoRALinear
+
+    hint = f"lower {run.task.lr_key}"
+    if any(isinstance(m, LoRALinear) for m in run.model.modules()):
+        lo = run.cfg.lora
+        hint += (f", or lora.alpha (the adapters scale their update by lora.alpha / lora.rank = "
+                 f"{lo.alpha / lo.rank:.3g})")
+    if run.cfg.model.init_std > 0.2 and run.task.flags_init_std:
+        hint += f", or model.init_std ({run.cfg.model.init_std:g}; the default is 0.02)"
+    return hint
+
+
+def kept(run) -> str:
+    """What a stopped run leaves to resume from: its newest checkpoint, or nothing."""
+    from steplm.train.checkpoint import list_steps
+
+    steps = list_steps(run.out / "checkpoints")
+    if steps:
+        return f"the last good checkpoint (step {steps[-1]}) is kept"
+    return f"there is no checkpoint to resume from ({run.task.checkpoint_key} keeps them)"
+
+
+def bad_batch(run, loss: float, grad_norm: float) -> bool:
+    """Whether a step's loss or gradient norm is non-finite (or above train.max_grad_norm): then the
+    step is skipped and counted, or the run stops (train.on_nonfinite stop, or more than
+    train.max_skipped skipped)."""
+    from steplm.errors import TrainingStopped
+
+    t = run.cfg.train
+    if math.isfinite(loss) and math.isfinite(grad_norm) and not (t.max_grad_norm and grad_norm > t.max_grad_norm):
+        return False
+    what = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+    if t.on_nonfinite == "stop":
+        raise TrainingStopped(f"step {run.step + 1}: bad batch ({what}); stopped, {kept(run)} "
+                              f"(set train.on_nonfinite=skip to skip such batches)")
+    run.state.skipped += 1
+    if run.state.skipped > t.max_skipped:
+        raise TrainingStopped(f"step {run.step + 1}: {run.state.skipped} bad batches skipped, more than "
+                              f"train.max_skipped ({t.max_skipped}); {lower_hint(run)}")
+    return True
+
+
+def nonfinite(run, where: str):
+    """The TrainingStopped of weights that hold NaN/inf."""
+    from steplm.errors import TrainingStopped
+
+    return TrainingStopped(f"step {run.step}: the weights are not finite (found at the {where}); {kept(run)} "
+                           f"and no model was written ({lower_hint(run)})")
+
+
+def check_weights_finite(run) -> None:
+    """Stop (exit 3) as soon as a parameter holds NaN/inf: one fused on-device reduction and one
+    host sync, at log steps only."""
+    finite = all_finite(run.model.parameters())
+    if run.world > 1:
+        from steplm.train import distributed
+        finite = distributed.mean(float(finite)) == 1.0
+    if not finite:
+        raise nonfinite(run, "log step")
+
+
+def check_stage_loss(run, val: float) -> None:
+    """A stage's validation loss: non-finite, or at the end above a uniform guess, stops the run (the
+    model diverged); at the end within LEARNED_NATS of a uniform guess, a warning."""
+    import sys
+
+    from steplm.errors import TrainingStopped
+
+    if not math.isfinite(val):  # finite weights whose logits overflow: a diverged model is not a result
+        raise TrainingStopped(f"{run.stage_name()}: the validation loss is {val} (the model diverged); "
+                              f"{kept(run)} and no model is written ({lower_hint(run)})")
+    last = run.stage == len(run.stage_steps) - 1
+    uniform = math.log(run.cfg.model.vocab_size)  # the loss of a uniform guess, about where training starts
+    if last and val > uniform + DIVERGED_NATS:
+        raise TrainingStopped(f"{run.stage_name()}: the final validation loss {val:.4g} nats is above "
+                              f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess (the model diverged); "
+                              f"{kept(run)} and no model is written ({lower_hint(run)})")
+    if last and val > uniform - LEARNED_NATS and run.main:
+        skipped = (f"; {run.state.skipped} of its {sum(run.stage_steps)} steps were skipped as bad batches"
+                   if run.state.skipped else "")
+        print(f"steplm: warning: the final validation loss {val:.4g} nats is not {LEARNED_NATS} below "
+              f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess: the model learned nothing "
+              f"(check {run.task.lr_key} and model.norm_eps, or train longer){skipped}", file=sys.stderr)
+
+
+def check_fits(run) -> None:
+    """Refuse a run whose lower bound on peak memory exceeds what the device can ever hold, before
+    anything is allocated (a size like model.d_model=1e9 would otherwise end in an allocator's
+    traceback): one line with the bound, its parts and the keys that set the largest part."""
+    from steplm.devices import gib, require_memory
+    from steplm.plan.stages import minimum_peak_bytes
+
+    need = minimum_peak_bytes(run.cfg, run.plan, run.task.fit_activations)
+    part = max(("states", "activations", "rope"), key=need.get)
+    key = run.task.fit_keys[part]
+    if part == "rope" and run.cfg.model.init_from:
+        key += " (max_position_embeddings in model.init_from's config.json)"
+    require_memory(need["total"], run.device, f"this run (model states {gib(need['states'])}, activations "
+                   f"{gib(need['activations'])}, RoPE tables {gib(need['rope'])})", key)

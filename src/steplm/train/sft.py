@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from steplm.devices import autocast
 from steplm.errors import UserError
 from steplm.eval.generate import alpaca_prompt
-from steplm.train.guards import dumps
+from steplm.io.files import dumps
 from steplm.io.special_tokens import check_ids, write_special_tokens
-from steplm.train.trainer import Trainer
+from steplm.train.loop import Trainer
+from steplm.train.task import PretrainTask
 
 IGNORE = -100
 
@@ -157,31 +158,33 @@ def response_tokens(examples: list[tuple[list[int], list[int]]]) -> int:
     return sum(sum(1 for label in y[1:] if label != IGNORE) for _, y in examples)
 
 
-class SFTTrainer(Trainer):
+class SFTTask(PretrainTask):
     """Full-parameter instruction tuning on the pre-training loop (paper App. H, Table 8): one stage
     of vanilla AdamW over the model in ``cfg.sft.model``, examples from ``cfg.sft.data`` in the Alpaca
     template with the loss on response tokens only, ``cfg.sft.epochs`` shuffled passes. What the loop
     brings: autocast and compile, gradient accumulation (normalised by the step's response tokens),
     atomic checkpoints with bitwise resume, the NaN guard, metrics.jsonl, the progress bar and
     torchrun DDP/FSDP2. ``cfg.train.max_steps`` is derived here (epochs × batches per epoch) and the
-    warmup capped at a tenth of it, as before; the global batch is micro_batch × grad_accum × world
-    examples."""
+    warmup capped at a tenth of it; the global batch is micro_batch × grad_accum × world examples."""
 
-    LR_KEY = "--lr"
-    CHECKPOINT_KEY = "--checkpoint-every"
-    FIT_ACTIVATIONS = False  # examples are shorter than the model's max_seq_len, the seq_len set here
-    FIT_KEYS = {"states": "MODEL's size", "activations": "--micro-batch", "rope": "MODEL's max_position_embeddings"}
+    lr_key = "--lr"
+    checkpoint_key = "--checkpoint-every"
+    fit_activations = False  # examples are shorter than the model's max_seq_len, the seq_len set here
+    fit_keys = {"states": "MODEL's size", "activations": "--micro-batch", "rope": "MODEL's max_position_embeddings"}
+    flags_init_std = False
 
-    def _setup_data(self):
-        from steplm.eval.perplexity import load
+    def configure(self, run) -> None:
+        """Load MODEL and the examples, and set train.max_steps and train.warmup_steps from them."""
+        from steplm.io.run_dir import load_model_dir
 
-        s = self.cfg.sft
-        self.source = load(s.model, self.device)
-        self.tokenizer, self.special = self.source.tokenizer, self.source.special
+        s, t = run.cfg.sft, run.cfg.train
+        self.source = load_model_dir(s.model, run.device)
+        self.special = self.source.special
+        tok = self.source.tokenizer
         examples = read_examples(s.data)[:s.limit]
         max_len = self.source.config.max_seq_len
         usable = [ex for ex in examples if ex["output"].strip()]  # a blank response teaches only to stop
-        data = [build_example(self.tokenizer, ex, self.special.eos_id, max_len) for ex in usable]
+        data = [build_example(tok, ex, self.special.eos_id, max_len) for ex in usable]
         for ids, _ in data:
             check_ids(ids, self.source.config.vocab_size, "an example of --data")
         self.examples = [d for d in data if response_tokens([d])]
@@ -191,96 +194,90 @@ class SFTTrainer(Trainer):
                             f"are cut off by the model's max_seq_len ({max_len} tokens)")
         empty, cut = len(examples) - len(usable), len(data) - len(self.examples)
         short = sum(labels[-1] != self.special.eos_id for _, labels in self.examples)  # EOS past the context
-        if (empty or cut or short) and self.main:  # said so: an SFT run never drops or cuts examples silently
+        if (empty or cut or short) and run.main:  # said so: an SFT run never drops or cuts examples silently
             print(f"steplm: warning: tuning on {len(self.examples)} of {len(examples)} examples of {s.data}: "
                   f"{empty} have an empty output, {cut} a response cut off by the model's max_seq_len "
                   f"({max_len} tokens); {short} of the {len(self.examples)} are cut short (their end and EOS are "
                   f"past it)", file=sys.stderr)
-        t = self.cfg.train
-        self.batch_examples = t.micro_batch * t.grad_accum * self.world
+        self.batch_examples = t.micro_batch * t.grad_accum * run.world
         steps = math.ceil(len(self.examples) / self.batch_examples) * s.epochs
         t.max_steps, t.warmup_steps = steps, min(t.warmup_steps, max(1, steps // 10))
-        self.val_tokens = None
 
-    def _initial_model(self, stage1):
+    def setup_data(self, run) -> None:
+        run.tokenizer = self.source.tokenizer
+
+    def build_model(self, run, stage1):
         model = self.source.model.float().train()
         model.requires_grad_(True)
         return model
 
-    def _make_sampler(self):
-        return SFTBatches(self.examples, self.batch_examples, self.cfg.train.seed)
+    def build_sampler(self, run):
+        return SFTBatches(self.examples, self.batch_examples, run.cfg.train.seed)
 
-    def forward_backward(self) -> torch.Tensor:
+    def forward_backward(self, run) -> torch.Tensor:
         """The step's examples (one shuffled batch of the epoch) split over ranks and micro-batches,
         every rank running grad_accum micro-batches (empty ones as weight-0 dummies)."""
-        t = self.cfg.train
+        t = run.cfg.train
         t0 = time.perf_counter()
-        batch = self.sampler.next()
+        batch = run.sampler.next()
         self.batch_tokens = sum(len(ids) for ids, _ in batch)  # the whole step's, every rank's share included
         n_response = response_tokens(batch)
-        slots = [batch[(j * self.world + self.rank) * t.micro_batch:(j * self.world + self.rank + 1) * t.micro_batch]
+        slots = [batch[(j * run.world + run.rank) * t.micro_batch:(j * run.world + run.rank + 1) * t.micro_batch]
                  for j in range(t.grad_accum)]
-        micro = [mb if mb else ("dummy", batch[:1]) for mb in slots] if self.world > 1 else slots
-        self.data_seconds += time.perf_counter() - t0
-        return accumulate_response_loss(self.loss_fn, micro, self.special.eos_id, self.device, n_response,
-                                        scale=float(self.world), after_micro_batch=self._micro_batch_done)
+        micro = [mb if mb else ("dummy", batch[:1]) for mb in slots] if run.world > 1 else slots
+        run.state.data_seconds += time.perf_counter() - t0
+        return accumulate_response_loss(run.loss_fn, micro, self.special.eos_id, run.device, n_response,
+                                        scale=float(run.world), after_micro_batch=run.micro_batch_done)
 
-    def _step_tokens(self) -> int:
+    def step_tokens(self, run) -> int:
         """The step's real tokens (prompts and responses, no padding): examples are not seq_len long."""
         return self.batch_tokens
 
     @torch.no_grad()
-    def evaluate(self, max_tokens: int | None = None) -> float:
+    def evaluate(self, run, max_tokens: int | None = None) -> float:
         """Response loss (nats) on the first EVAL_EXAMPLES training examples in file order: SFT
         data has no held-out split; this tracks fitting, not generalisation."""
-        self.model.eval()
+        run.model.eval()
         first = self.examples[:EVAL_EXAMPLES]
         n = response_tokens(first)
         total = 0.0
-        for i in range(0, len(first), self.cfg.train.micro_batch):
-            ids, labels = pad_batch(first[i:i + self.cfg.train.micro_batch], self.special.eos_id)
-            x, y = ids[:, :-1].to(self.device), labels[:, 1:].to(self.device)
+        for i in range(0, len(first), run.cfg.train.micro_batch):
+            ids, labels = pad_batch(first[i:i + run.cfg.train.micro_batch], self.special.eos_id)
+            x, y = ids[:, :-1].to(run.device), labels[:, 1:].to(run.device)
             count = int((y != IGNORE).sum())
             if count:
-                with autocast(self.device, self.dtype):
-                    logits = self.model(x)
+                with autocast(run.device, run.dtype):
+                    logits = run.model(x)
                 total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                                          ignore_index=IGNORE, reduction="sum").item()
         return total / max(1, n)
 
-    def _finish(self, train_seconds: float) -> dict:
-        summary = super()._finish(train_seconds)
-        if not self.main:
-            return summary
-        write_special_tokens(self.out, self.tokenizer, self.special)
+    def data_fingerprint(self, run) -> None:
+        return None
+
+    def finish(self, run, summary: dict) -> dict:
+        """The special tokens beside the weights, and sft_summary.json: examples, epochs, steps, losses."""
+        write_special_tokens(run.out, run.tokenizer, self.special)
         from steplm.plots import read_metrics
-        rows = read_metrics(self.out)
+        rows = read_metrics(run.out)
         losses = [r["loss"] for r in rows if "loss" in r]
-        sft = {"model": self.cfg.sft.model, "data": self.cfg.sft.data, "examples": len(self.examples),
-               "epochs": self.cfg.sft.epochs, "steps": self.step, "lr": self.cfg.train.lr,
-               "warmup_steps": self.cfg.train.warmup_steps, "batch_examples": self.batch_examples,
-               "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
-               "train_seconds": summary["train_seconds"], "tokens_per_second": summary["tokens_per_second"],
-               "weights_sha256": summary["weights_sha256"], "dtype": summary["dtype"], "device": summary["device"]}
-        (self.out / "sft_summary.json").write_text(dumps(sft, indent=2))
+        t = run.cfg.train
+        sft = {"model": run.cfg.sft.model, "data": run.cfg.sft.data, "examples": len(self.examples),
+               "epochs": run.cfg.sft.epochs, "steps": run.step, "lr": t.lr, "warmup_steps": t.warmup_steps,
+               "batch_examples": self.batch_examples, "first_loss": losses[0], "final_loss": losses[-1],
+               "losses": losses, "train_seconds": summary["train_seconds"],
+               "tokens_per_second": summary["tokens_per_second"], "weights_sha256": summary["weights_sha256"],
+               "dtype": summary["dtype"], "device": summary["device"]}
+        (run.out / "sft_summary.json").write_text(dumps(sft, indent=2))
         return {**summary, **sft}
 
 
+def sft_trainer(cfg, out_dir, progress: bool = True) -> Trainer:
+    """The Trainer of an SFT run (``sft_config``'s config)."""
+    return Trainer(cfg, out_dir, progress, task=SFTTask())
+
+
 EVAL_EXAMPLES = 64
-
-
-def source_config(model_dir: str):
-    """The ModelConfig of a steplm run directory (model_config.json) or an HF Llama directory
-    (config.json), read without loading weights."""
-    from steplm.io.files import read_model_config
-    from steplm.io.hf import read_config
-
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise UserError(f"MODEL: {d} is not a directory (give a steplm run directory or an HF model directory)")
-    if (d / "model_config.json").is_file():
-        return read_model_config(d, "MODEL")
-    return read_config(d)
 
 
 def sft_config(model_dir: str, data: str, source_config, *, epochs: int = 2, limit: int | None = None,
