@@ -69,17 +69,17 @@ def require_memory(need_bytes: int, device: torch.device, what: str, key: str, f
                         f"{device.type} has; {fix or 'lower ' + key}")
 
 
-def check_model_fits(cfg, n_params: int, device, config_file, positions_key: str, who: str = "MODEL"):
+def check_model_fits(cfg, n_params: int, device, config_file, positions_key: str, key: str = "MODEL"):
     """Refuse to build a model of ``n_params`` fp32 parameters and ``cfg.max_seq_len`` RoPE positions
     that ``device`` cannot hold (a config.json with max_position_embeddings 2e9 asks for 477 GiB of
-    RoPE tables), naming ``who`` (the argument that gave the folder) and ``positions_key`` of
+    RoPE tables), keyed ``key`` (the argument that gave the folder) and ``positions_key`` of
     ``config_file``."""
     from steplm.plan.memory import rope_table_bytes
 
     rope = rope_table_bytes(cfg.max_seq_len, cfg.head_dim)
     require_memory(4 * n_params + rope, torch.device(device),
                    f"the model ({gib(4 * n_params)} of fp32 weights, {gib(rope)} of RoPE tables for "
-                   f"{cfg.max_seq_len:,} positions)", who,
+                   f"{cfg.max_seq_len:,} positions)", key,
                    f"lower {positions_key} in {config_file}" if rope > 4 * n_params else "use a device with more memory")
 
 

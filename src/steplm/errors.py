@@ -13,7 +13,35 @@ EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
-    """Bad input: the message says what is wrong and which key or flag to change."""
+    """Bad input: what is wrong, and the key to change.
+
+    ``key`` is what the problem is about: a config key (``train.lr``), or a role such as ``MODEL``
+    (the folder a model comes from) or ``--out``; None when the message names it itself.
+    ``problems`` holds several (key, message) pairs, for a config with several problems. The command
+    line shows each key under the name the user gave it (``--lr`` for train.lr typed as --lr,
+    ``RUN_DIR`` for export's MODEL): ``render(names)``."""
+
+    def __init__(self, message: str = "", key: str | None = None, problems: list[tuple[str | None, str]] | None = None):
+        self.problems = list(problems) if problems else [(key, message)]
+        super().__init__(self.render())
+
+    @property
+    def key(self) -> str | None:
+        return self.problems[0][0]
+
+    def render(self, names: dict[str, str] | None = None) -> str:
+        """One line: each problem as '<key>: <message>', the key renamed by ``names``."""
+        names = names or {}
+        return "; ".join(f"{names.get(k, k)}: {m}" if k else m for k, m in self.problems)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def rekeyed(self, key: str, old: str | None = None) -> "UserError":
+        """The same error about ``key`` instead of ``old`` (default: its own first key), e.g. a model
+        folder's problem reported under model.init_from."""
+        old = self.key if old is None else old
+        return type(self)(problems=[(key if k == old else k, m) for k, m in self.problems])
 
 
 class TrainingStopped(Exception):

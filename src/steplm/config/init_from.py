@@ -21,7 +21,7 @@ def checkpoint_config(cfg: RunConfig, source: str) -> ModelConfig:
     try:
         ck = read_config(d)
     except UserError as e:
-        raise UserError(str(e).replace("MODEL:", f"{source}:", 1))
+        raise e.rekeyed(source, "MODEL") from None
     if not (d / "tokenizer.json").is_file():
         raise UserError(f"{source}: {d} has no tokenizer.json (its tokenizer is used as-is)")
     return ck

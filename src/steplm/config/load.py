@@ -12,7 +12,7 @@ import yaml
 
 from steplm.config.init_from import resolve_init_from
 from steplm.config.schema import SECTIONS, RunConfig
-from steplm.config.validate import Raw, _show, check_value, value_problem
+from steplm.config.validate import Raw, _show, check_value, config_error, value_problem
 from steplm.errors import UserError
 
 
@@ -70,13 +70,13 @@ def from_dict(d: dict, init_source: str = "model.init_from") -> RunConfig:
     if unknown:
         found.append(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
     if found or problems:
-        raise UserError("; ".join(found + problems + (ranges if problems else [])))
+        raise config_error(found + problems + (ranges if problems else []))
     if cfg.model.init_from:
         given_model = set(d["model"]) if isinstance(d.get("model"), dict) else set()
         given_data = set(d["data"]) if isinstance(d.get("data"), dict) else set()
         conflicts = resolve_init_from(cfg, given_model, "tokenizer" in given_data, init_source)
         if conflicts:
-            raise UserError("; ".join(conflicts))
+            raise config_error(conflicts)
     return cfg
 
 

@@ -9,6 +9,7 @@ consistency rules between fields; ``load.py`` reads YAML and ``--set`` overrides
 from __future__ import annotations
 
 import ast
+import functools
 import dataclasses
 import inspect
 import math
@@ -393,6 +394,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lor
             "galore": GaloreConfig, "apollo": ApolloConfig, "step": StepConfig, "sft": SFTConfig}
 
 
+@functools.cache
 def field_docs(cls) -> dict[str, str]:
     """The docstring under each field of a dataclass, by field name."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))

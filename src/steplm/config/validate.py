@@ -232,7 +232,7 @@ def validate(cfg: RunConfig):
     """Raise one UserError listing every problem (joined with '; ')."""
     found = problems(cfg)
     if found:
-        raise UserError("; ".join(found))
+        raise config_error(found)
 
 
 # Keys that may differ when a run resumes: they change logging and bookkeeping, not the trajectory.
@@ -250,3 +250,14 @@ def differing_keys(a: RunConfig, b: RunConfig) -> list[str]:
         elif da[sec] != db.get(sec):
             out.append(sec)
     return out
+
+
+def config_error(found: list[str]) -> UserError:
+    """One UserError of several problems, each "<key>: <message>" as ``problems`` writes them, kept
+    as (key, message) pairs so that the command line can name each key as the flag that set it."""
+    pairs = []
+    for p in found:
+        key, sep, message = p.partition(": ")
+        is_key = sep and (key == "method" or key.split("[")[0] in dotted_fields())
+        pairs.append((key, message) if is_key else (None, p))
+    return UserError(problems=pairs)

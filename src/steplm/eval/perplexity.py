@@ -66,10 +66,10 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
         from steplm.io.files import one_line, read_json, read_tokenizer
         p = Path(model_path)
         if not (p / "config.json").is_file():
-            raise UserError(f"MODEL: --backend transformers needs an HF directory (run `steplm export {p} --to DIR`)")
+            raise UserError(key="MODEL", message=f"--backend transformers needs an HF directory (run `steplm export {p} --to DIR`)")
         model_type = read_json(p / "config.json", "MODEL").get("model_type")
         if model_type != "llama":
-            raise UserError(f"MODEL: config.json has model_type {model_type!r}; only Llama models are supported")
+            raise UserError(key="MODEL", message=f"config.json has model_type {model_type!r}; only Llama models are supported")
         if (p / "tokenizer.json").is_file():
             read_tokenizer(p / "tokenizer.json", "MODEL")  # a damaged one: one line, not transformers' traceback
         from safetensors import SafetensorError
@@ -81,11 +81,11 @@ def perplexity(model_path: str, data: str, max_tokens: int | None = None, backen
             hf = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32).to(device).eval()
             hf_tok = AutoTokenizer.from_pretrained(str(p))
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-            raise UserError(f"MODEL: transformers cannot load {p} ({one_line(e)})")
+            raise UserError(key="MODEL", message=f"transformers cannot load {p} ({one_line(e)})")
         from steplm.io.hf import check_finite
-        check_finite(dict(hf.named_parameters()), f"MODEL: {p}")
+        check_finite(dict(hf.named_parameters()), p)
         if hf_tok.eos_token_id is None:
-            raise UserError(f"MODEL: {p} tokenizer_config.json names no eos_token")
+            raise UserError(key="MODEL", message=f"{p} tokenizer_config.json names no eos_token")
         stream = token_stream(data, lambda t: hf_tok(t, add_special_tokens=False, verbose=False)["input_ids"], hf_tok.eos_token_id,
                               text_field)
         check_ids(stream, hf.config.vocab_size, f"--data {data}")

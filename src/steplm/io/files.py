@@ -18,31 +18,31 @@ if TYPE_CHECKING:
     import torch
 
 
-def read_json(path: str | Path, who: str, kind: type | None = dict) -> Any:
+def read_json(path: str | Path, key: str, kind: type | None = dict) -> Any:
     """The parsed JSON of ``path``; ``kind`` (dict, list or None for any) is the top-level type it
-    must have. ``who`` is the flag or key that gave the file, the start of the error line."""
+    must have. ``key``: what the file is to the user (MODEL, --questions, ...), the UserError's key."""
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{who}: {p} does not exist")
+        raise UserError(key=key, message=f"{p} does not exist")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{who}: {p} is not readable JSON ({one_line(e)})")
+        raise UserError(key=key, message=f"{p} is not readable JSON ({one_line(e)})")
     if kind is not None and not isinstance(data, kind):
         want = {dict: "a JSON object", list: "a JSON list"}.get(kind, kind.__name__)
-        raise UserError(f"{who}: {p} must hold {want}, got {type(data).__name__}")
+        raise UserError(key=key, message=f"{p} must hold {want}, got {type(data).__name__}")
     return data
 
 
-def read_jsonl(path: str | Path, who: str) -> list[dict]:
+def read_jsonl(path: str | Path, key: str) -> list[dict]:
     """The JSON objects of a JSON-lines file (blank lines skipped), each one checked."""
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise UserError(f"{who}: {p} does not exist")
+        raise UserError(key=key, message=f"{p} does not exist")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{who}: {p} is not readable text ({one_line(e)})")
+        raise UserError(key=key, message=f"{p} is not readable text ({one_line(e)})")
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -50,40 +50,40 @@ def read_jsonl(path: str | Path, who: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{who}: {p} line {i} is not JSON ({one_line(e)})")
+            raise UserError(key=key, message=f"{p} line {i} is not JSON ({one_line(e)})")
         if not isinstance(row, dict):
-            raise UserError(f"{who}: {p} line {i} must be a JSON object, got {type(row).__name__}")
+            raise UserError(key=key, message=f"{p} line {i} must be a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
 
 
-def read_tokenizer(path: str | Path, who: str):
+def read_tokenizer(path: str | Path, key: str):
     """A ``tokenizers.Tokenizer`` from a tokenizer.json. tokenizers raises plain Exceptions for bad
     JSON and a Rust PanicException (a BaseException) for some inconsistent vocabularies: both are
     bad input here."""
     from tokenizers import Tokenizer
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{who}: {p} does not exist")
+        raise UserError(key=key, message=f"{p} does not exist")
     try:
         return Tokenizer.from_file(str(p))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 - includes pyo3's PanicException
-        raise UserError(f"{who}: {p} is not a readable tokenizer.json ({one_line(e)})")
+        raise UserError(key=key, message=f"{p} is not a readable tokenizer.json ({one_line(e)})")
 
 
-def read_safetensors(path: str | Path, who: str, device="cpu") -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path, key: str, device="cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (truncated, garbage or missing files are bad input)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{who}: {p} does not exist")
+        raise UserError(key=key, message=f"{p} does not exist")
     try:
         return load_file(str(p), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{who}: {p} is not a readable safetensors file ({one_line(e)})")
+        raise UserError(key=key, message=f"{p} is not a readable safetensors file ({one_line(e)})")
 
 
 def one_line(e: BaseException) -> str:

@@ -87,7 +87,7 @@ def to_hf_config(cfg: ModelConfig, special: SpecialTokens | None = None, dtype: 
 
 
 def _refuse(field: str, problem: str):
-    raise UserError(f"MODEL: config.json {field} {problem}")
+    raise UserError(key="MODEL", message=f"config.json {field} {problem}")
 
 
 def _rope(d: dict) -> tuple[float, dict | None]:
@@ -123,11 +123,11 @@ def _rope(d: dict) -> tuple[float, dict | None]:
 def from_hf_config(d: dict) -> ModelConfig:
     """The ModelConfig of an HF Llama config.json, or a one-line UserError naming the field steplm cannot honour."""
     if d.get("model_type") != "llama":
-        raise UserError(f"MODEL: config.json has model_type {d.get('model_type')!r}; only Llama models are supported")
+        raise UserError(key="MODEL", message=f"config.json has model_type {d.get('model_type')!r}; only Llama models are supported")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in d]
     if missing:
-        raise UserError(f"MODEL: config.json lacks {missing[0]}")
+        raise UserError(key="MODEL", message=f"config.json lacks {missing[0]}")
     act = d.get("hidden_act", "silu")
     if act not in ACTIVATIONS:
         _refuse("hidden_act", f"{act!r} is not supported (steplm's MLP is SwiGLU: {' or '.join(ACTIVATIONS)})")
@@ -161,7 +161,7 @@ def from_hf_config(d: dict) -> ModelConfig:
     if problems:
         names = {**HF_NAMES, "rope_scaling": "rope_scaling" if d.get("rope_scaling") else "rope_parameters"}
         msg = re.sub(r"model\.(\w+)", lambda m: names.get(m.group(1), m.group(1)), problems[0])
-        raise UserError(f"MODEL: config.json {msg}")
+        raise UserError(key="MODEL", message=f"config.json {msg}")
     return cfg
 
 
@@ -170,12 +170,13 @@ def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
     return read_safetensors(path, "MODEL", device)
 
 
-def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
+def check_finite(state: dict[str, torch.Tensor], where, key: str = "MODEL") -> None:
     """UserError naming the first tensor of ``state`` that holds NaN or inf (a model that would
     evaluate to loss nan, or export one)."""
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"{who} holds non-finite weights (NaN or inf) in {name}; give a model with finite weights")
+            raise UserError(key=key, message=f"{where} holds non-finite weights (NaN or inf) in {name}; give a model "
+                                            f"with finite weights")
 
 
 def _load_bin(path: Path, device) -> dict[str, torch.Tensor]:
@@ -187,10 +188,10 @@ def _load_bin(path: Path, device) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
             state = torch.load(str(path), map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError):
-        raise UserError(f"MODEL: {path} holds more than tensors, so it cannot be loaded safely "
+        raise UserError(key="MODEL", message=f"{path} holds more than tensors, so it cannot be loaded safely "
                         "(torch.load weights_only=True); convert it to safetensors")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"MODEL: {path} is not a state dict of tensors")
+        raise UserError(key="MODEL", message=f"{path} is not a state dict of tensors")
     return state
 
 
@@ -209,24 +210,24 @@ def read_weights(model_dir: str | Path, device="cpu") -> dict[str, torch.Tensor]
             continue
         weight_map = read_json(index, "MODEL").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise UserError(f"MODEL: {index} has no weight_map")
+            raise UserError(key="MODEL", message=f"{index} has no weight_map")
         bad = [v for v in weight_map.values() if not isinstance(v, str) or Path(v).name != v]
         if bad:
-            raise UserError(f"MODEL: {index} names {bad[0]!r} as a shard; shards are file names in {d}")
+            raise UserError(key="MODEL", message=f"{index} names {bad[0]!r} as a shard; shards are file names in {d}")
         state: dict[str, torch.Tensor] = {}
         for name in sorted(set(weight_map.values())):
             if not (d / name).is_file():
-                raise UserError(f"MODEL: {index_name} lists {name}, which is not in {d}")
+                raise UserError(key="MODEL", message=f"{index_name} lists {name}, which is not in {d}")
             state.update(load(d / name, device))
         absent = sorted(set(weight_map) - set(state))
         if absent:
-            raise UserError(f"MODEL: {index_name} maps {absent[0]} to {weight_map[absent[0]]}, which lacks it")
+            raise UserError(key="MODEL", message=f"{index_name} maps {absent[0]} to {weight_map[absent[0]]}, which lacks it")
         return state
     if (d / "model.safetensors").is_file():
         return _load_safetensors(d / "model.safetensors", device)
     if (d / "pytorch_model.bin").is_file():
         return _load_bin(d / "pytorch_model.bin", device)
-    raise UserError(f"MODEL: {d} has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+    raise UserError(key="MODEL", message=f"{d} has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
 
 
 def _check_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> ModelConfig:
@@ -248,17 +249,17 @@ def _check_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> ModelCon
                     if k in key_map(cfg)}
     absent = [k for k in expected if k not in state]
     if absent:
-        raise UserError(f"MODEL: the weights lack {absent[0]}, which config.json implies")
+        raise UserError(key="MODEL", message=f"the weights lack {absent[0]}, which config.json implies")
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise UserError(f"MODEL: the weights hold {extra[0]}, which config.json does not describe "
+        raise UserError(key="MODEL", message=f"the weights hold {extra[0]}, which config.json does not describe "
                         "(a bias with attention_bias/mlp_bias false, or a layer steplm does not implement)")
     for k, shape in expected.items():
         t = state[k]
         if tuple(t.shape) != shape:
-            raise UserError(f"MODEL: {k} has shape {tuple(t.shape)} but config.json implies {shape}")
+            raise UserError(key="MODEL", message=f"{k} has shape {tuple(t.shape)} but config.json implies {shape}")
         if not t.is_floating_point() or t.element_size() < 2:
-            raise UserError(f"MODEL: {k} is stored as {str(t.dtype).replace('torch.', '')}; "
+            raise UserError(key="MODEL", message=f"{k} is stored as {str(t.dtype).replace('torch.', '')}; "
                             "only fp32, fp16 and bf16 weights are supported")
     return cfg
 

@@ -25,28 +25,28 @@ from steplm.model.llama import LLaMA, from_state_dict
 RUN_MODEL_FILES = ("model.safetensors", "model_config.json")  # what a finished run (train or sft) writes last
 
 
-def unfinished_run(d: Path, who: str = "MODEL") -> UserError | None:
+def unfinished_run(d: Path) -> UserError | None:
     """The error for a steplm run folder (it holds config.yaml) without its final model files: an
     unfinished or damaged run. None for anything else."""
     missing = [f for f in RUN_MODEL_FILES if not (d / f).is_file()]
     if not (d / "config.yaml").is_file() or not missing:
         return None
-    return UserError(f"{who}: {d} is a steplm run without {' or '.join(missing)}, which a finished run writes "
+    return UserError(key="MODEL", message=f"{d} is a steplm run without {' or '.join(missing)}, which a finished run writes "
                      f"(finish it by rerunning its steplm train or sft command, or restore the file)")
 
 
-def read_model_config(run_dir: str | Path, who: str):
+def read_model_config(run_dir: str | Path):
     """The ModelConfig of a steplm run folder's model_config.json, its keys and values checked."""
     from steplm.config.schema import ModelConfig
     p = Path(run_dir) / "model_config.json"
-    d = read_json(p, who)
+    d = read_json(p, "MODEL")
     try:
         cfg = ModelConfig.from_dict(d)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{who}: {p} is not a steplm model config ({one_line(e)})")
+        raise UserError(key="MODEL", message=f"{p} is not a steplm model config ({one_line(e)})")
     problems = cfg.problems()
     if problems:
-        raise UserError(f"{who}: {p}: {problems[0]}")
+        raise UserError(key="MODEL", message=f"{p}: {problems[0]}")
     return cfg
 
 
@@ -64,16 +64,16 @@ def read_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of an HF Llama directory's config.json (no weights read), or a one-line UserError."""
     d = Path(path)
     if not d.exists():
-        raise UserError(f"MODEL: {d} does not exist (give a steplm run directory or an HF model directory)")
+        raise UserError(key="MODEL", message=f"{d} does not exist (give a steplm run directory or an HF model directory)")
     if not d.is_dir():
-        raise UserError(f"MODEL: {d} is not a directory (give a steplm run directory or an HF model directory)")
+        raise UserError(key="MODEL", message=f"{d} is not a directory (give a steplm run directory or an HF model directory)")
     if not (d / "config.json").is_file():
         if unfinished_run(d):
             raise unfinished_run(d)
         if (d / "model_config.json").is_file():  # only model.init_from reads a folder this way
-            raise UserError(f"MODEL: {d} is a steplm run, not an HF model directory; export it first "
+            raise UserError(key="MODEL", message=f"{d} is a steplm run, not an HF model directory; export it first "
                             f"(steplm export {d} --to DIR) and give DIR")
-        raise UserError(f"MODEL: {d} has no config.json (give a steplm run directory or an HF model directory)")
+        raise UserError(key="MODEL", message=f"{d} has no config.json (give a steplm run directory or an HF model directory)")
     return from_hf_config(read_json(d / "config.json", "MODEL"))
 
 
@@ -83,12 +83,12 @@ def load_pretrained(path: str | Path, device="cpu") -> Pretrained:
     d = Path(path)
     cfg = read_config(d)
     if not (d / "tokenizer.json").is_file():
-        raise UserError(f"MODEL: {d} has no tokenizer.json")
+        raise UserError(key="MODEL", message=f"{d} has no tokenizer.json")
     tok = read_tokenizer(d / "tokenizer.json", "MODEL")
     special = read_special_tokens(d, tok)
     state = read_weights(d, device)
     cfg = _check_weights(cfg, state)
-    check_finite(state, f"MODEL: {d}")
+    check_finite(state, d)
     check_model_fits(cfg, sum(t.numel() for t in state.values()), device, d / "config.json", "max_position_embeddings")
     model = from_state_dict(cfg, {k: v.float() for k, v in state.items()}, device)
     return Pretrained(model, cfg, tok, special)
@@ -100,23 +100,22 @@ def load_hf_dir(path: str | Path, device="cpu") -> tuple[LLaMA, object]:
     return p.model, p.tokenizer
 
 
-def load_run(run_dir: str | Path, device="cpu", who: str = "MODEL") -> tuple[LLaMA, object]:
-    """The final merged model and tokenizer of a run directory; a one-line UserError naming ``who``
-    (the argument that gave the folder: MODEL, or RUN_DIR for export) when it cannot."""
+def load_run(run_dir: str | Path, device="cpu") -> tuple[LLaMA, object]:
+    """The final merged model and tokenizer of a run directory, or a one-line UserError (key MODEL)."""
     d = Path(run_dir)
-    if unfinished_run(d, who):
-        raise unfinished_run(d, who)
+    if unfinished_run(d):
+        raise unfinished_run(d)
     if not (d / "model.safetensors").is_file() or not (d / "model_config.json").is_file():
-        raise UserError(f"{who}: {d} is not a finished steplm run (no model.safetensors / model_config.json)")
-    mcfg = read_model_config(d, who)
-    tok = read_tokenizer(d / "tokenizer.json", who)
-    state = read_safetensors(d / "model.safetensors", who, device)
-    check_model_fits(mcfg, sum(t.numel() for t in state.values()), device, d / "model_config.json", "max_seq_len", who)
+        raise UserError(key="MODEL", message=f"{d} is not a finished steplm run (no model.safetensors / model_config.json)")
+    mcfg = read_model_config(d)
+    tok = read_tokenizer(d / "tokenizer.json", "MODEL")
+    state = read_safetensors(d / "model.safetensors", "MODEL", device)
+    check_model_fits(mcfg, sum(t.numel() for t in state.values()), device, d / "model_config.json", "max_seq_len")
     try:
         model = from_state_dict(mcfg, state, device)
     except (KeyError, RuntimeError) as e:  # missing tensors or wrong shapes for model_config.json
-        raise UserError(f"{who}: {d / 'model.safetensors'} does not match its model_config.json ({one_line(e)})")
-    check_finite(model.state_dict(), f"{who}: {d}")
+        raise UserError(key="MODEL", message=f"{d / 'model.safetensors'} does not match its model_config.json ({one_line(e)})")
+    check_finite(model.state_dict(), d)
     return model, tok
 
 
@@ -124,9 +123,9 @@ def load_model_dir(path: str | Path, device="cpu") -> Pretrained:
     """``hf.Pretrained`` (model, config, tokenizer, special tokens) of a run directory or an HF Llama directory."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"MODEL: {p} does not exist (give a steplm run directory or an HF model directory)")
+        raise UserError(key="MODEL", message=f"{p} does not exist (give a steplm run directory or an HF model directory)")
     if not p.is_dir():
-        raise UserError(f"MODEL: {p} is not a directory (give a steplm run directory or an HF model directory)")
+        raise UserError(key="MODEL", message=f"{p} is not a directory (give a steplm run directory or an HF model directory)")
     if (p / "model_config.json").is_file():
         model, tok = load_run(p, device)
         return Pretrained(model, model.config, tok, read_special_tokens(p, tok))
@@ -144,9 +143,9 @@ def source_config(model_dir: str):
     (config.json), read without loading weights."""
     d = Path(model_dir)
     if not d.is_dir():
-        raise UserError(f"MODEL: {d} is not a directory (give a steplm run directory or an HF model directory)")
+        raise UserError(key="MODEL", message=f"{d} is not a directory (give a steplm run directory or an HF model directory)")
     if (d / "model_config.json").is_file():
-        return read_model_config(d, "MODEL")
+        return read_model_config(d)
     return read_config(d)
 
 
@@ -194,7 +193,7 @@ def describe(path: str | Path) -> dict:
     if (d / "model_config.json").is_file():
         if unfinished_run(d):
             raise unfinished_run(d)
-        cfg, kind = read_model_config(d, "MODEL"), "steplm run"
+        cfg, kind = read_model_config(d), "steplm run"
         history = run_history(d)
     elif (d / "config.json").is_file():
         hf_cfg = read_json(d / "config.json", "MODEL")
@@ -203,15 +202,15 @@ def describe(path: str | Path) -> dict:
     elif unfinished_run(d):
         raise unfinished_run(d)
     else:
-        raise UserError(f"MODEL: {d} is neither a steplm run directory nor an HF model directory")
+        raise UserError(key="MODEL", message=f"{d} is neither a steplm run directory nor an HF model directory")
     weights = [f for f in WEIGHT_FILES if (d / f).is_file()]
     if not weights:  # a folder no command can load is not described as a model
-        raise UserError(f"MODEL: {d} holds no weights (one of {', '.join(WEIGHT_FILES)})")
+        raise UserError(key="MODEL", message=f"{d} holds no weights (one of {', '.join(WEIGHT_FILES)})")
     empty = [f for f in weights if (d / f).stat().st_size == 0]
     if empty:
-        raise UserError(f"MODEL: {d / empty[0]} is empty (0 bytes)")
+        raise UserError(key="MODEL", message=f"{d / empty[0]} is empty (0 bytes)")
     if kind == "steplm run" and not (d / "tokenizer.json").is_file():  # (an HF folder may hold another format)
-        raise UserError(f"MODEL: {d} has no tokenizer.json")
+        raise UserError(key="MODEL", message=f"{d} has no tokenizer.json")
     out = {"path": str(d), "kind": kind, "model": cfg.to_dict(), "steplm": history, "weights": weights}
     if (d / "tokenizer.json").is_file():
         tok = read_tokenizer(d / "tokenizer.json", "MODEL")

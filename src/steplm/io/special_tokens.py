@@ -24,7 +24,7 @@ def check_ids(ids, vocab_size: int, what: str):
 
     top = int(np.max(ids)) if len(ids) else -1
     if top >= vocab_size:
-        raise UserError(f"MODEL: the tokenizer encodes {what} to token id {top}, but the model has {vocab_size} "
+        raise UserError(key="MODEL", message=f"the tokenizer encodes {what} to token id {top}, but the model has {vocab_size} "
                         f"embeddings (vocab_size in its config); give the model a tokenizer of at most "
                         f"{vocab_size} tokens, or raise vocab_size to cover its tokenizer")
 
@@ -48,7 +48,7 @@ def gpt2_special_tokens(tokenizer) -> SpecialTokens:
     """steplm's convention for its own runs: ``<|endoftext|>`` is EOS, BOS and the only stop id."""
     eos = tokenizer.token_to_id(GPT2_EOS)
     if eos is None:
-        raise UserError(f"MODEL: the tokenizer has no {GPT2_EOS} token and its directory names no EOS "
+        raise UserError(key="MODEL", message=f"the tokenizer has no {GPT2_EOS} token and its directory names no EOS "
                         "(tokenizer_config.json eos_token or generation_config.json eos_token_id)")
     return SpecialTokens(eos, (eos,), eos)
 
@@ -59,7 +59,7 @@ def _json(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"MODEL: {path} is not valid JSON")
+        raise UserError(key="MODEL", message=f"{path} is not valid JSON")
     return d if isinstance(d, dict) else {}
 
 
@@ -72,7 +72,7 @@ def _token_id(tokenizer, files: dict[str, dict], key: str) -> int | None:
         if isinstance(v, str) and v:
             i = tokenizer.token_to_id(v)
             if i is None:
-                raise UserError(f"MODEL: {name} {key} {v!r} is not a token of tokenizer.json")
+                raise UserError(key="MODEL", message=f"{name} {key} {v!r} is not a token of tokenizer.json")
             return i
     return None
 
@@ -85,7 +85,7 @@ def _id_list(files: dict[str, dict], key: str, vocab: int) -> list[int]:
             continue
         ids = v if isinstance(v, list) else [v]
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
-            raise UserError(f"MODEL: {name} {key} must be token ids below the vocabulary size ({vocab}), got {v!r}")
+            raise UserError(key="MODEL", message=f"{name} {key} must be token ids below the vocabulary size ({vocab}), got {v!r}")
         return ids
     return []
 

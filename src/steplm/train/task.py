@@ -134,7 +134,7 @@ def pretrained_model(stage1, device: torch.device) -> LLaMA:
     try:
         loaded = load_pretrained(src, device)
     except UserError as e:  # name the key that gave the folder, as config.load does for config.json
-        raise UserError(str(e).replace("MODEL:", "model.init_from:", 1)) from None
+        raise e.rekeyed("model.init_from", "MODEL") from None
     if loaded.config.n_layers != stage1.n_layers:  # validation and the planner make n_1 the checkpoint's depth
         raise RuntimeError(f"stage 1 has {stage1.n_layers} layers, the checkpoint {loaded.config.n_layers}")
     if replace(loaded.config, init_std=stage1.init_std, init_from=src) != stage1:
