@@ -136,9 +136,10 @@ def test_lr_rewarms_each_stage(tmp_path):
     assert end_of_stage1 < peak
     tr.stage = 1
     assert tr.lr_at(0) == pytest.approx(peak / 4) and tr.lr_at(3) == pytest.approx(peak)
-    # stage 1 is cut at 75 % of its nominal cosine: LR there is between floor and peak
+    # stage 1 is cut at 75 % of its nominal cosine, which runs from the peak (step 3) to the floor
+    # (step n1 - 1): LR there is between floor and peak
     tr.stage = 0
-    expect = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (tr.stage_steps[0] - 1 - 4) / (n1 - 4))))
+    expect = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (tr.stage_steps[0] - 1 - 3) / (n1 - 1 - 3))))
     assert end_of_stage1 == pytest.approx(expect)
 
 
@@ -198,8 +199,8 @@ def test_relora_jagged_schedule(tmp_path):
     tr.step = 10 + 12
     total = sum(tr.stage_steps)  # one cosine over the whole run
 
-    def cosine(s):
-        return tr.cfg.train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / (total - 2))))
+    def cosine(s):  # from the peak on the warmup's last step (1) to the floor on the run's last (total - 1)
+        return tr.cfg.train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 1) / (total - 1 - 1))))
     assert tr.lr_at(12) == pytest.approx(cosine(22) * 3 / 5)  # 2 steps after the reset at 10 in-phase steps
     assert tr.lr_at(15) == pytest.approx(cosine(22))  # ramp finished
 
