@@ -143,6 +143,25 @@ def test_lr_rewarms_each_stage(tmp_path):
     assert end_of_stage1 == pytest.approx(expect)
 
 
+@pytest.mark.parametrize("over", [
+    {"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]", "train.max_steps": 6},
+    {"method": "vanilla", "train.max_steps": 5},
+])
+def test_trainer_warns_once_of_a_schedule_no_longer_than_its_warmup(tmp_path, capsys, over):
+    """At start, rank 0 prints the plan's warning on stderr, one line, and keeps train.warmup_steps;
+    with a warmup one step shorter than the shortest schedule, nothing."""
+    first = make(tmp_path, "probe", **over).plan
+    shortest = min(first.steps) if first.stages[0].schedule_restarts else first.total_steps
+    capsys.readouterr()
+    tr = make(tmp_path, "long", **over, **{"train.warmup_steps": shortest})
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "warmup" in ln]
+    assert err == [f"steplm: warning: {tr.plan.warnings[0]}"] and "train.warmup_steps" in err[0]
+    tr.step = shortest - 1  # the warmup's last step (of the stage, or the run), at the peak as given
+    assert tr.cfg.train.warmup_steps == shortest and tr.lr_at(shortest - 1) == pytest.approx(tr.cfg.train.lr)
+    make(tmp_path, "short", **over, **{"train.warmup_steps": shortest - 1})
+    assert "warmup" not in capsys.readouterr().err
+
+
 def test_step_no_pet_has_no_adapters(tmp_path):
     tr = make(tmp_path, **{"method": "step-no-pet", "step.n_stages": 2, "step.layers_per_stage": "[2,2]",
                            "train.max_steps": 6})
