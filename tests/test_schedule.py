@@ -27,7 +27,8 @@ def stage_lrs(cfg, stage) -> list[float]:
 
 def cosine(s: int, peak_step: int, last_step: int) -> float:
     """The cosine at position ``s`` from LR at ``peak_step`` to LR · FLOOR_RATIO at ``last_step``."""
-    return LR * (FLOOR_RATIO + (1 - FLOOR_RATIO) * 0.5 * (1 + math.cos(math.pi * (s - peak_step) / (last_step - peak_step))))
+    progress = (s - peak_step) / (last_step - peak_step)
+    return LR * (FLOOR_RATIO + (1 - FLOOR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def assert_rises_to_one_peak_then_falls(lrs: list[float], peak_step: int):

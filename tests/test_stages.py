@@ -203,7 +203,8 @@ def test_plan_warns_of_each_stage_no_longer_than_its_warmup(tmp_path, over):
 @pytest.mark.parametrize("over", [
     {"method": "vanilla", "train.max_steps": 7},
     {"method": "vanilla", "train.max_steps": 1},
-    {"method": "relora", "lora.relora_interval": 3, "lora.relora_warmup": 2, "train.max_steps": 8},  # 2 stages, 1 cosine
+    # ReLoRA: one cosine over two stages
+    {"method": "relora", "lora.relora_interval": 3, "lora.relora_warmup": 2, "train.max_steps": 8},
 ])
 def test_plan_warns_of_a_one_cosine_run_no_longer_than_its_warmup(tmp_path, over):
     total = _warmup_plan(tmp_path, **over).total_steps
