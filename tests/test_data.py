@@ -137,6 +137,32 @@ def test_sampler_is_reproducible_and_shifted(tmp_path):
     assert np.array_equal(b.next()[0], x2)
 
 
+@pytest.mark.parametrize("seq_len", [1, 8, 32])
+def test_sampler_trains_on_a_split_of_exactly_one_window(seq_len):
+    """seq_len + 1 tokens are one window (seq_len inputs and the target after the last): sampled,
+    and it is the whole split; one token fewer is refused, with a message that holds."""
+    one = BatchSampler(TokenShard(np.arange(seq_len + 1), 1), seq_len, micro_batch=3, seed=0)
+    x, y = one.next()
+    assert np.array_equal(x, np.tile(np.arange(seq_len), (3, 1)))
+    assert np.array_equal(y, np.tile(np.arange(1, seq_len + 1), (3, 1)))
+    with pytest.raises(UserError, match=f"^train.seq_len: the training split has {seq_len} tokens, fewer than one "
+                                        f"window of train.seq_len \\+ 1 = {seq_len + 1};"):
+        BatchSampler(TokenShard(np.arange(seq_len), 1), seq_len, micro_batch=3, seed=0)
+
+
+@pytest.mark.parametrize("seq_len,extra", [(1, 1), (8, 2), (8, 5), (32, 3)])
+def test_sampler_draws_every_window_start(seq_len, extra):
+    """A split of seq_len + 1 + extra tokens has extra + 1 window starts, 0 .. extra, the last one's
+    window ending on the split's last token: every one is drawn, and none past it."""
+    sampler = BatchSampler(TokenShard(np.arange(seq_len + 1 + extra), 1), seq_len, micro_batch=64, seed=0)
+    starts = set()
+    for _ in range(8):  # 512 draws of extra + 1 <= 6 equally likely starts: each misses with p < 1e-40
+        x, y = sampler.next()
+        starts |= set(x[:, 0].tolist())
+        assert int(y.max()) <= seq_len + extra  # no window runs past the split
+    assert starts == set(range(extra + 1))
+
+
 def test_eval_windows():
     w = eval_windows(np.arange(100), 10, max_tokens=30)
     assert w.shape == (3, 11) and w[1, 0] == 10 and w[0, -1] == 10

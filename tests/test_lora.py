@@ -131,6 +131,57 @@ def test_prune_keeps_largest_moments():
     assert torch.count_nonzero(opt.state[p]["exp_avg"]) == 4
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
+def test_pruned_reset_zeroes_both_moments_at_the_same_positions(ratio):
+    """lora.reset_prune keeps both Adam moments at the 1 - ratio of positions with the largest first
+    moment and zeroes both elsewhere, the second moment ordered otherwise than the first."""
+    block = Block(ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2))
+    apply_lora(block, rank=2, alpha=2.0)
+    p = block.mlp.up_proj.lora_A
+    opt = torch.optim.AdamW([p])
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(p.shape, generator=g)
+    v = torch.rand(p.shape, generator=g) + 0.1  # all kept positions have v > 0
+    opt.state[p] = {"exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+    merge_and_reinit(block, opt, prune_ratio=ratio)
+    k = int(m.numel() * ratio)
+    keep = torch.zeros(m.numel(), dtype=torch.bool)
+    keep[m.abs().flatten().argsort()[k:]] = True  # the largest |m|, distinct with probability 1
+    keep = keep.view(m.shape)
+    assert torch.equal(opt.state[p]["exp_avg"], torch.where(keep, m, 0.0))
+    assert torch.equal(opt.state[p]["exp_avg_sq"], torch.where(keep, v, 0.0))
+
+
+@pytest.mark.parametrize("ratio", [None, 0.5, 0.9])
+def test_update_after_a_reset_stays_within_adams_bound(ratio):
+    """After a reset, plain or pruned, every adapter element's Adam step stays within Kingma & Ba's
+    bound: with m, v sums of the same gradients, |m| <= (1-b1)/sqrt(1-b2)/sqrt(1-b1^2/b2)·sqrt(v)
+    (Cauchy-Schwarz), so |update| <= lr·that/(1-b1^t) after bias correction. A kept m over a zeroed v
+    (the first step after a reset leaves lora_A's gradient zero, lora_B being zero) breaks it."""
+    torch.manual_seed(0)
+    block = Block(ModelConfig(vocab_size=10, d_model=16, n_layers=1, n_heads=2))
+    apply_lora(block, rank=4, alpha=8.0)
+    params = [p for n, p in block.named_parameters() if "lora_" in n]
+    lr, (b1, b2) = 1e-2, (0.9, 0.95)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(b1, b2), weight_decay=0.0)
+    x = torch.randn(2, 5, 16)
+    cos, sin = torch.ones(5, 8), torch.zeros(5, 8)
+
+    def step():
+        block(x, cos, sin).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for _ in range(3):
+        step()
+    merge_and_reinit(block, opt, torch.Generator().manual_seed(1), prune_ratio=ratio)
+    before = [p.detach().clone() for p in params]
+    step()
+    t = int(opt.state[params[0]]["step"])
+    bound = lr * (1 - b1) / math.sqrt(1 - b2) / math.sqrt(1 - b1 ** 2 / b2) / (1 - b1 ** t)
+    worst = max((p.detach() - p0).abs().max().item() for p, p0 in zip(params, before))
+    assert 0 < worst <= bound * (1 + 1e-5), (worst, bound)
+
+
 def test_merged_state_dict_drops_adapters():
     block = Block(ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2))
     wrapper = nn.Module()

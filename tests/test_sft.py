@@ -207,6 +207,18 @@ def test_sft_divergence_names_the_sft_flag(tiny_run, tmp_path, capsys, extra):
     assert len(lines) == 1 and "lower --lr" in lines[0] and "train.lr" not in lines[0], lines
 
 
+@pytest.mark.parametrize("steps", [1, 9, 10])
+def test_sft_warmup_is_at_most_a_tenth_of_the_run(tiny_run, tmp_path, capsys, steps):
+    """--warmup-steps is capped at steps // 10 (0 under ten steps: the same schedule as 1, the peak
+    first), so an SFT run always decays and is never told about train.warmup_steps, a key it lacks."""
+    out = tmp_path / "o"
+    assert main(["sft", str(tiny_run), "--data", str(shared("alpaca/seed_tasks.jsonl")), "--out", str(out),
+                 "--limit", "1", "--epochs", str(steps), "--batch-size", "1", "--quiet", "--dtype", "fp32"]) == 0
+    summary = json.loads((out / "sft_summary.json").read_text())  # one example per step, one step per epoch
+    assert summary["steps"] == steps and summary["warmup_steps"] == min(100, steps // 10)
+    assert "train.warmup_steps" not in capsys.readouterr().err
+
+
 def test_examples_without_a_response_are_dropped_and_counted(tiny_run, tmp_path, capsys):
     """Blank outputs (only EOS to learn) and responses that max_seq_len cuts off entirely are not
     tuned on, and one warning says how many of each were dropped: no example is ignored silently."""

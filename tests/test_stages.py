@@ -168,3 +168,75 @@ def test_staged_plan_spends_vanilla_flops(preset, conv):
     for s in plan.stages[:-1]:
         assert s.steps == pytest.approx(cfg.step.growth_fraction * s.schedule_steps, abs=1)
     assert [s.start_step for s in plan.stages] == [sum(plan.steps[:i]) for i in range(len(plan.stages))]
+
+
+def _warmup_plan(tmp_path, **over):
+    cfg = config.load(None, tiny_overrides(tmp_path, **over))
+    config.validate(cfg)
+    return plan_run(cfg)
+
+
+def _warmup_line(W, named) -> str:
+    parts = " and ".join(f"{name} ({n} step{'s' * (n != 1)}, the last at {round(100 * n / W)} % of train.lr)"
+                         for name, n in named)
+    return (f"train.warmup_steps ({W}) is not shorter than {parts}, whose lr stays in warmup to the end and never "
+            f"decays; lower train.warmup_steps")
+
+
+@pytest.mark.parametrize("over", [
+    {"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]", "train.max_steps": 18,
+     "step.budget_match": "steps"},
+    {**STEP3, "train.max_steps": 30},
+    {"method": "step-no-pet", "step.n_stages": 2, "step.layers_per_stage": "[2,2]", "train.max_steps": 20},
+])
+def test_plan_warns_of_each_stage_no_longer_than_its_warmup(tmp_path, over):
+    """Each STEP stage restarts the schedule: a stage of train.warmup_steps steps or fewer never
+    leaves its warmup, and is named; one step longer, it is not. The warmup stays as given."""
+    steps = _warmup_plan(tmp_path, **over).steps
+    for W in sorted({n for n in steps} | {n - 1 for n in steps} - {0}):
+        plan = _warmup_plan(tmp_path, **over, **{"train.warmup_steps": W})
+        named = [(f"stage {i + 1}", n) for i, n in enumerate(steps) if n <= W]
+        assert plan.warnings == ([_warmup_line(W, named)] if named else []), (W, steps)
+        assert plan.steps == steps  # the plan is the same, only said
+
+
+@pytest.mark.parametrize("over", [
+    {"method": "vanilla", "train.max_steps": 7},
+    {"method": "vanilla", "train.max_steps": 1},
+    # ReLoRA: one cosine over two stages
+    {"method": "relora", "lora.relora_interval": 3, "lora.relora_warmup": 2, "train.max_steps": 8},
+])
+def test_plan_warns_of_a_one_cosine_run_no_longer_than_its_warmup(tmp_path, over):
+    total = _warmup_plan(tmp_path, **over).total_steps
+    assert _warmup_plan(tmp_path, **over, **{"train.warmup_steps": total}).warnings == [
+        _warmup_line(total, [("the run", total)])]
+    assert _warmup_plan(tmp_path, **over, **{"train.warmup_steps": total - 1}).warnings == []
+
+
+@pytest.mark.parametrize("over,ramped", [
+    ({"method": "relora", "lora.warm_start_fraction": 0.25, "train.max_steps": 40}, "stage 2"),
+    ({"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]", "train.max_steps": 60}, "stage 2"),
+])
+@pytest.mark.parametrize("interval,ramp", [(4, 4), (3, 5), (5, 4), (9, 1)])
+def test_plan_warns_of_resets_no_further_apart_than_their_restart_ramp(tmp_path, over, ramped, interval, ramp):
+    """ReLoRA resets every lora.relora_interval k steps and ramps the lr over lora.relora_warmup R:
+    with k <= R the ramp runs from each reset to the next, and the plan says so; with k > R, not."""
+    plan = _warmup_plan(tmp_path, **over, **{"lora.relora_interval": interval, "lora.relora_warmup": ramp})
+    want = [f"lora.relora_interval ({interval}) is not longer than lora.relora_warmup ({ramp}): in {ramped} the lr "
+            f"ramps from each reset to the next, reaching {round(100 * interval / ramp)} % of its cosine by then, and "
+            f"never runs on it; lower lora.relora_warmup"]
+    assert plan.warnings == (want if interval <= ramp else [])
+
+
+def test_plan_cli_prints_the_warmup_warning(tmp_path):
+    """`steplm plan` says it under the table and in --json; training says it once on stderr."""
+    sets = [x for kv in tiny_overrides(tmp_path, **STEP3, **{"train.warmup_steps": 9}) for x in ("--set", kv)]
+    steps = _warmup_plan(tmp_path, **STEP3).steps
+    named = [(f"stage {i + 1}", n) for i, n in enumerate(steps) if n <= 9]
+    assert named
+    res = run_cli("plan", *sets)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "warning: " + _warmup_line(9, named)
+    res = run_cli("plan", *sets, "--json")
+    assert json.loads(res.stdout)["warnings"] == [_warmup_line(9, named)]
+

@@ -136,10 +136,30 @@ def test_lr_rewarms_each_stage(tmp_path):
     assert end_of_stage1 < peak
     tr.stage = 1
     assert tr.lr_at(0) == pytest.approx(peak / 4) and tr.lr_at(3) == pytest.approx(peak)
-    # stage 1 is cut at 75 % of its nominal cosine: LR there is between floor and peak
+    # stage 1 is cut at 75 % of its nominal cosine, which runs from the peak (step 3) to the floor
+    # (step n1 - 1): LR there is between floor and peak
     tr.stage = 0
-    expect = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (tr.stage_steps[0] - 1 - 4) / (n1 - 4))))
+    expect = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (tr.stage_steps[0] - 1 - 3) / (n1 - 1 - 3))))
     assert end_of_stage1 == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("over", [
+    {"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]", "train.max_steps": 6},
+    {"method": "vanilla", "train.max_steps": 5},
+])
+def test_trainer_warns_once_of_a_schedule_no_longer_than_its_warmup(tmp_path, capsys, over):
+    """At start, rank 0 prints the plan's warning on stderr, one line, and keeps train.warmup_steps;
+    with a warmup one step shorter than the shortest schedule, nothing."""
+    first = make(tmp_path, "probe", **over).plan
+    shortest = min(first.steps) if first.stages[0].schedule_restarts else first.total_steps
+    capsys.readouterr()
+    tr = make(tmp_path, "long", **over, **{"train.warmup_steps": shortest})
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "warmup" in ln]
+    assert err == [f"steplm: warning: {tr.plan.warnings[0]}"] and "train.warmup_steps" in err[0]
+    tr.step = shortest - 1  # the warmup's last step (of the stage, or the run), at the peak as given
+    assert tr.cfg.train.warmup_steps == shortest and tr.lr_at(shortest - 1) == pytest.approx(tr.cfg.train.lr)
+    make(tmp_path, "short", **over, **{"train.warmup_steps": shortest - 1})
+    assert "warmup" not in capsys.readouterr().err
 
 
 def test_step_no_pet_has_no_adapters(tmp_path):
@@ -198,8 +218,8 @@ def test_relora_jagged_schedule(tmp_path):
     tr.step = 10 + 12
     total = sum(tr.stage_steps)  # one cosine over the whole run
 
-    def cosine(s):
-        return tr.cfg.train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / (total - 2))))
+    def cosine(s):  # from the peak on the warmup's last step (1) to the floor on the run's last (total - 1)
+        return tr.cfg.train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 1) / (total - 1 - 1))))
     assert tr.lr_at(12) == pytest.approx(cosine(22) * 3 / 5)  # 2 steps after the reset at 10 in-phase steps
     assert tr.lr_at(15) == pytest.approx(cosine(22))  # ramp finished
 

@@ -302,7 +302,8 @@ class LoraConfig:
     relora_warmup: int = field(default=10, metadata={"range": NON_NEGATIVE})
     """Steps of LR re-warmup after each ReLoRA merge (jagged cosine)."""
     reset_prune: float | None = field(default=None, metadata={"range": UNIT_OPEN})
-    """At a ReLoRA reset, zero the adapters' Adam moments (None) or prune this fraction by magnitude."""
+    """At a ReLoRA reset, zero the adapters' Adam moments (None) or zero both at this fraction of
+    positions, those whose first moment is smallest in magnitude (one mask for both moments)."""
     warm_start_fraction: float = field(default=0.25, metadata={"range": UNIT_RIGHT_OPEN})
     """method relora: share of train.max_steps trained full-rank before switching to LoRA."""
     merge_rounding: Literal["nearest", "stochastic"] = "nearest"

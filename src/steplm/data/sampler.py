@@ -17,18 +17,20 @@ class BatchSampler:
     slice, so N ranks see exactly the rows one process with micro-batch N·B would."""
 
     def __init__(self, shard: TokenShard, seq_len: int, micro_batch: int, seed: int, rank: int = 0, world: int = 1):
-        if len(shard) <= seq_len + 1:
-            raise UserError(f"train.seq_len: the training split has {len(shard)} tokens, fewer than one "
-                            f"sequence of {seq_len + 1}; use more data or a shorter train.seq_len")
+        if len(shard) < seq_len + 1:  # a window is seq_len inputs and the target after the last
+            raise UserError(f"train.seq_len: the training split has {len(shard)} tokens, fewer than one window "
+                            f"of train.seq_len + 1 = {seq_len + 1}; use more data or a shorter train.seq_len")
         self.shard, self.seq_len, self.micro_batch = shard, seq_len, micro_batch
         self.rank, self.world = rank, world
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self._arange = np.arange(seq_len + 1)
 
     def next(self):
-        """(inputs, targets), both int64 torch tensors of shape (B, T)."""
+        """(inputs, targets), both int64 torch tensors of shape (B, T). Every window start from 0 to
+        len - (T+1), the last whose window fits, is drawn with the same probability."""
         import torch
-        starts = self.rng.integers(0, len(self.shard) - self.seq_len - 1, size=self.micro_batch * self.world)
+        n_starts = len(self.shard) - self.seq_len  # starts 0 .. n_starts - 1; integers' high is exclusive
+        starts = self.rng.integers(0, n_starts, size=self.micro_batch * self.world)
         starts = starts[self.rank * self.micro_batch:(self.rank + 1) * self.micro_batch]
         window = torch.from_numpy(self.shard.tokens[starts[:, None] + self._arange].astype(np.int64))  # (B, T+1)
         return window[:, :-1], window[:, 1:]

@@ -76,7 +76,9 @@ def split_projected(model, groups: list[dict]) -> tuple[list, list[dict]]:
 
 
 def restart_ramp(cfg, step_in_stage: int) -> float:
-    """ReLoRA's jagged-cosine factor: a linear re-warmup over lora.relora_warmup steps after each reset."""
+    """ReLoRA's jagged-cosine factor at ``step_in_stage``: a linear re-warmup over lora.relora_warmup R
+    steps after each reset, (j+1)/R on the j-th step after it, so the R-th is back on the cosine (1.0),
+    as train.warmup_steps' last step is on the peak."""
     k, ramp = cfg.lora.relora_interval, cfg.lora.relora_warmup
     return min(1.0, (step_in_stage % k + 1) / ramp)
 

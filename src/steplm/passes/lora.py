@@ -189,7 +189,9 @@ def is_frozen_block(block: nn.Module) -> bool:
 def merge_and_reinit(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, generator=None,
                      prune_ratio: float | None = None, rounding: str = "nearest", stats: dict | None = None) -> int:
     """ReLoRA restart: merge every adapter into its base, re-initialise A and B, and zero their Adam
-    moments (or, with ``prune_ratio``, keep only the largest-magnitude 1 - prune_ratio of them).
+    moments (or, with ``prune_ratio``, zero both moments at the prune_ratio of positions whose first
+    moment is smallest in magnitude: one mask, so no kept first moment sits over a zeroed second one,
+    whose update m/(√v + eps) would be huge).
     Returns the number of adapters reset. A ``stats`` dict receives, over all adapters, the share of
     the update that the rounding into the bases kept (``kept_share`` = <applied, update> / ||update||²,
     None without an update) and ``update_rms_ratio`` = rms(update) / rms(W) (one host sync)."""
@@ -203,19 +205,19 @@ def merge_and_reinit(model: nn.Module, optimizer: torch.optim.Optimizer | None =
             continue
         for p in (m.lora_A, m.lora_B):
             state = optimizer.state.get(p)
-            if not state:
+            moments = [state[key] for key in ("exp_avg", "exp_avg_sq") if state and state.get(key) is not None]
+            if not moments:
                 continue
-            for key in ("exp_avg", "exp_avg_sq"):
-                t = state.get(key)
-                if t is None:
-                    continue
-                if prune_ratio is None:
+            if prune_ratio is None:
+                for t in moments:
                     t.zero_()
-                else:
-                    k = int(t.numel() * prune_ratio)
-                    if k:
-                        cut = t.abs().flatten().kthvalue(k).values
-                        t.masked_fill_(t.abs() <= cut, 0.0)
+                continue
+            k = int(moments[0].numel() * prune_ratio)
+            if k:
+                size = moments[0].abs()
+                pruned = size <= size.flatten().kthvalue(k).values
+                for t in moments:
+                    t.masked_fill_(pruned, 0.0)
     if stats is not None and sums is not None:
         sums = sums.full_tensor() if hasattr(sums, "full_tensor") else sums
         dot, update_sq, weight_sq = sums.tolist()

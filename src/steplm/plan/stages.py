@@ -15,7 +15,7 @@ from steplm import methods
 from steplm.methods.base import CONVENTIONS, flops_per_token, full_rank_counts, layer_shape, precision, tokens_per_step
 from steplm.plan import memory
 
-__all__ = ["Stage", "StagePlan", "plan_run", "layer_shape", "format_plan"]
+__all__ = ["Stage", "StagePlan", "plan_run", "schedule_warnings", "layer_shape", "format_plan"]
 
 
 @dataclass
@@ -71,6 +71,8 @@ class StagePlan:
     """The convention used for budget matching (step.flops_convention)."""
     vanilla: dict = field(default_factory=dict)
     """Vanilla at the final depth: layers, steps, tokens, flops, planned_state_bytes."""
+    warnings: list[str] = field(default_factory=list)
+    """Ways the LR schedule cannot do what its keys say (``schedule_warnings``), one line each."""
 
     @property
     def steps(self) -> list[int]:
@@ -98,7 +100,7 @@ class StagePlan:
         return {"method": self.method, "layers_per_stage": self.layers_per_stage,
                 "flops_convention": self.flops_convention, "stages": [s.to_dict() for s in self.stages],
                 "totals": self.totals(), "peak_state_bytes": self.peak_state_bytes(), "vanilla": self.vanilla,
-                "reduction": self.reduction()}
+                "reduction": self.reduction(), "warnings": self.warnings}
 
 
 def _vanilla(cfg) -> dict:
@@ -133,7 +135,35 @@ def plan_run(cfg) -> StagePlan:
             restart_ramp_from=method.restart_ramp_from(cfg, kind),
             planned_state_bytes={"layers": b, "total": b + head}))
         start += n
-    return StagePlan(cfg.method, list(layers_per_stage), stages, cfg.step.flops_convention, _vanilla(cfg))
+    return StagePlan(cfg.method, list(layers_per_stage), stages, cfg.step.flops_convention, _vanilla(cfg),
+                     schedule_warnings(cfg, stages))
+
+
+def schedule_warnings(cfg, stages: list[Stage]) -> list[str]:
+    """One line for each way the LR schedule (``train/schedule.py``) cannot do what its keys say,
+    each naming the key to change; the keys are kept as given, as torchtitan and nanoGPT keep theirs.
+    A schedule (each STEP stage; the whole run under one cosine) of no more steps than
+    train.warmup_steps stays in warmup to its end and never decays; ReLoRA resets no more than
+    lora.relora_warmup steps apart leave the lr ramping from each reset to the next, never on its cosine."""
+    W, out = cfg.train.warmup_steps, []
+    if stages[0].schedule_restarts:
+        short = [(f"stage {s.index + 1}", s.steps) for s in stages if s.steps <= W]
+    else:
+        total = sum(s.steps for s in stages)
+        short = [("the run", total)] if total <= W else []
+    if short:
+        parts = " and ".join(f"{name} ({n} step{'s' * (n != 1)}, the last at {100 * n / W:.0f} % of train.lr)"
+                             for name, n in short)
+        out.append(f"train.warmup_steps ({W}) is not shorter than {parts}, whose lr stays in warmup to the end "
+                   f"and never decays; lower train.warmup_steps")
+    k, R = cfg.lora.relora_interval, cfg.lora.relora_warmup
+    ramped = [s for s in stages if s.adapter_resets and R and s.steps > s.restart_ramp_from]
+    if ramped and k <= R:
+        names = " and ".join(f"stage {s.index + 1}" for s in ramped)
+        out.append(f"lora.relora_interval ({k}) is not longer than lora.relora_warmup ({R}): in {names} the lr "
+                   f"ramps from each reset to the next, reaching {100 * k / R:.0f} % of its cosine by then, and "
+                   f"never runs on it; lower lora.relora_warmup")
+    return out
 
 
 def minimum_peak_bytes(cfg, plan: StagePlan, with_activations: bool = True) -> dict[str, int]:
@@ -189,4 +219,5 @@ def format_plan(plan: StagePlan) -> str:
     lines.append(f"peak model-state memory vs vanilla: layers {change['layers']:+.1f} %, "
                  f"total {change['total']:+.1f} %; FLOPs ({conv}) {t['flops'][conv] / v['flops'][conv]:.3f}x, "
                  f"tokens {t['tokens'] / v['tokens']:.3f}x vanilla's")
+    lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

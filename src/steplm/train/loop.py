@@ -59,6 +59,9 @@ class Trainer:
             guards.check_run_dir(self.out)  # before the task reads anything: a clobbered --out is said first
         self.task.configure(self)
         self.plan = plan_run(cfg)
+        if self.main:
+            for line in self.plan.warnings:  # the warmup is the user's: said, not changed
+                print(f"steplm: warning: {line}", file=sys.stderr)
         self.method = methods.get(self.plan.method)
         self.layers_per_stage, self.stage_steps = self.plan.layers_per_stage, self.plan.steps
         if not self.fsdp:  # FSDP2 shards the states over the ranks

@@ -201,7 +201,9 @@ class SFTTask(PretrainTask):
                   f"past it)", file=sys.stderr)
         self.batch_examples = t.micro_batch * t.grad_accum * run.world
         steps = math.ceil(len(self.examples) / self.batch_examples) * s.epochs
-        t.max_steps, t.warmup_steps = steps, min(t.warmup_steps, max(1, steps // 10))
+        # at most a tenth of the run, so the run decays (a schedule no longer than its warmup is warned
+        # about, in train.warmup_steps' name); 0 and 1 warmup steps are the same schedule (peak first)
+        t.max_steps, t.warmup_steps = steps, min(t.warmup_steps, steps // 10)
 
     def setup_data(self, run) -> None:
         run.tokenizer = self.source.tokenizer
