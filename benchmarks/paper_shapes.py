@@ -6,6 +6,7 @@ the ratio the corrected FLOPs count predicts.
     python benchmarks/paper_shapes.py                     # every size; resumable
     python benchmarks/paper_shapes.py --sizes 368m,680m   # some sizes
     python benchmarks/paper_shapes.py --smoke --out DIR   # tiny shapes, same code path, seconds (the test)
+    python benchmarks/paper_shapes.py --profile           # also torch.profiler's tables of the timed stages
 
 Runs: configs/paper-368m.yaml (STEP-2stages and vanilla), paper-680m.yaml (the same),
 paper-1.2b.yaml and paper-1.2b-3stage.yaml (STEP-2stages and STEP-3stages, each with the
@@ -254,7 +255,12 @@ def measure_row(run: tuple, index: int, a, tmp: Path) -> dict:
     if staged and (index > 0 or a.time_stage1):
         van_sets = overrides(run, a, method="vanilla", **{"model.n_layers": st.layers}, **dev)
         try:
-            row.update(time_against_vanilla(t, CONFIGS / f"{preset}.yaml", van_sets, a.rounds, budget, tmp))
+            prof = (a.out / "paper_shapes_profile" / f"{size}_{method}_{'-'.join(map(str, plan.layers_per_stage))}"
+                    f"_stage{index + 1}.txt") if a.profile else None
+            if prof:
+                prof.parent.mkdir(exist_ok=True)
+                row["profile"] = str(prof.relative_to(a.out))
+            row.update(time_against_vanilla(t, CONFIGS / f"{preset}.yaml", van_sets, a.rounds, budget, tmp, prof))
         except (RuntimeError, MemoryError) as e:
             if not out_of_memory(e):
                 raise
@@ -266,17 +272,29 @@ def measure_row(run: tuple, index: int, a, tmp: Path) -> dict:
     return row
 
 
-def time_against_vanilla(t, path: Path, van_sets: dict, rounds: int, budget: int, tmp: Path) -> dict:
+def profile_table(t, rows: int = 20) -> str:
+    """torch.profiler's operators of one step of ``t``, by self CPU time (one more step, untimed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if t.device.type == "cuda" else [])]) as p:
+        step(t)
+    return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def time_against_vanilla(t, path: Path, van_sets: dict, rounds: int, budget: int, tmp: Path,
+                         profile: Path | None = None) -> dict:
     """Median seconds of ``t``'s step and of vanilla's at the same depth (config ``path`` with
     ``van_sets``), after one warm-up step of vanilla's, over ``rounds`` rounds of one step each:
     interleaved (the order alternates) when the two fit in ``budget`` bytes together, else STEP's
-    steps, then ``t``'s tensors freed, then vanilla's."""
+    steps, then ``t``'s tensors freed, then vanilla's. With ``profile`` (a file), the profiler's
+    table of one step of each is written there (where the time of a ratio above its FLOPs goes)."""
     van = config.load(path, [f"{k}={v}" for k, v in van_sets.items()])
     alone = predicted_peak_bytes(van, plan_run(van).stages[0])
     need = predicted_peak_bytes(t.cfg, t.current_stage) + alone
     if alone > budget:
         return {"timing": f"not timed: vanilla at {van.model.n_layers} layers does not fit ({alone / GB:.2f} GB "
                           f"predicted, {budget / GB:.2f} GB free)"}
+    tables = [f"== STEP stage {t.stage + 1} ({t.current_stage.layers} layers)\n{profile_table(t)}"] if profile else []
     if need <= budget:
         v = trainer(path, van_sets, tmp / "vanilla")
         step(v)
@@ -290,6 +308,9 @@ def time_against_vanilla(t, path: Path, van_sets: dict, rounds: int, budget: int
         step(v)
         times["vanilla"] = [step(v) for _ in range(rounds)]
         mode = f"sequential: the two do not fit together ({need / GB:.2f} GB predicted)"
+    if profile:
+        tables.append(f"== vanilla at {van.model.n_layers} layers\n{profile_table(v)}")
+        profile.write_text("\n\n".join(tables) + "\n")
     s, v_s = statistics.median(times["step"]), statistics.median(times["vanilla"])
     return {"step_seconds": s, "vanilla_step_seconds": v_s, "step_time_ratio": s / v_s, "timing": mode,
             "step_time_ratio_per_round": [x / y for x, y in zip(times["step"], times["vanilla"])]}
@@ -428,6 +449,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--memory-gb", type=float, help="memory a row may use (default: the machine's free memory "
                                                     "less 1 GB; on CUDA the GPU's)")
     ap.add_argument("--time-stage1", action="store_true", help="also time stage 1 against vanilla (the same step)")
+    ap.add_argument("--profile", action="store_true", help="write torch.profiler's table of one step of each timed "
+                                                           "STEP stage and of its vanilla (paper_shapes_profile/)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, same code path (seconds)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -436,7 +459,7 @@ def main(argv=None) -> list[dict]:
     if unknown := set(a.sizes) - {r[0] for r in RUNS}:
         ap.error(f"--sizes: unknown {sorted(unknown)}")
     a.rounds = a.rounds or (2 if a.smoke else ROUNDS)
-    out = Path(a.out)
+    out = a.out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="paper-shapes-"))
     a.data = data_overrides(work)
