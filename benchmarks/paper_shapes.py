@@ -374,7 +374,9 @@ def write_md(f: Path, rows: list[dict], command: str) -> None:
         f"that STEP does not shrink (the layer-states column). The tracked peak is every tensor byte of one "
         f"step; the predicted peak is `steplm plan --extended`'s. Step time / vanilla's is the median over "
         f"rounds of STEP's step against vanilla's at the same depth, in one process; the FLOPs ratio is the "
-        f"corrected count's prediction of it.\n\n{table(rows)}\n")
+        f"corrected count's prediction of it, which does not charge activation checkpointing's recomputed forward "
+        f"pass (2 FLOPs per parameter and token in every layer, frozen or not): that moves the ratio a step can "
+        f"reach a few per cent closer to 1.\n\n{table(rows)}\n")
 
 
 def plot(f: Path, rows: list[dict], paper: bool = True) -> None:
