@@ -463,8 +463,8 @@ def main(argv=None) -> list[dict]:
     a.rounds = a.rounds or (2 if a.smoke else ROUNDS)
     out = a.out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="paper-shapes-"))
-    a.data = data_overrides(work)
+    work = tempfile.TemporaryDirectory(prefix="paper-shapes-")  # the generated text and its token cache
+    a.data = data_overrides(Path(work.name))
     if a.smoke and a.memory_gb is None:  # as at full size on 24 GB: every run fits but vanilla 1.2b
         peaks = {(r[0], r[1], i): predicted_peak_bytes(c, s) for r in RUNS for c in [load(r, a)]
                  for i, s in enumerate(plan_run(c).stages)}
@@ -496,6 +496,7 @@ def main(argv=None) -> list[dict]:
         done.add(key(payload))
         write_rows(f, rows)
         measured += 1
+    work.cleanup()
     rows = read_rows(f)
     command = "python benchmarks/paper_shapes.py" + (" " + shlex.join(argv) if argv else "")
     write_md(out / "paper_shapes.md", rows, command)
