@@ -10,7 +10,9 @@ checkpointing and one shared micro-batch, it trains STEPS_PER_STAGE optimizer st
 stage (moving through the stages with Trainer.next_stage(), as a real run does at its growth steps)
 and records per stage
 torch.cuda.max_memory_allocated, the live model-state bytes, the planner's prediction (Eq. 1-2 +
-embeddings) and tokens/s over the timed steps. Writes benchmarks/results/gpu.json (and .md).
+embeddings) and tokens/s over the timed steps, with the step measurement that paper_shapes.py uses
+(benchmarks/measure.py; on the CPU of --dry-run the peak is MemTracker's). Writes
+benchmarks/results/gpu.json (and .md).
 
 After the training rows, at the same shape (issue #16): perplexity throughput (tokens/s over
 non-overlapping windows, bf16 autocast), zero-shot task throughput (4-choice items/s through the
@@ -37,9 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from measure import data_overrides, peak_source, peak_step, reset_peak, step, trainer  # noqa: E402
 from steplm import config  # noqa: E402
 from steplm.train.loop import Trainer  # noqa: E402
-from steplm.train.metrics import state_bytes
 
 # The paper's Table 2, 368M model, memory column (GB), in its row order Vanilla, ReLoRA, GaLore, STEP.
 PAPER_TABLE2_GB = {"vanilla": 5.9, "relora": 5.9, "galore": 3.3, "step-2stages": 3.4}
@@ -78,72 +82,32 @@ def galore_available() -> bool:
         return False
 
 
-class RandomTokens:
-    """Stands in for the trainer's BatchSampler: (x, y) batches of uniform random token ids."""
-
-    def __init__(self, vocab: int, batch: int, seq: int, seed: int = 0):
-        self.vocab, self.batch, self.seq = vocab, batch, seq
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def next(self):
-        t = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=self.gen)  # (B, T+1)
-        return t[:, :-1], t[:, 1:]
-
-    def state_dict(self) -> dict:  # the trainer rewinds a step abandoned on preemption
-        return {"gen": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict):
-        self.gen.set_state(state["gen"])
-
-
-def corpus(d: Path, name: str, seed: int) -> Path:
-    """A small text file for the trainer's tokenizer and data set-up (its tokens are not trained on)."""
-    words = ["the", "of", "memory", "stage", "layer", "growth", "token", "model", "adapter", "frozen"]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(words), (60_000,), generator=g).tolist()
-    text = "\n".join(" ".join(words[i] for i in idx[k:k + 12]) for k in range(0, len(idx), 12))
-    f = d / name
-    f.write_text(text)
-    return f
-
-
 def measure(method: str, overrides: dict, steps: int, warmup: int, tmp: Path) -> dict:
-    """Per-stage peak allocated bytes, model-state bytes (live and planned) and tokens/s."""
-    cfg = config.load(None, [f"{k}={v}" for k, v in overrides.items()])
-    t = Trainer(cfg, tmp / method, progress=False)
-    t.sampler = RandomTokens(cfg.model.vocab_size, cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed)
-    cuda = t.device.type == "cuda"
+    """Per stage: peak bytes (max_memory_allocated over the stage's steps on CUDA, MemTracker's over
+    its last step on CPU), live and planned model-state bytes, and tokens/s over the steps between
+    the first ``warmup`` and the last (measure.step / measure.peak_step, as paper_shapes.py)."""
+    t = trainer(None, overrides, tmp / method)
     stages = []
     while True:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        for i in range(steps):
-            if i == warmup:
-                if cuda:
-                    torch.cuda.synchronize()
-                t0, tokens0 = time.perf_counter(), t.tokens
-            t.train_step()
-            if i == steps - 1:  # gradients still held: the paper's 16 B/param counts them
-                live = state_bytes(t.model, t.optimizer)
-            t.optimizer.zero_grad(set_to_none=True)
-            t.account()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        reset_peak(t.device)
+        for _ in range(warmup):
+            step(t)
+        seconds = [step(t) for _ in range(steps - warmup - 1)]
+        peak, live = peak_step(t)  # the last step: gradients still held, the paper's 16 B/param counts them
         st = t.current_stage
-        stages.append({"stage": t.stage, "layers": st.layers, "kind": st.kind,
-                       "max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+        stages.append({"stage": t.stage, "layers": st.layers, "kind": st.kind, "peak_bytes": peak,
+                       "peak_source": peak_source(t.device),
                        "model_state_bytes": live["total"], "planned_state_bytes": st.planned_state_bytes["total"],
-                       "tokens_per_second": (t.tokens - tokens0) / seconds, "steps": steps})
+                       "tokens_per_second": t.task.step_tokens(t) * len(seconds) / sum(seconds), "steps": steps})
         if t.stage == len(t.stage_steps) - 1:
             break
         t.next_stage()
+    cuda = t.device.type == "cuda"
     del t
     if cuda:
         torch.cuda.empty_cache()
     return {"method": method, "paper_table2_gb": PAPER_TABLE2_GB.get(method),
-            "peak_allocated_gb": max((s["max_memory_allocated"] or 0) for s in stages) / GB,
+            "peak_gb": max((s["peak_bytes"] or 0) for s in stages) / GB,
             "peak_model_state_gb": max(s["model_state_bytes"] for s in stages) / GB,
             "planned_peak_gb": max(s["planned_state_bytes"] for s in stages) / GB, "stages": stages}
 
@@ -232,14 +196,14 @@ def eval_and_sft(base: dict, tmp: Path, windows: int, items: int, sft_steps: int
 
 def table(rows: list[dict]) -> str:
     lines = ["| method | stages (layers) | paper Table 2 (GB) | planned model states (GB) | live model states (GB) | "
-             "max allocated (GB) | tokens/s per stage |", "|---|---|---|---|---|---|---|"]
+             "peak (GB) | tokens/s per stage |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['method']} | skipped: {r['skipped']} | | | | | |")
             continue
         lines.append(f"| {r['method']} | {'→'.join(str(s['layers']) for s in r['stages'])} | "
                      f"{r['paper_table2_gb'] or '–'} | {r['planned_peak_gb']:.2f} | {r['peak_model_state_gb']:.2f} | "
-                     f"{r['peak_allocated_gb']:.2f} | {', '.join(format(s['tokens_per_second'], ',.0f') for s in r['stages'])} |")
+                     f"{r['peak_gb']:.2f} | {', '.join(format(s['tokens_per_second'], ',.0f') for s in r['stages'])} |")
     return "\n".join(lines)
 
 
@@ -253,15 +217,12 @@ def main(argv=None):
         sys.exit("gpu.py: error: no CUDA device; use --dry-run for the CPU path")
     shape = TINY if a.dry_run else SHAPE
     steps, warmup = (3, 1) if a.dry_run else (a.steps, WARMUP)
-    extra = {"train.device": "cpu", "train.dtype": "fp32", "lora.rank": 4, "galore.rank": 4,
-             "data.tokenizer": "bpe:320"} if a.dry_run else {"data.tokenizer": "bpe:320"}
+    extra = {"train.device": "cpu", "train.dtype": "fp32", "lora.rank": 4, "galore.rank": 4} if a.dry_run else {}
     rows = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = {**COMMON, **shape, "data.path": str(corpus(tmp, "train.txt", 0)),
-                "data.val_path": str(corpus(tmp, "val.txt", 1)),
-                "data.cache_dir": str(tmp / "cache")}
+        base = {**COMMON, **shape, **data_overrides(tmp)}
         for method, over in METHODS.items():
             if method == "galore" and not galore_available():
                 rows.append({"method": method, "skipped": "galore_torch not importable (no shared/wheels wheel)"})
