@@ -101,21 +101,24 @@ TEXT_ARGS = {"prompt", "model_id", "set", "tasks", "layers_per_stage"}
 PATH_ARGS = {"config", "data", "out", "to", "init_from", "model", "run_dir", "questions", "vanilla", "tasks_dir"}
 
 
-def positive_int(s):
+def _integer(s) -> int:
     try:
-        v = int(s)
+        return int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+
+
+def positive_int(s) -> int:
+    """An argparse type: an integer > 0."""
+    v = _integer(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
     return v
 
 
-def non_negative_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+def non_negative_int(s) -> int:
+    """An argparse type: an integer >= 0."""
+    v = _integer(s)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be non-negative, got {v}")
     return v
@@ -131,7 +134,8 @@ def int_up_to(limit: int, what: str = "the planner's bound"):
     return parse
 
 
-def positive_float(s):
+def positive_float(s) -> float:
+    """An argparse type: a finite number > 0."""
     try:
         v = float(s)
     except ValueError:
@@ -141,11 +145,9 @@ def positive_float(s):
     return v
 
 
-def seed_arg(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+def seed_arg(s) -> int:
+    """An argparse type: a seed in [0, 2**32)."""
+    v = _integer(s)
     if not 0 <= v < 2**32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
     return v
