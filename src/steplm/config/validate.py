@@ -76,50 +76,56 @@ def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
         out = check_value(value, options[0], key, mine)
         problems += [m.replace(f"must be {_describe(options[0])}", f"must be {_describe(hint)}") for m in mine]
         return out
-    bad = f"{key}: must be {_describe(hint)}, got {_show(value)}"
     if typing.get_origin(hint) is list:
         if not isinstance(value, list):
-            problems.append(bad)
+            problems.append(f"{key}: must be {_describe(hint)}, got {_show(value)}")
             return None
         (item,) = typing.get_args(hint)
         return [check_value(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-    if hint is dict:  # a mapping whose contents the owning section checks (model.rope_scaling)
-        if not isinstance(value, dict):
-            problems.append(bad)
-            return None
-        return value
-    if hint is bool or hint is str:
-        if not isinstance(value, hint):
-            problems.append(bad)
-            return None
-        return value
-    if hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            problems.append(bad)
-            return None
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                number = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
-            except ValueError:
-                problems.append(bad)
-                return None
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:
-                problems.append(f"{key}: must be a finite number, got {_show(value)}")
-                return None
-        else:
-            problems.append(bad)
-            return None
-        if not math.isfinite(number):
-            problems.append(f"{key}: must be a finite number, got {_show(value)}")
-            return None
-        return number
-    raise TypeError(f"{key}: unsupported annotation {hint}")
+    if hint not in _SCALARS:
+        raise TypeError(f"{key}: unsupported annotation {hint}")
+    try:
+        return _SCALARS[hint](value)
+    except _Bad as e:
+        problems.append(f"{key}: {e.args[0] if e.args else f'must be {_describe(hint)}'}, got {_show(value)}")
+        return None
 
+
+class _Bad(Exception):
+    """A value of the wrong type (args: the message before ', got VALUE', if not the plain one)."""
+
+
+def _exact(kind):
+    """The check of a field that takes ``kind`` itself (bools are not integers)."""
+    def check(value):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _Bad()
+        return value
+    return check
+
+
+def _mapping(value):  # a mapping whose contents the owning section checks (model.rope_scaling)
+    if not isinstance(value, dict):
+        raise _Bad()
+    return value
+
+
+def _finite(value) -> float:
+    """A float field: a number (ints widened; YAML 1.1 reads "1e-3", no dot, as a string) that is finite."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _Bad()
+    try:
+        number = float(value)
+    except ValueError:
+        raise _Bad()
+    except OverflowError:
+        raise _Bad("must be a finite number")
+    if not math.isfinite(number):
+        raise _Bad("must be a finite number")
+    return number
+
+
+_SCALARS = {bool: _exact(bool), str: _exact(str), int: _exact(int), dict: _mapping, float: _finite}
 
 
 def value_problem(key: str, v) -> str | None:
