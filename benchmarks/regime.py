@@ -200,6 +200,8 @@ def suite_sweep(cache: Path, out: Path) -> list[dict]:
     """Per method: the lr grid at embedding-lr scale 1, then the scale grid at the chosen lr."""
     rows = []
     for m, grid in LR_GRID.items():
+        if ONLY and m not in ONLY:
+            continue
         base = method_overrides(m, SWEEP_TPP)
         lr = sweep_grid(m, base, "train.lr", grid, LR_STEP, cache, lr_rows := [])
         scale = sweep_grid(m, {**base, "train.lr": lr}, "train.embedding_lr_scale", SCALE_GRID, SCALE_STEP, cache,
@@ -217,7 +219,7 @@ def suite_sweep(cache: Path, out: Path) -> list[dict]:
 
 def tuned(method: str, out: Path) -> dict | None:
     """The swept lr and embedding-lr scale of a row (its TUNED_AS relative's), None if not swept yet."""
-    f = out / "regime_sweep.json"
+    f = (READ_FROM if ONLY else out) / "regime_sweep.json"
     if not f.is_file():
         return None
     src = TUNED_AS.get(method, method)
@@ -249,6 +251,8 @@ def variants(methods, tpp: float, out: Path, seeds=None) -> dict[str, list[dict]
     sweep has not run are left out and named in PENDING."""
     res = {}
     for m in methods:
+        if ONLY and m not in ONLY:
+            continue
         t = tuned(m, out)
         if t is None:
             PENDING.append(f"{m}: no sweep result yet (--suite sweep)")
@@ -265,7 +269,7 @@ def rows_for(name: str, vs: dict[str, list[dict]], cache: Path, tpp: float) -> l
                "paper": {m: v for m, v in vs.items() if m in ("vanilla", "step-2stages-paper-flops")}}
     rows = []
     for conv, group in by_conv.items():
-        if not group or (conv == "paper" and len(group) == 1):
+        if not group or (conv == "paper" and len(group) == 1 and not ONLY):
             continue
         for r in R.train_rows(name, {m: [{k: x for k, x in o.items() if k != "step.flops_convention"} for o in v]
                                      for m, v in group.items()}, cache, conv, False):
@@ -309,6 +313,9 @@ def main_table(rows: list[dict]) -> str:
 
 def suite_main(cache: Path, out: Path) -> list[dict] | None:
     vs = variants(MAIN, TOKENS_PER_PARAM, out)
+    if ONLY:  # a worker: train, no table
+        rows_for("regime/main", vs, cache, TOKENS_PER_PARAM)
+        return None
     if "vanilla" not in vs:
         return None
     rows = rows_for("regime/main", vs, cache, TOKENS_PER_PARAM)
@@ -325,8 +332,11 @@ def suite_main(cache: Path, out: Path) -> list[dict] | None:
 # ---------------------------------------------------------------------------- the budget curve
 def suite_curve(cache: Path, out: Path) -> list[dict] | None:
     points = []
-    for tpp in CURVE_TPP:
+    for tpp in (CURVE_TPP if not ONLY else sorted(CURVE_TPP)):
         vs = variants(("vanilla", "step-2stages"), tpp, out, seeds=SEEDS)
+        if ONLY:  # a worker: train, no table
+            rows_for(f"regime/curve {tpp:g}", vs, cache, tpp)
+            continue
         if len(vs) < 2:
             return None
         van, step = rows_for(f"regime/curve {tpp:g}", vs, cache, tpp)
@@ -429,17 +439,21 @@ ABLATION_TITLES = {"table4": "Table 4, insertion position — paper: Upper best"
 
 
 def suite_ablations(cache: Path, out: Path) -> dict | None:
-    main = out / "regime.json"
+    main = (READ_FROM if ONLY else out) / "regime.json"
     if not main.is_file():
         PENDING.append("ablations: regime.json missing (--suite main first: the verdicts need its seed spread)")
         return None
     noise = next(r for r in json.loads(main.read_text()) if r["method"] == "step-2stages")["val_ppl_spread"]
     result, md = {}, []
     for name, paper_best in ABLATIONS.items():
-        vs = ablation_variants(name, out)
+        if ONLY and name not in ONLY:
+            continue
+        vs = ablation_variants(name, READ_FROM if ONLY else out)
         if not vs:
             continue
         rows = R.train_rows(f"regime/{name}", vs, cache, "corrected", False)
+        if ONLY:  # a worker: train, no table
+            continue
         for r in rows:
             r["relora_interval"] = int(vs[r["method"]][0].get("lora.relora_interval", 0))
         ppl = {r["method"]: r["val_ppl"] for r in rows}
@@ -464,6 +478,8 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- driver
+ONLY: set[str] = set()  # --only: the rows this worker trains
+READ_FROM = RESULTS     # the results folder (with --only: where the sweep's choices and regime.json are read)
 SUITES = {"sweep": suite_sweep, "main": suite_main, "curve": suite_curve, "ablations": suite_ablations}
 
 
@@ -508,7 +524,12 @@ def main():
                     "~/.cache/steplm/replicate)")
     ap.add_argument("--ledger", default=None, help="run ledger (default benchmarks/results/ledger; smoke: in the "
                     "cache; 'none': off)")
+    ap.add_argument("--only", default="", help="comma-separated rows or ablation tables: train only these (a second "
+                    "worker on another core); it writes no table (<cache>/partial) and reads the sweep's choices from "
+                    "--out")
     a = ap.parse_args()
+    global ONLY
+    ONLY = set(filter(None, a.only.split(",")))
     cache = Path(a.cache).expanduser()
     smoke = a.smoke
     if smoke:
@@ -516,7 +537,9 @@ def main():
     elif not Path(BASE["data.path"]).is_file():
         sys.exit(f"regime: error: {BASE['data.path']} missing (the shared data)")
     configure(cache, smoke)
-    out = Path(a.out or (cache / "results" if smoke else RESULTS))
+    global READ_FROM
+    READ_FROM = Path(a.out or (cache / "results" if smoke else RESULTS))
+    out = cache / "partial" if ONLY else READ_FROM
     out.mkdir(parents=True, exist_ok=True)
     R.LEDGER = (None if a.ledger == "none" else Path(a.ledger).expanduser() if a.ledger
                 else cache / "ledger" if smoke else R.LEDGER)

@@ -1,0 +1,88 @@
+"""The regime benchmark (benchmarks/regime.py): its budgets and STEP settings derived from the
+paper's numbers, and its smoke suite end to end (sweep -> main -> budget curve -> ablations, with a
+second worker's --only), on a tiny shape and tiny Shakespeare."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, shared
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("regime", ROOT / "benchmarks" / "regime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def regime(tmp_path_factory):
+    mod = _load()
+    mod.configure(tmp_path_factory.mktemp("cache"), smoke=False)  # the regime's shape; nothing is trained
+    return mod
+
+
+def test_the_shape_is_the_documented_one(regime):
+    # d 96, SwiGLU 256 (8/3·d rounded up to 64), 6 blocks: 4·d² (q, k, v, o) + 3·d·256 + 2·d (norms).
+    d, f = 96, 256
+    assert regime.non_embedding_params() == 6 * (4 * d * d + 3 * d * f + 2 * d) == 664_704
+
+
+@pytest.mark.parametrize("tpp", [0.5, 2.0, 5.0, 20.0])
+def test_budget_is_tokens_per_parameter(regime, tpp):
+    b = regime.budget(tpp)
+    steps = b["train.max_steps"]
+    tokens = steps * regime.TOKENS_PER_STEP
+    assert abs(tokens / regime.non_embedding_params() - tpp) <= regime.TOKENS_PER_STEP / 664_704  # one step's rounding
+    assert b["train.warmup_steps"] == max(1, round(0.05 * steps))
+
+
+def test_step_resets_are_table_6s_fraction_of_the_run(regime):
+    o = regime.method_overrides("step-2stages", 20.0)
+    total = regime.plan_run(regime.R.resolve(o)).total_steps
+    # Table 6: ReLoRA reset 5000 and restart warmup 500, of the 368M STEP-2stages run's 33K steps.
+    assert o["lora.relora_interval"] == round(5000 / 33_000 * total)
+    assert o["lora.relora_warmup"] == round(o["lora.relora_interval"] / 10)
+    assert regime.method_overrides("step-2stages-lora", 20.0)["lora.relora_interval"] == 0
+    assert regime.method_overrides("step-2stages-tokens", 20.0)["step.budget_match"] == "steps"
+    assert regime.method_overrides("step-2stages-paper-flops", 20.0)["step.flops_convention"] == "paper"
+
+
+@pytest.mark.slow
+def test_smoke_suite_end_to_end(tmp_path):
+    shared("shakespeare/input.txt")
+    cache, out = tmp_path / "cache", tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "regime.py"), "--smoke", "--cache", str(cache), "--out", str(out)]
+    # a second worker first: it trains one method's sweep and writes no table into --out
+    w = subprocess.run(cmd + ["--suite", "sweep", "--only", "vanilla"], capture_output=True, text=True, timeout=600)
+    assert w.returncode == 0, w.stderr[-2000:]
+    assert not out.exists() and (cache / "regime-smoke" / "partial" / "regime_sweep.json").is_file()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = json.loads((out / "regime_sweep.json").read_text())
+    methods = {row["method"] for row in sweep}
+    assert methods == set(_load().LR_GRID)
+    for m in methods:
+        chosen = [row for row in sweep if row["method"] == m and row["chosen"]]
+        assert [c["grid"] for c in chosen] == ["lr", "embedding_lr_scale"]
+    main = {row["method"]: row for row in json.loads((out / "regime.json").read_text())}
+    assert set(main) == set(_load().MAIN)
+    van, step = main["vanilla"], main["step-2stages"]
+    assert van["n_seeds"] == step["n_seeds"] == 2 and "val_ppl_ratio" in step
+    assert main["step-2stages-tokens"]["tokens"] == van["tokens"]  # the equal-tokens control
+    assert main["step-2stages"]["relora_interval"] > 0 and main["step-2stages-lora"]["relora_interval"] == 0
+    curve = json.loads((out / "budget_curve.json").read_text())
+    assert [p["tokens_per_param"] for p in curve] == [0.01, 0.02]
+    assert all(lo <= p["val_ppl_ratio"] <= hi for p in curve for lo, hi in [p["val_ppl_ratio_ci95"]])
+    assert (out / "budget_curve.png").stat().st_size > 0
+    abl = json.loads((out / "regime_ablations.json").read_text())
+    assert set(abl) == {"table4", "table5", "table9", "table10", "relora"}
+    # everything is in the run cache now: a rerun trains nothing and gives the same tables
+    runs = sorted(p.name for p in (cache / "regime-smoke" / "runs").iterdir())
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(p.name for p in (cache / "regime-smoke" / "runs").iterdir()) == runs
+    assert json.loads((out / "regime.json").read_text()) == list(main.values())
