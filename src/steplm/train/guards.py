@@ -246,9 +246,8 @@ MAJORITY_AFTER_STEPS = 8
 
 def bad_batch(run, loss: float, grad_norm: float) -> bool:
     """Whether a step's loss or gradient norm is non-finite (or above train.max_grad_norm): then the
-    step is skipped and counted. Raises TrainingStopped with train.on_nonfinite stop, past
-    train.max_skipped skipped, and when the run is not training: more than SKIPPED_IN_ROW_LIMIT
-    skipped in a row, or more than half of the steps from MAJORITY_AFTER_STEPS steps on."""
+    step is skipped and counted (``check_training`` judges the count once the step's metrics row is
+    written). Raises TrainingStopped with train.on_nonfinite stop, or past train.max_skipped skipped."""
     from steplm.errors import TrainingStopped
 
     t, s = run.cfg.train, run.state
@@ -261,16 +260,25 @@ def bad_batch(run, loss: float, grad_norm: float) -> bool:
                               f"(set train.on_nonfinite=skip to skip such batches)")
     s.skipped += 1
     s.skipped_in_row += 1
-    done = run.step + 1  # steps tried so far, this one included
     if s.skipped > t.max_skipped:
-        raise TrainingStopped(f"step {done}: {s.skipped} bad batches skipped, more than "
+        raise TrainingStopped(f"step {run.step + 1}: {s.skipped} bad batches skipped, more than "
                               f"train.max_skipped ({t.max_skipped}); {lower_hint(run)}")
+    return True
+
+
+def check_training(run, loss: float, grad_norm: float) -> None:
+    """After a skipped step (``run.step`` counts it): stop (TrainingStopped, exit 3) a run that is
+    not training, one with more than SKIPPED_IN_ROW_LIMIT steps skipped in a row, or more than half
+    of its steps skipped once MAJORITY_AFTER_STEPS have run; the message names the keys to change."""
+    from steplm.errors import TrainingStopped
+
+    s, done = run.state, run.step
     in_row = s.skipped_in_row > SKIPPED_IN_ROW_LIMIT
     if in_row or (done >= MAJORITY_AFTER_STEPS and 2 * s.skipped > done):
         count = f"{s.skipped_in_row} steps in a row" if in_row else f"{s.skipped} of its {done} steps"
         raise TrainingStopped(f"{run.stage_name()}, step {done}: {count} were skipped as bad batches (the last: "
-                              f"{what}), so the run is not training; {lower_hint(run)}; {kept(run)}")
-    return True
+                              f"loss {loss:.4g}, gradient norm {grad_norm:.4g}), so the run is not training; "
+                              f"{lower_hint(run)}; {kept(run)}")
 
 
 def nonfinite(run, where: str):

@@ -272,6 +272,8 @@ class Trainer:
         if s.step % t.log_every == 0 or s.step == total_steps or not ok:
             self._log_step(loss)
             guards.check_weights_finite(self)  # after the row, so metrics.jsonl shows what happened
+        if not ok:
+            guards.check_training(self, loss, self.grad_norm)  # so do these: mostly skipped steps stop the run
         if s.step_in_stage == self.stage_steps[s.stage]:
             self._finish_stage()
         elif t.eval_every and s.step % t.eval_every == 0:
