@@ -55,7 +55,7 @@ def test_two_processes_match_one(single_runs, tmp_path, parallel):
     assert worst <= max(1e-5, 4 * floor), (worst, floor)
     import json
     rows = [json.loads(x) for x in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows} == {0, 1}  # the distributed run grew (and re-wrapped) once
+    assert {r["stage"] for r in rows} == {1, 2}  # the distributed run grew (and re-wrapped) once
     # tokens and FLOPs count every rank's sequences: the same global batch, the same totals as one process
     summaries = [json.loads((d / "summary.json").read_text()) for d in (tmp / "singleTrue", tmp_path / parallel)]
     steps = sum(summaries[0]["stage_steps"])  # STEP's FLOPs-matched steps: more than the 8 vanilla steps

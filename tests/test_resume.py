@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -354,3 +355,137 @@ def test_sigkill_resume_with_low_precision_optimizer_states(references, tmp_path
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["weights_sha256"] == ref["weights_sha256"]
     assert losses(out) == losses(ref_out)
+
+
+# -- a run is never lost: Ctrl-C, errors, periodic checkpoints by default --------------------------
+@pytest.fixture(scope="module")
+def cache_tmp(tmp_path_factory):
+    """The token cache of these tests (tiny_overrides puts it under the folder it is given)."""
+    return tmp_path_factory.mktemp("kept")
+
+
+def interruptible(cache_tmp, out, **extra):
+    """A 40-step vanilla run with the default checkpoint_every (auto) and, for identical weights from
+    process to process, the system allocator; not --quiet, as a user types it."""
+    sets = tiny_overrides(cache_tmp, **{"train.max_steps": 40, "train.host_allocator": "system", **extra})
+    return [sys.executable, "-m", "steplm", "train", "--out", str(out), *[x for kv in sets for x in ("--set", kv)]]
+
+
+def test_sigint_checkpoints_the_last_whole_step_and_the_printed_command_resumes(cache_tmp, tmp_path):
+    """A real SIGINT (Ctrl-C) from outside while a real `steplm train` trains: it checkpoints the last
+    whole step, keeps the folder and its metrics.jsonl, exits 130 naming the command that resumes;
+    that command (run as printed) ends with the same weights and loss rows as an uninterrupted run."""
+    import re
+    import shlex
+
+    ref = tmp_path / "ref"
+    assert run(interruptible(cache_tmp, ref)).returncode == 0
+    out = tmp_path / "run"
+    args = interruptible(cache_tmp, out)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("STEPLM_FAULT", None)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.is_file() and '"loss"' in m.read_text():  # it has taken a step
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    found = re.fullmatch(r"steplm: interrupted: SIGINT after step (\d+): checkpoint (\S+) written; resume with: (.+)",
+                         last)
+    assert found, err
+    step = int(found[1])
+    assert 1 <= step < 40 and Path(found[2]) == out / "checkpoints" / f"step_{step:08d}"
+    assert "stopping after this step to write a checkpoint" in err  # said at once, not only at the end
+    assert list_steps(out / "checkpoints")[-1] == step
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, step + 1))  # the folder and its log survive
+    assert (out / "config.yaml").is_file() and not (out / "summary.json").exists()
+    printed = shlex.split(found[3])
+    assert printed == ["steplm", *args[3:]]
+    resumed = run([sys.executable, "-m", *printed])
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights_sha256"] == json.loads((ref / "summary.json").read_text())["weights_sha256"]
+    assert losses(out) == losses(ref)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in rows if "elapsed_s" in r]
+    assert elapsed == sorted(elapsed)  # the clock goes on across the resume
+
+
+def test_the_resume_command_drops_fresh_and_quotes_paths():
+    from steplm.cli.main import resume_command
+    assert resume_command(["train", "c.yaml", "--fresh", "--out", "my runs/a", "--set", "train.lr=1e-3"]) == \
+        "steplm train c.yaml --out 'my runs/a' --set train.lr=1e-3"
+
+
+@pytest.mark.parametrize("fault,every,code", [
+    ("raise_after_step:3", 0, None),  # a bug mid-run: the traceback's exception, no checkpoint at all
+    ("enospc_in_checkpoint:2", 2, 2),  # a full disk at the first checkpoint: one line, exit 2
+    ("nan_every:1", 0, EXIT_TRAINING_STOPPED),  # a run that cannot train: exit 3
+])
+def test_a_run_that_fails_mid_run_keeps_everything_it_wrote(cache_tmp, tmp_path, capsys, monkeypatch, fault, every,
+                                                            code):
+    """However a run that has begun ends, its folder stays with its config, tokenizer and metrics
+    (before, a run without a checkpoint lost its folder); a rerun of the same command says it starts
+    over. A run that fails to start still removes its folder (tests/test_bad_input.py)."""
+    from steplm.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--quiet", *[x for kv in tiny_overrides(
+        cache_tmp, **{"train.checkpoint_every": every}) for x in ("--set", kv)]]
+    monkeypatch.setenv("STEPLM_FAULT", fault)
+    if code is None:
+        with pytest.raises(RuntimeError, match="injected fault after step 3"):
+            main(argv)
+    else:
+        assert main(argv) == code
+    capsys.readouterr()
+    assert (out / "config.yaml").is_file() and (out / "tokenizer.json").is_file()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["step"] >= 2
+    assert list_steps(out / "checkpoints") == [] and not (out / "summary.json").exists()
+    monkeypatch.delenv("STEPLM_FAULT")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "holds a run that ended before its first checkpoint; it starts again from step 0" in err, err
+
+
+def test_a_rerun_into_a_kept_folder_with_another_config_is_refused(cache_tmp, tmp_path, capsys, monkeypatch):
+    """The folder of a run that stopped before its first checkpoint still belongs to that run."""
+    from steplm.cli import main
+
+    out = tmp_path / "run"
+    sets = tiny_overrides(cache_tmp, **{"train.checkpoint_every": 0})
+    monkeypatch.setenv("STEPLM_FAULT", "raise_after_step:2")
+    with pytest.raises(RuntimeError):
+        main(["train", "--out", str(out), "--quiet", *[x for kv in sets for x in ("--set", kv)]])
+    monkeypatch.delenv("STEPLM_FAULT")
+    before = (out / "metrics.jsonl").read_bytes()
+    assert main(["train", "--out", str(out), "--quiet", "--lr", "0.5",
+                 *[x for kv in sets for x in ("--set", kv)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("holds a run with a different config (train.lr); use the same config to resume, "
+                            "or another --out"), err
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("every,total,expected", [
+    (None, 1, 1), (None, 10, 1), (None, 11, 2), (None, 64, 7), (None, 160, 16), (None, 10_000, 1000),
+    (None, 33_000, 1000), (0, 100, 0), (5, 100, 5), (500, 10, 500),
+])
+def test_checkpoint_interval_auto_is_a_tenth_of_the_run_at_most_1000_steps(every, total, expected):
+    from steplm.train.saving import checkpoint_interval
+    assert checkpoint_interval(every, total) == expected
+
+
+def test_a_run_checkpoints_by_default(tiny_run):
+    """conftest's tiny run sets no train.checkpoint_every: 12 steps checkpoint every ceil(12/10) = 2,
+    the newest train.keep_checkpoints (3) kept."""
+    from steplm import config as config_mod
+    assert config_mod.load(tiny_run / "config.yaml").train.checkpoint_every is None
+    assert list_steps(tiny_run / "checkpoints") == [8, 10, 12]

@@ -3,7 +3,8 @@
 Exit codes: 0 finished; 2 bad input (``UserError``); 3 training stopped on a numerical fault, the
 last good checkpoint kept and no final model written (``TrainingStopped``); 75 stopped by SIGTERM or
 SIGUSR1 after writing a checkpoint, rerun the same command to resume (``Preempted``; 75 is
-sysexits' EX_TEMPFAIL, "try again later"); 130 interrupted (Ctrl-C). Anything else is a bug.
+sysexits' EX_TEMPFAIL, "try again later"); 130 interrupted (Ctrl-C; during training, after writing a
+checkpoint as on SIGTERM: ``Interrupted``). Anything else is a bug.
 """
 
 EXIT_USER_ERROR = 2
@@ -49,4 +50,9 @@ class TrainingStopped(Exception):
 
 
 class Preempted(Exception):
-    """A preemption signal arrived; the run wrote a checkpoint at the end of its current step and stopped."""
+    """A preemption signal arrived; the run wrote a checkpoint of its last whole step and stopped.
+    The message says which signal, after which step, and the checkpoint's folder."""
+
+
+class Interrupted(Preempted):
+    """SIGINT (Ctrl-C) during training: stopped as on preemption, but exit code 130."""

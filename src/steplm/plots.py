@@ -83,7 +83,8 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     try:
         planned = [s["planned_state_bytes"]["total"] * mb for s in stages]
         measured = [s["measured_state_bytes"]["total"] * mb for s in stages]
-        labels = [f"stage {s['stage'] + 1}\n{s['layers']} layers" for s in stages]
+        # by position: summaries number stages from 1 now, from 0 before; the list is in stage order
+        labels = [f"stage {i + 1}\n{s['layers']} layers" for i, s in enumerate(stages)]
         title = f"{summary['method']}: memory per stage (d={cfg.model.d_model}, L={cfg.model.n_layers})"
     except (KeyError, TypeError) as e:
         raise UserError(f"RUN_DIR: a summary.json lacks the memory record {e} (written by an older or damaged run)")

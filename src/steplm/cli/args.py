@@ -124,6 +124,12 @@ def non_negative_int(s) -> int:
     return v
 
 
+def every_arg(s):
+    """An argparse type for an interval that may be 'auto': a non-negative int, or 'null' (the
+    config's value for auto) for auto or null."""
+    return "null" if s.strip().lower() in ("auto", "null") else non_negative_int(s)
+
+
 def int_up_to(limit: int, what: str = "the planner's bound"):
     """An argparse type: a positive integer of at most ``limit``."""
     def parse(s):
@@ -156,10 +162,11 @@ def seed_arg(s) -> int:
 # ---------------------------------------------------------------------------- subcommands
 def fit(make_trainer, out: Path) -> dict | None:
     """Build a trainer and fit it; the summary on rank 0 (None on the other ranks). A run that fails
-    before its first checkpoint leaves no directory it created behind."""
+    to start (bad input found before it wrote anything but its lock) leaves no directory it created
+    behind; once it has written its config, metrics or a checkpoint, nothing it wrote is removed,
+    however it ends (an error, a stop, an interrupt)."""
     from steplm.train import distributed
-    from steplm.train.checkpoint import list_steps
-    from steplm.train.guards import RunDirInUse
+    from steplm.train.guards import RunDirInUse, holds_run_files
 
     created = first_missing(out)  # --out a/b/run may create a and a/b as well
     trainer, fitted = None, False
@@ -169,9 +176,10 @@ def fit(make_trainer, out: Path) -> dict | None:
         fitted, is_main = True, trainer.main
         distributed.barrier()  # no rank tears the group down while another still uses it
     except BaseException as e:
-        # Nothing half-written left behind, unless the directory belongs to the run that holds it
-        # (or this rank finished its run and only the closing barrier failed).
-        if created and not fitted and not isinstance(e, RunDirInUse) and not list_steps(out / "checkpoints"):
+        # A failed start leaves nothing behind; a run that began keeps all it wrote, and a folder
+        # another run holds is never touched (nor one whose run this rank finished, when only the
+        # closing barrier failed).
+        if created and not fitted and not isinstance(e, RunDirInUse) and not holds_run_files(out):
             remove_created(out, created)
         # The traceback's finished frames (Trainer.fit's among them) would keep the trainer alive
         # past the teardown below; their locals are not needed for the one-line message.
@@ -260,8 +268,9 @@ SHORT_FLAGS = {
     "--micro-batch": ("train.micro_batch", {"type": positive_int, "help": "sequences per forward (train.micro_batch)"}),
     "--grad-accum": ("train.grad_accum", {"type": positive_int, "help": "micro-batches per optimizer step (train.grad_accum)"}),
     "--warmup-steps": ("train.warmup_steps", {"type": non_negative_int, "help": "linear warmup steps (train.warmup_steps)"}),
-    "--checkpoint-every": ("train.checkpoint_every", {"type": non_negative_int,
-                                                      "help": "checkpoint every N steps (train.checkpoint_every)"}),
+    "--checkpoint-every": ("train.checkpoint_every", {"type": every_arg, "help": "checkpoint every N steps "
+                                                      "(train.checkpoint_every; auto: about every tenth of the run, "
+                                                      "the default; 0: never)"}),
     "--device": ("train.device", {"choices": ["auto", "cpu", "cuda"], "help": "where the run trains (train.device)"}),
     "--dtype": ("train.dtype", {"choices": ["auto", "fp32", "bf16"], "help": "compute precision (train.dtype)"}),
     "--compile": ("train.compile", {"action": "store_true", "default": None, "help": "torch.compile (train.compile)"}),

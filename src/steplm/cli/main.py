@@ -26,10 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from steplm.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, Preempted,
-                               TrainingStopped)
+    from steplm.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, Interrupted,
+                               Preempted, TrainingStopped)
     _quiet_library_logs()
     args = None
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
         args.fn(args)
@@ -39,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"steplm: stopped: {e}", file=sys.stderr)
         return EXIT_TRAINING_STOPPED
-    except Preempted as e:
-        print(f"steplm: preempted: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
+    except Preempted as e:  # Interrupted (SIGINT) too: a checkpoint is written, say how to go on from it
+        how = "interrupted" if isinstance(e, Interrupted) else "preempted"
+        print(f"steplm: {how}: {e}; resume with: {resume_command(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(e, Interrupted) else EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("steplm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -54,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
     return 0
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes a stopped run: this one, less --fresh (which refuses the folder
+    the run has written), quoted for a POSIX shell."""
+    import shlex
+    return shlex.join(["steplm", *(a for a in argv if a != "--fresh")])
 
 
 def _quiet_library_logs() -> None:

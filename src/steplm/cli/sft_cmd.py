@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from steplm.cli.args import add_config_flags, config_overrides, positive_int, non_negative_int, positive_float, seed_arg, fit, out_path, precision, add_precision
+from steplm.cli.args import add_config_flags, config_overrides, every_arg, positive_int, non_negative_int, positive_float, seed_arg, fit, out_path, precision, add_precision
 from steplm.errors import UserError
 from steplm.io.files import dumps
 
@@ -70,8 +70,9 @@ def add_parsers(sub) -> None:
     f.add_argument("--limit", type=positive_int, help="use only the first N examples")
     f.add_argument("--seed", type=seed_arg, default=0, help="seed of the epochs' shuffles, in [0, 2**32) (default 0)")
     f.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile)")
-    f.add_argument("--checkpoint-every", type=non_negative_int, default=0,
-                   help="checkpoint every N steps (0: at the end); rerun the same command to resume")
+    f.add_argument("--checkpoint-every", type=every_arg, default=None,
+                   help="checkpoint every N steps and at the last (default auto: about every tenth of the run; "
+                        "0: never); rerun the same command to resume")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     add_precision(f)
     add_config_flags(f, short={}, sections=("train",), exclude=(*SFT_FLAG_KEYS, *SFT_UNUSED_KEYS))

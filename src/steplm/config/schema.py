@@ -256,8 +256,10 @@ class TrainConfig:
     """Evaluate validation loss every this many steps (0: only at the end)."""
     eval_tokens: int = field(default=32768, metadata={"range": POSITIVE})
     """Validation tokens per evaluation."""
-    checkpoint_every: int = field(default=0, metadata={"range": NON_NEGATIVE})
-    """Save a checkpoint every this many steps (0: only at the end)."""
+    checkpoint_every: int | None = field(default=None, metadata={"range": NON_NEGATIVE})
+    """Save a checkpoint every this many steps and at the last step; null (the default): about every
+    tenth of the run (ceil(steps / 10), at most 1000 steps apart); 0: never. SIGINT, SIGTERM and
+    SIGUSR1 checkpoint the last whole step whatever this says."""
     log_every: int = field(default=10, metadata={"range": POSITIVE})
     """Write a metrics row every this many steps."""
     activation_checkpointing: bool = False
@@ -288,7 +290,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=0.0, metadata={"range": NON_NEGATIVE})
     """Treat a batch whose gradient norm exceeds this as bad (0: only NaN/inf)."""
     max_skipped: int = field(default=100, metadata={"range": NON_NEGATIVE})
-    """Stop when more than this many batches have been skipped."""
+    """Stop when more than this many batches have been skipped (the run also stops, whatever this
+    says, when more than 3 steps in a row, or more than half of its steps once 8 have run, were skipped)."""
 
 
 @dataclass

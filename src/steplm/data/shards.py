@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
                       ("val", documents(data_cfg.val_path, data_cfg.text_field, data_cfg.exclude, "data.val_path"))]
         else:
             splits = [(None, documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude))]
-        bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress, mininterval=1, delay=1)
+        bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, mininterval=1, delay=1,
+                   disable=not progress or not sys.stderr.isatty())  # a bar in a log file is noise
         for fixed, docs in splits:
             batch: list[tuple[str, str]] = []
 

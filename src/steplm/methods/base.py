@@ -96,7 +96,7 @@ def merge_adapters(run, optimizer=None, prune_ratio=None) -> int:
     share = stats.get("kept_share")
     if share is None:
         return n
-    run.merge_rows.append({"step": run.step, "stage": run.stage, "merge_kept_share": share,
+    run.merge_rows.append({"step": run.step, "stage": run.stage + 1, "merge_kept_share": share,
                             "merge_update_rms_ratio": stats["update_rms_ratio"],
                             "merge_rounding": lo.merge_rounding, "merged_adapters": n})
     if share < 0.9 and not run.warned_merge and run.main:

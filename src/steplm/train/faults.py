@@ -4,8 +4,9 @@ The trainer knows nothing of it: ``install`` adds hooks to a trainer's hook list
 is set. Points: ``kill_after_step:N`` (SIGKILL once step N is done and checkpointed),
 ``sigterm_after_step:N`` / ``sigusr1_after_step:N`` (that real signal after step N),
 ``sigterm_mid_step:N`` / ``sigusr1_mid_step:N`` (after the first micro-batch of step N),
-``nan_at_step:N`` (step N's loss reads as NaN); and, in ``checkpoint.save``,
-``kill_in_checkpoint:N`` and ``enospc_in_checkpoint:N``.
+``nan_at_step:N`` (step N's loss reads as NaN), ``nan_every:K`` (so does that of every K-th step),
+``raise_after_step:N`` (a RuntimeError once step N is done: a bug in the middle of a run); and, in
+``checkpoint.save``, ``kill_in_checkpoint:N`` and ``enospc_in_checkpoint:N``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,24 @@ import signal
 def active(point: str, step: int) -> bool:
     """Whether STEPLM_FAULT names ``point`` at ``step``."""
     return os.environ.get("STEPLM_FAULT", "") == f"{point}:{step}"
+
+
+def every(point: str, step: int) -> bool:
+    """Whether STEPLM_FAULT is ``point:K`` with ``step`` a multiple of K."""
+    name, _, k = os.environ.get("STEPLM_FAULT", "").partition(":")
+    return name == point and k.isdigit() and int(k) > 0 and step % int(k) == 0
+
+
+def nan_loss(trainer, loss: float) -> float:
+    """The step's loss, or NaN at ``nan_at_step:N`` / ``nan_every:K``."""
+    step = trainer.step + 1
+    return float("nan") if active("nan_at_step", step) or every("nan_every", step) else loss
+
+
+def raise_error(step: int) -> None:
+    """A RuntimeError at ``raise_after_step:N``."""
+    if active("raise_after_step", step):
+        raise RuntimeError(f"injected fault after step {step}")
 
 
 def crash(point: str, step: int) -> None:
@@ -39,6 +58,7 @@ def install(trainer) -> None:
     if not os.environ.get("STEPLM_FAULT"):
         return
     trainer.hooks["micro_batch_end"].append(lambda t: send_signal(t.step + 1, "mid_step"))
-    trainer.hooks["step_loss"].append(lambda t, loss: float("nan") if active("nan_at_step", t.step + 1) else loss)
+    trainer.hooks["step_loss"].append(nan_loss)
     trainer.hooks["checkpoint_end"].append(lambda t: t.main and crash("kill_after_step", t.step))
     trainer.hooks["step_end"].append(lambda t: send_signal(t.step, "after_step"))
+    trainer.hooks["step_end"].append(lambda t: raise_error(t.step))

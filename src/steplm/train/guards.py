@@ -14,7 +14,7 @@ from pathlib import Path
 from steplm.errors import UserError
 
 LOCK_NAME = ".lock"
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class RunDirInUse(UserError):
@@ -42,6 +42,15 @@ def check_run_dir(out: str | Path, flag: str = "--out") -> None:
                         f"it to train again")
     if not (out / "config.yaml").is_file():
         raise UserError(f"{flag}: {out} is not empty and holds no run to resume; choose another directory")
+
+
+def holds_run_files(out: Path) -> bool:
+    """Whether a run directory holds anything but its lock: once it does (config.yaml, metrics.jsonl,
+    checkpoints), the run has started and its folder is never removed, however the run ends."""
+    try:
+        return any(p.name != LOCK_NAME for p in Path(out).iterdir())
+    except OSError:  # gone, or not a directory: nothing of the run's to keep
+        return False
 
 
 class RunLock:
@@ -105,13 +114,17 @@ class StepAbandoned(Exception):
 
 
 class Preemption:
-    """While active, SIGTERM and SIGUSR1 (what SLURM and other schedulers send before a kill) only
-    record themselves; the trainer asks ``requested`` between optimizer steps (and, in one process,
-    between micro-batches), checkpoints and exits. Outside the main thread (where Python cannot
+    """While active, SIGTERM and SIGUSR1 (what SLURM and other schedulers send before a kill) and
+    SIGINT (Ctrl-C) only record themselves; the trainer asks ``requested`` between optimizer steps
+    (and, in one process, between micro-batches), checkpoints and exits. A second SIGINT raises
+    KeyboardInterrupt at once (Ctrl-C twice: stop now, without the checkpoint). With ``notify``, the
+    first SIGINT says on stderr what will happen. Outside the main thread (where Python cannot
     install handlers) it does nothing."""
 
-    def __init__(self):
+    def __init__(self, notify: bool = False):
         self.signum: int | None = None
+        self.notify = notify
+        self.sigints = 0
         self._previous: dict = {}
 
     def __enter__(self) -> "Preemption":
@@ -126,7 +139,15 @@ class Preemption:
         self._previous.clear()
 
     def _record(self, signum, frame):
-        self.signum = signum
+        self.signum = self.signum or signum  # the first signal names the stop
+        if signum != signal.SIGINT:
+            return
+        self.sigints += 1
+        if self.sigints > 1:
+            raise KeyboardInterrupt
+        if self.notify:  # os.write: print() is not reentrant in a handler
+            os.write(2, b"\nsteplm: interrupted: stopping after this step to write a checkpoint "
+                        b"(Ctrl-C again stops at once, without it)\n")
 
     def requested(self, world: int = 1) -> bool:
         """Whether a preemption signal arrived (on any rank: a collective when ``world`` > 1)."""
@@ -186,10 +207,12 @@ the two with room."""
 
 
 def lower_hint(run) -> str:
-    """What to lower when steps keep failing: the lr; with adapters in the model their scale; and an
-    init_std far above the default's 0.02, whose logits start huge."""
+    """What to change when steps keep failing: lower the lr; with adapters in the model their scale;
+    an init_std far above the default's 0.02, whose logits start huge; and, where they are off,
+    gradient clipping and the warmup."""
     from steplm.passes.lora import LoRALinear
 
+    t = run.cfg.train
     hint = f"lower {run.task.lr_key}"
     if any(isinstance(m, LoRALinear) for m in run.model.modules()):
         lo = run.cfg.lora
@@ -197,6 +220,10 @@ def lower_hint(run) -> str:
                  f"{lo.alpha / lo.rank:.3g})")
     if run.cfg.model.init_std > 0.2 and run.task.flags_init_std:
         hint += f", or model.init_std ({run.cfg.model.init_std:g}; the default is 0.02)"
+    if t.grad_clip == 0:
+        hint += ", or clip the gradients (train.grad_clip is 0, no clipping; 1.0 is usual)"
+    if t.warmup_steps == 0:
+        hint += f", or warm up ({run.task.warmup_key} is 0: the first step takes the peak lr)"
     return hint
 
 
@@ -210,24 +237,48 @@ def kept(run) -> str:
     return f"there is no checkpoint to resume from ({run.task.checkpoint_key} keeps them)"
 
 
+SKIPPED_IN_ROW_LIMIT = 3
+"""More than this many steps in a row skipped as bad batches stop the run: a rare bad batch is noise,
+four in a row mean the model no longer trains (an lr or a weight has gone wrong)."""
+MAJORITY_AFTER_STEPS = 8
+"""From this many steps on, a run that has skipped more than half of its steps stops."""
+
+
 def bad_batch(run, loss: float, grad_norm: float) -> bool:
     """Whether a step's loss or gradient norm is non-finite (or above train.max_grad_norm): then the
-    step is skipped and counted, or the run stops (train.on_nonfinite stop, or more than
-    train.max_skipped skipped)."""
+    step is skipped and counted (``check_training`` judges the count once the step's metrics row is
+    written). Raises TrainingStopped with train.on_nonfinite stop, or past train.max_skipped skipped."""
     from steplm.errors import TrainingStopped
 
-    t = run.cfg.train
+    t, s = run.cfg.train, run.state
     if math.isfinite(loss) and math.isfinite(grad_norm) and not (t.max_grad_norm and grad_norm > t.max_grad_norm):
+        s.skipped_in_row = 0
         return False
     what = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
     if t.on_nonfinite == "stop":
         raise TrainingStopped(f"step {run.step + 1}: bad batch ({what}); stopped, {kept(run)} "
                               f"(set train.on_nonfinite=skip to skip such batches)")
-    run.state.skipped += 1
-    if run.state.skipped > t.max_skipped:
-        raise TrainingStopped(f"step {run.step + 1}: {run.state.skipped} bad batches skipped, more than "
+    s.skipped += 1
+    s.skipped_in_row += 1
+    if s.skipped > t.max_skipped:
+        raise TrainingStopped(f"step {run.step + 1}: {s.skipped} bad batches skipped, more than "
                               f"train.max_skipped ({t.max_skipped}); {lower_hint(run)}")
     return True
+
+
+def check_training(run, loss: float, grad_norm: float) -> None:
+    """After a skipped step (``run.step`` counts it): stop (TrainingStopped, exit 3) a run that is
+    not training, one with more than SKIPPED_IN_ROW_LIMIT steps skipped in a row, or more than half
+    of its steps skipped once MAJORITY_AFTER_STEPS have run; the message names the keys to change."""
+    from steplm.errors import TrainingStopped
+
+    s, done = run.state, run.step
+    in_row = s.skipped_in_row > SKIPPED_IN_ROW_LIMIT
+    if in_row or (done >= MAJORITY_AFTER_STEPS and 2 * s.skipped > done):
+        count = f"{s.skipped_in_row} steps in a row" if in_row else f"{s.skipped} of its {done} steps"
+        raise TrainingStopped(f"{run.stage_name()}, step {done}: {count} were skipped as bad batches (the last: "
+                              f"loss {loss:.4g}, gradient norm {grad_norm:.4g}), so the run is not training; "
+                              f"{lower_hint(run)}; {kept(run)}")
 
 
 def nonfinite(run, where: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -28,15 +29,24 @@ from steplm import config as config_mod
 from steplm import methods
 from steplm.allocator import retain_host_memory
 from steplm.devices import autocast, pick_device, pick_dtype
-from steplm.errors import Preempted, TrainingStopped
+from steplm.errors import Interrupted, Preempted, TrainingStopped
 from steplm.passes import parallelize
 from steplm.plan.stages import Stage, plan_run
 from steplm.train import checkpoint, distributed, faults, guards, saving
-from steplm.train.metrics import MetricsLog, cpu_peak_step, state_bytes
+from steplm.train.console import Console, eval_line, growth_line
+from steplm.train.metrics import MetricsLog, cpu_peak_step, require_tensorboard, state_bytes
 from steplm.train.optimizer import build_optimizer, clip_in_step
 from steplm.train.schedule import lr_at
 from steplm.train.state import TrainState, restore, run_state_dict
 from steplm.train.task import PretrainTask
+
+
+def _rounded(x: float, digits: int, significant: bool = False) -> float | str:
+    """``x`` rounded for a metrics row (to ``digits`` decimals, or significant digits); a non-finite
+    value as the string "nan", "inf" or "-inf" (metrics.jsonl is strict JSON)."""
+    if not math.isfinite(x):
+        return str(x)
+    return float(f"{x:.{digits}g}") if significant else round(x, digits)
 
 
 class Trainer:
@@ -67,6 +77,8 @@ class Trainer:
         if not self.fsdp:  # FSDP2 shards the states over the ranks
             guards.check_fits(self)
         if self.main:
+            if cfg.train.tensorboard:
+                require_tensorboard()
             self.lock = guards.take_run_dir(self.out, self.progress)
         self.task.setup_data(self)
 
@@ -81,15 +93,20 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.saved_step = None  # step of the checkpoint this process wrote last
         self.merge_rows: list[dict] = []  # metrics rows of adapter merges, logged by the loop
+        self.grad_norm = math.nan  # of the last step (train_step)
+        self.console = Console("quiet", 0, 0)  # fit's: the bar or the log lines
         self.warned_merge = False
         self.method.enter_stage(self, self.current_stage)
         self.optimizer = self.build_optimizer()
         parallelize.parallelize(self)
         faults.install(self)
         latest = checkpoint.latest_valid(self.out / "checkpoints")
+        saving.check_resume_config(self)  # the folder's run, with or without a checkpoint: not another's
         if latest is not None:
-            saving.check_resume_config(self)
             self.load_checkpoint(latest)
+        elif self.main and (self.out / "metrics.jsonl").is_file():
+            print(f"steplm: warning: {self.out} holds a run that ended before its first checkpoint; it starts "
+                  f"again from step 0 (and its metrics.jsonl afresh)", file=sys.stderr)
 
     # -- where the run is ------------------------------------------------------------------------
     def _counter(name):  # noqa: N805 - a property of TrainState's counter, on the trainer for short
@@ -107,7 +124,8 @@ class Trainer:
         return lr_at(self.cfg, self.current_stage, step_in_stage, self.step)
 
     def stage_name(self) -> str:
-        """'stage 2 of 3': 1-based, as `steplm plan` numbers stages (metrics rows keep the 0-based index)."""
+        """'stage 2 of 3': 1-based, as `steplm plan`, metrics.jsonl and summary.json number stages
+        (``state.stage`` is the 0-based index into the plan)."""
         return f"stage {self.stage + 1} of {len(self.stage_steps)}"
 
     # -- stage transitions -----------------------------------------------------------------------
@@ -141,7 +159,8 @@ class Trainer:
 
     def train_step(self) -> tuple[float, bool]:
         """One optimizer step (with gradient accumulation): (the mean micro-batch loss in nats, whether
-        the step was applied; a non-finite loss or gradient norm skips it)."""
+        the step was applied; a non-finite loss or gradient norm skips it). Leaves the step's pre-clip
+        total gradient norm in ``self.grad_norm``."""
         t = self.cfg.train
         self.model.train()
         lr = self.lr_at(self.step_in_stage)
@@ -165,6 +184,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         total, norm = torch.stack([total.float(), norm.float()]).tolist()  # one synchronisation per step
+        self.grad_norm = norm  # the pre-clip total norm (clip_grad_norm_ computes it even with no clipping)
         for hook in self.hooks["step_loss"]:
             total = hook(self, total)
         if guards.bad_batch(self, total, norm):
@@ -203,90 +223,147 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train every stage (resuming where a checkpoint left off); write metrics.jsonl, checkpoints,
-        the final weights and summary.json. Returns the summary. On SIGTERM or SIGUSR1 it stops at the
-        next micro-batch (one process: the unfinished step is dropped and redone on resume) or after
-        the current optimizer step (several ranks), writes a checkpoint and raises Preempted; it raises
-        TrainingStopped rather than write non-finite weights."""
+        the final weights and summary.json. Returns the summary. On SIGTERM, SIGUSR1 or SIGINT it
+        stops at the next micro-batch (one process: the unfinished step is dropped and redone on
+        resume) or after the current optimizer step (several ranks), writes a checkpoint of the last
+        whole step and raises Preempted (Interrupted for SIGINT); it raises TrainingStopped rather than
+        write non-finite weights, or train on when most steps are skipped."""
         try:
-            with guards.Preemption() as self.preemption:
+            with guards.Preemption(notify=self.progress) as self.preemption:
                 return self._fit()
         finally:
             if self.lock is not None:
                 self.lock.release()
 
     def _fit(self) -> dict:
-        from tqdm import tqdm
-
-        cfg, t, s = self.cfg, self.cfg.train, self.state
+        s = self.state
         self.metrics = self._open_run_files() if self.main else None
         total_steps = sum(self.stage_steps)
-        bar = tqdm(total=total_steps, initial=s.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        self.checkpoint_every = saving.checkpoint_interval(self.cfg.train.checkpoint_every, total_steps)
+        self.console = Console(Console.pick(self.progress), total_steps, s.step)
+        self.wall_origin = time.perf_counter() - s.elapsed_seconds  # elapsed_s goes on across resumes
         t_start = time.perf_counter()
-        tok_window, t_window = 0, time.perf_counter()
-        while s.step < total_steps:
-            if s.step_in_stage == self.stage_steps[s.stage]:  # the stage is done: grow / switch
-                self.next_stage()
-                self._log_merges()
-                if self.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-            n_steps = self.stage_steps[s.stage]
-            measure_peak = s.step_in_stage == min(1, n_steps - 1) and self.device.type == "cpu" and not t.compile
-            t0 = time.perf_counter()
-            try:
-                if measure_peak and self.world == 1:
-                    box = {}
-                    peak = cpu_peak_step(lambda: box.setdefault("out", self.train_step()), self.model,
-                                         self.optimizer, self)
-                    loss, ok = box["out"]
-                else:
-                    (loss, ok), peak = self.train_step(), None
-            except guards.StepAbandoned:
-                self._stop_for_preemption()  # the checkpoint of the last whole step
-            if s.record is None and ok:  # after the stage's first optimizer step
-                s.record = self._stage_record(state_bytes(self.model, self.optimizer))
-                s.record["_seconds_at_start"] = s.step_seconds
-            if measure_peak and s.record is not None:
-                s.record["peak_bytes"] = peak
-            self.optimizer.zero_grad(set_to_none=True)
-            self.account()
-            self._log_merges()
-            s.step_seconds += time.perf_counter() - t0
-            tok_window += self.task.step_tokens(self)
-            if self.world > 1:
-                loss = distributed.mean(loss)
-            if s.step % t.log_every == 0 or s.step == total_steps or not ok:
-                now = time.perf_counter()
-                tps = tok_window / max(now - t_window, 1e-9)
-                tok_window, t_window = 0, now
-                self.log({"step": s.step, "stage": s.stage, "loss": round(loss, 5) if math.isfinite(loss) else str(loss),
-                          "lr": self.optimizer.param_groups[0]["lr"], "tokens": s.tokens,
-                          "flops": s.flops[cfg.step.flops_convention], "skipped": s.skipped, "tok_per_s": round(tps, 1)})
-                bar.set_postfix(stage=s.stage, loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                guards.check_weights_finite(self)  # after the row, so metrics.jsonl shows what happened
-            if s.step_in_stage == n_steps:
-                self._finish_stage()
-            elif t.eval_every and s.step % t.eval_every == 0:
-                self.log({"step": s.step, "stage": s.stage, "val_loss": round(self.evaluate(), 5), "tokens": s.tokens,
-                          "flops": s.flops[cfg.step.flops_convention]})
-            if t.checkpoint_every and (s.step % t.checkpoint_every == 0 or s.step == total_steps):
-                self.save_checkpoint()
-                for hook in self.hooks["checkpoint_end"]:
-                    hook(self)
-                distributed.barrier()
-            bar.update(1)
-            for hook in self.hooks["step_end"]:
-                hook(self)
-            if self.preemption.requested(self.world):
-                self._stop_for_preemption()
-        bar.close()
+        self.window = (0, time.perf_counter())  # tokens since the last metrics row, and when it was
+        try:
+            while s.step < total_steps:
+                self._one_step(total_steps)
+        finally:
+            self.console.close()
         if self.metrics is not None:
             self.metrics.close()
         return self._finish(s.step_seconds if self.resumed_from else time.perf_counter() - t_start)
+
+    def _one_step(self, total_steps: int) -> None:
+        """One optimizer step of the loop and what follows it: growth before it when the stage is
+        done; the metrics row, evaluation, end of stage and checkpoint after it; then the preemption
+        check."""
+        s, t = self.state, self.cfg.train
+        if s.step_in_stage == self.stage_steps[s.stage]:  # the stage is done: grow / switch
+            self._enter_next_stage()
+        t0 = time.perf_counter()
+        loss, ok = self._measured_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.account()
+        self._log_merges()
+        s.step_seconds += time.perf_counter() - t0
+        self.window = (self.window[0] + self.task.step_tokens(self), self.window[1])
+        if self.world > 1:
+            loss = distributed.mean(loss)
+        if s.step % t.log_every == 0 or s.step == total_steps or not ok:
+            self._log_step(loss)
+            guards.check_weights_finite(self)  # after the row, so metrics.jsonl shows what happened
+        if not ok:
+            guards.check_training(self, loss, self.grad_norm)  # so do these: mostly skipped steps stop the run
+        if s.step_in_stage == self.stage_steps[s.stage]:
+            self._finish_stage()
+        elif t.eval_every and s.step % t.eval_every == 0:
+            self._log_eval(self.evaluate())
+        if self.checkpoint_every and (s.step % self.checkpoint_every == 0 or s.step == total_steps):
+            path = self.save_checkpoint()
+            for hook in self.hooks["checkpoint_end"]:
+                hook(self)
+            distributed.barrier()
+            if path is not None:
+                self.console.say(f"step {s.step}/{total_steps} | checkpoint {path}")
+        self.console.advance()
+        for hook in self.hooks["step_end"]:
+            hook(self)
+        if self.preemption.requested(self.world):
+            self._stop_for_preemption()
+
+    def _enter_next_stage(self) -> None:
+        """Grow / switch to the next stage (``next_stage``), and say so."""
+        before = self.current_stage
+        self.next_stage()
+        self._log_merges()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.console.say(f"step {self.step}/{self.console.total} | "
+                         f"{growth_line(before, self.current_stage, self.stage_name())}")
+
+    def _measured_step(self) -> tuple[float, bool]:
+        """``train_step``; on CPU, at the stage's second step, under the MemTracker (the stage's peak
+        bytes). The stage's memory record is made after its first applied step."""
+        s, n_steps = self.state, self.stage_steps[self.state.stage]
+        measure = (s.step_in_stage == min(1, n_steps - 1) and self.device.type == "cpu"
+                   and not self.cfg.train.compile and self.world == 1)
+        try:
+            if measure:
+                box = {}
+                peak = cpu_peak_step(lambda: box.setdefault("out", self.train_step()), self.model,
+                                     self.optimizer, self)
+                loss, ok = box["out"]
+            else:
+                (loss, ok), peak = self.train_step(), None
+        except guards.StepAbandoned:
+            self._stop_for_preemption()  # the checkpoint of the last whole step
+        if s.record is None and ok:  # after the stage's first optimizer step
+            s.record = self._stage_record(state_bytes(self.model, self.optimizer))
+            s.record["_seconds_at_start"] = s.step_seconds
+        if measure and s.record is not None:
+            s.record["peak_bytes"] = peak
+        return loss, ok
+
+    def elapsed(self) -> float:
+        """Wall seconds the run has trained, over all its processes (a resume goes on from its
+        checkpoint's count)."""
+        origin = getattr(self, "wall_origin", None)
+        return self.state.elapsed_seconds if origin is None else time.perf_counter() - origin
+
+    def peak_bytes(self) -> int | None:
+        """The tracked peak of the stage so far: on a GPU max_memory_allocated since the stage began;
+        on the CPU the MemTracker peak of the stage's measured step (None before it, or where none is
+        measured: compile, several processes)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated()
+        return self.state.record.get("peak_bytes") if self.state.record else None
 
     def log(self, row: dict) -> None:
         """One metrics row (rank 0 writes)."""
         if self.metrics is not None:
             self.metrics.write(row)
+
+    def _log_step(self, loss: float) -> None:
+        """The metrics row of the step just taken (stages 1-based, as `steplm plan` numbers them), and
+        its line on the console."""
+        s, cfg = self.state, self.cfg
+        tokens, since = self.window
+        now = time.perf_counter()
+        self.window = (0, now)
+        row = {"step": s.step, "stage": s.stage + 1, "loss": _rounded(loss, 5),
+               "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": _rounded(self.grad_norm, 6, significant=True),
+               "tokens": s.tokens, "flops": s.flops[cfg.step.flops_convention], "skipped": s.skipped,
+               "tok_per_s": round(tokens / max(now - since, 1e-9), 1), "elapsed_s": round(self.elapsed(), 3),
+               "memory": self.peak_bytes()}
+        self.log(row)
+        self.console.row(row, self.stage_name())
+
+    def _log_eval(self, val: float) -> None:
+        """The metrics row and console line of a validation loss (nats) at this step."""
+        s = self.state
+        self.log({"step": s.step, "stage": s.stage + 1, "val_loss": _rounded(val, 5), "tokens": s.tokens,
+                  "flops": s.flops[self.cfg.step.flops_convention], "elapsed_s": round(self.elapsed(), 3)})
+        self.console.say(eval_line(s.step, self.console.total, self.stage_name(), val))
 
     def _log_merges(self):
         while self.merge_rows:
@@ -301,17 +378,18 @@ class Trainer:
         return MetricsLog(self.out, resume, self.cfg.train.tensorboard)
 
     def _stop_for_preemption(self):
-        """Checkpoint the step just finished (unless that was already done) and raise Preempted."""
+        """Checkpoint the step just finished (unless that was already done) and raise Preempted
+        (Interrupted on SIGINT)."""
         if self.saved_step != self.step:
             self.save_checkpoint()
             distributed.barrier()
-        raise Preempted(f"{self.preemption.name} after step {self.step}: checkpoint "
-                        f"{checkpoint.step_dir(self.out / 'checkpoints', self.step)} written; rerun the same "
-                        f"command to resume")
+        stop = Interrupted if self.preemption.signum == signal.SIGINT else Preempted
+        raise stop(f"{self.preemption.name} after step {self.step}: checkpoint "
+                   f"{checkpoint.step_dir(self.out / 'checkpoints', self.step)} written")
 
     def _stage_record(self, measured: dict) -> dict:
         st = self.current_stage
-        return {"stage": self.stage, "layers": st.layers, "new_layers": st.new_layers,
+        return {"stage": self.stage + 1, "layers": st.layers, "new_layers": st.new_layers,
                 "trainable_params": st.trainable_params, "frozen_params": st.frozen_params,
                 "lora_params": st.lora_params, "planned_state_bytes": dict(st.planned_state_bytes),
                 "measured_state_bytes": {"layers": measured["layers"], "total": measured["total"]},
@@ -334,8 +412,7 @@ class Trainer:
                         step_seconds=s.step_seconds - s.record.pop("_seconds_at_start"))
         s.stage_records.append(s.record)
         s.record = None
-        self.log({"step": s.step, "stage": s.stage, "val_loss": round(val, 5), "tokens": s.tokens,
-                  "flops": s.flops[self.cfg.step.flops_convention]})
+        self._log_eval(val)
 
     def _finish(self, train_seconds: float) -> dict:
         parallelize.unwrap(self)

@@ -12,6 +12,14 @@ from steplm.errors import UserError
 from steplm.io.files import dumps
 
 
+def require_tensorboard() -> None:
+    """Refuse train.tensorboard without the tensorboard package (UserError), before a run writes anything."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise UserError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")
+
+
 class MetricsLog:
     """metrics.jsonl of a run directory, one JSON object a line (and TensorBoard event files with
     ``tensorboard``). A resumed run cuts the file back to ``resume_bytes``, its length at the
@@ -26,10 +34,8 @@ class MetricsLog:
         self.file = open(path, "a")
         self.board = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
             self.board = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, row: dict) -> None:

@@ -11,6 +11,21 @@ from steplm.errors import UserError
 from steplm.train import checkpoint
 
 
+AUTO_CHECKPOINTS = 10
+"""train.checkpoint_every null: this many checkpoints over the run (about every tenth of it)..."""
+AUTO_CHECKPOINT_MAX_STEPS = 1000
+"""...and never more than this many steps apart (litgpt's save_interval; torchtitan's is 500)."""
+
+
+def checkpoint_interval(every: int | None, total_steps: int) -> int:
+    """Steps between periodic checkpoints (0: none): train.checkpoint_every, or with null (auto)
+    ceil(total_steps / AUTO_CHECKPOINTS), at most AUTO_CHECKPOINT_MAX_STEPS. A run of 64 steps
+    checkpoints every 7, one of 33,000 every 1000. The run's last step is checkpointed too."""
+    if every is not None:
+        return every
+    return max(1, min(-(-total_steps // AUTO_CHECKPOINTS), AUTO_CHECKPOINT_MAX_STEPS))
+
+
 def save_run(run) -> Path | None:
     """Atomic checkpoint of a run (``run``: the Trainer) at its current step: the weights
     (model.safetensors), everything else (trainer.pt: ``run.state_dict()``) and the config, in the
@@ -29,6 +44,7 @@ def save_run(run) -> Path | None:
         return None
     if run.metrics is not None:
         run.state.metrics_bytes = run.metrics.tell()
+    run.state.elapsed_seconds = run.elapsed()
     if not guards.all_finite(model.parameters()):
         raise guards.nonfinite(run, "checkpoint")
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -168,6 +168,7 @@ class SFTTask(PretrainTask):
     warmup capped at a tenth of it; the global batch is micro_batch × grad_accum × world examples."""
 
     lr_key = "--lr"
+    warmup_key = "--warmup-steps"
     checkpoint_key = "--checkpoint-every"
     fit_activations = False  # examples are shorter than the model's max_seq_len, the seq_len set here
     fit_keys = {"states": "MODEL's size", "activations": "--micro-batch", "rope": "MODEL's max_position_embeddings"}
@@ -285,7 +286,8 @@ EVAL_EXAMPLES = 64
 def sft_config(model_dir: str, data: str, source_config, *, epochs: int = 2, limit: int | None = None,
                lr: float = 1e-4, warmup_steps: int = 100, batch_size: int = 8, micro_batch: int | None = None,
                weight_decay: float = 0.0, seed: int = 0, device: str = "auto", dtype: str = "auto",
-               compile: bool = False, checkpoint_every: int = 0, world: int = 1, overrides: list[str] = ()):
+               compile: bool = False, checkpoint_every: int | None = None, world: int = 1,
+               overrides: list[str] = ()):
     """The RunConfig of an SFT run with the paper's Table 8 schedule: AdamW (0.9, 0.95), lr 1e-4,
     cosine to 0 after ``warmup_steps`` of linear warmup, ``epochs`` passes, grad clip 1. A step
     takes ``batch_size`` examples in forwards of ``micro_batch`` (per rank); ``source_config`` is
@@ -302,7 +304,8 @@ def sft_config(model_dir: str, data: str, source_config, *, epochs: int = 2, lim
             "train.beta1": 0.9, "train.beta2": 0.95, "train.grad_clip": 1.0, "train.seed": seed,
             "train.device": device, "train.dtype": dtype, "train.compile": compile,
             "train.seq_len": source_config.max_seq_len, "train.eval_every": 0, "train.log_every": 1,
-            "train.checkpoint_every": checkpoint_every, "train.max_steps": 1, "data.tokenizer": model_dir}
+            "train.checkpoint_every": "null" if checkpoint_every is None else checkpoint_every,
+            "train.max_steps": 1, "data.tokenizer": model_dir}
     if limit:
         sets["sft.limit"] = limit
     given = {config_mod.override_key(item) for item in overrides}  # a --set key replaces the schedule's value

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +29,10 @@ class TrainState:
     """Training FLOPs so far under both counts (flops.py)."""
     skipped: int = 0
     """Bad batches skipped (non-finite loss or gradient norm)."""
+    skipped_in_row: int = 0
+    """Steps skipped since the last applied one."""
+    elapsed_seconds: float = 0.0
+    """Wall seconds the run had trained at the last checkpoint (metrics' elapsed_s goes on from it)."""
     data_seconds: float = 0.0
     step_seconds: float = 0.0
     stage_records: list = field(default_factory=list)
@@ -101,7 +106,38 @@ def run_state_dict(run, model, optimizer) -> dict:
     optimizer, data position, RNGs, the plan's split and steps, and the data's fingerprint."""
     return {**run.state.state_dict(), "layers": layer_layout(model), "optimizer": optimizer.state_dict(),
             "sampler": run.sampler.state_dict(), "rng": rng_state(run.gen), "stage_steps": run.stage_steps,
-            "layers_per_stage": run.layers_per_stage, "data": run.task.data_fingerprint(run)}
+            "layers_per_stage": run.layers_per_stage, "data": run.task.data_fingerprint(run),
+            "stages_from": 1}
+
+
+def renumber_stages(state: dict, metrics: Path | None) -> None:
+    """A checkpoint written before ``stages_from`` was recorded numbers stages from 0 in its stage
+    records and metrics rows: renumber the records (in ``state``) and, with ``metrics``
+    (metrics.jsonl, None on ranks that do not write it), the rows up to the checkpoint's length from
+    1, as steplm numbers them now; ``state["metrics_bytes"]`` follows the rewritten file. Rows past
+    that length are cut on resume anyway."""
+    import json
+    import os
+
+    from steplm.io.files import dumps
+
+    for record in [*state.get("stage_records", []), state.get("record") or {}]:
+        if "stage" in record:
+            record["stage"] += 1
+    if metrics is None or not metrics.is_file():
+        return
+    rows = []
+    for line in metrics.read_bytes()[:state.get("metrics_bytes", 0)].decode().splitlines():
+        row = json.loads(line)
+        if "stage" in row:
+            row["stage"] += 1
+        rows.append(dumps(row) + "\n")
+    text = "".join(rows).encode()
+    tmp = metrics.with_name(metrics.name + ".tmp")
+    tmp.write_bytes(text)
+    os.replace(tmp, metrics)
+    state["metrics_bytes"] = len(text)
+    state["stages_from"] = 1
 
 
 def restore(run, state: dict, weights: dict[str, torch.Tensor]) -> None:
@@ -116,6 +152,8 @@ def restore(run, state: dict, weights: dict[str, torch.Tensor]) -> None:
         raise UserError(f"{key}: the data differ from those the checkpoint was trained on ({saved['train_tokens']:,} "
                         f"training and {saved['val_tokens']:,} validation tokens then, {now['train_tokens']:,} and "
                         f"{now['val_tokens']:,} now, or other text); resume with the same data, or start a new --out")
+    if state.get("stages_from") != 1:
+        renumber_stages(state, run.out / "metrics.jsonl" if run.main else None)
     run.model = plain_model(run.cfg, state["layers"], weights, run.device)
     run.state.load_state_dict(state)
     run.optimizer = run.build_optimizer()

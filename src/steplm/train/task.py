@@ -28,6 +28,8 @@ class PretrainTask:
 
     lr_key = "train.lr"
     """What a divergence message tells the user to lower."""
+    warmup_key = "train.warmup_steps"
+    """What sets the warmup, named when a run that does not train has none."""
     checkpoint_key = "train.checkpoint_every"
     """What keeps checkpoints."""
     fit_activations = True
