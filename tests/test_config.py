@@ -1,5 +1,9 @@
-"""Config dataclasses: YAML round trip, --set overrides, collected validation errors."""
+"""Config dataclasses: YAML round trip, --set overrides, collected validation errors, defaults that
+follow the shape."""
+from pathlib import Path
+
 import pytest
+import yaml
 
 from steplm import config
 from steplm.errors import UserError
@@ -143,3 +147,51 @@ def test_scaled_rope_frequencies_from_a_set_are_transformers(scaling):
     want, want_scale = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf, torch.device("cpu"))
     got, scale = rope_inv_freq(cfg, torch.device("cpu"))
     assert torch.allclose(got.float(), want.float()) and scale == want_scale
+
+
+# ---------------------------------------------------------------------------- ranks that follow the shape
+ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("preset,d_model", [("tiny.yaml", 128), ("tiny-step.yaml", 128), ("paper-368m.yaml", 1600),
+                                            ("paper-1.2b.yaml", 2048)])
+@pytest.mark.parametrize("method,default", [("apollo", 256), ("galore", 16)])
+def test_an_unset_projection_rank_follows_the_shape(preset, d_model, method, default):
+    """galore.rank / apollo.rank left unset take min(their default, d_model / 2): the run validates
+    on every preset (apollo's 256 refused the tiny configs' d 128), and a preset's own rank stays."""
+    cfg = config.load(ROOT_CONFIGS / preset, [f"method={method}"])
+    config.validate(cfg)
+    assert cfg.model.d_model == d_model
+    given = (yaml.safe_load((ROOT_CONFIGS / preset).read_text()).get(method) or {}).get("rank")  # the preset's own
+    assert getattr(cfg, method).rank == (given or min(default, d_model // 2))
+    assert given in (None, 128)
+
+
+@pytest.mark.parametrize("d_model,n_heads,galore,apollo", [(2, 1, 1, 1), (16, 2, 8, 8), (32, 2, 16, 16),
+                                                           (96, 3, 16, 48), (512, 8, 16, 256), (4096, 32, 16, 256)])
+def test_shape_ranks_at_the_edges(d_model, n_heads, galore, apollo):
+    cfg = config.load(None, [f"model.d_model={d_model}", f"model.n_heads={n_heads}"])
+    assert (cfg.galore.rank, cfg.apollo.rank) == (galore, apollo)
+
+
+@pytest.mark.parametrize("method", ["apollo", "galore"])
+def test_an_explicit_rank_is_kept_and_validated_as_given(method, tmp_path):
+    ok = config.load(ROOT_CONFIGS / "tiny.yaml", [f"method={method}", f"{method}.rank=128"])
+    config.validate(ok)  # the full rank d_model is allowed
+    assert getattr(ok, method).rank == 128
+    with pytest.raises(UserError, match=rf"^{method}\.rank: must be at most model\.d_model \(128\), got 129$"):
+        config.validate(config.load(ROOT_CONFIGS / "tiny.yaml", [f"method={method}", f"{method}.rank=129"]))
+    # the resolved config round-trips as an explicit value: a run's config.yaml reloads to the same dict
+    auto = config.load(ROOT_CONFIGS / "tiny.yaml", [f"method={method}"])
+    config.save(auto, tmp_path / "c.yaml")
+    assert config.load(tmp_path / "c.yaml").to_dict() == auto.to_dict()
+
+
+def test_the_rank_follows_the_shape_of_init_from(tmp_path):
+    """The shape a rank follows is the final one: after --init-from has set model.d_model."""
+    pytest.importorskip("transformers")
+    from test_hf import make_hf_dir
+    make_hf_dir(tmp_path / "hf", seed=0, hidden_size=24, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = config.load(None, ["method=apollo"], init_from=str(tmp_path / "hf"))
+    assert (cfg.model.d_model, cfg.apollo.rank, cfg.galore.rank) == (24, 12, 12)

@@ -77,6 +77,7 @@ def from_dict(d: dict, init_source: str = "model.init_from") -> RunConfig:
         conflicts = resolve_init_from(cfg, given_model, "tokenizer" in given_data, init_source)
         if conflicts:
             raise config_error(conflicts)
+    cfg.resolve_shape_defaults()  # after model.init_from, which may set model.d_model
     return cfg
 
 

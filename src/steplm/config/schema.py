@@ -312,8 +312,9 @@ class LoraConfig:
 
 @dataclass
 class GaloreConfig:
-    rank: int = field(default=16, metadata={"range": POSITIVE})
-    """Projection rank for the attention and MLP weights (paper: 128 at d 1536-2048)."""
+    rank: int | None = field(default=None, metadata={"range": POSITIVE})
+    """Projection rank for the attention and MLP weights (paper: 128 at d 1536-2048); None (unset):
+    min(16, model.d_model // 2), so that it follows the shape."""
     update_proj_gap: int = field(default=200, metadata={"range": POSITIVE})
     """Recompute the projection (an SVD of the gradient) every this many steps."""
     scale: float = field(default=0.25, metadata={"range": POSITIVE})
@@ -324,8 +325,9 @@ class GaloreConfig:
 
 @dataclass
 class ApolloConfig:
-    rank: int = field(default=256, metadata={"range": POSITIVE})
-    """APOLLO's random-projection rank for the attention and MLP weights (APOLLO-Mini: 1 with scale_type tensor)."""
+    rank: int | None = field(default=None, metadata={"range": POSITIVE})
+    """APOLLO's random-projection rank for the attention and MLP weights (APOLLO-Mini: 1 with scale_type
+    tensor); None (unset): min(256, model.d_model // 2), APOLLO's 256 (at d 512 and wider) following the shape."""
     update_proj_gap: int = field(default=200, metadata={"range": POSITIVE})
     """Draw a new random projection every this many steps."""
     scale: float = field(default=1.0, metadata={"range": POSITIVE})
@@ -386,9 +388,24 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def resolve_shape_defaults(self) -> None:
+        """Fill, in place, the keys whose default follows the model's shape and that were left unset
+        (None): galore.rank and apollo.rank (``SHAPE_RANK_DEFAULTS``). A value the user gave is kept
+        (and validated as given). ``config.load`` calls this once the model keys are final."""
+        for section, default in SHAPE_RANK_DEFAULTS.items():
+            part = getattr(self, section)
+            if part.rank is None and _positive_int(self.model.d_model):
+                part.rank = shape_rank(default, self.model.d_model)
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
-            "galore": GaloreConfig, "apollo": ApolloConfig, "step": StepConfig, "sft": SFTConfig}
+
+SHAPE_RANK_DEFAULTS = {"galore": 16, "apollo": 256}
+"""The projection ranks of the projected-moment methods on a model at least twice as wide."""
+
+
+def shape_rank(default: int, d_model: int) -> int:
+    """The projection rank an unset galore.rank / apollo.rank takes: ``default``, or half of d_model
+    on a narrower model (at least 1), so that the default always fits the shape."""
+    return max(1, min(default, d_model // 2))
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
