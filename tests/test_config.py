@@ -195,3 +195,24 @@ def test_the_rank_follows_the_shape_of_init_from(tmp_path):
                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
     cfg = config.load(None, ["method=apollo"], init_from=str(tmp_path / "hf"))
     assert (cfg.model.d_model, cfg.apollo.rank, cfg.galore.rank) == (24, 12, 12)
+
+
+@pytest.mark.parametrize("method,old,refused", [
+    ("vanilla", "apollo.rank=256", False), ("step", "apollo.rank=256", False), ("galore", "apollo.rank=256", False),
+    ("apollo", "apollo.rank=100", True), ("galore", "galore.rank=8", True), ("vanilla", "lora.rank=4", True),
+])
+def test_a_resume_ignores_a_changed_default_the_run_does_not_read(tmp_path, method, old, refused):
+    """A run folder whose config.yaml was written under the old defaults (apollo.rank 256; the tiny
+    shape now resolves it to 64) resumes under the new ones, unless the run reads the key."""
+    import types
+
+    from steplm.train.saving import check_resume_config
+    preset = ROOT_CONFIGS / "tiny.yaml"
+    config.save(config.load(preset, [f"method={method}", old]), tmp_path / "config.yaml")
+    run = types.SimpleNamespace(out=tmp_path, cfg=config.load(preset, [f"method={method}"]))
+    assert run.cfg.apollo.rank == 64
+    if refused:
+        with pytest.raises(UserError, match=rf"holds a run with a different config \({old.split('=')[0]}\)"):
+            check_resume_config(run)
+    else:
+        check_resume_config(run)
