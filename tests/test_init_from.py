@@ -184,11 +184,11 @@ FINISH = "finish the run (rerun its steplm train command), then "
 
 
 @pytest.mark.parametrize("where, finished, needle", [
-    ("run", True, "{d} is a steplm run, not an HF model directory; " + EXPORT.format(it="it", run="{run}")),
+    ("run", True, "{d} is a steplm run, not an HF model directory; " + EXPORT.format(it="it first", run="{run}")),
     ("run/checkpoints", True, "{d} holds the checkpoints of the steplm run {run}, not an HF model directory; "
-     + EXPORT.format(it="the run", run="{run}")),
+     + EXPORT.format(it="the run first", run="{run}")),
     ("run/checkpoints/step_00000004", True, "{d} is a checkpoint of the steplm run {run}, not an HF model "
-     "directory; " + EXPORT.format(it="the run", run="{run}")),
+     "directory; " + EXPORT.format(it="the run first", run="{run}")),
     ("run", False, "{d} is an unfinished steplm run, not an HF model directory; " + FINISH
      + EXPORT.format(it="it", run="{run}")),
     ("run/checkpoints", False, "{d} holds the checkpoints of the unfinished steplm run {run}, not an HF model "

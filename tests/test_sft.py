@@ -203,7 +203,8 @@ def test_sft_divergence_names_the_sft_flag(tiny_run, tmp_path, capsys, extra):
     args = _sft_args(tiny_run, tmp_path / "o", *extra)
     args[args.index("--lr") + 1] = "1e30"
     assert main(args) == 3
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if "warning" not in ln]  # dropped examples
+    lines = [ln for ln in capsys.readouterr().err.splitlines()  # dropped examples, and the data line
+             if "warning" not in ln and not ln.startswith("steplm: data: ")]
     assert len(lines) == 1 and "lower --lr" in lines[0] and "train.lr" not in lines[0], lines
 
 
@@ -279,3 +280,6 @@ def test_sft_counts_the_tokens_it_trains_on(tiny_run, tmp_path, capsys):
                  "--warmup-steps", "0", "--quiet", "--dtype", "fp32"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens_seen"] == 2 * sum(lengths) < 2 * len(records) * m.config.max_seq_len, summary
+    response = sum(len(m.tokenizer.encode(r["output"], add_special_tokens=False).ids) + 1 for r in records)
+    assert f"steplm: data: {data}: {len(records)} examples tuned on, {sum(lengths):,} tokens ({response:,} response " \
+           "tokens, which the loss is on); validation: none held out" in capsys.readouterr().err

@@ -26,6 +26,12 @@ def _plan_config(a):
     except ValueError as e:
         raise UserError(f"step.layers_per_stage: {e}")
     print(dumps(plan.to_dict()) if a.json else format_plan(plan))
+    if cfg.data.path and not a.json:  # what train would read, as far as it is known without tokenizing
+        from pathlib import Path
+
+        from steplm.data.report import describe_planned
+        from steplm.data.shards import default_cache_dir
+        print(describe_planned(cfg.data, Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()))
 
 
 def _split(text: str) -> list[int]:

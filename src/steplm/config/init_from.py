@@ -53,7 +53,7 @@ def not_an_hf_folder(d: Path, source: str) -> str | None:
     kind = "steplm run" if finished else "unfinished steplm run"
     name = f"is {'a' if finished else 'an'} {kind}" if what == "is" else f"{what} the {kind} {run}"
     finish = "" if finished else "finish the run (rerun its steplm train command), then "
-    it = "it" if run == d else "the run"
+    it = ("it" if run == d else "the run") + (" first" if finished else "")
     return (f"{d} {name}, not an HF model directory; {finish}export {it} (steplm export {run} --to DIR) and give "
             f"{source} DIR")
 

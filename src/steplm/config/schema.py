@@ -202,15 +202,18 @@ class DataConfig:
     path: str | None = None
     """Training text: a .txt/.jsonl/.jsonl.gz/.parquet file, a directory of them (or of .py files), or a HF dataset name."""
     val_path: str | None = None
-    """Held-out text; if unset, whole documents of `path` are held out (val_fraction)."""
+    """Held-out text; if unset, part of `path` is held out (val_fraction)."""
     val_fraction: float = field(default=0.05, metadata={"range": UNIT_OPEN})
-    """Share of documents held out for validation when val_path is unset."""
+    """Share held out for validation when val_path is unset: whole documents, chosen by a hash of their
+    names; when that holds out none, or all of them (one file, or a few), the last val_fraction of the
+    token stream instead (a tail split). The start of a run says which."""
     tokenizer: str = "gpt2"
     """'gpt2' (local dir in $STEPLM_GPT2_DIR or the hub), a tokenizer directory, or 'bpe:N' trained on the corpus."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.parquet records."""
-    exclude: list[str] = field(default_factory=lambda: ["test", "tests", "idle_test"])
-    """Directory names skipped when `path` is a directory."""
+    exclude: list[str] = field(default_factory=list)
+    """Directory names skipped when `path` is a directory, e.g. [tests] (default none: every .txt, .md,
+    .rst, .py, .jsonl, .jsonl.gz and .parquet file under it is read; the start of a run counts them)."""
     cache_dir: str | None = None
     """Where token shards are cached; default $STEPLM_CACHE_DIR, else ~/.cache/steplm/tokens ($XDG_CACHE_HOME)."""
     max_train_tokens: int | None = field(default=None, metadata={"range": POSITIVE})
