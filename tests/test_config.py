@@ -216,3 +216,13 @@ def test_a_resume_ignores_a_changed_default_the_run_does_not_read(tmp_path, meth
             check_resume_config(run)
     else:
         check_resume_config(run)
+
+
+@pytest.mark.parametrize("method", ["apollo", "galore"])
+def test_plan_takes_a_projected_method_on_the_tiny_config(capsys, method):
+    """`steplm plan configs/tiny.yaml --set method=apollo` once failed on the default rank (256 > d 128)."""
+    from steplm.cli.main import main
+    assert main(["plan", str(ROOT_CONFIGS / "tiny.yaml"), "--set", f"method={method}", "--json"]) == 0, \
+        capsys.readouterr().err
+    import json
+    assert json.loads(capsys.readouterr().out)["method"] == method

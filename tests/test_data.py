@@ -378,7 +378,7 @@ def test_data_past_max_train_tokens_is_counted(tmp_path):
 
 def test_train_starts_with_the_data_line_and_plan_says_what_it_can(tmp_path, capsys):
     """`plan` before the corpus is tokenized names its files; `train` prints the whole line once it has
-    read the data; `plan` then prints that same line from the token cache."""
+    read the data (unless --quiet); `plan` then prints that same line from the token cache."""
     from conftest import tiny_overrides
     from steplm.cli.main import main
     from steplm.data.report import describe_data
@@ -389,10 +389,12 @@ def test_train_starts_with_the_data_line_and_plan_says_what_it_can(tmp_path, cap
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"data: {f} (not tokenized yet: documents, tokens and the validation split are counted when train first "
         "reads it)")
-    assert main(["train", "--out", str(tmp_path / "run"), "--quiet", *sets]) == 0
+    assert main(["train", "--out", str(tmp_path / "run"), *sets]) == 0  # --quiet would leave the line out
     cfg = config.load(None, tiny_overrides(tmp_path))
     line = describe_data(cfg.data, cache_entry(cfg.data, tmp_path / "cache"))
     assert line.startswith(f"data: {f}: 1 document, ") and "a tail split at data.val_fraction 0.5" in line
     assert f"steplm: {line}" in capsys.readouterr().err.splitlines()
+    assert main(["train", "--out", str(tmp_path / "quiet"), "--quiet", *sets]) == 0
+    assert "steplm: data:" not in capsys.readouterr().err
     assert main(["plan", *sets]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == line

@@ -219,7 +219,7 @@ class Trainer:
 
         cfg, t, s = self.cfg, self.cfg.train, self.state
         self.metrics = self._open_run_files() if self.main else None
-        if self.main and getattr(self, "data_line", None):  # the task's one line on what the run reads
+        if self.progress and getattr(self, "data_line", None):  # the task's line on what the run reads (not --quiet)
             print(f"steplm: {self.data_line}", file=sys.stderr)
         total_steps = sum(self.stage_steps)
         bar = tqdm(total=total_steps, initial=s.step, desc="train", disable=not self.progress, dynamic_ncols=True)
