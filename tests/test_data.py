@@ -386,9 +386,8 @@ def test_train_starts_with_the_data_line_and_plan_says_what_it_can(tmp_path, cap
     sets = [x for kv in tiny_overrides(tmp_path) for x in ("--set", kv)]
     f = shared("shakespeare/input.txt")
     assert main(["plan", *sets]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == (
-        f"data: {f} (not tokenized yet: documents, tokens and the validation split are counted when train first "
-        "reads it)")
+    assert (f"data: {f} (not tokenized yet: documents, tokens and the validation split are counted when train first "
+            "reads it)") in capsys.readouterr().out.splitlines()
     assert main(["train", "--out", str(tmp_path / "run"), *sets]) == 0  # --quiet would leave the line out
     cfg = config.load(None, tiny_overrides(tmp_path))
     line = describe_data(cfg.data, cache_entry(cfg.data, tmp_path / "cache"))
@@ -397,4 +396,4 @@ def test_train_starts_with_the_data_line_and_plan_says_what_it_can(tmp_path, cap
     assert main(["train", "--out", str(tmp_path / "quiet"), "--quiet", *sets]) == 0
     assert "steplm: data:" not in capsys.readouterr().err
     assert main(["plan", *sets]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == line
+    assert line in capsys.readouterr().out.splitlines()

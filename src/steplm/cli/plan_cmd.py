@@ -30,13 +30,15 @@ def _plan_config(a):
         plan = plan_run(cfg)
     except ValueError as e:
         raise UserError(f"step.layers_per_stage: {e}")
-    print(dumps(plan.to_dict()) if a.json else format_plan(plan))
-    if cfg.data.path and not a.json:  # what train would read, as far as it is known without tokenizing
-        from pathlib import Path
-
+    if a.json:
+        print(dumps(plan.to_dict()))
+        return
+    notes = []
+    if cfg.data.path:  # what train would read, as far as it is known without tokenizing
         from steplm.data.report import describe_planned
         from steplm.data.shards import default_cache_dir
-        print(describe_planned(cfg.data, Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()))
+        notes.append(describe_planned(cfg.data, Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()))
+    print(format_plan(plan, notes))
 
 
 def _split(text: str) -> list[int]:
