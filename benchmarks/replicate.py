@@ -156,12 +156,19 @@ def canonical(overrides: dict) -> dict:
 # Config fields added after runs were cached, at the value that reproduces those runs: left out of
 # the key at that value, so the cached runs stay valid.
 KEY_OMITTED_AT = {("train", "embedding_lr_scale"): 1.0}
+# Config defaults changed after runs were cached, at their old values: where the run does not read
+# the key (config.unread_keys: another method's projection rank, data.exclude of a single-file
+# corpus) the key counts the old value, so the cached runs keep their keys.
+KEY_OLD_DEFAULTS = {"galore.rank": 16, "apollo.rank": 256, "data.exclude": ["test", "tests", "idle_test"]}
 
 
 def run_key(cfg) -> str:
     """A run's cache key: the hash of its resolved config, independent of where this checkout, the
     shared data and the token cache lie (so a key names the same run on every machine)."""
     d = cfg.to_dict()
+    for key in config.unread_keys(cfg) & KEY_OLD_DEFAULTS.keys():
+        section, name = key.split(".")
+        d[section][name] = KEY_OLD_DEFAULTS[key]
     for (section, name), value in KEY_OMITTED_AT.items():
         if d[section][name] == value:
             del d[section][name]

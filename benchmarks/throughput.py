@@ -78,7 +78,8 @@ def gpt2_dir() -> str:
 
 def steplm_trainer(shape: dict, tmp: Path, name: str, **extra) -> Trainer:
     tok = gpt2_dir() if shape["model.vocab_size"] == 50257 else "bpe:8192"
-    sets = {"data.path": sysconfig.get_paths()["stdlib"], "data.tokenizer": tok, "data.max_train_tokens": 2_000_000,
+    sets = {"data.path": sysconfig.get_paths()["stdlib"], "data.exclude": "[test, tests, idle_test, site-packages]",
+            "data.tokenizer": tok, "data.max_train_tokens": 2_000_000,
             "data.cache_dir": str(ROOT / ".cache" / "steplm"), "model.max_seq_len": shape["train.seq_len"],
             "train.max_steps": 1000, "train.dtype": "auto", "train.compile": True, "train.warmup_steps": 10,
             "train.eval_every": 0, **shape, **extra}

@@ -23,6 +23,10 @@ from steplm.plan.stages import layer_shape  # noqa: E402
 from steplm.train.loop import Trainer  # noqa: E402
 from steplm.plan import solve
 
+# The stdlib's own test suites (test, idle_test: most of its text, and code that reads unlike the rest)
+# and installed packages are not the corpus: skipped by directory name (data.exclude).
+STDLIB_EXCLUDE = "[test, tests, idle_test, site-packages]"
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,7 +36,8 @@ def main():
     a = ap.parse_args()
     out = Path(a.out)
     stdlib = sysconfig.get_paths()["stdlib"]
-    common = [f"data.path={stdlib}", "data.max_train_tokens=3000000", f"data.cache_dir={ROOT / '.cache' / 'steplm'}"]
+    common = [f"data.path={stdlib}", f"data.exclude={STDLIB_EXCLUDE}", "data.max_train_tokens=3000000",
+              f"data.cache_dir={ROOT / '.cache' / 'steplm'}"]
     if a.max_steps:
         common.append(f"train.max_steps={a.max_steps}")
 

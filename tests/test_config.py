@@ -1,5 +1,9 @@
-"""Config dataclasses: YAML round trip, --set overrides, collected validation errors."""
+"""Config dataclasses: YAML round trip, --set overrides, collected validation errors, defaults that
+follow the shape."""
+from pathlib import Path
+
 import pytest
+import yaml
 
 from steplm import config
 from steplm.errors import UserError
@@ -143,3 +147,82 @@ def test_scaled_rope_frequencies_from_a_set_are_transformers(scaling):
     want, want_scale = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf, torch.device("cpu"))
     got, scale = rope_inv_freq(cfg, torch.device("cpu"))
     assert torch.allclose(got.float(), want.float()) and scale == want_scale
+
+
+# ---------------------------------------------------------------------------- ranks that follow the shape
+ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("preset,d_model", [("tiny.yaml", 128), ("tiny-step.yaml", 128), ("paper-368m.yaml", 1600),
+                                            ("paper-1.2b.yaml", 2048)])
+@pytest.mark.parametrize("method,default", [("apollo", 256), ("galore", 16)])
+def test_an_unset_projection_rank_follows_the_shape(preset, d_model, method, default):
+    """galore.rank / apollo.rank left unset take min(their default, d_model / 2): the run validates
+    on every preset (apollo's 256 refused the tiny configs' d 128), and a preset's own rank stays."""
+    cfg = config.load(ROOT_CONFIGS / preset, [f"method={method}"])
+    config.validate(cfg)
+    assert cfg.model.d_model == d_model
+    given = (yaml.safe_load((ROOT_CONFIGS / preset).read_text()).get(method) or {}).get("rank")  # the preset's own
+    assert getattr(cfg, method).rank == (given or min(default, d_model // 2))
+    assert given in (None, 128)
+
+
+@pytest.mark.parametrize("d_model,n_heads,galore,apollo", [(2, 1, 1, 1), (16, 2, 8, 8), (32, 2, 16, 16),
+                                                           (96, 3, 16, 48), (512, 8, 16, 256), (4096, 32, 16, 256)])
+def test_shape_ranks_at_the_edges(d_model, n_heads, galore, apollo):
+    cfg = config.load(None, [f"model.d_model={d_model}", f"model.n_heads={n_heads}"])
+    assert (cfg.galore.rank, cfg.apollo.rank) == (galore, apollo)
+
+
+@pytest.mark.parametrize("method", ["apollo", "galore"])
+def test_an_explicit_rank_is_kept_and_validated_as_given(method, tmp_path):
+    ok = config.load(ROOT_CONFIGS / "tiny.yaml", [f"method={method}", f"{method}.rank=128"])
+    config.validate(ok)  # the full rank d_model is allowed
+    assert getattr(ok, method).rank == 128
+    with pytest.raises(UserError, match=rf"^{method}\.rank: must be at most model\.d_model \(128\), got 129$"):
+        config.validate(config.load(ROOT_CONFIGS / "tiny.yaml", [f"method={method}", f"{method}.rank=129"]))
+    # the resolved config round-trips as an explicit value: a run's config.yaml reloads to the same dict
+    auto = config.load(ROOT_CONFIGS / "tiny.yaml", [f"method={method}"])
+    config.save(auto, tmp_path / "c.yaml")
+    assert config.load(tmp_path / "c.yaml").to_dict() == auto.to_dict()
+
+
+def test_the_rank_follows_the_shape_of_init_from(tmp_path):
+    """The shape a rank follows is the final one: after --init-from has set model.d_model."""
+    pytest.importorskip("transformers")
+    from test_hf import make_hf_dir
+    make_hf_dir(tmp_path / "hf", seed=0, hidden_size=24, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = config.load(None, ["method=apollo"], init_from=str(tmp_path / "hf"))
+    assert (cfg.model.d_model, cfg.apollo.rank, cfg.galore.rank) == (24, 12, 12)
+
+
+@pytest.mark.parametrize("method,old,refused", [
+    ("vanilla", "apollo.rank=256", False), ("step", "apollo.rank=256", False), ("galore", "apollo.rank=256", False),
+    ("apollo", "apollo.rank=100", True), ("galore", "galore.rank=8", True), ("vanilla", "lora.rank=4", True),
+])
+def test_a_resume_ignores_a_changed_default_the_run_does_not_read(tmp_path, method, old, refused):
+    """A run folder whose config.yaml was written under the old defaults (apollo.rank 256; the tiny
+    shape now resolves it to 64) resumes under the new ones, unless the run reads the key."""
+    import types
+
+    from steplm.train.saving import check_resume_config
+    preset = ROOT_CONFIGS / "tiny.yaml"
+    config.save(config.load(preset, [f"method={method}", old]), tmp_path / "config.yaml")
+    run = types.SimpleNamespace(out=tmp_path, cfg=config.load(preset, [f"method={method}"]))
+    assert run.cfg.apollo.rank == 64
+    if refused:
+        with pytest.raises(UserError, match=rf"holds a run with a different config \({old.split('=')[0]}\)"):
+            check_resume_config(run)
+    else:
+        check_resume_config(run)
+
+
+@pytest.mark.parametrize("method", ["apollo", "galore"])
+def test_plan_takes_a_projected_method_on_the_tiny_config(capsys, method):
+    """`steplm plan configs/tiny.yaml --set method=apollo` once failed on the default rank (256 > d 128)."""
+    from steplm.cli.main import main
+    assert main(["plan", str(ROOT_CONFIGS / "tiny.yaml"), "--set", f"method={method}", "--json"]) == 0, \
+        capsys.readouterr().err
+    import json
+    assert json.loads(capsys.readouterr().out)["method"] == method

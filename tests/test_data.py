@@ -224,3 +224,176 @@ def test_concurrent_tokenization_into_one_cache(tmp_path):
     solo = tmp_path / "alone" / entry.name
     for name in ("train.bin", "val.bin", "train.json", "val.json", "tokenizer.json"):
         assert (solo / name).read_bytes() == (entry / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------- what a run reads, said in one line
+def _gpt2():
+    return str(shared("tokenizers/gpt2"))
+
+
+def _tokens(text: str) -> int:
+    """Tokens a document takes in a shard: its GPT-2 ids and the EOS after it."""
+    return len(load_tokenizer(_gpt2()).encode(text, add_special_tokens=False).ids) + 1
+
+
+def _named(d, sides, fraction):
+    """.txt files under ``d`` whose names hash to the given side (True: validation), one per entry of
+    ``sides``."""
+    from steplm.data.corpus import is_validation
+    out, i = [], 0
+    for side in sides:
+        while is_validation(str(d / f"doc{i:04d}.txt"), fraction) != side:
+            i += 1
+        out.append(d / f"doc{i:04d}.txt")
+        i += 1
+    return out
+
+
+def _line(cfg, tmp_path):
+    from steplm.data.report import describe_data
+    out, _ = prepare(cfg, tmp_path / "cache", progress=False)
+    return describe_data(cfg, out), TokenShard.open(out / "train.bin"), TokenShard.open(out / "val.bin")
+
+
+TEXT = "A line of words for a corpus, with some more words after it. "
+
+
+@pytest.mark.parametrize("sides", [[False, False], [True, True], [False, False, False]])
+def test_when_no_whole_document_is_held_out_the_tail_is(tmp_path, sides):
+    """A few files whose name hashes all fall on one side (none held out, or every one) get the tail
+    split a single file gets, and the line says why; it was refused ("no document was held out")."""
+    d = tmp_path / "docs"
+    d.mkdir()
+    texts = [TEXT * (30 + 7 * i) for i in range(len(sides))]
+    for f, text in zip(_named(d, sides, 0.05), texts):
+        f.write_text(text)
+    line, train, val = _line(config.DataConfig(path=str(d), tokenizer=_gpt2()), tmp_path)
+    total = sum(_tokens(t) for t in texts)
+    cut = int(total * 0.95)
+    assert (len(train), len(val)) == (cut, total - cut)
+    n = len(sides)
+    assert line == (f"data: {n} files under {d}: {n} documents, {total:,} tokens; validation: the last 5 % of the "
+                    f"tokens, {total - cut:,} (a tail split at data.val_fraction 0.05: the hash of the {n} documents' "
+                    f"names held out {'every one' if sides[0] else 'none'} of them); training: the first {cut:,} tokens")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".md", ".jsonl"])
+def test_one_file_of_one_document_gets_a_tail_split(tmp_path, suffix):
+    f = tmp_path / f"book{suffix}"
+    text = TEXT * 40
+    f.write_text(json.dumps({"text": text}) + "\n" if suffix == ".jsonl" else text)
+    line, train, val = _line(config.DataConfig(path=str(f), tokenizer=_gpt2(), val_fraction=0.1), tmp_path)
+    total = _tokens(text)
+    cut = int(total * 0.9)
+    assert (len(train), len(val)) == (cut, total - cut)
+    assert line == (f"data: {f}: 1 document, {total:,} tokens; validation: the last 10 % of the tokens, "
+                    f"{total - cut:,} (a tail split at data.val_fraction 0.1: one document cannot be held out whole); "
+                    f"training: the first {cut:,} tokens")
+
+
+@pytest.mark.parametrize("layout", ["two files, one held out", "40 files", "a jsonl of 30 documents"])
+def test_whole_documents_are_held_out_by_hash(tmp_path, layout):
+    from steplm.data.corpus import is_validation
+    d = tmp_path / "docs"
+    d.mkdir()
+    fraction = 0.05 if layout.startswith("two") else 0.25
+    if layout.startswith("two"):
+        docs = dict(zip(map(str, _named(d, [True, False], fraction)), [TEXT * 11, TEXT * 23]))
+    elif layout == "40 files":
+        docs = {str(d / f"doc{i:02d}.txt"): TEXT * (5 + i) for i in range(40)}
+    else:
+        texts = [TEXT * (3 + i) for i in range(30)]
+        (d / "all.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        docs = {f"{d / 'all.jsonl'}:{n}": t for n, t in enumerate(texts, 1)}  # a record's id: file:line
+    for name, text in docs.items():
+        if ":" not in name.rsplit("/", 1)[-1]:
+            (d / name).write_text(text)
+    line, train, val = _line(config.DataConfig(path=str(d), tokenizer=_gpt2(), val_fraction=fraction), tmp_path)
+    held = {k for k in docs if is_validation(k, fraction)}
+    assert 0 < len(held) < len(docs)
+    n_val, n_train = sum(_tokens(docs[k]) for k in held), sum(_tokens(docs[k]) for k in docs if k not in held)
+    assert (len(val), len(train), val.n_docs, train.n_docs) == (n_val, n_train, len(held), len(docs) - len(held))
+    files = "1 file" if layout.startswith("a jsonl") else f"{len(docs)} files"
+    assert line == (f"data: {files} under {d}: {len(docs)} documents, {n_val + n_train:,} tokens; validation: "
+                    f"{len(held)} whole document{'s' * (len(held) > 1)} held out by a hash of their names "
+                    f"(data.val_fraction {fraction:g}), {n_val:,} tokens; training: {len(docs) - len(held)} "
+                    f"document{'s' * (len(docs) - len(held) > 1)}, {n_train:,} tokens")
+
+
+@pytest.mark.parametrize("n_train_files", [1, 3])
+def test_a_val_file_holds_out_nothing_of_the_training_text(tmp_path, n_train_files):
+    d = tmp_path / "train"
+    d.mkdir()
+    texts = [TEXT * (9 + i) for i in range(n_train_files)]
+    for i, t in enumerate(texts):
+        (d / f"part{i}.txt").write_text(t)
+    (tmp_path / "val.txt").write_text(TEXT * 13)
+    path = str(d / "part0.txt") if n_train_files == 1 else str(d)
+    cfg = config.DataConfig(path=path, val_path=str(tmp_path / "val.txt"), tokenizer=_gpt2())
+    line, train, val = _line(cfg, tmp_path)
+    n_train, n_val = sum(_tokens(t) for t in texts), _tokens(TEXT * 13)
+    assert (len(train), len(val)) == (n_train, n_val)
+    source = path if n_train_files == 1 else f"{n_train_files} files under {d}"
+    assert line == (f"data: {source}: {n_train_files} document{'s' * (n_train_files > 1)}, {n_train:,} tokens for "
+                    f"training; validation: data.val_path {tmp_path / 'val.txt'}: 1 document, {n_val:,} tokens")
+
+
+@pytest.mark.parametrize("exclude", [[], ["tests"]])
+def test_no_directory_is_skipped_unless_data_exclude_names_it(tmp_path, exclude):
+    """A user's tests/more.txt is read by default (the library once skipped test, tests and idle_test,
+    a setting for its stdlib demo); data.exclude skips it, and the line counts what was skipped."""
+    d = tmp_path / "corpus"
+    (d / "tests").mkdir(parents=True)
+    (d / "main.txt").write_text(TEXT * 20)
+    (d / "tests" / "more.txt").write_text("Zebras quietly graze beside the river. " * 20)
+    (d / "notes.csv").write_text("a,b\n")
+    (d / "data.json").write_text("{}")
+    cfg = config.DataConfig(path=str(d), tokenizer=_gpt2(), val_fraction=0.05, exclude=exclude)
+    line, train, val = _line(cfg, tmp_path)
+    text = load_tokenizer(_gpt2()).decode(np.concatenate([train.tokens, val.tokens]).tolist())
+    assert ("Zebras quietly graze" in text) == (not exclude)
+    read = "1 file" if exclude else "2 files"
+    skipped = "1 more under directories data.exclude skips: tests (1); " if exclude else ""
+    assert line.startswith(f"data: {read} under {d} ({skipped}2 files of other types not read: .csv (1), .json (1)): ")
+
+
+def test_the_library_default_excludes_nothing_and_the_demo_its_own():
+    assert config.DataConfig().exclude == []
+    from conftest import ROOT
+    demo = (ROOT / "scripts" / "demo.py").read_text()
+    assert 'STDLIB_EXCLUDE = "[test, tests, idle_test, site-packages]"' in demo and "data.exclude={STDLIB_EXCLUDE}" in demo
+
+
+def test_data_past_max_train_tokens_is_counted(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    for f in _named(d, [False] * 6, 0.5):
+        f.write_text(TEXT * 10)
+    cfg = config.DataConfig(path=str(d), tokenizer=_gpt2(), val_fraction=0.5, max_train_tokens=2 * _tokens(TEXT * 10))
+    line, train, _ = _line(cfg, tmp_path)
+    assert train.n_docs == 2  # a document is written whole while fewer than max_train_tokens are
+    assert f"2 documents, {2 * _tokens(TEXT * 10):,} tokens; 4 more documents not read past data.max_train_tokens " \
+           f"({cfg.max_train_tokens:,}); validation: the last 50 % " in line
+
+
+def test_train_starts_with_the_data_line_and_plan_says_what_it_can(tmp_path, capsys):
+    """`plan` before the corpus is tokenized names its files; `train` prints the whole line once it has
+    read the data (unless --quiet); `plan` then prints that same line from the token cache."""
+    from conftest import tiny_overrides
+    from steplm.cli.main import main
+    from steplm.data.report import describe_data
+    from steplm.data.shards import cache_entry
+    sets = [x for kv in tiny_overrides(tmp_path) for x in ("--set", kv)]
+    f = shared("shakespeare/input.txt")
+    assert main(["plan", *sets]) == 0
+    assert (f"data: {f} (not tokenized yet: documents, tokens and the validation split are counted when train first "
+            "reads it)") in capsys.readouterr().out.splitlines()
+    assert main(["train", "--out", str(tmp_path / "run"), *sets]) == 0  # --quiet would leave the line out
+    cfg = config.load(None, tiny_overrides(tmp_path))
+    line = describe_data(cfg.data, cache_entry(cfg.data, tmp_path / "cache"))
+    assert line.startswith(f"data: {f}: 1 document, ") and "a tail split at data.val_fraction 0.5" in line
+    assert f"steplm: {line}" in capsys.readouterr().err.splitlines()
+    assert main(["train", "--out", str(tmp_path / "quiet"), "--quiet", *sets]) == 0
+    assert "steplm: data:" not in capsys.readouterr().err
+    assert main(["plan", *sets]) == 0
+    assert line in capsys.readouterr().out.splitlines()

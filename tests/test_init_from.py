@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from steplm import config
 from steplm.errors import UserError
@@ -161,6 +162,126 @@ def test_cli_refusal_exit_2_writes_nothing(hf_dir, text, tmp_path):
     r = run_cli("train", *args[:-2], "--init-from", str(tmp_path / "absent"), "--out", str(out))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--init-from" in r.stderr
     assert not out.exists()
+
+
+def fake_run(root, finished=True):
+    """A steplm run folder's layout (the names only: nothing here is read), with two checkpoints."""
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text("method: vanilla\n")
+    if finished:
+        for name in ("model.safetensors", "model_config.json", "tokenizer.json"):
+            (root / name).write_text("{}")
+    for step in (2, 4):
+        ck = root / "checkpoints" / f"step_{step:08d}"
+        ck.mkdir(parents=True)
+        for name in ("MANIFEST.json", "trainer.pt", "model.safetensors", "config.yaml"):
+            (ck / name).write_text("{}")
+    return root
+
+
+EXPORT = "export {it} (steplm export {run} --to DIR) and give --init-from DIR"
+FINISH = "finish the run (rerun its steplm train command), then "
+
+
+@pytest.mark.parametrize("where, finished, needle", [
+    ("run", True, "{d} is a steplm run, not an HF model directory; " + EXPORT.format(it="it first", run="{run}")),
+    ("run/checkpoints", True, "{d} holds the checkpoints of the steplm run {run}, not an HF model directory; "
+     + EXPORT.format(it="the run first", run="{run}")),
+    ("run/checkpoints/step_00000004", True, "{d} is a checkpoint of the steplm run {run}, not an HF model "
+     "directory; " + EXPORT.format(it="the run first", run="{run}")),
+    ("run", False, "{d} is an unfinished steplm run, not an HF model directory; " + FINISH
+     + EXPORT.format(it="it", run="{run}")),
+    ("run/checkpoints", False, "{d} holds the checkpoints of the unfinished steplm run {run}, not an HF model "
+     "directory; " + FINISH + EXPORT.format(it="the run", run="{run}")),
+    ("run/checkpoints/step_00000002", False, "{d} is a checkpoint of the unfinished steplm run {run}, not an HF "
+     "model directory; " + FINISH + EXPORT.format(it="the run", run="{run}")),
+    ("absent", True, "{d} does not exist (give an HF Llama directory; `steplm export RUN --to DIR` makes one of a "
+     "run)"),
+    ("empty", True, "{d} has no config.json: not an HF Llama directory (`steplm export RUN --to DIR` makes one of "
+     "a run)"),
+])
+def test_init_from_a_run_or_its_checkpoints_says_what_to_give(tmp_path, where, finished, needle):
+    """Each folder that is not an HF Llama directory gets a message that leads to one: the export
+    command of the run it belongs to (and finishing the run first, if it is not finished)."""
+    run = fake_run(tmp_path / "run", finished)
+    (tmp_path / "empty").mkdir()
+    d = tmp_path / where
+    want = "--init-from: " + needle.format(d=d, run=run)
+    with pytest.raises(UserError) as e:
+        config.load(None, [], init_from=str(d))
+    assert str(e.value) == want
+    if where == "run/checkpoints":  # the command line: the same one line, exit 2
+        r = run_cli("plan", "--init-from", str(d))
+        assert (r.returncode, r.stderr.strip()) == (2, f"steplm: error: {want}")
+
+
+def test_a_checkpoint_outside_its_run_is_named(tmp_path):
+    run = fake_run(tmp_path / "run")
+    loose = tmp_path / "loose"
+    (run / "checkpoints" / "step_00000004").rename(loose)
+    with pytest.raises(UserError, match=f"^--init-from: {loose} is a steplm checkpoint, not an HF model directory; "
+                                        "give an HF Llama directory$"):
+        config.load(None, [], init_from=str(loose))
+
+
+def recipe(tmp_path, text, **model):
+    """A config file with a training recipe and an architecture of its own (as configs/*.yaml have)."""
+    f = tmp_path / "recipe.yaml"
+    arch = {"vocab_size": 4096, "d_model": 128, "n_heads": 4, "n_layers": 4, "max_seq_len": 32, **model}
+    f.write_text(yaml.safe_dump({"method": "step", "model": arch, "data": {"tokenizer": "bpe:4096", "path": str(text)},
+                                 "train": {"seq_len": 32, "micro_batch": 4, "max_steps": 24, "warmup_steps": 2},
+                                 "step": {"n_stages": 2}, "lora": {"rank": 4}}))
+    return f
+
+
+def test_a_config_files_architecture_gives_way_to_init_from(hf_dir, text, tmp_path):
+    """`plan CONFIG --init-from DIR` (and train, which reads the same flags the same way): the command
+    line beats the file, so the checkpoint's architecture and tokenizer replace the file's, said in
+    one warning naming each replaced key; the file's final depth and recipe stay."""
+    f = recipe(tmp_path, text)
+    r = run_cli("plan", str(f), "--init-from", str(hf_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == (
+        f"steplm: warning: --init-from {hf_dir} fixes the architecture and the tokenizer: the config file's "
+        "model.vocab_size 4096, model.d_model 128, model.max_seq_len 32, data.tokenizer 'bpe:4096' give way to its "
+        f"vocab_size {json.loads((hf_dir / 'config.json').read_text())['vocab_size']}, hidden_size 64, "
+        "max_position_embeddings 64")
+    plan = json.loads(r.stdout)
+    assert plan["layers_per_stage"][0] == 2 and sum(plan["layers_per_stage"]) == 4  # n_1: the checkpoint's depth
+    cfg = config.load(f, [], init_from=str(hf_dir))
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.data.tokenizer, cfg.train.max_steps) == (64, 4, str(hf_dir), 24)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model.d_model", "256"], "--model.d_model: 256 conflicts with --init-from {d} (hidden_size 64); drop it "
+                                 "(the checkpoint's config.json fixes the architecture)"),
+    (["--set", "model.d_model=256"], "model.d_model: 256 conflicts with --init-from {d} (hidden_size 64); drop it "
+                                     "(the checkpoint's config.json fixes the architecture)"),
+    (["--data.tokenizer", "gpt2"], "--data.tokenizer: 'gpt2' conflicts with --init-from {d} (its tokenizer is used "
+                                   "as-is); drop it or set it to that directory"),
+])
+def test_a_key_given_on_the_command_line_that_conflicts_says_drop_it(hf_dir, text, tmp_path, flags, needle):
+    train = ["train", "--out", str(tmp_path / "out")]
+    for command in (["plan"], train) if flags[0] == "--model.d_model" else (["plan"],):  # train reads them alike
+        r = run_cli(*command, str(recipe(tmp_path, text)), "--init-from", str(hf_dir), *flags)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == "steplm: error: " + needle.format(d=hf_dir)
+        assert not (tmp_path / "out").exists()
+
+
+def test_init_from_in_the_file_beside_its_architecture_says_remove_it(hf_dir, text, tmp_path):
+    """model.init_from and a conflicting model key in one file: neither beats the other, so the key
+    is to be removed from the file (or set on the command line, where --init-from would win)."""
+    f = recipe(tmp_path, text)
+    d = yaml.safe_load(f.read_text())
+    d["model"]["init_from"] = str(hf_dir)
+    f.write_text(yaml.safe_dump(d))
+    with pytest.raises(UserError) as e:
+        config.load(f)
+    assert str(e.value).startswith(f"model.vocab_size: 4096 conflicts with model.init_from {hf_dir} (vocab_size ")
+    assert (f"model.d_model: 128 conflicts with model.init_from {hf_dir} (hidden_size 64); remove it from the "
+            "config file (the checkpoint's config.json fixes the architecture)") in str(e.value)
+    assert "data.tokenizer: 'bpe:4096' conflicts with model.init_from" in str(e.value)
 
 
 # ---------------------------------------------------------------------------- training

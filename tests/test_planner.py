@@ -192,7 +192,7 @@ def warm_imports():
     ["--hidden", "1024", "--layers", "5000", "--stages", "64", "--lora-rank", "1024"],
     ["--hidden", "1024", "--budget-gb", "1e12"],
     ["--hidden", "1024", "--budget-gb", "1e300", "--stages", str(solve.MAX_STAGES), "--cap-growth"],
-    ["--hidden", "2048", "--budget-gb", "1e9", "--stages", "64", "--extended", "--seq-len", "1073741824",
+    ["--hidden", "2048", "--budget-gb", "1e9", "--stages", "64", "--seq-len", "1073741824",
      "--micro-batch", "1073741824", "--vocab-size", "1073741824"],
     ["--hidden", "1024", "--layers", "300000", "--stages", "3", "--layers-per-stage", "100000,100000,100000"],
 ])
@@ -276,3 +276,167 @@ def test_extended_step_peak_matches_the_tracked_peak_of_a_real_step(tmp_path, ca
                  "--micro-batch", str(B), "--extended", "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)["extended"]["peak_bytes"]
     assert planned == pytest.approx(tracked, rel=0.10)
+
+
+# ---------------------------------------------------------------------------- budget mode counts the whole step
+def step_extras_by_hand(L, d, heads, T, B, V):
+    """Bytes beyond the layer states that a training step holds at fp32 (what --budget-gb counts by
+    default), written out from the memory model's documented terms, not from its code: embeddings,
+    head and final norm at 16 B per parameter; per token and layer (6d + 3d + 2d + 4f)·4 bytes with
+    f = ceil(8d/3), plus (2 + heads)·4 of statistics; for the head, the hidden-state gradient d·4 per
+    token, the head's weight gradient 4·V·d, and three fp32 logits chunks of the largest power-of-two
+    row count whose chunk fits 128 MiB (at most 1024 rows and the token count)."""
+    import math
+    n, f = T * B, math.ceil(8 * d / 3)
+    rows = min(n, 1024, 2 ** int(math.log2(128 * 2**20 // (4 * V))))
+    head_states = 16 * (2 * V * d + d)
+    activations = L * n * ((11 * d + 4 * f) * 4 + (2 + heads) * 4) + n * d * 4 + 4 * V * d + 3 * rows * V * 4
+    return head_states, activations
+
+
+@pytest.mark.parametrize("d,budget_gb,T,B,V", [(2048, 24, 1024, 1, 50257), (1024, 3, 512, 4, 32000),
+                                               (512, 0.5, 256, 8, 8192)])
+def test_budget_mode_counts_the_whole_training_step_by_default(capsys, d, budget_gb, T, B, V):
+    """One stage at fp32 (no search): the deepest L with 16·P·L + the step's other bytes within the
+    budget; --states-only is the old count, 16·P·L alone. The issue's d 2048 / 24 GB: 189 layers
+    counted states alone (over 8 stages and 4-bit states), far more than fit a real step."""
+    P, heads, budget = 12 * d * d + 2 * d, max(1, d // 128), budget_gb * GB
+    fits = lambda L: 16 * P * L + sum(step_extras_by_hand(L, d, heads, T, B, V)) <= budget  # noqa: E731
+    L = max(n for n in range(1, 400) if fits(n))
+    flags = ["--hidden", str(d), "--budget-gb", str(budget_gb), "--stages", "1", "--optimizer-states", "fp32",
+             "--seq-len", str(T), "--micro-batch", str(B), "--vocab-size", str(V), "--json"]
+    assert main(["plan", *flags]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    head, acts = step_extras_by_hand(L, d, heads, T, B, V)
+    assert plan["layers_per_stage"] == [L] and fits(L) and not fits(L + 1)
+    assert plan["budget"] == {"budget_bytes": budget, "counts": "whole training step", "layer_state_bytes": 16 * P * L,
+                              "embedding_head_norm_bytes": head, "activation_bytes": acts,
+                              "counted_bytes": 16 * P * L + head + acts, "precision_chosen": False,
+                              "stages_chosen": False}
+    assert main(["plan", *flags[:-7], "--states-only", "--json"]) == 0
+    old = json.loads(capsys.readouterr().out)
+    assert old["layers_per_stage"] == [int(budget // (16 * P))] and old["budget"]["counts"] == "layer states"
+
+
+def test_budget_mode_over_two_stages_against_brute_force(capsys):
+    """K = 2 at fp32: the deepest L whose best split (by brute force over every split, Eq. 2 by hand)
+    plus the step's other bytes fits; its peak split is the one reported."""
+    d, r, T, B, V, budget = 256, 16, 128, 4, 4096, 0.4 * GB
+    heads = max(1, d // 128)
+
+    def need(L):
+        return brute_force(L, 2, d, r)[0] + sum(step_extras_by_hand(L, d, heads, T, B, V))
+    L = max(n for n in range(2, 200) if need(n) <= budget)
+    assert main(["plan", "--hidden", str(d), "--lora-rank", str(r), "--budget-gb", "0.4", "--stages", "2",
+                 "--optimizer-states", "fp32", "--seq-len", str(T), "--micro-batch", str(B), "--vocab-size", str(V),
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert sum(plan["layers_per_stage"]) == L and need(L + 1) > budget
+    assert plan["layers_per_stage"] in brute_force(L, 2, d, r)[1]
+    assert plan["budget"]["counted_bytes"] == need(L)
+
+
+def test_the_issue_example_says_what_it_chose(capsys):
+    """`plan --hidden 2048 --budget-gb 24`: fewer layers than the states-only count, and the searched
+    precision and stage count are said to be chosen (given ones are not)."""
+    assert main(["plan", "--hidden", "2048", "--budget-gb", "24"]) == 0
+    out = capsys.readouterr().out
+    assert main(["plan", "--hidden", "2048", "--budget-gb", "24", "--states-only", "--json"]) == 0
+    states_only = sum(json.loads(capsys.readouterr().out)["layers_per_stage"])
+    L = int(out.split(" L=")[1].split()[0])
+    assert L < states_only
+    assert "(chosen: the deepest fit over every supported precision" in out and "(chosen: K = 1 to 8 searched" in out
+    assert "(whole training step; --states-only counts the layer states alone)" in out
+    assert main(["plan", "--hidden", "2048", "--budget-gb", "24", "--optimizer-states", "8bit", "--stages", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer states 8bit, master weights fp32\n" in out and "chosen" not in out
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--budget-gb", "4", "--states-only", "--extended"], "--states-only: counts the layer states alone, and "
+                                                          "--extended adds the rest; give one of them"),
+    (["--budget-gb", "4", "--states-only", "--seq-len", "512"], "--seq-len: describes the embeddings, head and "
+                                                                "activations, which --states-only leaves out"),
+    (["--budget-gb", "0.5"], "--budget-gb: the embeddings, head and activations alone need more than 0.5 GB at "
+                             "--vocab-size 50257, --seq-len 1024, --micro-batch 1; lower them, or count the layer "
+                             "states alone with --states-only"),
+])
+def test_budget_flags_that_contradict_are_one_line(capsys, flags, error):
+    assert main(["plan", "--hidden", "1024", *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"steplm: error: {error}"
+
+
+@pytest.mark.parametrize("flags,warning", [
+    (["--budget-gb", "4", "--extended"], "--extended: --budget-gb counts the whole training step by default; drop it"),
+    (["--layers", "8", "--states-only"], "--states-only: a plan without --budget-gb counts the layer states alone "
+                                         "anyway; drop it"),
+])
+def test_a_flag_that_repeats_the_default_is_a_warning(capsys, flags, warning):
+    assert main(["plan", "--hidden", "1024", *flags, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"steplm: warning: {warning}"
+    assert json.loads(captured.out)["layers_per_stage"]
+
+
+def _write(tmp_path, capsys, *flags):
+    path = tmp_path / "planned.yaml"
+    rc = main(["plan", "--hidden", "64", "--n-heads", "4", "--lora-rank", "8", "--vocab-size", "512", "--seq-len",
+               "32", "--micro-batch", "2", *flags, "--write-config", str(path), "--json"])
+    out, err = capsys.readouterr()
+    return rc, path, (json.loads(out) if rc == 0 else None), err
+
+
+@pytest.mark.parametrize("flags", [["--budget-gb", "0.004", "--optimizer-states", "fp32", "--stages", "2"],
+                                   ["--budget-gb", "0.004"], ["--layers", "6", "--stages", "3"],
+                                   ["--budget-gb", "0.004", "--stages", "1", "--optimizer-states", "fp32"]])
+def test_a_written_config_plans_the_same(tmp_path, capsys, flags):
+    """--write-config: the YAML loads and validates as train reads it, and `plan PATH` gives the same
+    layers per stage and the same layer and total (+ embeddings, head, norm) model-state bytes."""
+    from steplm import config
+    rc, path, plan, err = _write(tmp_path, capsys, *flags)
+    assert rc == 0, err
+    cfg = config.load(path)
+    config.validate(cfg)
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.micro_batch,
+            cfg.lora.rank, cfg.train.optimizer_states) == (64, 4, 512, 32, 2, 8, plan["optimizer_states"])
+    assert main(["plan", str(path), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["method"] == ("step" if len(plan["layers_per_stage"]) > 1 else "vanilla")
+    assert again["layers_per_stage"] == plan["layers_per_stage"]
+    assert [s["planned_state_bytes"]["layers"] for s in again["stages"]] == plan["stage_bytes"]
+    head = memory.head_state_bytes(512, 64, prec=memory.Precision(plan["optimizer_states"], plan["master_weights"]))
+    assert [s["planned_state_bytes"]["total"] for s in again["stages"]] == [b + head for b in plan["stage_bytes"]]
+    if plan["budget"]:
+        assert plan["budget"]["counted_bytes"] <= 0.004 * GB
+
+
+def test_a_written_config_trains_unchanged(tmp_path, capsys):
+    from conftest import shared
+    rc, path, plan, err = _write(tmp_path, capsys, "--budget-gb", "0.004", "--optimizer-states", "fp32")
+    assert rc == 0, err
+    text = shared("shakespeare/input.txt").read_text()[:40_000]
+    (tmp_path / "text.txt").write_text(text)
+    assert main(["train", str(path), "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", "--quiet", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                 "--set", "train.eval_tokens=64"]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["layers_per_stage"] == plan["layers_per_stage"]
+
+
+def test_write_config_refuses_to_overwrite_without_force(tmp_path, capsys):
+    path = tmp_path / "planned.yaml"
+    path.write_text("mine\n")
+    rc, _, _, err = _write(tmp_path, capsys, "--layers", "4")
+    assert rc == 2 and err.strip() == (f"steplm: error: --write-config: {path} exists; give --force to overwrite it, "
+                                       "or another path")
+    assert path.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["planned.yaml"]
+    rc, _, plan, err = _write(tmp_path, capsys, "--layers", "4", "--force")
+    assert rc == 0 and "layers_per_stage:\n  - " in path.read_text() and plan["layers_per_stage"] == [2, 2]
+
+
+def test_write_config_refuses_a_model_train_cannot_build(tmp_path, capsys):
+    """--hidden 1600 without --n-heads: the default head count (d / 128 = 12) does not divide it."""
+    assert main(["plan", "--hidden", "1600", "--layers", "12", "--write-config", str(tmp_path / "c.yaml")]) == 2
+    assert capsys.readouterr().err.strip().startswith("steplm: error: --n-heads: a written config needs a head count "
+                                                      "dividing --hidden (1600)")
+    assert not (tmp_path / "c.yaml").exists()

@@ -276,6 +276,9 @@ def test_sft_counts_the_tokens_it_trains_on(tiny_run, tmp_path, capsys):
                    + len(m.tokenizer.encode(r["output"], add_special_tokens=False).ids) + 1) for r in records]
     out = tmp_path / "o"
     assert main(["sft", str(tiny_run), "--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "2",
-                 "--warmup-steps", "0", "--quiet", "--dtype", "fp32"]) == 0
+                 "--warmup-steps", "0", "--dtype", "fp32"]) == 0  # not --quiet: the run's data line is shown
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens_seen"] == 2 * sum(lengths) < 2 * len(records) * m.config.max_seq_len, summary
+    response = sum(len(m.tokenizer.encode(r["output"], add_special_tokens=False).ids) + 1 for r in records)
+    assert f"steplm: data: {data}: {len(records)} examples tuned on, {sum(lengths):,} tokens ({response:,} response " \
+           "tokens, which the loss is on); validation: none held out" in capsys.readouterr().err

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 
-from steplm.cli.args import SHORT_FLAGS, add_config_flags, int_up_to, positive_float
+import os
+import sys
+from pathlib import Path
+
+from steplm.cli.args import SHORT_FLAGS, add_config_flags, int_up_to, path_arg, positive_float
 from steplm.cli.train_cmd import load_config
 from steplm.errors import UserError
 from steplm.io.files import dumps
@@ -15,7 +19,8 @@ def _plan_config(a):
 
     shape_flags = [f for f in ("preset", "hidden", "layers", "stages", "lora_rank", "layers_per_stage", "ffn_hidden",
                                "n_heads", "n_kv_heads", "budget_gb", "optimizer_states", "master_weights", "cap_growth",
-                               "extended", "vocab_size", "seq_len", "micro_batch", "checkpointing")
+                               "extended", "states_only", "vocab_size", "seq_len", "micro_batch", "checkpointing",
+                               "write_config", "force")
                    if getattr(a, f)]
     if shape_flags:
         flag = "--" + shape_flags[0].replace("_", "-")
@@ -25,7 +30,15 @@ def _plan_config(a):
         plan = plan_run(cfg)
     except ValueError as e:
         raise UserError(f"step.layers_per_stage: {e}")
-    print(dumps(plan.to_dict()) if a.json else format_plan(plan))
+    if a.json:
+        print(dumps(plan.to_dict()))
+        return
+    notes = []
+    if cfg.data.path:  # what train would read, as far as it is known without tokenizing
+        from steplm.data.report import describe_planned
+        from steplm.data.shards import default_cache_dir
+        notes.append(describe_planned(cfg.data, Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()))
+    print(format_plan(plan, notes))
 
 
 def _split(text: str) -> list[int]:
@@ -37,17 +50,27 @@ def _split(text: str) -> list[int]:
 
 
 def _check_plan_flags(a) -> None:
-    """Refuse flags that the plan they are given with would not read: each would change nothing."""
+    """Refuse flags that the plan they are given with would not read, or that contradict each other;
+    warn about one that only repeats the default (--extended in budget mode, --states-only outside it)."""
     if a.budget_gb is not None:  # budget mode finds the depth and split itself
         for flag, value in (("--layers", a.layers), ("--layers-per-stage", a.layers_per_stage)):
             if value:
                 raise UserError(f"{flag}: not used with --budget-gb, which finds the deepest model that fits")
-    if not a.extended:
+    if a.states_only and a.extended:
+        raise UserError("--states-only: counts the layer states alone, and --extended adds the rest; give one of them")
+    if a.states_only and a.budget_gb is None:
+        print("steplm: warning: --states-only: a plan without --budget-gb counts the layer states alone anyway; "
+              "drop it", file=sys.stderr)
+    if a.extended and a.budget_gb is not None:
+        print("steplm: warning: --extended: --budget-gb counts the whole training step by default; drop it",
+              file=sys.stderr)
+    if not _whole_step(a) and not (a.write_config and not a.states_only):  # a written config takes them too
+        why = "which --states-only leaves out" if a.states_only else "which only --extended (or --budget-gb) adds"
         for flag, value in (("--vocab-size", a.vocab_size), ("--seq-len", a.seq_len), ("--micro-batch", a.micro_batch),
                             ("--checkpointing", a.checkpointing)):
             if value:
-                raise UserError(f"{flag}: describes the embeddings, head and activations, which only --extended "
-                                f"adds; give --extended too")
+                raise UserError(f"{flag}: describes the embeddings, head and activations, {why}"
+                                + ("" if a.states_only else "; give --extended too"))
     if a.layers_per_stage:
         split = _split(a.layers_per_stage)
         if a.stages and len(split) != a.stages:
@@ -59,27 +82,23 @@ def _check_plan_flags(a) -> None:
                                 f"{sum(split[:grown[0]])}, more than --cap-growth allows (n_(i+1) <= N_i)")
 
 
-def cmd_plan(a):
+def _whole_step(a) -> bool:
+    """Whether the plan counts the whole training step (layer states, embeddings, head and norm
+    states, activations): with --extended, and in budget mode unless --states-only."""
+    return bool(a.extended or (a.budget_gb is not None and not a.states_only))
 
-    if a.config or any(v is not None for k, v in vars(a).items() if k.startswith(("cfg:", "short:")) or k == "set"):
-        # like `train`, any config key alone starts from the default config
-        return _plan_config(a)
-    search = a.budget_gb is not None and not a.optimizer_states and not a.master_weights
-    search_stages = a.budget_gb is not None and not a.stages and not a.preset
-    _check_plan_flags(a)
-    a.vocab_size, a.seq_len, a.micro_batch = a.vocab_size or 50257, a.seq_len or 1024, a.micro_batch or 1
-    states = a.optimizer_states or ("bf16" if a.master_weights == "bf16" else "fp32")
-    prec = memory.Precision(states, a.master_weights or "fp32")
-    if prec.problems():
-        flag = "--" + prec.problems()[0].split(":")[0].split(".")[1].replace("_", "-")
-        raise UserError(f"{flag}: {prec.problems()[0].split(': ', 1)[1]}")
+
+def _shape(a) -> tuple[memory.LayerShape, int, int | None]:
+    """The planner's block shape from the flags (preset and defaults filled into ``a``), the head
+    count the activations use, and the key/value width. Raises UserError naming the flag."""
+    from steplm.config.schema import default_ffn_hidden
+
     if a.preset:
         p = memory.PRESETS[a.preset]
         a.hidden = a.hidden or p["d_model"]
         a.layers = a.layers or p["n_layers"]
         a.stages = a.stages or p["n_stages"]
         a.lora_rank = a.lora_rank or p["lora_rank"]
-    a.stages = a.stages or 2
     if not a.hidden:
         raise UserError("--hidden: give the hidden size d (or --preset)")
     a.lora_rank = a.lora_rank or min(128, a.hidden)
@@ -95,77 +114,189 @@ def cmd_plan(a):
         if not a.n_heads or a.hidden % a.n_heads or a.n_heads % a.n_kv_heads:
             raise UserError("--n-kv-heads: needs --n-heads dividing --hidden and divisible by --n-kv-heads")
         kv = a.n_kv_heads * (a.hidden // a.n_heads)
-    shape = memory.LayerShape(a.hidden, a.ffn_hidden, kv)
-    heads = a.n_heads or max(1, a.hidden // 128)
+    if a.write_config and not a.ffn_hidden:  # the written model's SwiGLU width, so its plan is this one
+        a.ffn_hidden = default_ffn_hidden(a.hidden)
+    return memory.LayerShape(a.hidden, a.ffn_hidden, kv), a.n_heads or max(1, a.hidden // 128), kv
 
-    def extra(L, prec=prec):
-        """Bytes beyond the layers' model states that --budget-gb must also fit (--extended)."""
-        if not a.extended:
-            return 0
-        return memory.head_state_bytes(a.vocab_size, a.hidden, prec=prec) + activations(L)
+
+def _solve(a, shape, prec, extra, search: bool, search_stages: bool) -> solve.Plan:
+    """The plan the flags ask for: the deepest fit of --budget-gb (over every precision and stage count
+    when not given), the Eq. 3 optimum of --layers, or --layers-per-stage evaluated."""
+    if a.budget_gb is not None and (search or search_stages):
+        return solve.deepest_over(
+            a.budget_gb * memory.GB, list(range(1, solve.MAX_SEARCH_STAGES + 1)) if search_stages else [a.stages],
+            memory.PRECISIONS if search else [prec], shape, a.lora_rank, a.cap_growth, extra)
+    if a.budget_gb is not None:
+        return solve.deepest_within(a.budget_gb * memory.GB, a.stages, shape, a.lora_rank, a.cap_growth,
+                                    lambda L: extra(L, prec), prec=prec)
+    if not a.layers:
+        raise UserError("--layers: give the total layer count L (or --preset, or --budget-gb)")
+    if a.stages > a.layers:
+        raise UserError(f"--stages: must be at most --layers ({a.layers}), got {a.stages}")
+    if not a.layers_per_stage:
+        return solve.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth, prec)
+    split = _split(a.layers_per_stage)
+    if len(split) > solve.MAX_STAGES:
+        raise UserError(f"--layers-per-stage: at most {solve.MAX_STAGES} stages (the planner's bound), "
+                        f"got {len(split)}")
+    if any(n < 1 for n in split):
+        raise UserError("--layers-per-stage: every stage needs at least one layer")
+    if sum(split) != a.layers:
+        raise UserError(f"--layers-per-stage: must sum to --layers ({a.layers}), got {sum(split)}")
+    return solve.evaluate_split(split, shape, a.lora_rank, prec)
+
+
+def _extend(plan: solve.Plan, a, prec: memory.Precision, activations) -> None:
+    """Fill plan.extended: embeddings/head/norm states, activations at the final depth, and the peak of
+    a training step at the largest stage (``memory.step_peak_bytes``)."""
+    L = sum(plan.layers_per_stage)
+    head = memory.head_state_bytes(a.vocab_size, a.hidden, prec=prec)
+    plan.extended = {
+        "embedding_head_norm_bytes": head,
+        "activation_bytes": activations(L),
+        "activation_formula": "steplm's graph, fp32: per token and layer (6d+3q+2kv+4f)*4 + (2+heads)*4 "
+                              "(d*4 with checkpointing, plus one layer); head: d*4 per token + 4*V*d + "
+                              "3 fp32 logits chunks (memory.activation_bytes)",
+    }
+    i = plan.stage_bytes.index(plan.peak_bytes)  # the largest stage
+    depth, before = plan.cumulative_layers[i], plan.cumulative_layers[i] - plan.layers_per_stage[i]
+    trainable = plan.layers_per_stage[i] * plan.params_per_layer + before * plan.lora_params_per_layer
+    grad = 2 if prec.master_weights == "bf16" else 4  # bytes of one gradient element
+    head_params = 2 * a.vocab_size * a.hidden + a.hidden
+    plan.extended["peak_bytes"] = memory.step_peak_bytes(
+        plan.peak_bytes + head, grad * (trainable + head_params), grad * a.vocab_size * a.hidden, activations(depth))
+
+
+def _budget(plan: solve.Plan, a, search: bool, search_stages: bool) -> dict:
+    """What budget mode counted against --budget-gb, and what it chose itself (bytes)."""
+    layers, whole = plan.peak_bytes, _whole_step(a)
+    head = plan.extended["embedding_head_norm_bytes"] if whole else 0
+    acts = plan.extended["activation_bytes"] if whole else 0
+    return {"budget_bytes": a.budget_gb * memory.GB, "counts": "layer states" if not whole else "whole training step",
+            "layer_state_bytes": layers, "embedding_head_norm_bytes": head, "activation_bytes": acts,
+            "counted_bytes": layers + head + acts, "precision_chosen": search, "stages_chosen": search_stages}
+
+
+def cmd_plan(a):
+    if a.config or any(v is not None for k, v in vars(a).items() if k.startswith(("cfg:", "short:")) or k == "set"):
+        # like `train`, any config key alone starts from the default config
+        return _plan_config(a)
+    search = a.budget_gb is not None and not a.optimizer_states and not a.master_weights
+    search_stages = a.budget_gb is not None and not a.stages and not a.preset
+    _check_plan_flags(a)
+    a.vocab_size, a.seq_len, a.micro_batch = a.vocab_size or 50257, a.seq_len or 1024, a.micro_batch or 1
+    states = a.optimizer_states or ("bf16" if a.master_weights == "bf16" else "fp32")
+    prec = memory.Precision(states, a.master_weights or "fp32")
+    if prec.problems():
+        flag = "--" + prec.problems()[0].split(":")[0].split(".")[1].replace("_", "-")
+        raise UserError(f"{flag}: {prec.problems()[0].split(': ', 1)[1]}")
+    shape, heads, kv = _shape(a)
+    a.stages = a.stages or 2
 
     def activations(L):
         return memory.activation_bytes(L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing,
                                         ffn_hidden=a.ffn_hidden, kv_dim=kv)
+
+    def extra(L, prec):
+        """Bytes beyond the layers' model states that the budget must also fit (the whole step)."""
+        return memory.head_state_bytes(a.vocab_size, a.hidden, prec=prec) + activations(L) if _whole_step(a) else 0
+
+    if a.budget_gb is not None and _whole_step(a) and min(extra(1, p) for p in (memory.PRECISIONS if search else [prec])) \
+            > a.budget_gb * memory.GB:
+        raise UserError(f"--budget-gb: the embeddings, head and activations alone need more than {a.budget_gb:g} GB at "
+                        f"--vocab-size {a.vocab_size}, --seq-len {a.seq_len}, --micro-batch {a.micro_batch}; lower "
+                        f"them, or count the layer states alone with --states-only")
     try:
-        if a.budget_gb is not None and (search or search_stages):
-            plan = solve.deepest_over(
-                a.budget_gb * memory.GB,
-                list(range(1, solve.MAX_SEARCH_STAGES + 1)) if search_stages else [a.stages],
-                memory.PRECISIONS if search else [prec], shape, a.lora_rank, a.cap_growth, extra)
-            prec = memory.Precision(plan.optimizer_states, plan.master_weights)
-        elif a.budget_gb is not None:
-            plan = solve.deepest_within(a.budget_gb * memory.GB, a.stages, shape, a.lora_rank, a.cap_growth, extra,
-                                          prec=prec)
-        else:
-            if not a.layers:
-                raise UserError("--layers: give the total layer count L (or --preset, or --budget-gb)")
-            if a.stages > a.layers:
-                raise UserError(f"--stages: must be at most --layers ({a.layers}), got {a.stages}")
-            if a.layers_per_stage:
-                split = _split(a.layers_per_stage)
-                if len(split) > solve.MAX_STAGES:
-                    raise UserError(f"--layers-per-stage: at most {solve.MAX_STAGES} stages (the planner's bound), "
-                                    f"got {len(split)}")
-                if any(n < 1 for n in split):
-                    raise UserError("--layers-per-stage: every stage needs at least one layer")
-                if sum(split) != a.layers:
-                    raise UserError(f"--layers-per-stage: must sum to --layers ({a.layers}), got {sum(split)}")
-                plan = solve.evaluate_split(split, shape, a.lora_rank, prec)
-            else:
-                plan = solve.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth, prec)
+        plan = _solve(a, shape, prec, extra, search, search_stages)
     except ValueError as e:
-        flag = "--budget-gb" if a.budget_gb is not None else "--layers-per-stage"
-        raise UserError(f"{flag}: {e}")
-    if a.extended:
-        L = sum(plan.layers_per_stage)
-        plan.extended = {
-            "embedding_head_norm_bytes": memory.head_state_bytes(a.vocab_size, a.hidden, prec=prec),
-            "activation_bytes": activations(L),
-            "activation_formula": "steplm's graph, fp32: per token and layer (6d+3q+2kv+4f)*4 + (2+heads)*4 "
-                                  "(d*4 with checkpointing, plus one layer); head: d*4 per token + 4*V*d + "
-                                  "3 fp32 logits chunks (memory.activation_bytes)",
-        }
-        i = plan.stage_bytes.index(plan.peak_bytes)  # the largest stage
-        depth, before = plan.cumulative_layers[i], plan.cumulative_layers[i] - plan.layers_per_stage[i]
-        trainable = plan.layers_per_stage[i] * plan.params_per_layer + before * plan.lora_params_per_layer
-        head = plan.extended["embedding_head_norm_bytes"]
-        plan.extended["activation_bytes"] = activations(depth)
-        grad = 2 if prec.master_weights == "bf16" else 4  # bytes of one gradient element
-        head_params = 2 * a.vocab_size * a.hidden + a.hidden
-        plan.extended["peak_bytes"] = memory.step_peak_bytes(
-            plan.peak_bytes + head, grad * (trainable + head_params), grad * a.vocab_size * a.hidden,
-            activations(depth))
+        raise UserError(f"{'--budget-gb' if a.budget_gb is not None else '--layers-per-stage'}: {e}")
+    prec = memory.Precision(plan.optimizer_states, plan.master_weights)
+    if _whole_step(a):
+        _extend(plan, a, prec, activations)
+    if a.budget_gb is not None:
+        plan.budget = _budget(plan, a, search, search_stages)
+    written = _write_config(a, plan, heads) if a.write_config else None
     if a.json:
         print(dumps(plan.to_dict()))
-        return
+    else:
+        _print_plan(a, plan, written)
+
+
+def _config_of(a, plan: solve.Plan, heads: int) -> dict[str, object]:
+    """The config keys (dotted) of a run that trains this plan: the shape, the split (method step, or
+    vanilla for one stage), the precision and, for the activations, micro-batch and sequence length.
+    Raises UserError when the flags describe no model train can build (naming the flag)."""
+    if a.hidden % heads or (a.hidden // heads) % 2:
+        raise UserError(f"--n-heads: a written config needs a head count dividing --hidden ({a.hidden}) into even "
+                        f"head sizes; the default {heads} (d / 128) does not, give --n-heads")
+    if a.vocab_size < 300:
+        raise UserError(f"--vocab-size: a written config trains a bpe:{a.vocab_size} tokenizer, which needs at least "
+                        f"300 tokens, got {a.vocab_size}")
+    K = len(plan.layers_per_stage)
+    keys = {"method": "step" if K > 1 else "vanilla", "model.vocab_size": a.vocab_size, "model.d_model": a.hidden,
+            "model.n_layers": sum(plan.layers_per_stage), "model.n_heads": heads, "model.ffn_hidden": a.ffn_hidden,
+            "model.max_seq_len": a.seq_len, "data.tokenizer": "gpt2" if a.vocab_size >= 50257 else f"bpe:{a.vocab_size}",
+            "train.micro_batch": a.micro_batch, "train.seq_len": a.seq_len,
+            "train.activation_checkpointing": bool(a.checkpointing), "train.optimizer_states": plan.optimizer_states,
+            "train.master_weights": plan.master_weights, "lora.rank": a.lora_rank}
+    if a.n_kv_heads:
+        keys["model.n_kv_heads"] = a.n_kv_heads
+    if K > 1:
+        keys.update({"step.n_stages": K, "step.layers_per_stage": list(plan.layers_per_stage),
+                     "step.cap_growth": bool(a.cap_growth)})
+    return keys
+
+
+def _write_config(a, plan: solve.Plan, heads: int) -> Path:
+    """Write the plan as a run config to --write-config (refusing an existing file without --force),
+    checked by loading it back as `train` would: it validates and plans to the same split. Returns the path."""
+    import yaml
+
+    from steplm import config as config_mod
+
+    path = Path(a.write_config)
+    if path.exists() and not a.force:
+        raise UserError(f"--write-config: {path} exists; give --force to overwrite it, or another path")
+    if path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"--write-config: {path.parent if not path.parent.is_dir() else path} is "
+                        f"{'a directory' if path.is_dir() else 'not a folder'}; give a file path in an existing folder")
+    nested: dict = {}
+    for key, value in _config_of(a, plan, heads).items():
+        section, _, name = key.rpartition(".")
+        (nested.setdefault(section, {}) if section else nested)[name or key] = value
+    fit = (f", the deepest that fits {a.budget_gb:g} GB ({plan.budget['counts']})" if plan.budget else "")
+    text = (f"# Written by steplm plan --write-config: layers per stage {plan.layers_per_stage}{fit}; optimizer "
+            f"states {plan.optimizer_states}, master weights {plan.master_weights}.\n# Every key not here is the "
+            f"default; train it with: steplm train {path} --data PATH --out DIR\n" + yaml.safe_dump(nested, sort_keys=False))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        cfg = config_mod.load(tmp)
+        config_mod.validate(cfg)
+        from steplm.plan.stages import plan_run
+        if plan_run(cfg).layers_per_stage != plan.layers_per_stage:
+            raise RuntimeError(f"the written config plans {plan_run(cfg).layers_per_stage}, not {plan.layers_per_stage}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _print_plan(a, plan: solve.Plan, written) -> None:
+    """The plan as text: the shape, the precision (and whether budget mode chose it), one row per
+    stage, vanilla, and the extended and budget lines."""
     gb, unit = (memory.GB, "GB") if plan.vanilla_bytes >= memory.GB else (1e6, "MB")
-    print(f"d={a.hidden} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)} r={a.lora_rank}  "
+    b = plan.budget or {}
+    chose_k = " (chosen: K = 1 to %d searched; --stages fixes it)" % solve.MAX_SEARCH_STAGES if b.get("stages_chosen") else ""
+    ffn = f" f={a.ffn_hidden}" if a.ffn_hidden else ""
+    print(f"d={a.hidden}{ffn} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)}{chose_k} r={a.lora_rank}  "
           f"P={plan.params_per_layer:,} E={plan.lora_params_per_layer:,}  solver: {plan.solver}")
-    print(f"optimizer states {plan.optimizer_states}, master weights {plan.master_weights}")
+    how = (" (chosen: the deepest fit over every supported precision, the most precise on a tie; "
+           "--optimizer-states and --master-weights fix them)" if b.get("precision_chosen") else "")
+    print(f"optimizer states {plan.optimizer_states}, master weights {plan.master_weights}{how}")
     print(f"{'stage':>5} {'new':>4} {'layers':>6} {unit + ' (Eq. 2)':>11}")
-    for i, (n, N, b) in enumerate(zip(plan.layers_per_stage, plan.cumulative_layers, plan.stage_bytes), 1):
-        print(f"{i:>5} {n:>4} {N:>6} {b / gb:>11.2f}")
+    for i, (n, N, sb) in enumerate(zip(plan.layers_per_stage, plan.cumulative_layers, plan.stage_bytes), 1):
+        print(f"{i:>5} {n:>4} {N:>6} {sb / gb:>11.2f}")
     print(f"peak {plan.peak_bytes / gb:.2f} {unit} vs vanilla {plan.vanilla_bytes / gb:.2f} {unit} "
           f"(reduction {100 * plan.reduction:.1f} %)")
     if plan.tied_optima_truncated:
@@ -178,7 +309,20 @@ def cmd_plan(a):
     if plan.extended:
         e = plan.extended
         print(f"extended: embeddings/head/norm states {e['embedding_head_norm_bytes'] / gb:.2f} {unit}, activations "
-              f"{e['activation_bytes'] / gb:.2f} {unit}; peak of a training step {e['peak_bytes'] / gb:.2f} {unit}")
+              f"{e['activation_bytes'] / gb:.2f} {unit} (micro-batch {a.micro_batch} x {a.seq_len} tokens, "
+              f"V {a.vocab_size}{', checkpointing' if a.checkpointing else ''}); peak of a training step "
+              f"{e['peak_bytes'] / gb:.2f} {unit}")
+    if b:
+        parts = f"layer states {b['layer_state_bytes'] / gb:.2f}"
+        if b["counts"] != "layer states":
+            parts += (f" + embeddings/head/norm {b['embedding_head_norm_bytes'] / gb:.2f} + activations "
+                      f"{b['activation_bytes'] / gb:.2f}")
+        other = ("--states-only counts the layer states alone" if b["counts"] != "layer states" else
+                 "without --states-only the whole training step is counted")
+        print(f"budget: {parts} = {b['counted_bytes'] / gb:.2f} {unit} counted against {a.budget_gb:g} GB "
+              f"({b['counts']}; {other})")
+    if written:
+        print(f"config written to {written} (steplm train {written} --data PATH; steplm plan {written})")
 
 
 def add_parsers(sub) -> None:
@@ -196,19 +340,28 @@ def add_parsers(sub) -> None:
     pl.add_argument("--n-heads", type=width, help="attention heads (for GQA and activations)")
     pl.add_argument("--n-kv-heads", type=width, help="key/value heads (GQA)")
     pl.add_argument("--cap-growth", action="store_true", help="require n_(i+1) <= N_i")
-    pl.add_argument("--budget-gb", type=positive_float, help="deepest model whose peak fits this many GB (1e9 B); "
-                    f"stops at {solve.MAX_LAYERS} layers and says so")
-    pl.add_argument("--extended", action="store_true", help="add embeddings, head, norms and activations")
+    pl.add_argument("--budget-gb", type=positive_float, help="deepest model whose training step fits this many GB "
+                    "(1e9 B): the largest stage's layer states plus embeddings, head, norms and activations (see "
+                    f"--states-only); stops at {solve.MAX_LAYERS} layers and says so")
+    pl.add_argument("--extended", action="store_true", help="add embeddings, head, norms and activations (what "
+                    "--budget-gb counts by default)")
+    pl.add_argument("--states-only", action="store_true", help="with --budget-gb: count the layers' model states "
+                    "alone (Eq. 1-3), not the whole training step")
+    pl.add_argument("--write-config", type=path_arg, metavar="PATH", help="write the plan as a run config (YAML) "
+                    "that `steplm train PATH --data ...` trains and `steplm plan PATH` plans the same")
+    pl.add_argument("--force", action="store_true", help="let --write-config overwrite an existing file")
     pl.add_argument("--optimizer-states", choices=memory.OPTIMIZER_STATES,
                     help="AdamW moments (default fp32; with --budget-gb and no value: search every supported "
-                         "precision, and every K from 1 to %d without --stages)" % solve.MAX_SEARCH_STAGES)
+                         "precision, and every K from 1 to %d without --stages; the output says what it chose)"
+                         % solve.MAX_SEARCH_STAGES)
     pl.add_argument("--master-weights", choices=memory.MASTER_WEIGHTS,
                     help="trainable weights and gradients (default fp32, or bf16 with --optimizer-states bf16)")
-    pl.add_argument("--vocab-size", type=big, help="V, for embeddings and head (with --extended; "
+    pl.add_argument("--vocab-size", type=big, help="V, for embeddings and head (with --budget-gb or --extended; "
                     "default 50257, GPT-2's)")
-    pl.add_argument("--seq-len", type=big, help="tokens per sequence (activations, with --extended; default 1024)")
-    pl.add_argument("--micro-batch", type=big, help="sequences per forward (activations, with --extended; "
-                    "default 1)")
+    pl.add_argument("--seq-len", type=big, help="tokens per sequence (activations, with --budget-gb or --extended; "
+                    "default 1024)")
+    pl.add_argument("--micro-batch", type=big, help="sequences per forward (activations, with --budget-gb or "
+                    "--extended; default 1)")
     pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing (extended model)")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     # with CONFIG (or any config key): every flag train takes, so that plan is train's dry run

@@ -3,4 +3,5 @@
 from steplm.config.load import from_dict, load, override_key, save  # noqa: F401
 from steplm.config.schema import (SECTIONS, ApolloConfig, DataConfig, GaloreConfig, LoraConfig, ModelConfig,  # noqa: F401
                                   RunConfig, SFTConfig, StepConfig, TrainConfig, dotted_fields, field_docs)
-from steplm.config.validate import RESUME_SAFE_KEYS, differing_keys, problems, validate  # noqa: F401
+from steplm.config.validate import (RESUME_SAFE_KEYS, differing_keys, problems, unread_keys,  # noqa: F401
+                                     validate)

@@ -41,11 +41,13 @@ def _section(cls, value: Any, name: str, problems: list[str], unknown: list[str]
     return cls(**given)
 
 
-def from_dict(d: dict, init_source: str = "model.init_from") -> RunConfig:
+def from_dict(d: dict, init_source: str = "model.init_from", file_keys: set[str] | None = None) -> RunConfig:
     """Build a RunConfig from nested dicts. Every value is checked against its field's annotation
     before any object is built; unknown keys and wrong types are reported together in one error.
     With model.init_from, the model keys not given are taken from that directory (``resolve_init_from``);
-    ``init_source`` is how errors name it (``--init-from`` when it came from the flag)."""
+    ``init_source`` is how errors name it (``--init-from`` when it came from the flag). ``file_keys``:
+    the dotted keys a config file gave and the command line did not (None: all came from one place);
+    when model.init_from is not among them, the command line's folder replaces their architecture."""
     if not isinstance(d, dict):
         raise UserError(f"config: top level must be a mapping of sections (method, {', '.join(SECTIONS)}), "
                         f"got {_show(d)}")
@@ -74,9 +76,12 @@ def from_dict(d: dict, init_source: str = "model.init_from") -> RunConfig:
     if cfg.model.init_from:
         given_model = set(d["model"]) if isinstance(d.get("model"), dict) else set()
         given_data = set(d["data"]) if isinstance(d.get("data"), dict) else set()
-        conflicts = resolve_init_from(cfg, given_model, "tokenizer" in given_data, init_source)
+        in_file = set(file_keys or ())
+        yielding = set() if "model.init_from" in in_file else in_file  # the command line beats the file
+        conflicts = resolve_init_from(cfg, given_model, "tokenizer" in given_data, init_source, in_file, yielding)
         if conflicts:
             raise config_error(conflicts)
+    cfg.resolve_shape_defaults()  # after model.init_from, which may set model.d_model
     return cfg
 
 
@@ -120,6 +125,9 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
         if not isinstance(d, dict):
             raise UserError(f"config file {p}: top level must be a mapping of sections "
                             f"(method, {', '.join(SECTIONS)}), got {_show(d)}")
+    in_file = {f"{section}.{k}" for section, part in d.items() if isinstance(part, dict) for k in part}
+    if "method" in d:
+        in_file.add("method")
     given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
@@ -140,12 +148,13 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
                 section[parts[1]] = Raw(value)
         else:
             raise UserError(f"--set {item!r}: key must look like section.name, e.g. train.lr")
+    in_file -= set(given)
     if init_from is not None:
         if not isinstance(d.get("model", {}), dict):
             return from_dict(d)  # names the model section that is not a mapping
         d.setdefault("model", {})["init_from"] = init_from
-        return from_dict(d, "--init-from")
-    return from_dict(d)
+        return from_dict(d, "--init-from", in_file - {"model.init_from"})
+    return from_dict(d, file_keys=in_file)
 
 
 def save(cfg: RunConfig, path: str | Path):

@@ -202,15 +202,18 @@ class DataConfig:
     path: str | None = None
     """Training text: a .txt/.jsonl/.jsonl.gz/.parquet file, a directory of them (or of .py files), or a HF dataset name."""
     val_path: str | None = None
-    """Held-out text; if unset, whole documents of `path` are held out (val_fraction)."""
+    """Held-out text; if unset, part of `path` is held out (val_fraction)."""
     val_fraction: float = field(default=0.05, metadata={"range": UNIT_OPEN})
-    """Share of documents held out for validation when val_path is unset."""
+    """Share held out for validation when val_path is unset: whole documents, chosen by a hash of their
+    names; when that holds out none, or all of them (one file, or a few), the last val_fraction of the
+    token stream instead (a tail split). The start of a run says which."""
     tokenizer: str = "gpt2"
     """'gpt2' (local dir in $STEPLM_GPT2_DIR or the hub), a tokenizer directory, or 'bpe:N' trained on the corpus."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.parquet records."""
-    exclude: list[str] = field(default_factory=lambda: ["test", "tests", "idle_test"])
-    """Directory names skipped when `path` is a directory."""
+    exclude: list[str] = field(default_factory=list)
+    """Directory names skipped when `path` is a directory, e.g. [tests] (default none: every .txt, .md,
+    .rst, .py, .jsonl, .jsonl.gz and .parquet file under it is read; the start of a run counts them)."""
     cache_dir: str | None = None
     """Where token shards are cached; default $STEPLM_CACHE_DIR, else ~/.cache/steplm/tokens ($XDG_CACHE_HOME)."""
     max_train_tokens: int | None = field(default=None, metadata={"range": POSITIVE})
@@ -315,8 +318,9 @@ class LoraConfig:
 
 @dataclass
 class GaloreConfig:
-    rank: int = field(default=16, metadata={"range": POSITIVE})
-    """Projection rank for the attention and MLP weights (paper: 128 at d 1536-2048)."""
+    rank: int | None = field(default=None, metadata={"range": POSITIVE})
+    """Projection rank for the attention and MLP weights (paper: 128 at d 1536-2048); None (unset):
+    min(16, model.d_model // 2), so that it follows the shape."""
     update_proj_gap: int = field(default=200, metadata={"range": POSITIVE})
     """Recompute the projection (an SVD of the gradient) every this many steps."""
     scale: float = field(default=0.25, metadata={"range": POSITIVE})
@@ -327,8 +331,9 @@ class GaloreConfig:
 
 @dataclass
 class ApolloConfig:
-    rank: int = field(default=256, metadata={"range": POSITIVE})
-    """APOLLO's random-projection rank for the attention and MLP weights (APOLLO-Mini: 1 with scale_type tensor)."""
+    rank: int | None = field(default=None, metadata={"range": POSITIVE})
+    """APOLLO's random-projection rank for the attention and MLP weights (APOLLO-Mini: 1 with scale_type
+    tensor); None (unset): min(256, model.d_model // 2), APOLLO's 256 (at d 512 and wider) following the shape."""
     update_proj_gap: int = field(default=200, metadata={"range": POSITIVE})
     """Draw a new random projection every this many steps."""
     scale: float = field(default=1.0, metadata={"range": POSITIVE})
@@ -389,9 +394,24 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def resolve_shape_defaults(self) -> None:
+        """Fill, in place, the keys whose default follows the model's shape and that were left unset
+        (None): galore.rank and apollo.rank (``SHAPE_RANK_DEFAULTS``). A value the user gave is kept
+        (and validated as given). ``config.load`` calls this once the model keys are final."""
+        for section, default in SHAPE_RANK_DEFAULTS.items():
+            part = getattr(self, section)
+            if part.rank is None and _positive_int(self.model.d_model):
+                part.rank = shape_rank(default, self.model.d_model)
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
-            "galore": GaloreConfig, "apollo": ApolloConfig, "step": StepConfig, "sft": SFTConfig}
+
+SHAPE_RANK_DEFAULTS = {"galore": 16, "apollo": 256}
+"""The projection ranks of the projected-moment methods on a model at least twice as wide."""
+
+
+def shape_rank(default: int, d_model: int) -> int:
+    """The projection rank an unset galore.rank / apollo.rank takes: ``default``, or half of d_model
+    on a narrower model (at least 1), so that the default always fits the shape."""
+    return max(1, min(default, d_model // 2))
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,

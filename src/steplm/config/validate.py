@@ -246,6 +246,21 @@ RESUME_SAFE_KEYS = {"train.eval_every", "train.log_every", "train.checkpoint_eve
                     "train.eval_tokens", "data.cache_dir", "train.host_allocator"}
 
 
+def unread_keys(cfg: RunConfig) -> set[str]:
+    """Keys whose value cannot change this run, among those whose default has changed: the projection
+    rank of a method the run does not use (galore.rank, apollo.rank now follow model.d_model), and
+    data.exclude when neither data path is a directory (it names directories to skip; it was
+    [test, tests, idle_test]). A resume does not compare them, so a run started under the old
+    defaults still resumes."""
+    from pathlib import Path
+
+    out = {f"{name}.rank" for name in ("galore", "apollo") if cfg.method != name}
+    paths = [p for p in (cfg.data.path, cfg.data.val_path) if p]
+    if not any(Path(p).expanduser().is_dir() for p in paths):
+        out.add("data.exclude")
+    return out
+
+
 def differing_keys(a: RunConfig, b: RunConfig) -> list[str]:
     """Dotted keys whose values differ between two configs."""
     da, db = a.to_dict(), b.to_dict()

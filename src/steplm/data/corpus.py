@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -21,21 +22,50 @@ def _suffix(p: Path) -> str:
     return ".jsonl.gz" if p.name.endswith(".jsonl.gz") else p.suffix
 
 
-def list_sources(path: str, exclude: list[str] = (), key: str = "data.path") -> list[Path]:
-    """The files a data path stands for, sorted; raises UserError, naming ``key``, for a missing or
-    empty path."""
+@dataclass
+class Sources:
+    """What a local data path stands for: the files read, and those under it that are not read."""
+    files: list[Path]
+    """The files read, sorted."""
+    excluded: dict[str, int] = field(default_factory=dict)
+    """Readable files skipped because a directory on their path is named in data.exclude, by that name."""
+    other: dict[str, int] = field(default_factory=dict)
+    """Files skipped for their suffix (not one of TEXT_SUFFIXES + RECORD_SUFFIXES), by suffix."""
+
+
+ALWAYS_SKIPPED = ("__pycache__",)
+"""Directory names never read (they hold no text: compiled bytecode)."""
+
+
+def scan_sources(path: str, exclude: list[str] = (), key: str = "data.path") -> Sources:
+    """The files a data path stands for (sorted), and what under it is skipped and why; raises
+    UserError, naming ``key``, for a missing or empty path."""
     p = Path(path).expanduser()
     if p.is_file():
-        return [p]
-    if p.is_dir():
-        skip = set(exclude) | {"__pycache__", "site-packages"}
-        files = sorted(f for f in p.rglob("*") if f.is_file()
-                       and _suffix(f) in TEXT_SUFFIXES + RECORD_SUFFIXES
-                       and not skip.intersection(f.relative_to(p).parts[:-1]))
-        if not files:
-            raise UserError(f"{key}: no .txt/.jsonl/.jsonl.gz/.parquet/.py files under {p}")
-        return files
-    raise UserError(f"{key}: {path} does not exist (give a file, a directory, or a local HF dataset)")
+        return Sources([p])
+    if not p.is_dir():
+        raise UserError(f"{key}: {path} does not exist (give a file, a directory, or a local HF dataset)")
+    skip, out = set(exclude), Sources([])
+    for f in sorted(p.rglob("*")):
+        parts = f.relative_to(p).parts[:-1]
+        if not f.is_file() or set(ALWAYS_SKIPPED).intersection(parts):
+            continue
+        if _suffix(f) not in TEXT_SUFFIXES + RECORD_SUFFIXES:
+            out.other[_suffix(f) or f.name] = out.other.get(_suffix(f) or f.name, 0) + 1
+        elif skip.intersection(parts):
+            name = next(part for part in parts if part in skip)
+            out.excluded[name] = out.excluded.get(name, 0) + 1
+        else:
+            out.files.append(f)
+    if not out.files:
+        why = f" ({sum(out.excluded.values())} more under directories data.exclude skips)" if out.excluded else ""
+        raise UserError(f"{key}: no .txt/.jsonl/.jsonl.gz/.parquet/.py/.md/.rst files under {p}{why}")
+    return out
+
+
+def list_sources(path: str, exclude: list[str] = (), key: str = "data.path") -> list[Path]:
+    """The files a data path stands for, sorted (``scan_sources``)."""
+    return scan_sources(path, exclude, key).files
 
 
 def read_documents(path: str, text_field: str = "text", exclude: list[str] = (), key: str = "data.path",

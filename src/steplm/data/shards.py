@@ -68,6 +68,7 @@ class ShardWriter:
         self.path, self.dtype = path, np.dtype(dtype)
         self.fh = open(path, "wb")
         self.n_tokens = self.n_docs = 0
+        self.n_left_out = 0  # documents not written: past data.max_train_tokens
 
     def add(self, ids: list[int], eos: int):
         arr = np.asarray(ids + [eos], dtype=self.dtype)
@@ -78,19 +79,22 @@ class ShardWriter:
     def close(self):
         self.fh.close()
         meta = {"dtype": self.dtype.name, "n_tokens": self.n_tokens, "n_docs": self.n_docs}
+        if self.n_left_out:
+            meta["n_left_out"] = self.n_left_out
         self.path.with_suffix(".json").write_text(json.dumps(meta))
 
 
-def _split_tail(train_path: Path, val_path: Path, fraction: float):
-    """A one-document corpus: hold out the last ``fraction`` of its tokens instead of a document."""
+def _split_tail(train_path: Path, val_path: Path, fraction: float, n_docs: int, why: str):
+    """Hold out the last ``fraction`` of the training stream's tokens (every document's, in order)
+    instead of whole documents; ``why`` (the reason, for the run's data line) goes in the metadata."""
     meta = shard_meta(train_path)
     tokens = np.fromfile(train_path, dtype=np.dtype(meta["dtype"]))
     cut = int(len(tokens) * (1 - fraction))
     tokens[:cut].tofile(train_path)
     tokens[cut:].tofile(val_path)
     for path, n in ((train_path, cut), (val_path, len(tokens) - cut)):
-        path.with_suffix(".json").write_text(json.dumps({"dtype": meta["dtype"], "n_tokens": n, "n_docs": 1,
-                                                         "split": "tail"}))
+        path.with_suffix(".json").write_text(json.dumps({**meta, "n_tokens": n, "n_docs": n_docs, "split": "tail",
+                                                         "why": why}))
 
 
 def _cache_key(parts: dict) -> str:
@@ -113,10 +117,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "steplm" / "tokens"
 
 
-def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "object"]:
-    """Tokenize the corpus into cached train/val shards; returns (shard dir, tokenizer)."""
-    from tqdm import tqdm
-
+def cache_entry(data_cfg, cache_root: Path) -> Path:
+    """The folder the token shards of ``data_cfg`` are (or will be) cached in under ``cache_root``: a
+    key over the source files (names, sizes, times), the split and the tokenizer. Raises UserError
+    for a missing or empty data path, naming its key."""
     if not data_cfg.path:
         raise UserError("data.path: no training data given (use --data PATH or set data.path)")
     for key, path in (("data.path", data_cfg.path), ("data.val_path", data_cfg.val_path)):
@@ -128,7 +132,16 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
                       "max": data_cfg.max_train_tokens, "v": 1})
     if cache_root.exists() and not cache_root.is_dir():
         raise UserError(f"data.cache_dir: {cache_root} is not a directory")
-    out = cache_root / key
+    return cache_root / key
+
+
+def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "object"]:
+    """Tokenize the corpus into cached train/val shards (``cache_entry``); returns (shard dir, tokenizer).
+    The validation split: data.val_path's documents when set; else whole documents of data.path by a
+    hash of their names (``is_validation``), or, when that holds out none or every one (one file, a
+    few), the last data.val_fraction of the token stream (``_split_tail``). Raises UserError for an
+    empty corpus, naming the key."""
+    out = cache_entry(data_cfg, cache_root)
     if (out / "val.json").is_file():
         for split in ("train", "val"):
             shard_meta(out / f"{split}.bin")
@@ -137,86 +150,104 @@ def prepare(data_cfg, cache_root: Path, progress: bool = True) -> tuple[Path, "o
             return out, read_tokenizer(out / "tokenizer.json", "data.cache_dir")
         except UserError as e:
             raise UserError(f"{fix} ({str(e).split(': ', 1)[1]})") from None
-
-    def train_docs():
-        for doc_id, text in documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude):
-            if data_cfg.val_path or not is_validation(doc_id, data_cfg.val_fraction):
-                yield doc_id, text
-
-    if data_cfg.tokenizer.startswith("bpe:"):
-        # Train on up to ~20 MB of training text, so a huge corpus does not stall start-up.
-        def sample(limit=20_000_000):
-            seen = 0
-            for _, text in train_docs():
-                yield text
-                seen += len(text)
-                if seen > limit:
-                    return
-        tok = load_tokenizer(data_cfg.tokenizer, sample())
-    else:
-        tok = load_tokenizer(data_cfg.tokenizer)
-    eos = eos_id(tok)
-    tmp = cache_root / f"{key}.tmp{os.getpid()}"
+    tok = _tokenizer(data_cfg)
+    tmp = cache_root / f"{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        dtype = token_dtype(tok.get_vocab_size())
-        writers = {"train": ShardWriter(tmp / "train.bin", dtype), "val": ShardWriter(tmp / "val.bin", dtype)}
-        if data_cfg.val_path:
-            splits = [("train", documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude)),
-                      ("val", documents(data_cfg.val_path, data_cfg.text_field, data_cfg.exclude, "data.val_path"))]
-        else:
-            splits = [(None, documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude))]
-        bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, mininterval=1, delay=1,
-                   disable=not progress or not sys.stderr.isatty())  # a bar in a log file is noise
-        for fixed, docs in splits:
-            batch: list[tuple[str, str]] = []
-
-            def flush():
-                encs = tok.encode_batch([t for _, t in batch], add_special_tokens=False)
-                for (doc_id, _), enc in zip(batch, encs):
-                    split = fixed or ("val" if is_validation(doc_id, data_cfg.val_fraction) else "train")
-                    if split == "train" and data_cfg.max_train_tokens and writers["train"].n_tokens >= data_cfg.max_train_tokens:
-                        continue
-                    writers[split].add(enc.ids, eos)
-                    bar.update(len(enc.ids) + 1)
-                batch.clear()
-
-            for doc in docs:
-                if doc[1].strip():
-                    batch.append(doc)
-                if sum(len(t) for _, t in batch) > 4_000_000:
-                    flush()
-            if batch:
-                flush()
-        bar.close()
-        for w in writers.values():
-            w.close()
-        n_train, n_val = writers["train"].n_docs, writers["val"].n_docs
-        if n_train == 0 and (n_val == 0 or data_cfg.val_path):  # with val_path, data.path alone must hold text
-            raise UserError(f"data.path: {data_cfg.path} holds no text (empty corpus)")
-        if data_cfg.val_path and n_val == 0:
-            raise UserError(f"data.val_path: {data_cfg.val_path} holds no text (empty validation corpus)")
-        if not data_cfg.val_path and n_train + n_val == 1:
-            # One document (a single .txt): hold out its tail, whichever side its hash fell on.
-            if n_val:
-                for suffix in (".bin", ".json"):
-                    os.replace(tmp / f"val{suffix}", tmp / f"train{suffix}")
-            _split_tail(tmp / "train.bin", tmp / "val.bin", data_cfg.val_fraction)
-        elif n_train == 0:
-            raise UserError(f"data.val_fraction: every document of {data_cfg.path} went to validation; "
-                            f"lower it or set data.val_path")
-        elif n_val == 0:
-            raise UserError(f"data.val_fraction: no document of {data_cfg.path} was held out for validation "
-                            f"({writers['train'].n_docs} documents); raise it or set data.val_path")
+        writers = _tokenize(data_cfg, tok, tmp, progress)
+        _settle_split(data_cfg, writers, tmp)
         tok.save(str(tmp / "tokenizer.json"))
-        _fault_wait_for_peers(cache_root, key)
+        _fault_wait_for_peers(cache_root, out.name)
         if not _publish(tmp, out):  # another process finished the same entry first: use its shards
             from tokenizers import Tokenizer
             tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, tok
+
+
+def _tokenizer(data_cfg):
+    """data.tokenizer loaded, or for 'bpe:N' trained on up to ~20 MB of the training text (so a huge
+    corpus does not stall start-up): the hash split's validation documents are left out, unless they
+    are all of them (a tail split follows)."""
+    if not data_cfg.tokenizer.startswith("bpe:"):
+        return load_tokenizer(data_cfg.tokenizer)
+
+    def sample(limit=20_000_000):
+        seen = 0
+        for held_out_too in (False, True):
+            for doc_id, text in documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude):
+                if held_out_too or data_cfg.val_path or not is_validation(doc_id, data_cfg.val_fraction):
+                    yield text
+                    seen += len(text)
+                    if seen > limit:
+                        return
+            if seen:
+                return
+    return load_tokenizer(data_cfg.tokenizer, sample())
+
+
+def _tokenize(data_cfg, tok, tmp: Path, progress: bool) -> dict:
+    """Every document tokenized into ``tmp``/train.bin and val.bin, each followed by EOS (blank ones
+    skipped; training documents past data.max_train_tokens left out and counted); the closed writers."""
+    from tqdm import tqdm
+
+    eos, dtype = eos_id(tok), token_dtype(tok.get_vocab_size())
+    writers = {"train": ShardWriter(tmp / "train.bin", dtype), "val": ShardWriter(tmp / "val.bin", dtype)}
+    if data_cfg.val_path:
+        splits = [("train", documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude)),
+                  ("val", documents(data_cfg.val_path, data_cfg.text_field, data_cfg.exclude, "data.val_path"))]
+    else:
+        splits = [(None, documents(data_cfg.path, data_cfg.text_field, data_cfg.exclude))]
+    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, mininterval=1, delay=1,
+               disable=not progress or not sys.stderr.isatty())  # a bar in a log file is noise
+    for fixed, docs in splits:
+        batch: list[tuple[str, str]] = []
+
+        def flush():
+            encs = tok.encode_batch([t for _, t in batch], add_special_tokens=False)
+            for (doc_id, _), enc in zip(batch, encs):
+                split = fixed or ("val" if is_validation(doc_id, data_cfg.val_fraction) else "train")
+                if split == "train" and data_cfg.max_train_tokens and writers["train"].n_tokens >= data_cfg.max_train_tokens:
+                    writers["train"].n_left_out += 1
+                    continue
+                writers[split].add(enc.ids, eos)
+                bar.update(len(enc.ids) + 1)
+            batch.clear()
+
+        for doc in docs:
+            if doc[1].strip():
+                batch.append(doc)
+            if sum(len(t) for _, t in batch) > 4_000_000:
+                flush()
+        if batch:
+            flush()
+    bar.close()
+    for w in writers.values():
+        w.close()
+    return writers
+
+
+def _settle_split(data_cfg, writers: dict, tmp: Path) -> None:
+    """Check both sides of the split hold text, and fall back to a tail split when the hash split
+    left one side without a whole document. Raises UserError for an empty corpus."""
+    n_train, n_val = writers["train"].n_docs, writers["val"].n_docs
+    if n_train == 0 and (n_val == 0 or data_cfg.val_path):  # with val_path, data.path alone must hold text
+        raise UserError(f"data.path: {data_cfg.path} holds no text (empty corpus)")
+    if data_cfg.val_path and n_val == 0:
+        raise UserError(f"data.val_path: {data_cfg.val_path} holds no text (empty validation corpus)")
+    if data_cfg.val_path or (n_train and n_val):
+        return
+    n = n_train + n_val
+    if n == 1:
+        why = "one document cannot be held out whole"
+    else:
+        why = f"the hash of the {n} documents' names held out {'none' if n_val == 0 else 'every one'} of them"
+    if n_val:  # every document hashed to validation: the stream is val.bin's, in the same order
+        for suffix in (".bin", ".json"):
+            os.replace(tmp / f"val{suffix}", tmp / f"train{suffix}")
+    _split_tail(tmp / "train.bin", tmp / "val.bin", data_cfg.val_fraction, n, why)
 
 
 def _publish(tmp: Path, out: Path) -> bool:

@@ -245,6 +245,9 @@ class Plan:
     """Budget mode: the budget fits deeper models than the planner's layer bound, which it stopped at."""
     optimizer_states: str = "fp32"
     master_weights: str = "fp32"
+    budget: dict | None = None
+    """Budget mode: what was counted against the budget (bytes) and whether the precision and the
+    stage count were chosen by the search (``steplm plan --budget-gb``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -195,8 +195,9 @@ def _fmt_bytes(b: float, unit: float) -> str:
     return f"{b / unit:.2f}"
 
 
-def format_plan(plan: StagePlan) -> str:
-    """The plan as a text table: one row per stage, then vanilla's totals and the reduction."""
+def format_plan(plan: StagePlan, notes: list[str] = ()) -> str:
+    """The plan as a text table: one row per stage, then vanilla's totals and the reduction, the
+    ``notes`` (lines such as what the run's data are), and the plan's warnings last."""
     peak, van = plan.peak_state_bytes(), plan.vanilla["planned_state_bytes"]
     unit, name = (memory.GB, "GB") if van["total"] >= memory.GB else (2**20, "MiB")
     conv = plan.flops_convention
@@ -219,5 +220,5 @@ def format_plan(plan: StagePlan) -> str:
     lines.append(f"peak model-state memory vs vanilla: layers {change['layers']:+.1f} %, "
                  f"total {change['total']:+.1f} %; FLOPs ({conv}) {t['flops'][conv] / v['flops'][conv]:.3f}x, "
                  f"tokens {t['tokens'] / v['tokens']:.3f}x vanilla's")
-    lines += [f"warning: {w}" for w in plan.warnings]
+    lines += list(notes) + [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

@@ -238,6 +238,8 @@ class Trainer:
     def _fit(self) -> dict:
         s = self.state
         self.metrics = self._open_run_files() if self.main else None
+        if self.progress and getattr(self, "data_line", None):  # the task's line on what the run reads (not --quiet)
+            print(f"steplm: {self.data_line}", file=sys.stderr)
         total_steps = sum(self.stage_steps)
         self.checkpoint_every = saving.checkpoint_interval(self.cfg.train.checkpoint_every, total_steps)
         self.console = Console(Console.pick(self.progress), total_steps, s.step)

@@ -70,14 +70,15 @@ def load_run(run, path: Path) -> None:
 
 def check_resume_config(run) -> None:
     """Refuse to resume a run folder whose config.yaml differs from ``run.cfg`` in a key that changes
-    the trajectory (config.RESUME_SAFE_KEYS may differ)."""
+    the trajectory (config.RESUME_SAFE_KEYS may differ, and so may the keys the run does not read,
+    ``config.unread_keys``)."""
     from steplm import config as config_mod
 
     saved = run.out / "config.yaml"
     if not saved.is_file():
         return
-    diff = [k for k in config_mod.differing_keys(config_mod.load(saved), run.cfg)
-            if k not in config_mod.RESUME_SAFE_KEYS]
+    ignored = config_mod.RESUME_SAFE_KEYS | config_mod.unread_keys(run.cfg)
+    diff = [k for k in config_mod.differing_keys(config_mod.load(saved), run.cfg) if k not in ignored]
     if diff:
         raise UserError(f"--out: {run.out} holds a run with a different config ({', '.join(diff)}); "
                         f"use the same config to resume, or another --out")

@@ -208,6 +208,16 @@ class SFTTask(PretrainTask):
 
     def setup_data(self, run) -> None:
         run.tokenizer = self.source.tokenizer
+        run.data_line = self.describe_data(run)
+
+    def describe_data(self, run) -> str:
+        """'data: ...': the examples tuned on, their tokens, and what the loss reported as validation
+        is computed on (the run's one line about its data, as pre-training's ``describe_data``)."""
+        tokens = sum(len(ids) for ids, _ in self.examples)
+        return (f"data: {run.cfg.sft.data}: {len(self.examples):,} examples tuned on, {tokens:,} tokens "
+                f"({response_tokens(self.examples):,} response tokens, which the loss is on); validation: none "
+                f"held out (the loss at each evaluation is on the first {min(EVAL_EXAMPLES, len(self.examples))} "
+                f"training examples)")
 
     def build_model(self, run, stage1):
         model = self.source.model.float().train()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from steplm.data.report import describe_data
 from steplm.data.sampler import BatchSampler, eval_windows
 from steplm.data.shards import TokenShard, default_cache_dir, prepare
 from steplm.devices import autocast
@@ -45,7 +46,7 @@ class PretrainTask:
 
     def setup_data(self, run) -> None:
         """Tokenize the corpus (rank 0 first, the others read its cache) and open the token shards;
-        sets run.tokenizer, run.train_shard and run.val_tokens."""
+        sets run.tokenizer, run.train_shard, run.val_tokens and run.data_line (``describe_data``)."""
         cfg = run.cfg
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
         if not run.main:
@@ -68,6 +69,7 @@ class PretrainTask:
                      f"data.val_fraction: the validation split ({cfg.data.val_fraction} of {cfg.data.path}) holds")
             raise UserError(f"{where} {len(run.val_tokens)} tokens, fewer than one window of train.seq_len + 1 = "
                             f"{cfg.train.seq_len + 1}; give more validation text or lower train.seq_len")
+        run.data_line = describe_data(cfg.data, run.shard_dir)  # said as training starts
 
     def build_model(self, run, stage1) -> LLaMA:
         """Stage 1's model: fresh (seeded) or loaded from model.init_from."""
