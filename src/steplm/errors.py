@@ -6,6 +6,8 @@ SIGUSR1 after writing a checkpoint, rerun the same command to resume (``Preempte
 sysexits' EX_TEMPFAIL, "try again later"); 130 interrupted (Ctrl-C). Anything else is a bug.
 """
 
+import sys
+
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_STOPPED = 3
 EXIT_PREEMPTED = 75
@@ -50,3 +52,8 @@ class TrainingStopped(Exception):
 
 class Preempted(Exception):
     """A preemption signal arrived; the run wrote a checkpoint at the end of its current step and stopped."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr, "steplm: warning: <message>": something harmless or redundant the run goes on with."""
+    print(f"steplm: warning: {message}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from steplm.cli.args import SHORT_FLAGS, add_config_flags, int_up_to, positive_float
 from steplm.cli.train_cmd import load_config
+from steplm.config.load import presets
 from steplm.errors import UserError
 from steplm.io.files import dumps
 from steplm.plan import memory, solve
@@ -183,7 +184,8 @@ def cmd_plan(a):
 
 def add_parsers(sub) -> None:
     pl = sub.add_parser("plan", help="STEP memory planner (paper Eq. 1-5, Eq. 3 ILP); with CONFIG, a run's stage plan")
-    pl.add_argument("config", nargs="?", help="a run config (YAML): print its stage plan (a dry run of `train`)")
+    pl.add_argument("config", nargs="?", help=f"a run config (a YAML file, or a preset's name: {presets()}): print "
+                    "its stage plan (a dry run of `train`)")
     pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"],
                     help="a model size of the paper's Table 1 (its d, L, K and rank)")
     width, big = int_up_to(solve.MAX_WIDTH), int_up_to(1 << 30, "a sanity bound")

@@ -266,7 +266,7 @@ class Trainer:
             if s.step_in_stage == n_steps:
                 self._finish_stage()
             elif t.eval_every and s.step % t.eval_every == 0:
-                self.log({"step": s.step, "stage": s.stage, "val_loss": round(self.evaluate(), 5), "tokens": s.tokens,
+                self.log({"step": s.step, "stage": s.stage, self.task.eval_key: round(self.evaluate(), 5), "tokens": s.tokens,
                           "flops": s.flops[cfg.step.flops_convention]})
             if t.checkpoint_every and (s.step % t.checkpoint_every == 0 or s.step == total_steps):
                 self.save_checkpoint()
@@ -330,11 +330,11 @@ class Trainer:
             s.record["peak_bytes"] = torch.cuda.max_memory_allocated()
         val = self.evaluate()
         guards.check_stage_loss(self, val)
-        s.record.update(steps=self.stage_steps[s.stage], tokens=s.tokens, flops=dict(s.flops), val_loss=val,
+        s.record.update(steps=self.stage_steps[s.stage], tokens=s.tokens, flops=dict(s.flops), **{self.task.eval_key: val},
                         step_seconds=s.step_seconds - s.record.pop("_seconds_at_start"))
         s.stage_records.append(s.record)
         s.record = None
-        self.log({"step": s.step, "stage": s.stage, "val_loss": round(val, 5), "tokens": s.tokens,
+        self.log({"step": s.step, "stage": s.stage, self.task.eval_key: round(val, 5), "tokens": s.tokens,
                   "flops": s.flops[self.cfg.step.flops_convention]})
 
     def _finish(self, train_seconds: float) -> dict:
