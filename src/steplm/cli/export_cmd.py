@@ -99,15 +99,16 @@ def history_lines(h: dict) -> list[tuple[str, str]]:
         lines.append(("final val loss", f"{h['final_val_loss']:.4f}"))
     if "checkpoint" in h:
         c = h["checkpoint"]
-        lines.append(("checkpoint", f"step {c['step']:,}, {c['layers']} layers ({c['path']})"))
+        lines.append(("checkpoint", f"step {c.get('step')}, {c.get('layers')} layers ({c.get('path')})"))
     if "source" in h:
         lines.append(("source", str(h["source"])))
     sft = h.get("sft")
     if isinstance(sft, dict) and "checkpoint" in sft:
         c = sft["checkpoint"]
-        lines.append(("sft", f"checkpoint at step {c['step']:,} ({c['path']})"))
+        lines.append(("sft", f"checkpoint at step {c.get('step')} ({c.get('path')})"))
     elif isinstance(sft, dict):
-        said = [f"{sft['epochs']} epoch{'s' * (sft['epochs'] != 1)}" if "epochs" in sft else "", f"{sft['examples']:,} examples"
+        epochs = sft.get("epochs")
+        said = [f"{epochs} epoch{'s' * (epochs != 1)}" if epochs is not None else "", f"{sft['examples']:,} examples"
                 if "examples" in sft else "", f"{sft['steps']:,} steps" if "steps" in sft else ""]
         loss = sft.get("final_train_loss", sft.get("final_loss"))
         lines.append(("sft", ", ".join(x for x in said if x) + (f", final train loss {loss:.4f}" if loss is not None

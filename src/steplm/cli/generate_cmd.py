@@ -5,7 +5,8 @@ import math
 import sys
 from pathlib import Path
 
-from steplm.cli.args import MODEL_HELP, first_missing, remove_created, non_negative_int, positive_int, seed_arg, precision, add_precision
+from steplm.cli.args import (MODEL_HELP, add_precision, first_missing, non_negative_int, positive_int, precision,
+                             remove_created, seed_arg)
 from steplm.errors import UserError, warn
 
 

@@ -59,9 +59,10 @@ def init_from_conflicts(cfg: RunConfig, given: set[str], given_tokenizer: bool, 
 
 def resolve_init_from(cfg: RunConfig, given: set[str], given_tokenizer: bool,
                       source: str = "model.init_from") -> list[str]:
-    """Fill ``cfg`` in place from model.init_from: every architecture key from its config.json,
-    data.tokenizer = the folder of its tokenizer.json (a checkpoint's: its run's), model.n_layers = its depth unless given. Returns the conflicts
-    with keys the user gave (``given``: model keys; ``given_tokenizer``: data.tokenizer), if any."""
+    """Fill ``cfg`` in place from model.init_from: every architecture key from its config,
+    data.tokenizer = the folder of its tokenizer.json (a checkpoint's: its run's), model.n_layers =
+    its depth unless given. Returns the conflicts with keys the user gave (``given``: model keys;
+    ``given_tokenizer``: data.tokenizer), if any."""
     ck = checkpoint_config(cfg, source)
     conflicts = init_from_conflicts(cfg, given, given_tokenizer, ck, source)
     if not conflicts:

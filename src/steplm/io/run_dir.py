@@ -251,28 +251,29 @@ def load_hf_dir(path: str | Path, device="cpu") -> tuple[LLaMA, object]:
 
 def _load_final(d: Path, device) -> LLaMA:
     """The final merged model of a finished run folder (model_config.json, model.safetensors)."""
-    mcfg = read_model_config(d)
-    state = read_safetensors(d / "model.safetensors", "MODEL", device)
-    check_model_fits(mcfg, sum(t.numel() for t in state.values()), device, d / "model_config.json", "max_seq_len")
-    try:
-        model = from_state_dict(mcfg, state, device)
-    except (KeyError, RuntimeError) as e:  # missing tensors or wrong shapes for model_config.json
-        raise UserError(key="MODEL", message=f"{d / 'model.safetensors'} does not match its model_config.json ({one_line(e)})")
-    check_finite(model.state_dict(), d)
-    return model
+    cfg = read_model_config(d)
+    return _built(cfg, read_safetensors(d / "model.safetensors", "MODEL", device), device, d, "model_config.json",
+                  "max_seq_len")
 
 
 def _load_checkpoint(ckpt: Path, device) -> LLaMA:
     """A checkpoint's model with its adapters merged: the model its run would write if it ended there."""
     cfg, alpha = read_checkpoint_config(ckpt)[:2]
-    path = ckpt / "model.safetensors"
-    state = read_safetensors(path, "MODEL", device)
-    check_model_fits(cfg, sum(t.numel() for t in state.values()), device, ckpt / "config.yaml", "model.max_seq_len")
+    state = merge_adapters(read_safetensors(ckpt / "model.safetensors", "MODEL", device), alpha)
+    return _built(cfg, state, device, ckpt, "config.yaml", "model.max_seq_len")
+
+
+def _built(cfg: ModelConfig, state: dict[str, torch.Tensor], device, d: Path, config_file: str,
+           positions_key: str) -> LLaMA:
+    """The model of ``cfg`` holding ``state`` (read from ``d``, described by ``config_file``), refused in
+    one line if the device cannot hold it, if the tensors do not fit the config, or if any is not finite."""
+    check_model_fits(cfg, sum(t.numel() for t in state.values()), device, d / config_file, positions_key)
     try:
-        model = from_state_dict(cfg, merge_adapters(state, alpha), device)
-    except (KeyError, RuntimeError) as e:
-        raise UserError(key="MODEL", message=f"{path} does not match its config.yaml ({one_line(e)})")
-    check_finite(model.state_dict(), ckpt)
+        model = from_state_dict(cfg, state, device)
+    except (KeyError, RuntimeError) as e:  # missing tensors or wrong shapes for the config
+        raise UserError(key="MODEL", message=f"{d / 'model.safetensors'} does not match its {config_file} "
+                        f"({one_line(e)})")
+    check_finite(model.state_dict(), d)
     return model
 
 
@@ -301,7 +302,8 @@ def load_model_dir(path: str | Path | ModelSource, device="cpu") -> Pretrained:
         return load_pretrained(src.weights_dir, device)
     announce(src)
     tok = read_tokenizer(src.tokenizer_dir / "tokenizer.json", "MODEL")
-    model = _load_checkpoint(src.weights_dir, device) if src.kind == "checkpoint" else _load_final(src.weights_dir, device)
+    load = _load_checkpoint if src.kind == "checkpoint" else _load_final
+    model = load(src.weights_dir, device)
     return Pretrained(model, model.config, tok, _special_tokens(src, tok))
 
 

@@ -250,8 +250,9 @@ def check_weights_finite(run) -> None:
 
 
 def check_stage_loss(run, val: float) -> None:
-    """A stage's evaluation loss (``run.task.eval_what``): non-finite, or at the end above a uniform guess, stops the run (the
-    model diverged); at the end within LEARNED_NATS of a uniform guess, a warning."""
+    """A stage's evaluation loss (``run.task.eval_what``): non-finite, or at the end above a uniform
+    guess, stops the run (the model diverged); at the end within LEARNED_NATS of a uniform guess, a
+    warning."""
     import sys
 
     from steplm.errors import TrainingStopped

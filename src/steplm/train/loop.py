@@ -266,8 +266,8 @@ class Trainer:
             if s.step_in_stage == n_steps:
                 self._finish_stage()
             elif t.eval_every and s.step % t.eval_every == 0:
-                self.log({"step": s.step, "stage": s.stage, self.task.eval_key: round(self.evaluate(), 5), "tokens": s.tokens,
-                          "flops": s.flops[cfg.step.flops_convention]})
+                self.log({"step": s.step, "stage": s.stage, self.task.eval_key: round(self.evaluate(), 5),
+                          "tokens": s.tokens, "flops": s.flops[cfg.step.flops_convention]})
             if t.checkpoint_every and (s.step % t.checkpoint_every == 0 or s.step == total_steps):
                 self.save_checkpoint()
                 for hook in self.hooks["checkpoint_end"]:
@@ -330,7 +330,8 @@ class Trainer:
             s.record["peak_bytes"] = torch.cuda.max_memory_allocated()
         val = self.evaluate()
         guards.check_stage_loss(self, val)
-        s.record.update(steps=self.stage_steps[s.stage], tokens=s.tokens, flops=dict(s.flops), **{self.task.eval_key: val},
+        s.record.update(steps=self.stage_steps[s.stage], tokens=s.tokens, flops=dict(s.flops),
+                        **{self.task.eval_key: val},
                         step_seconds=s.step_seconds - s.record.pop("_seconds_at_start"))
         s.stage_records.append(s.record)
         s.record = None
