@@ -81,7 +81,7 @@ TABLE = [
     (["train", "--out", f"{T}/o", "--set", "train.seed=5", "--seed", "7"], "--seed: also given as --set train.seed"),
     (["train", "--out", f"{T}/o", "--set", "train.lr=3e-4", "--lr", "3e-3"], "--lr: also given as --set train.lr"),
     (["train", "--out", f"{T}/o", "--set", "train.max_steps=3", "--max-steps", "2"], "--max-steps: also given"),
-    (["train", "--out", f"{T}/o", "--set", f"data.path={T}/ok.txt", "--data", f"{T}/ok.txt"], "--data: also given"),
+    (["train", "--out", f"{T}/o", "--set", f"data.path={T}/ok.txt", "--data", f"{T}/short.txt"], "--data: also given"),
     (["plan", "{tiny_yaml}", "--set", "model.n_layers=4", "--set", "model.n_layers=6"], "given twice"),
     # train: a bpe:N tokenizer larger than the embedding, found before the corpus is tokenized
     (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.tokenizer=bpe:4096", "--set",

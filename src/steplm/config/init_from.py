@@ -16,11 +16,22 @@ NOT_FROM_CHECKPOINT = ("n_layers", "init_std", "init_from")
 
 def checkpoint_config(cfg: RunConfig, source: str) -> ModelConfig:
     """The ModelConfig of model.init_from (an HF folder's config.json, a steplm run's, or a checkpoint's:
-    ``io.run_dir.resolve_source``'s rule), or a UserError naming ``source``."""
+    ``io.run_dir.resolve_source``'s rule), its tokenizer.json checked; a UserError naming ``source``."""
     from steplm.io.run_dir import read_config
 
     try:
-        return read_config(tokenizer_source(cfg, source))
+        ck = read_config(_resolved(cfg, source))
+    except UserError as e:
+        raise e.rekeyed(source, "MODEL") from None
+    tokenizer_source(cfg, source)
+    return ck
+
+
+def _resolved(cfg: RunConfig, source: str):
+    from steplm.io.run_dir import resolve_source
+
+    try:
+        return resolve_source(cfg.model.init_from)
     except UserError as e:
         raise e.rekeyed(source, "MODEL") from None
 
@@ -28,12 +39,7 @@ def checkpoint_config(cfg: RunConfig, source: str) -> ModelConfig:
 def tokenizer_source(cfg: RunConfig, source: str = "model.init_from"):
     """model.init_from resolved (``io.run_dir.ModelSource``), its tokenizer.json checked; a UserError
     naming ``source``."""
-    from steplm.io.run_dir import resolve_source
-
-    try:
-        src = resolve_source(cfg.model.init_from)
-    except UserError as e:
-        raise e.rekeyed(source, "MODEL") from None
+    src = _resolved(cfg, source)
     if not (src.tokenizer_dir / "tokenizer.json").is_file():
         raise UserError(f"{source}: {src.tokenizer_dir} has no tokenizer.json (its tokenizer is used as-is)")
     return src
