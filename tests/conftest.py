@@ -80,3 +80,20 @@ def torchrun_args(nproc: int) -> list[str]:
         port = s.getsockname()[1]
     return ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
             f"--master_port={port}"]
+
+
+@pytest.fixture(scope="session")
+def step_run(tmp_path_factory, shakespeare_dir):
+    """A finished tiny 2-stage STEP run (2 + 2 layers, LoRA on the frozen ones in stage 2) with a
+    checkpoint every 4 steps and at its last step, all kept."""
+    from steplm import config
+    from steplm.train.loop import Trainer
+
+    tmp = tmp_path_factory.mktemp("step_run")
+    cfg = config.load(None, tiny_overrides(tmp, **{
+        "data.path": str(shakespeare_dir), "data.val_fraction": 0.2, "model.max_seq_len": 256, "method": "step",
+        "step.n_stages": 2, "step.layers_per_stage": "[2,2]", "train.checkpoint_every": 4,
+        "train.keep_checkpoints": 10}))
+    out = tmp / "run"
+    Trainer(cfg, out, progress=False).fit()
+    return out

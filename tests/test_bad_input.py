@@ -79,15 +79,16 @@ TABLE = [
     (["train", "--out", f"{T}/o", "--set", "train.lr=1e-3", "--set", "train.lr=2e-3"],
      "--set train.lr: given twice ('1e-3', then '2e-3')"),
     (["train", "--out", f"{T}/o", "--set", "train.seed=5", "--seed", "7"], "--seed: also given as --set train.seed"),
+    (["train", "--out", f"{T}/o", "--set", "train.lr=3e-4", "--lr", "3e-3"], "--lr: also given as --set train.lr"),
     (["train", "--out", f"{T}/o", "--set", "train.max_steps=3", "--max-steps", "2"], "--max-steps: also given"),
-    (["train", "--out", f"{T}/o", "--set", f"data.path={T}/ok.txt", "--data", f"{T}/ok.txt"], "--data: also given"),
+    (["train", "--out", f"{T}/o", "--set", f"data.path={T}/ok.txt", "--data", f"{T}/short.txt"], "--data: also given"),
     (["plan", "{tiny_yaml}", "--set", "model.n_layers=4", "--set", "model.n_layers=6"], "given twice"),
     # train: a bpe:N tokenizer larger than the embedding, found before the corpus is tokenized
     (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.tokenizer=bpe:4096", "--set",
       "model.vocab_size=300"], "model.vocab_size: 300 is below the 4096 tokens"),
     (["plan", "{tiny_yaml}", "--set", "model.vocab_size=1000"], "model.vocab_size: 1000 is below"),
     (["plan", f"{T}/emptydir"], "is a directory; give a YAML file"),
-    (["plan", "--init-from", f"{T}/hfexport", "--set", f"model.init_from={T}/hfexport"],
+    (["plan", "--init-from", f"{T}/hfexport", "--set", f"model.init_from={T}/full"],
      "--init-from: also given as --set model.init_from"),
     # train: config
     (["train", "--out", f"{T}/o", "--set", "train.bogus=1"], "unknown config key: train.bogus"),
@@ -195,14 +196,11 @@ TABLE = [
     (["eval", RUN, "--data", f"{T}/ok.txt", "--max-tokens", "1"], "--max-tokens: 1 is less than one window"),
     (["eval", RUN, "--data", f"{T}/ok.txt", "--max-tokens", "7", "--seq-len", "8"], "--max-tokens"),
     (["eval", f"{T}/none", "--data", f"{T}/ok.txt"], "MODEL: " + T + "/none does not exist"),
-    # eval: flags of the other mode would change nothing
-    (["eval", RUN, "--tasks", "piqa", "--data", f"{T}/ok.txt"], "--data: not used with --tasks"),
-    (["eval", RUN, "--tasks", "piqa", "--backend", "transformers"], "--backend: not used with --tasks"),
-    (["eval", RUN, "--tasks", "piqa", "--seq-len", "8"], "--seq-len: not used with --tasks"),
-    (["eval", RUN, "--tasks", "piqa", "--max-tokens", "64"], "--max-tokens: not used with --tasks"),
-    (["eval", RUN, "--tasks", "piqa", "--text-field", "body"], "--text-field: not used with --tasks"),
-    (["eval", RUN, "--data", f"{T}/ok.txt", "--limit", "3"], "--limit: used only with --tasks"),
-    (["eval", RUN, "--data", f"{T}/ok.txt", "--tasks-dir", T], "--tasks-dir: used only with --tasks"),
+    # eval: where the task sets are is given, never guessed
+    (["eval", RUN, "--tasks", "piqa"], "--tasks-dir: give the folder of task sets"),
+    (["eval", RUN, "--tasks", "piqa", "--tasks-dir", f"{T}/none"], "--tasks-dir: " + T + "/none is not a directory"),
+    (["eval", RUN, "--tasks", "all", "--tasks-dir", f"{T}/emptydir"], "holds none of the task folders"),
+    (["eval", RUN], "--data: give a text file to score (perplexity), --tasks (zero-shot scores), or both"),
     (["eval", RUN, "--tasks", ","], "--tasks: give at least one task name"),
     (["eval", RUN, "--tasks", ""], "--tasks: give at least one task name"),
     (["eval", RUN, "--tasks", " , ,"], "--tasks: give at least one task name"),
@@ -250,8 +248,6 @@ TABLE = [
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "train.max_steps=5"], "--epochs"),
     (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "train.seq_len=8"],
      "--set train.seq_len: sft does not use it"),
-    (["sft", RUN, "--data", f"{T}/alpaca.json", "--out", f"{T}/o", "--set", "train.eval_tokens=1"],
-     "--set train.eval_tokens: sft does not use it"),
     (["sft", RUN, "--data", f"{T}/input_zero.json", "--out", f"{T}/o"], "an 'input' that is not a string (int)"),
     # generate
     (["generate", RUN, "--prompt", ""], "--prompt"),
@@ -262,11 +258,8 @@ TABLE = [
     (["generate", RUN, "--prompt", "hi", "--seed", "1" + "0" * 20], "--seed: must be in [0, 2**32)"),
     (["generate", RUN, "--prompt", "hi", "--seed", "-1"], "--seed: must be in [0, 2**32)"),
     (["generate", RUN, "--prompt", "hi", "--seed", "4294967296"], "--seed"),
-    # generate: sampling flags under greedy decoding would change nothing
-    (["generate", RUN, "--prompt", "hi", "--top-k", "5"], "--top-k: has no effect at --temperature 0"),
-    (["generate", RUN, "--prompt", "hi", "--top-p", "0.9"], "--top-p: has no effect"),
-    (["generate", RUN, "--prompt", "hi", "--seed", "7"], "--seed: has no effect"),
-    (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--top-k", "3"], "--top-k: has no"),
+    (["generate", RUN, "--prompt", "hi", "--top-k", "-1"], "--top-k: must be non-negative"),
+    (["generate", RUN, "--prompt", "hi", "--top-p", "0"], "--top-p: must be in (0, 1]"),
     # bytes that are not UTF-8 reach Python as lone surrogates: no tokenizer or UTF-8 file takes them
     (["generate", RUN, "--prompt", "a\udcff\udcfe"], "--prompt: is not valid UTF-8 text"),
     (["generate", RUN, "--prompt", "\ud800"], "--prompt: is not valid UTF-8 text"),
@@ -278,6 +271,8 @@ TABLE = [
      "--model-id: is not valid UTF-8"),
     (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--model-id", ""], "--model-id: give"),
     (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/a.jsonl", "--model-id", "  "], "--model-id"),
+    (["mt-bench", RUN, "--questions", "{questions}", "--out", f"{T}/afile/a.jsonl"],
+     "--out: " + T + "/afile is a file"),
     # mt-bench: an --out that would overwrite an input
     (["mt-bench", RUN, "--questions", f"{T}/q.jsonl", "--out", f"{T}/q.jsonl"], "is the --questions file"),
     (["mt-bench", RUN, "--questions", f"{T}/q.jsonl", "--out", f"{T}/./q.jsonl"], "is the --questions file"),
@@ -359,6 +354,7 @@ def test_bad_input(tiny_run, tmp_path, capsys, monkeypatch, args, needle):
     work.mkdir()
     inputs(work)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("STEPLM_TASKS_DIR", raising=False)
     argv = [a.replace(T, str(work)).replace(RUN, str(tiny_run)).replace("{gpt2}", str(shared("tokenizers/gpt2")))
             .replace("{questions}", str(shared("eval/mt_bench/question.jsonl")))
             .replace("{tiny_yaml}", str(ROOT / "configs" / "tiny.yaml")) for a in args]
@@ -444,3 +440,43 @@ def test_an_out_with_dot_dot_creates_no_folder_on_the_way(tmp_path, capsys, monk
                  "--quiet"]) == 2
     assert "empty corpus" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
+
+
+# Harmless or redundant input: one warning line each, and the command does what it does without it
+# (args, the warnings, the same command without what changes nothing).
+GREEDY = "has no effect under greedy decoding (--temperature 0); set --temperature > 0 to sample"
+GEN = ["generate", RUN, "--prompt", "To be"]
+EVAL = ["eval", RUN, "--data", "{wiki}", "--max-tokens", "512"]
+WARNED = [
+    ([*GEN, "--top-k", "50"], ["--top-k " + GREEDY], GEN),
+    ([*GEN, "--top-p", "0.9"], ["--top-p " + GREEDY], GEN),
+    ([*GEN, "--seed", "7"], ["--seed " + GREEDY], GEN),
+    ([*GEN, "--top-k", "5", "--seed", "7"], ["--top-k " + GREEDY, "--seed " + GREEDY], GEN),
+    ([*GEN, "--top-k", "0"], [], GEN),  # 0 is off, as in transformers
+    ([*GEN, "--top-p", "1"], [], GEN),  # 1 is off
+    ([*GEN, "--temperature", "0.8", "--seed", "3", "--top-k", "0", "--top-p", "1"], [],
+     [*GEN, "--temperature", "0.8", "--seed", "3"]),
+    (["plan", "{tiny_yaml}", "--seed", "7", "--set", "train.seed=7"],
+     ["--seed: also given as --set train.seed, with the same value; give it once"],
+     ["plan", "{tiny_yaml}", "--seed", "7"]),
+    (["plan", "{tiny_yaml}", "--set", "train.lr=0.0003", "--lr", "3e-4"],
+     ["--lr: also given as --set train.lr, with the same value; give it once"],
+     ["plan", "{tiny_yaml}", "--lr", "3e-4"]),
+    ([*EVAL, "--limit", "3"], ["--limit has no effect without --tasks (add --tasks all to run every task)"], EVAL),
+    ([*EVAL, "--tasks-dir", "{eval}"],
+     ["--tasks-dir has no effect without --tasks (add --tasks all to run every task)"], EVAL),
+]
+
+
+@pytest.mark.parametrize("args,warnings,plain", WARNED, ids=[" ".join(a[2:]) for a, _, _ in WARNED])
+def test_harmless_input_is_warned_about_not_refused(tiny_run, capsys, args, warnings, plain):
+    """Exit 0, exactly the expected warning lines, and the output of the command without what changes
+    nothing."""
+    sub = {RUN: str(tiny_run), "{tiny_yaml}": str(ROOT / "configs" / "tiny.yaml"),
+           "{wiki}": str(shared("wikitext2/valid.txt")), "{eval}": str(shared("eval"))}
+    assert main([sub.get(a, a) for a in args]) == 0
+    out, err = capsys.readouterr()
+    said = [ln.removeprefix("steplm: warning: ") for ln in err.splitlines() if ln.startswith("steplm: warning: ")]
+    assert said == warnings, err
+    assert main([sub.get(a, a) for a in plain]) == 0
+    assert capsys.readouterr().out == out

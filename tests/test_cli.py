@@ -165,3 +165,61 @@ def test_a_baseline_run_prints_only_its_result(tmp_path, method):
     res = run_cli("train", "--out", str(tmp_path / "run"), "--quiet", *[x for kv in sets for x in ("--set", kv)])
     assert res.returncode == 0 and res.stderr.splitlines() == [
         f"run written to {tmp_path / 'run'}/ (summary.json, metrics.jsonl, model.safetensors)"], res.stderr
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import PackageNotFoundError, version
+
+    import steplm
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    try:
+        expect = version("steplm")
+    except PackageNotFoundError:
+        expect = steplm.__version__
+    assert capsys.readouterr().out == f"steplm {expect}\n"
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.startswith("steplm ") and res.stderr == ""
+
+
+def test_info_is_aligned_key_value_lines_and_json_the_raw_dict(step_run, capsys):
+    """`steplm info`: one "key: value" per line, values in one column, stages as cumulative depths,
+    counts with separators; --json: the dict the lines come from."""
+    s = json.loads((step_run / "summary.json").read_text())
+    assert main(["info", str(step_run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pairs = dict(ln.split(":", 1) for ln in lines)
+    assert len({len(ln) - len(ln[ln.index(":") + 1:].lstrip()) for ln in lines}) == 1  # one value column
+    value = {k: v.strip() for k, v in pairs.items()}
+    assert value["kind"] == "steplm run" and value["method"] == "step" and value["layers"] == "4"
+    assert value["stages"] == "2 -> 4 layers"
+    assert value["steps per stage"] == ", ".join(f"{n:,}" for n in s["stage_steps"])
+    assert value["tokens seen"] == f"{s['tokens_seen']:,}" and "," in value["tokens seen"]
+    assert value["final val loss"] == f"{s['final_val_loss']:.4f}"
+    assert main(["info", str(step_run), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["steplm"]["layers_per_stage"] == [2, 2] and d["model"]["n_layers"] == 4
+
+
+@pytest.mark.parametrize("out", ["plots/mem.png", "plots/deeper/mem", "plots/"])
+def test_plot_creates_a_missing_folder(step_run, tmp_path, capsys, monkeypatch, out):
+    """--out in a folder that does not exist yet: created, as train and export create theirs."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", str(step_run), "--out", out]) == 0
+    made = {"plots/mem.png": "plots/mem.png", "plots/deeper/mem": "plots/deeper/mem.png",
+            "plots/": "plots/memory.png"}[out]
+    assert (tmp_path / made).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().err == f"wrote {made}\n"
+
+
+def test_a_plot_that_cannot_be_written_leaves_no_folder(step_run, tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail)
+    assert main(["plot", str(step_run), "--out", str(tmp_path / "a" / "b" / "mem.png")]) == 2
+    assert "--out: cannot write" in capsys.readouterr().err and not (tmp_path / "a").exists()

@@ -226,9 +226,15 @@ def test_info_refuses_a_folder_no_command_can_load(tiny_run, hf_export, tmp_path
     _refused(["info", str(d)], capsys, needle, tmp_path)
 
 
-def test_init_from_a_steplm_run_says_to_export_it(tiny_run, tmp_path, capsys):
-    _refused(["train", "--init-from", str(tiny_run), "--data", str(shared("shakespeare/input.txt")), "--out",
-              str(tmp_path / "o"), "--quiet"], capsys, "export it first", tmp_path)
+def test_init_from_a_run_with_no_model_yet_names_the_flag(tiny_run, tmp_path, capsys):
+    """A steplm run is a model for --init-from (test_run_dir.py); one with neither a final model nor a
+    checkpoint is one line under --init-from's name."""
+    d = tmp_path / "m"
+    shutil.copytree(tiny_run, d)
+    (d / "model.safetensors").unlink()
+    err = _refused(["train", "--init-from", str(d), "--data", str(shared("shakespeare/input.txt")), "--out",
+                    str(tmp_path / "o"), "--quiet"], capsys, "without an intact checkpoint", tmp_path)
+    assert err.startswith(f"steplm: error: --init-from: {d} is a steplm run without model.safetensors"), err
 
 
 # ---------------------------------------------------------------------------- token cache, tokenizers

@@ -198,3 +198,25 @@ def test_generate_cli_warns_once_for_a_long_prompt(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "To be, or not to be " * 200, "--max-new-tokens", "4"]) == 0
     err = capsys.readouterr().err
     assert err.count("steplm: warning:") == 2 and "exceeds the model's context" in err and "Traceback" not in err
+
+
+def test_mt_bench_warns_about_sampling_flags_under_greedy_and_creates_its_folder(tiny_run, tmp_path, capsys):
+    """The answers' folder is created, as train's and export's are; --top-k at temperature 0 is one
+    warning, and the answers are the greedy ones."""
+    answers = {}
+    for name, extra in (("plain", []), ("topk", ["--top-k", "3"])):
+        out = tmp_path / name / "new" / "answers.jsonl"
+        assert main(["mt-bench", str(tiny_run), "--questions", str(shared("eval/mt_bench/question.jsonl")),
+                     "--out", str(out), "--limit", "2", "--max-new-tokens", "3", *extra]) == 0
+        err = capsys.readouterr().err
+        assert ("steplm: warning: --top-k has no effect under greedy decoding" in err) == bool(extra), err
+        answers[name] = [r["choices"] for r in map(json.loads, out.read_text().splitlines())]
+    assert answers["plain"] == answers["topk"]
+
+
+def test_a_failed_mt_bench_leaves_no_folder_it_created(tiny_run, tmp_path, capsys):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question_id": 1}\n')
+    out = tmp_path / "a" / "b" / "x.jsonl"
+    assert main(["mt-bench", str(tiny_run), "--questions", str(bad), "--out", str(out)]) == 2
+    assert "--questions" in capsys.readouterr().err and not (tmp_path / "a").exists()

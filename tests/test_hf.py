@@ -505,14 +505,16 @@ def test_export_bf16_sharded_with_history_round_trips(tiny_run, tmp_path, capsys
         theirs = hf(input_ids=x).logits
         assert (ours(x) - theirs).abs().max().item() <= 2e-5
         assert (back(x) - theirs).abs().max().item() <= 2e-5
+    depths = " -> ".join(str(sum(summary["layers_per_stage"][:i + 1])) for i in range(len(summary["layers_per_stage"])))
     assert main(["info", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "Hugging Face Llama" in text and f"layers per stage {summary['layers_per_stage']}" in text
+    lines = capsys.readouterr().out.splitlines()
+    assert "kind:            Hugging Face Llama" in lines and f"stages:          {depths} layers" in lines
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steplm"]["method"] == summary["method"]
     assert main(["info", str(tiny_run)]) == 0
-    text = capsys.readouterr().out
-    assert text.startswith("steplm run") and f"method {summary['method']}" in text and "'<|endoftext|>'" in text
+    lines = capsys.readouterr().out.splitlines()
+    assert "kind:            steplm run" in lines and f"method:          {summary['method']}" in lines
+    assert any(ln.startswith("special tokens:  eos '<|endoftext|>'") for ln in lines)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -1,7 +1,9 @@
 """SFT on the shared training loop: response-token normalisation across micro-batches, bitwise
 resume after a SIGKILL, checkpoints, the NaN guard and bad input."""
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,3 +284,81 @@ def test_sft_counts_the_tokens_it_trains_on(tiny_run, tmp_path, capsys):
     response = sum(len(m.tokenizer.encode(r["output"], add_special_tokens=False).ids) + 1 for r in records)
     assert f"steplm: data: {data}: {len(records)} examples tuned on, {sum(lengths):,} tokens ({response:,} response " \
            "tokens, which the loss is on); validation: none held out" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tuned_step_run(step_run, tmp_path_factory):
+    """`steplm sft` of the tiny STEP run."""
+    tmp = tmp_path_factory.mktemp("tuned")
+    data = tmp / "d.json"
+    data.write_text(json.dumps([{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
+                                for i in range(1, 7)]))
+    out = tmp / "sft"
+    assert main(["sft", str(step_run), "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "2",
+                 "--warmup-steps", "0", "--quiet", "--dtype", "fp32"]) == 0
+    return out
+
+
+def test_sft_keeps_the_pretraining_history(step_run, tuned_step_run, tmp_path, capsys):
+    """After sft of a STEP run, summary.json, info and the exported config.json still say how the
+    model was pre-trained (method step, 2 -> 4 layers, its tokens), where it came from, and the tuning."""
+    pre = json.loads((step_run / "summary.json").read_text())
+    s = json.loads((tuned_step_run / "summary.json").read_text())
+    expect = {"method": "step", "layers_per_stage": [2, 2], "stage_steps": pre["stage_steps"],
+              "tokens_seen": pre["tokens_seen"], "final_val_loss": pre["final_val_loss"], "source": str(step_run)}
+    assert s["pretraining"] == expect
+    assert s["method"] == "vanilla" and s["layers_per_stage"] == [4]  # what the tuning itself did
+    capsys.readouterr()
+    assert main(["info", str(tuned_step_run), "--json"]) == 0
+    h = json.loads(capsys.readouterr().out)["steplm"]
+    assert {k: h[k] for k in expect} == expect
+    assert h["sft"]["examples"] == 6 and h["sft"]["steps"] == 3 and h["sft"]["epochs"] == 1
+    assert main(["info", str(tuned_step_run)]) == 0
+    text = capsys.readouterr().out
+    assert "stages:" in text and "2 -> 4 layers" in text and f"{pre['tokens_seen']:,}" in text
+    assert main(["export", str(tuned_step_run), "--to", str(tmp_path / "hf")]) == 0
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())["steplm"]
+    assert {k: exported[k] for k in expect} == expect and exported["sft"] == h["sft"]
+    # and a pre-training export carries its history the same way, without "sft"
+    assert main(["export", str(step_run), "--to", str(tmp_path / "hf_pre")]) == 0
+    plain = json.loads((tmp_path / "hf_pre" / "config.json").read_text())["steplm"]
+    assert {k: plain[k] for k in expect if k != "source"} == {k: v for k, v in expect.items() if k != "source"}
+    assert "sft" not in plain
+
+
+def test_sft_calls_its_loss_on_training_examples_a_train_loss(tuned_step_run):
+    """SFT holds no examples out: its evaluation is on training examples, and nothing calls it validation."""
+    s = json.loads((tuned_step_run / "summary.json").read_text())
+    assert "final_val_loss" not in s and "final_val_ppl" not in s
+    assert s["final_train_ppl"] == pytest.approx(math.exp(s["final_train_loss"]))
+    assert all("val_loss" not in r and "train_loss" in r for r in s["stages"])
+    rows = [json.loads(x) for x in (tuned_step_run / "metrics.jsonl").read_text().splitlines()]
+    assert not any("val_loss" in r for r in rows)
+    assert [r["train_loss"] for r in rows if "train_loss" in r] == [round(s["final_train_loss"], 5)]
+    sft = json.loads((tuned_step_run / "sft_summary.json").read_text())
+    assert sft["final_train_loss"] == s["final_train_loss"]
+
+
+def test_an_sft_run_of_an_sft_run_keeps_the_first_history(step_run, tuned_step_run, tmp_path):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "Say yes.", "input": "", "output": "yes"}] * 2))
+    out = tmp_path / "again"
+    assert main(["sft", str(tuned_step_run), "--data", str(data), "--out", str(out), "--epochs", "1",
+                 "--batch-size", "2", "--warmup-steps", "0", "--quiet"]) == 0
+    pre = json.loads((out / "summary.json").read_text())["pretraining"]
+    assert pre["method"] == "step" and pre["layers_per_stage"] == [2, 2] and pre["source"] == str(tuned_step_run)
+
+
+def test_an_sft_run_written_before_history_travelled_is_not_called_vanilla(tuned_step_run, tmp_path):
+    """An SFT run of an older steplm: summary.json has the tuning's own method and final_val_loss and
+    no "pretraining". The history says what is known (the tuning) and claims no pre-training method."""
+    from steplm.io.run_dir import run_history
+
+    old = tmp_path / "old"
+    shutil.copytree(tuned_step_run, old)
+    s = json.loads((old / "summary.json").read_text())
+    s.pop("pretraining")
+    s["final_val_loss"] = s.pop("final_train_loss")
+    (old / "summary.json").write_text(json.dumps(s))
+    h = run_history(old)
+    assert "method" not in h and "layers_per_stage" not in h and h["sft"]["examples"] == 6

@@ -107,4 +107,60 @@ def test_cli_tasks_on_run_and_export_identical(tiny_run, tmp_path, eval_dir, cap
 
 def test_unknown_task(tiny_run, capsys):
     assert main(["eval", str(tiny_run), "--tasks", "piqa,mmlu"]) == 2
-    assert "mmlu" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown task 'mmlu'; choose from lambada," in err and ", or all" in err
+
+
+def test_eval_scores_perplexity_and_tasks_in_one_call(tiny_run, eval_dir, capsys):
+    """--data and --tasks together: one JSON object with perplexity's keys and "tasks", each equal to
+    what the command gives for one of them alone; the text form prints both."""
+    data = ["--data", str(shared("wikitext2/valid.txt")), "--max-tokens", "512"]
+    tasks_args = ["--tasks", "piqa,arc_easy", "--limit", "4", "--tasks-dir", str(eval_dir)]
+    results = []
+    for args in (data + tasks_args, data, tasks_args):
+        assert main(["eval", str(tiny_run), *args, "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    both, ppl, scores = results
+    assert both == {**ppl, **scores} and set(both["tasks"]) == {"piqa", "arc_easy"} and "loss" in both
+    assert main(["eval", str(tiny_run), *data, *tasks_args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"loss {ppl['loss']:.4f}  ppl {ppl['ppl']:.2f}  tokens {ppl['tokens']}"
+    assert [ln.split()[0] for ln in lines[1:]] == ["piqa", "arc_easy"]
+
+
+def test_task_names_are_case_insensitive_and_all_runs_every_task_found(tiny_run, tmp_path, eval_dir, capsys,
+                                                                       monkeypatch):
+    """PIQA is piqa; "all" is every task whose folder the tasks folder holds, in the paper's order,
+    here found through STEPLM_TASKS_DIR; a task named twice runs once, with a warning."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for name in ("winogrande", "piqa"):
+        (folder / name).symlink_to(eval_dir / name)
+    monkeypatch.setenv("STEPLM_TASKS_DIR", str(folder))
+    runs = {}
+    for spec in ("PIQA,Winogrande", "all", "piqa,all"):
+        assert main(["eval", str(tiny_run), "--tasks", spec, "--limit", "4", "--json"]) == 0
+        out, err = capsys.readouterr()
+        runs[spec] = json.loads(out)["tasks"]
+        assert err == ("steplm: warning: --tasks: piqa is listed more than once; it runs once\n"
+                       if spec == "piqa,all" else ""), err
+    assert list(runs["all"]) == ["winogrande", "piqa"]  # tasks.TASKS order
+    assert runs["PIQA,Winogrande"] == runs["all"] == runs["piqa,all"]
+
+
+@pytest.mark.parametrize("env", [None, "missing"])
+def test_a_tasks_folder_is_named_never_guessed(tiny_run, tmp_path, capsys, monkeypatch, env):
+    """Without --tasks-dir and STEPLM_TASKS_DIR the line names both; a STEPLM_TASKS_DIR that is not a
+    folder is named as such. No path of this repository's layout is tried."""
+    (tmp_path / "shared" / "data" / "eval" / "piqa").mkdir(parents=True)  # this repository's layout, beside
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # the working directory, is not looked at
+    if env:
+        monkeypatch.setenv("STEPLM_TASKS_DIR", str(tmp_path / env))
+    else:
+        monkeypatch.delenv("STEPLM_TASKS_DIR", raising=False)
+    assert main(["eval", str(tiny_run), "--tasks", "piqa"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("steplm: error: --tasks-dir: ")
+    assert (f"$STEPLM_TASKS_DIR is {tmp_path / env}, which is not a directory" if env else
+            "give the folder of task sets") in err and "STEPLM_TASKS_DIR" in err

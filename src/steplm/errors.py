@@ -7,6 +7,8 @@ sysexits' EX_TEMPFAIL, "try again later"); 130 interrupted (Ctrl-C; during train
 checkpoint as on SIGTERM: ``Interrupted``). Anything else is a bug.
 """
 
+import sys
+
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_STOPPED = 3
 EXIT_PREEMPTED = 75
@@ -56,3 +58,8 @@ class Preempted(Exception):
 
 class Interrupted(Preempted):
     """SIGINT (Ctrl-C) during training: stopped as on preemption, but exit code 130."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr, "steplm: warning: <message>": something harmless or redundant the run goes on with."""
+    print(f"steplm: warning: {message}", file=sys.stderr)

@@ -23,28 +23,36 @@ def read_summary(run_dir: str | Path, key: str = "RUN_DIR") -> dict:
 
 
 def png_path(out: str | Path | None, default: Path, flag: str = "--out") -> Path:
-    """Where a plot goes: ``default`` when not given, FOLDER/<default's name> for a folder, else the
-    path itself with .png added if it has no suffix; its folder must exist."""
+    """Where a plot goes: ``default`` when not given, FOLDER/<default's name> for a folder (one that
+    exists, or a path ending in '/'), else the path itself with .png added if it has no suffix. Its
+    folder may not exist yet (``save_png`` creates it), but cannot lie under a file."""
     if not out:
         return default
     p = Path(out)
-    if p.is_dir():
-        return p / default.name
-    if not p.parent.is_dir():
-        raise UserError(f"{flag}: {p.parent} is not an existing directory")
+    if p.is_dir() or str(out).endswith("/"):
+        p = p / default.name
+    above = next((a for a in p.parents if a.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{flag}: {above} is a file, not a directory")
     if p.suffix.lower() not in ("", ".png"):
         raise UserError(f"{flag}: plots are PNG files; give a path ending in .png, got {p.name}")
     return p.with_suffix(".png") if not p.suffix else p
 
 
 def save_png(fig, out: str | Path, flag: str = "--out") -> None:
-    """Write ``fig`` to ``out`` and close it; a place that cannot be written is one UserError line."""
+    """Write ``fig`` to ``out`` (creating its missing folders, as train and export create theirs) and
+    close it; a place that cannot be written is one UserError line, and leaves no folder it created."""
     import matplotlib.pyplot as plt
 
     from steplm.io.files import one_line
+    created = [p for p in Path(out).parents if not p.exists()]  # innermost first
     try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
     except (OSError, UnicodeError) as e:
+        for p in created:
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
         raise UserError(f"{flag}: cannot write {out} ({one_line(e)})")
     finally:
         plt.close(fig)

@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from steplm.errors import UserError
+from steplm.errors import UserError, warn
 
 
 class Parser(argparse.ArgumentParser):
@@ -96,6 +96,10 @@ def is_utf8(s: str) -> bool:
         return False
     return True
 
+
+MODEL_HELP = ("a model: an HF Llama folder, a steplm run folder (its final model; a run still training or "
+              "interrupted: its newest intact checkpoint), a checkpoint folder (RUN/checkpoints/step_N), or "
+              "RUN/checkpoints (the newest intact one); read-only")
 
 TEXT_ARGS = {"prompt", "model_id", "set", "tasks", "layers_per_stage"}
 PATH_ARGS = {"config", "data", "out", "to", "init_from", "model", "run_dir", "questions", "vanilla", "tasks_dir"}
@@ -274,8 +278,9 @@ SHORT_FLAGS = {
     "--device": ("train.device", {"choices": ["auto", "cpu", "cuda"], "help": "where the run trains (train.device)"}),
     "--dtype": ("train.dtype", {"choices": ["auto", "fp32", "bf16"], "help": "compute precision (train.dtype)"}),
     "--compile": ("train.compile", {"action": "store_true", "default": None, "help": "torch.compile (train.compile)"}),
-    "--init-from": ("model.init_from", {"type": path_arg, "metavar": "HF_DIR", "help": "start stage 1 from this HF Llama directory and use "
-                                        "its tokenizer (model.init_from); model.n_layers is the final depth"}),
+    "--init-from": ("model.init_from", {"type": path_arg, "metavar": "MODEL", "help": "start stage 1 from this model "
+                                        "(an HF Llama folder, a steplm run, a checkpoint folder or RUN/checkpoints) "
+                                        "and use its tokenizer (model.init_from); model.n_layers is the final depth"}),
 }
 
 
@@ -303,6 +308,17 @@ def add_config_flags(p, short: dict = SHORT_FLAGS, sections: tuple[str, ...] | N
                            "relora, galore, apollo)")
 
 
+def same_value(a, b) -> bool:
+    """Whether two values of one key, as given on the command line (text or parsed), are the same:
+    equal as text (case aside: true, True), or as numbers (3e-4 and 0.0003)."""
+    if str(a).strip().lower() == str(b).strip().lower():
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
 def flag_dest(flag: str) -> str:
     return "short:" + flag.lstrip("-")
 
@@ -313,14 +329,17 @@ def config_overrides(a, short: dict = SHORT_FLAGS) -> list[str]:
     by a flag -> that flag, the name errors show it under."""
     from steplm.config import override_key
 
-    items, given = [], {}
+    items, given, values = [], {}, {}
     a.names = getattr(a, "names", {})
 
     def add(key, value, how):
         if key in given:
             first, second = (how, given[key]) if given[key].startswith("--set") else (given[key], how)
+            if same_value(values[key], value):  # redundant, not contradictory: said, and the run goes on
+                warn(f"{first}: also given as {second}, with the same value; give it once")
+                return
             raise UserError(f"{first}: also given as {second}; give one of them")
-        given[key] = how
+        given[key], values[key] = how, value
         items.append(f"{key}={value}")
         if not how.startswith("--set"):
             a.names[key] = how

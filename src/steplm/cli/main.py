@@ -13,6 +13,7 @@ from steplm.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="steplm", description="STEP: staged parameter-efficient pre-training of LLaMA models.")
+    p.add_argument("--version", action="version", version=f"steplm {version()}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     for command in (train_cmd, eval_cmd, export_cmd, plan_cmd, generate_cmd, sft_cmd, plot_cmd):
         command.add_parsers(sub)
@@ -23,6 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
             if action.dest in TEXT_ARGS and action.type is None:
                 action.type = text_arg
     return p
+
+
+def version() -> str:
+    """The installed package's version (importlib.metadata), else the source tree's ``steplm.__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("steplm")
+    except PackageNotFoundError:  # run from a source tree (PYTHONPATH=src) without installing
+        from steplm import __version__
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from steplm.cli.args import SHORT_FLAGS, add_config_flags, int_up_to, path_arg, positive_float
 from steplm.cli.train_cmd import load_config
+from steplm.config.load import presets
 from steplm.errors import UserError
 from steplm.io.files import dumps
 from steplm.plan import memory, solve
@@ -327,7 +328,8 @@ def _print_plan(a, plan: solve.Plan, written) -> None:
 
 def add_parsers(sub) -> None:
     pl = sub.add_parser("plan", help="STEP memory planner (paper Eq. 1-5, Eq. 3 ILP); with CONFIG, a run's stage plan")
-    pl.add_argument("config", nargs="?", help="a run config (YAML): print its stage plan (a dry run of `train`)")
+    pl.add_argument("config", nargs="?", help=f"a run config (a YAML file, or a preset's name: {presets()}): print "
+                    "its stage plan (a dry run of `train`)")
     pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"],
                     help="a model size of the paper's Table 1 (its d, L, K and rank)")
     width, big = int_up_to(solve.MAX_WIDTH), int_up_to(1 << 30, "a sanity bound")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import sys
 
-from steplm.cli.args import add_config_flags, config_overrides, every_arg, positive_int, non_negative_int, positive_float, seed_arg, fit, out_path, precision, add_precision
-from steplm.errors import UserError
+from steplm.cli.args import (MODEL_HELP, add_config_flags, add_precision, config_overrides, every_arg, fit,
+                             non_negative_int,
+                             out_path, positive_float, positive_int, precision, seed_arg)
+from steplm.errors import UserError, warn
 from steplm.io.files import dumps
 
 
@@ -15,14 +17,16 @@ SFT_FLAG_KEYS = {"train.lr": "--lr", "train.warmup_steps": "--warmup-steps", "tr
                  "train.max_steps": "--epochs"}
 
 
-SFT_UNUSED_KEYS = {"train.eval_every": "sft has no validation split", "train.eval_tokens": "sft has no validation split",
-                   "train.seq_len": "each example is cut at MODEL's max_seq_len"}
+SFT_UNUSED_KEYS = {"train.seq_len": "each example is cut at MODEL's max_seq_len"}  # would be misread: refused
+SFT_NO_EFFECT_KEYS = {"train.eval_tokens": "sft scores its first 64 examples"}  # harmless: warned about, dropped
 
 
-def _check_sft_sets(sets: list[str]) -> None:
-    """sft's --set takes train.* keys only: the model's shape and tokenizer are MODEL's, the examples
-    --data's, and the method plain AdamW, so any other key would be ignored without a word."""
+def _check_sft_sets(sets: list[str]) -> list[str]:
+    """sft's config overrides, checked: train.* keys only (the model's shape and tokenizer are MODEL's,
+    the examples --data's, and the method plain AdamW, so any other key would be ignored without a
+    word); a key sft cannot use is refused, one that changes nothing is dropped with a warning."""
     from steplm.config import override_key
+    kept = []
     for item in sets:
         key = override_key(item)
         if key in SFT_FLAG_KEYS:
@@ -32,6 +36,11 @@ def _check_sft_sets(sets: list[str]) -> None:
         if not key.startswith("train."):
             raise UserError(f"--set {key}: sft takes only train.* keys (the model's shape and tokenizer come from "
                             f"MODEL, the examples from --data, and the optimizer is plain AdamW)")
+        if key in SFT_NO_EFFECT_KEYS:
+            warn(f"{key} has no effect on sft ({SFT_NO_EFFECT_KEYS[key]})")
+            continue
+        kept.append(item)
+    return kept
 
 
 def cmd_sft(a):
@@ -40,7 +49,7 @@ def cmd_sft(a):
 
     overrides = config_overrides(a, short={})
     a.names = {**SFT_FLAG_KEYS, **a.names}  # sft sets these keys from its flags
-    _check_sft_sets(overrides)
+    overrides = _check_sft_sets(overrides)
     read_examples(a.data)  # bad data: one line, before anything is written
     precision(a)  # --device cuda without a GPU: one line naming the flag
     out = out_path(a.out, "--out")
@@ -56,7 +65,7 @@ def cmd_sft(a):
 
 def add_parsers(sub) -> None:
     f = sub.add_parser("sft", help="instruction-tune (Alpaca template, loss on responses only)")
-    f.add_argument("model", help="run directory or HF Llama directory")
+    f.add_argument("model", help=MODEL_HELP)
     f.add_argument("--data", required=True, help="Alpaca JSON (instruction/input/output) or seed-task JSONL")
     f.add_argument("--out", required=True, help="run directory of the tuned model")
     f.add_argument("--epochs", type=positive_int, default=2, help="passes over the data (default 2)")

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from steplm.cli.args import SHORT_FLAGS, add_config_flags, config_overrides, fit, flag_dest, out_path
-from steplm.errors import UserError
+from steplm.config.load import presets
+from steplm.errors import UserError, warn
 from steplm.io.files import dumps
 
 # every short flag but --init-from, which config.load takes apart (it fills the model keys from the folder)
@@ -18,8 +20,12 @@ def load_config(a):
 
     overrides = config_overrides(a, {f: v for f, v in CONFIG_FLAGS.items() if hasattr(a, flag_dest(f))})
     init_from = getattr(a, flag_dest("--init-from"), None)
-    if init_from is not None and any(item.split("=", 1)[0].strip() == "model.init_from" for item in overrides):
-        raise UserError("--init-from: also given as --set model.init_from; give one of them")
+    also = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].strip() == "model.init_from"]
+    if init_from is not None and also:
+        if not all(Path(v.strip()).resolve() == Path(init_from).resolve() for v in also):
+            raise UserError("--init-from: also given as --set model.init_from; give one of them")
+        warn("--init-from: also given as --set model.init_from, with the same folder; give it once")
+        overrides = [item for item in overrides if item.split("=", 1)[0].strip() != "model.init_from"]
     cfg = config.load(a.config, overrides, init_from=init_from)
     config.validate(cfg)
     return cfg
@@ -42,7 +48,7 @@ def cmd_train(a):
 
 def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="pre-train (vanilla or STEP) from a YAML config")
-    t.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    t.add_argument("config", nargs="?", help=f"a YAML config file, or a preset's name ({presets()})")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--fresh", action="store_true", help="refuse to start unless --out is empty (no resume)")

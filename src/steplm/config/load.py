@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from steplm.config.init_from import resolve_init_from
+from steplm.config.presets import preset_names, resolve_config
 from steplm.config.schema import SECTIONS, RunConfig
 from steplm.config.validate import Raw, _show, check_value, config_error, value_problem
 from steplm.errors import UserError
@@ -107,13 +108,14 @@ def override_key(item: str) -> str:
 
 
 def load(path: str | Path | None, overrides: list[str] = (), init_from: str | None = None) -> RunConfig:
-    """Read a YAML config (or the defaults if ``path`` is None) and apply ``key=value`` overrides, then
-    ``init_from`` (the --init-from flag, which sets model.init_from)."""
+    """Read a YAML config (a file, a preset's name (``presets.resolve_config``), or the defaults if
+    ``path`` is None) and apply ``key=value`` overrides, then ``init_from`` (the --init-from flag,
+    which sets model.init_from)."""
     d: dict = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config(path)  # a preset's name (tiny-step) is its packaged file
         if p.is_dir():
-            raise UserError(f"config file {p} is a directory; give a YAML file (see configs/)")
+            raise UserError(f"config file {p} is a directory; give a YAML file or a preset's name ({presets()})")
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
@@ -155,6 +157,11 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
         d.setdefault("model", {})["init_from"] = init_from
         return from_dict(d, "--init-from", in_file - {"model.init_from"})
     return from_dict(d, file_keys=in_file)
+
+
+def presets() -> str:
+    """The preset names, for a message."""
+    return ", ".join(preset_names()) or "none installed"
 
 
 def save(cfg: RunConfig, path: str | Path):

@@ -87,9 +87,11 @@ class ModelConfig:
     init_std: float = field(default=0.02, metadata={"range": POSITIVE})
     """Std of the normal init; output projections are further scaled by depth."""
     init_from: str | None = None
-    """An HF Llama directory that stage 1 starts from instead of a random init (`steplm train --init-from`).
-    Its config.json fixes every architecture key (a conflicting model.* key is an error) and its tokenizer
-    is used as-is; model.n_layers is the final depth, at least the checkpoint's (STEP grows it to that).
+    """The model stage 1 starts from instead of a random init (`steplm train --init-from`): an HF Llama
+    directory, a steplm run (its final model, or while it trains its newest intact checkpoint), a
+    checkpoint folder (RUN/checkpoints/step_N) or RUN/checkpoints. Its config fixes every architecture
+    key (a conflicting model.* key is an error) and its tokenizer is used as-is; model.n_layers is the
+    final depth, at least the checkpoint's (STEP grows it to that).
     The model classes ignore it: it says where the weights come from, as init_std does for a random init."""
 
     def __post_init__(self):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from steplm.data.sampler import eval_windows
 from steplm.eval.loss import perplexity_of
-from steplm.io.run_dir import load_model_dir
+from steplm.io.run_dir import Pretrained, load_model_dir
 from steplm.data.corpus import read_documents
 from steplm.errors import UserError
 from steplm.io.special_tokens import check_ids
@@ -43,20 +43,21 @@ def windows_loss(logits_fn, windows: np.ndarray, batch_size: int, device="cpu") 
     return total.item(), count
 
 
-def perplexity(model_path: str, data: str, max_tokens: int | None = None, backend: str = "steplm",
+def perplexity(model_path: str | Pretrained, data: str, max_tokens: int | None = None, backend: str = "steplm",
                seq_len: int | None = None, batch_size: int = 8, progress: bool = False,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, text_field: str = "text"
                ) -> dict:
     """{"loss", "ppl", "tokens"} on non-overlapping windows of ``data``, run on ``device``; ``dtype`` bf16 runs
     the model under bf16 autocast (weights stay fp32), fp32 (the default) is the reference. ``text_field``
-    is the field of .jsonl/.parquet records that holds the text."""
+    is the field of .jsonl/.parquet records that holds the text. ``model_path``: a folder, or (backend
+    steplm) a model already loaded."""
     from steplm.devices import autocast
 
     device = torch.device(device)
     if not Path(data).exists():
         raise UserError(f"--data: {data} does not exist")
     if backend == "steplm":
-        p = load_model_dir(model_path, device)
+        p = model_path if isinstance(model_path, Pretrained) else load_model_dir(model_path, device)
         model, tok = p.model, p.tokenizer
         stream = token_stream(data, lambda t: tok.encode(t, add_special_tokens=False).ids, p.special.eos_id, text_field)
         check_ids(stream, model.config.vocab_size, f"--data {data}")

@@ -25,13 +25,12 @@ def layer_shape(model_cfg) -> memory.LayerShape:
 
 
 def init_depth(cfg) -> int | None:
-    """Layers of the checkpoint stage 1 starts from (model.init_from's num_hidden_layers), None without one.
-    Reads only that directory's config.json, which config validation has checked."""
+    """Layers of the model stage 1 starts from (model.init_from's depth), None without one. Reads only
+that folder's config, which config validation has checked."""
     if not cfg.model.init_from:
         return None
-    import json
-    from pathlib import Path
-    return int(json.loads((Path(cfg.model.init_from) / "config.json").read_text())["num_hidden_layers"])
+    from steplm.io.run_dir import read_config
+    return read_config(cfg.model.init_from).n_layers
 
 
 def precision(cfg) -> memory.Precision:

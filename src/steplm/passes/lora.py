@@ -72,6 +72,12 @@ def _merged(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype) -> torch
     return torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling).to(dtype)
 
 
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """An adapter's update B·A·scaling as an fp32 (out, in) matrix, for A (r, in) and B (out, r): what
+    merging adds to the base weight (``LoRALinear.delta``, and a checkpoint's weights read as a model)."""
+    return (lora_B.float() @ lora_A.float()) * scaling
+
+
 class LoRALinear(nn.Module):
     """A frozen linear plus a low-rank trainable update; rank 0 means frozen with no adapter."""
 
@@ -97,7 +103,7 @@ class LoRALinear(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """The adapter's update B·A·scaling as an fp32 (out, in) matrix."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return lora_delta(self.lora_A, self.lora_B, self.scaling)
 
     @torch.no_grad()
     def merge(self, rounding: str = "nearest", generator: torch.Generator | None = None) -> torch.Tensor | None:

@@ -122,11 +122,12 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def latest_valid(root: Path, log=lambda msg: print(msg, file=sys.stderr)) -> Path | None:
-    """The newest intact checkpoint; says so when it has to skip a corrupt one."""
+def latest_valid(root: Path, log=lambda msg: print(msg, file=sys.stderr), check=verify) -> Path | None:
+    """The newest intact checkpoint (``check``: what is wrong with one, None when intact); says so when
+    it has to skip a corrupt one."""
     for step in reversed(list_steps(root)):
         path = step_dir(root, step)
-        problem = verify(path)
+        problem = check(path)
         if problem is None:
             return path
         log(f"steplm: checkpoint {path.name} is corrupt ({problem}); falling back to the previous one")

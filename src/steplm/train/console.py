@@ -41,10 +41,11 @@ def step_line(row: dict, total: int, stage: str) -> str:
     return " | ".join(parts)
 
 
-def eval_line(step: int, total: int, stage: str, val_loss: float) -> str:
-    """'step 50/64 | stage 1 of 2 | val loss 5.4321 | val ppl 228.10'."""
+def eval_line(step: int, total: int, stage: str, val_loss: float, split: str = "val") -> str:
+    """'step 50/64 | stage 1 of 2 | val loss 5.4321 | val ppl 228.10' (``split`` 'train' for a loss
+    on training examples, SFT's)."""
     ppl = perplexity_of(val_loss)
-    return f"step {step}/{total} | {stage} | val loss {val_loss:.4f} | val ppl {ppl:.2f}" + \
+    return f"step {step}/{total} | {stage} | {split} loss {val_loss:.4f} | {split} ppl {ppl:.2f}" + \
         ("" if math.isfinite(ppl) else " (overflow)")
 
 

@@ -301,25 +301,26 @@ def check_weights_finite(run) -> None:
 
 
 def check_stage_loss(run, val: float) -> None:
-    """A stage's validation loss: non-finite, or at the end above a uniform guess, stops the run (the
-    model diverged); at the end within LEARNED_NATS of a uniform guess, a warning."""
+    """A stage's evaluation loss (``run.task.eval_what``): non-finite, or at the end above a uniform
+    guess, stops the run (the model diverged); at the end within LEARNED_NATS of a uniform guess, a
+    warning."""
     import sys
 
     from steplm.errors import TrainingStopped
 
     if not math.isfinite(val):  # finite weights whose logits overflow: a diverged model is not a result
-        raise TrainingStopped(f"{run.stage_name()}: the validation loss is {val} (the model diverged); "
+        raise TrainingStopped(f"{run.stage_name()}: the {run.task.eval_what} is {val} (the model diverged); "
                               f"{kept(run)} and no model is written ({lower_hint(run)})")
     last = run.stage == len(run.stage_steps) - 1
     uniform = math.log(run.cfg.model.vocab_size)  # the loss of a uniform guess, about where training starts
     if last and val > uniform + DIVERGED_NATS:
-        raise TrainingStopped(f"{run.stage_name()}: the final validation loss {val:.4g} nats is above "
+        raise TrainingStopped(f"{run.stage_name()}: the final {run.task.eval_what} {val:.4g} nats is above "
                               f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess (the model diverged); "
                               f"{kept(run)} and no model is written ({lower_hint(run)})")
     if last and val > uniform - LEARNED_NATS and run.main:
         skipped = (f"; {run.state.skipped} of its {sum(run.stage_steps)} steps were skipped as bad batches"
                    if run.state.skipped else "")
-        print(f"steplm: warning: the final validation loss {val:.4g} nats is not {LEARNED_NATS} below "
+        print(f"steplm: warning: the final {run.task.eval_what} {val:.4g} nats is not {LEARNED_NATS} below "
               f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess: the model learned nothing "
               f"(check {run.task.lr_key} and model.norm_eps, or train longer){skipped}", file=sys.stderr)
 

@@ -363,9 +363,10 @@ class Trainer:
     def _log_eval(self, val: float) -> None:
         """The metrics row and console line of a validation loss (nats) at this step."""
         s = self.state
-        self.log({"step": s.step, "stage": s.stage + 1, "val_loss": _rounded(val, 5), "tokens": s.tokens,
+        key = self.task.eval_key  # val_loss; SFT's train_loss
+        self.log({"step": s.step, "stage": s.stage + 1, key: _rounded(val, 5), "tokens": s.tokens,
                   "flops": s.flops[self.cfg.step.flops_convention], "elapsed_s": round(self.elapsed(), 3)})
-        self.console.say(eval_line(s.step, self.console.total, self.stage_name(), val))
+        self.console.say(eval_line(s.step, self.console.total, self.stage_name(), val, key.split("_")[0]))
 
     def _log_merges(self):
         while self.merge_rows:
@@ -410,7 +411,8 @@ class Trainer:
             s.record["peak_bytes"] = torch.cuda.max_memory_allocated()
         val = self.evaluate()
         guards.check_stage_loss(self, val)
-        s.record.update(steps=self.stage_steps[s.stage], tokens=s.tokens, flops=dict(s.flops), val_loss=val,
+        s.record.update(steps=self.stage_steps[s.stage], tokens=s.tokens, flops=dict(s.flops),
+                        **{self.task.eval_key: val},
                         step_seconds=s.step_seconds - s.record.pop("_seconds_at_start"))
         s.stage_records.append(s.record)
         s.record = None

@@ -110,10 +110,11 @@ def write_final_model(run, train_seconds: float) -> dict:
     final_cfg = replace(run.cfg.model, n_layers=len(run.model.model.layers))
     (run.out / "model_config.json").write_text(json.dumps(final_cfg.to_dict(), indent=2))
     s, conv = run.state, run.cfg.step.flops_convention
-    val = s.stage_records[-1]["val_loss"]
+    key = run.task.eval_key  # val_loss; an SFT run's is train_loss (it holds no examples out)
+    val = s.stage_records[-1][key]
     summary = {
         "method": run.method.name,
-        "final_val_loss": val, "final_val_ppl": perplexity_of(val),
+        f"final_{key}": val, f"final_{key.replace('loss', 'ppl')}": perplexity_of(val),
         "tokens_seen": s.tokens,
         "flops": s.flops[conv],
         "flops_convention": conv,
@@ -127,6 +128,7 @@ def write_final_model(run, train_seconds: float) -> dict:
         "stage_steps": run.stage_steps,
         "device": str(run.device), "dtype": str(run.dtype).replace("torch.", ""),
         "stages": s.stage_records,
+        **run.task.summary_extra(run),
     }
     (run.out / "summary.json").write_text(dumps(summary, indent=2))
     return summary

@@ -173,13 +173,17 @@ class SFTTask(PretrainTask):
     fit_activations = False  # examples are shorter than the model's max_seq_len, the seq_len set here
     fit_keys = {"states": "MODEL's size", "activations": "--micro-batch", "rope": "MODEL's max_position_embeddings"}
     flags_init_std = False
+    eval_key = "train_loss"  # the loss on training examples: SFT data has no held-out split
+    eval_what = "loss on the first training examples"
 
     def configure(self, run) -> None:
         """Load MODEL and the examples, and set train.max_steps and train.warmup_steps from them."""
-        from steplm.io.run_dir import load_model_dir
+        from steplm.io.run_dir import load_model_dir, resolve_source
 
         s, t = run.cfg.sft, run.cfg.train
-        self.source = load_model_dir(s.model, run.device)
+        source = resolve_source(s.model)
+        self.source = load_model_dir(source, run.device)
+        self.pretraining = pretraining_history(source)
         self.special = self.source.special
         tok = self.source.tokenizer
         examples = read_examples(s.data)[:s.limit]
@@ -249,7 +253,7 @@ class SFTTask(PretrainTask):
     @torch.no_grad()
     def evaluate(self, run, max_tokens: int | None = None) -> float:
         """Response loss (nats) on the first EVAL_EXAMPLES training examples in file order: SFT
-        data has no held-out split; this tracks fitting, not generalisation."""
+        data has no held-out split; this tracks fitting, not generalisation (hence "train_loss")."""
         run.model.eval()
         first = self.examples[:EVAL_EXAMPLES]
         n = response_tokens(first)
@@ -278,11 +282,27 @@ class SFTTask(PretrainTask):
         sft = {"model": run.cfg.sft.model, "data": run.cfg.sft.data, "examples": len(self.examples),
                "epochs": run.cfg.sft.epochs, "steps": run.step, "lr": t.lr, "warmup_steps": t.warmup_steps,
                "batch_examples": self.batch_examples, "first_loss": losses[0], "final_loss": losses[-1],
+               "final_train_loss": summary["final_train_loss"],
                "losses": losses, "train_seconds": summary["train_seconds"],
                "tokens_per_second": summary["tokens_per_second"], "weights_sha256": summary["weights_sha256"],
                "dtype": summary["dtype"], "device": summary["device"]}
         (run.out / "sft_summary.json").write_text(dumps(sft, indent=2))
         return {**summary, **sft}
+
+    def summary_extra(self, run) -> dict:
+        """summary.json keeps the tuned model's history (``pretraining_history``) under "pretraining",
+        so that info and export still say how it was pre-trained."""
+        return {"pretraining": self.pretraining}
+
+
+def pretraining_history(source) -> dict:
+    """How the model an SFT run tunes was made (``run_dir.run_history`` of ``source``, a resolved model
+    folder: method, layers and steps per stage, tokens seen, final validation loss), and "source", the
+    folder it was read from: what SFT's summary.json keeps under "pretraining"."""
+    from steplm.io.run_dir import run_history
+
+    h = {k: v for k, v in run_history(source).items() if k != "version"}
+    return {**h, "source": str(source.given)}
 
 
 def sft_trainer(cfg, out_dir, progress: bool = True) -> Trainer:

@@ -40,6 +40,10 @@ class PretrainTask:
     """The keys to lower when a run cannot fit, by the largest part of its memory."""
     flags_init_std = True
     """Whether a divergence hint may name model.init_std (not when the weights come from a model)."""
+    eval_key = "val_loss"
+    """The name of ``evaluate``'s loss in metrics rows, stage records and the summary (final_val_loss)."""
+    eval_what = "validation loss"
+    """``evaluate``'s loss in messages."""
 
     def configure(self, run) -> None:
         """Complete ``run.cfg`` before the run is planned (nothing to do for pre-training)."""
@@ -124,6 +128,10 @@ class PretrainTask:
         """What a resume checks it trains on the same data with (``state.data_fingerprint``)."""
         return data_fingerprint(run.train_shard.tokens, run.val_tokens)
 
+    def summary_extra(self, run) -> dict:
+        """Keys the task adds to summary.json (pre-training: none)."""
+        return {}
+
     def finish(self, run, summary: dict) -> dict:
         """The run's summary, completed by the task (pre-training: as it is)."""
         return summary
@@ -132,15 +140,17 @@ class PretrainTask:
 def pretrained_model(stage1, device: torch.device) -> LLaMA:
     """Stage 1's model loaded from model.init_from (fp32, trainable), checked against ``stage1``,
     the validated config it must match in every architecture key and in depth."""
-    from steplm.io.run_dir import load_pretrained
+    from steplm.io.run_dir import load_model_dir
 
     src = stage1.init_from
     try:
-        loaded = load_pretrained(src, device)
+        loaded = load_model_dir(src, device)
     except UserError as e:  # name the key that gave the folder, as config.load does for config.json
         raise e.rekeyed("model.init_from", "MODEL") from None
     if loaded.config.n_layers != stage1.n_layers:  # validation and the planner make n_1 the checkpoint's depth
-        raise RuntimeError(f"stage 1 has {stage1.n_layers} layers, the checkpoint {loaded.config.n_layers}")
+        raise UserError(f"model.init_from: {src} now holds a model of {loaded.config.n_layers} layers, not the "
+                        f"{stage1.n_layers} the run was planned for: a run that is still training wrote a newer "
+                        f"checkpoint meanwhile; give one checkpoint folder (RUN/checkpoints/step_N)")
     if replace(loaded.config, init_std=stage1.init_std, init_from=src) != stage1:
         # only when the weights disagree with config.json (an untied lm_head.weight): hf.load_pretrained warned
         raise UserError(f"model.init_from: {src}'s weights do not match its config.json "
