@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
-from steplm.cli.args import add_config_flags, config_overrides, every_arg, positive_int, non_negative_int, positive_float, seed_arg, fit, out_path, precision, add_precision
+from steplm.cli.args import (add_config_flags, add_precision, config_overrides, every_arg, fit, non_negative_int,
+                             out_path, positive_float, positive_int, precision, seed_arg)
 from steplm.errors import UserError
 from steplm.io.files import dumps
 
