@@ -139,8 +139,9 @@ def test_growth_line(prev, stage, text):
 def test_a_step_line_shows_non_finite_values_and_the_skipped_count():
     row = {"step": 7, "loss": "nan", "lr": 3e-3, "grad_norm": "inf", "tok_per_s": 1234.5, "elapsed_s": 3725.2,
            "memory": 3 * 2**30, "skipped": 2}
-    assert step_line(row, 20, "stage 1 of 1") == ("step 7/20 | stage 1 of 1 | loss nan | lr 3.000e-03 | grad norm inf | "
-                                                  "1,234 tok/s | elapsed 1:02:05 | peak 3.00 GiB | skipped 2")
+    assert step_line(row, 20, "stage 1 of 1") == ("step 7/20 | stage 1 of 1 | loss nan | lr 3.000e-03 | "
+                                                  "grad norm inf | 1,234 tok/s | elapsed 1:02:05 | peak 3.00 GiB | "
+                                                  "skipped 2")
 
 
 def test_grad_norm_is_the_norm_before_clipping(tmp_path):
@@ -155,7 +156,8 @@ def test_grad_norm_is_the_norm_before_clipping(tmp_path):
     norms = []
     for clip in (0.0, 1e-3):
         for fused in (False, True):
-            cfg = config.load(None, tiny_overrides(tmp_path, **{"train.grad_clip": clip, "train.fused_optimizer": fused}))
+            sets = {"train.grad_clip": clip, "train.fused_optimizer": fused}
+            cfg = config.load(None, tiny_overrides(tmp_path, **sets))
             t = Trainer(cfg, tmp_path / f"run{clip}{fused}", progress=False)
             t.train_step()
             grads = [p.grad for p in t.model.parameters() if p.grad is not None]

@@ -98,13 +98,13 @@ def test_an_applied_step_resets_the_count_in_a_row_which_a_checkpoint_keeps(tmp_
     assert resumed.skipped_in_row == 3
 
 
-def cli(args, fault=None, cwd=None):
+def cli(args, fault=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     env.pop("STEPLM_FAULT", None)
     if fault:
         env["STEPLM_FAULT"] = fault
     return subprocess.run([sys.executable, "-m", "steplm", *args], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=cwd)
+                          timeout=600)
 
 
 def test_the_issue_recipe_stops_with_exit_3_naming_lr_clipping_and_warmup(tmp_path):

@@ -489,3 +489,14 @@ def test_a_run_checkpoints_by_default(tiny_run):
     from steplm import config as config_mod
     assert config_mod.load(tiny_run / "config.yaml").train.checkpoint_every is None
     assert list_steps(tiny_run / "checkpoints") == [8, 10, 12]
+
+
+@pytest.mark.parametrize("flag,expected", [("auto", None), ("0", 0), ("25", 25)])
+def test_checkpoint_every_auto_on_the_command_line_overrides_a_config(tmp_path, flag, expected):
+    from steplm.cli.main import build_parser
+    from steplm.cli.train_cmd import load_config
+
+    preset = tmp_path / "c.yaml"
+    preset.write_text("train:\n  checkpoint_every: 100\n")
+    a = build_parser().parse_args(["train", str(preset), "--out", str(tmp_path / "o"), "--checkpoint-every", flag])
+    assert load_config(a).train.checkpoint_every == expected

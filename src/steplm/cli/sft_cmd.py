@@ -5,8 +5,7 @@ import os
 import sys
 
 from steplm.cli.args import (MODEL_HELP, add_config_flags, add_precision, config_overrides, every_arg, fit,
-                             non_negative_int,
-                             out_path, positive_float, positive_int, precision, seed_arg)
+                             non_negative_int, out_path, positive_float, positive_int, precision, seed_arg)
 from steplm.errors import UserError, warn
 from steplm.io.files import dumps
 
