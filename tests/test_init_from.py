@@ -164,64 +164,31 @@ def test_cli_refusal_exit_2_writes_nothing(hf_dir, text, tmp_path):
     assert not out.exists()
 
 
-def fake_run(root, finished=True):
-    """A steplm run folder's layout (the names only: nothing here is read), with two checkpoints."""
-    root.mkdir(parents=True)
-    (root / "config.yaml").write_text("method: vanilla\n")
-    if finished:
-        for name in ("model.safetensors", "model_config.json", "tokenizer.json"):
-            (root / name).write_text("{}")
-    for step in (2, 4):
-        ck = root / "checkpoints" / f"step_{step:08d}"
-        ck.mkdir(parents=True)
-        for name in ("MANIFEST.json", "trainer.pt", "model.safetensors", "config.yaml"):
-            (ck / name).write_text("{}")
-    return root
+def not_models(tmp_path) -> dict:
+    """Folders that hold no model to start from, each with what its message must say."""
+    run = tmp_path / "run"  # a run that stopped before its first checkpoint
+    run.mkdir()
+    (run / "config.yaml").write_text("method: vanilla\n")
+    damaged = tmp_path / "ckpt" / "checkpoints" / "step_00000004"  # a manifest that checksums nothing
+    damaged.mkdir(parents=True)
+    (damaged / "MANIFEST.json").write_text("{}")
+    (tmp_path / "file").write_text("x")
+    return {tmp_path / "absent": "does not exist", tmp_path / "file": "is not a directory",
+            run: "is a steplm run without", damaged: "is a damaged checkpoint",
+            damaged.parent: "holds no intact checkpoint"}
 
 
-EXPORT = "export {it} (steplm export {run} --to DIR) and give --init-from DIR"
-FINISH = "finish the run (rerun its steplm train command), then "
-
-
-@pytest.mark.parametrize("where, finished, needle", [
-    ("run", True, "{d} is a steplm run, not an HF model directory; " + EXPORT.format(it="it first", run="{run}")),
-    ("run/checkpoints", True, "{d} holds the checkpoints of the steplm run {run}, not an HF model directory; "
-     + EXPORT.format(it="the run first", run="{run}")),
-    ("run/checkpoints/step_00000004", True, "{d} is a checkpoint of the steplm run {run}, not an HF model "
-     "directory; " + EXPORT.format(it="the run first", run="{run}")),
-    ("run", False, "{d} is an unfinished steplm run, not an HF model directory; " + FINISH
-     + EXPORT.format(it="it", run="{run}")),
-    ("run/checkpoints", False, "{d} holds the checkpoints of the unfinished steplm run {run}, not an HF model "
-     "directory; " + FINISH + EXPORT.format(it="the run", run="{run}")),
-    ("run/checkpoints/step_00000002", False, "{d} is a checkpoint of the unfinished steplm run {run}, not an HF "
-     "model directory; " + FINISH + EXPORT.format(it="the run", run="{run}")),
-    ("absent", True, "{d} does not exist (give an HF Llama directory; `steplm export RUN --to DIR` makes one of a "
-     "run)"),
-    ("empty", True, "{d} has no config.json: not an HF Llama directory (`steplm export RUN --to DIR` makes one of "
-     "a run)"),
-])
-def test_init_from_a_run_or_its_checkpoints_says_what_to_give(tmp_path, where, finished, needle):
-    """Each folder that is not an HF Llama directory gets a message that leads to one: the export
-    command of the run it belongs to (and finishing the run first, if it is not finished)."""
-    run = fake_run(tmp_path / "run", finished)
-    (tmp_path / "empty").mkdir()
-    d = tmp_path / where
-    want = "--init-from: " + needle.format(d=d, run=run)
-    with pytest.raises(UserError) as e:
-        config.load(None, [], init_from=str(d))
-    assert str(e.value) == want
-    if where == "run/checkpoints":  # the command line: the same one line, exit 2
-        r = run_cli("plan", "--init-from", str(d))
-        assert (r.returncode, r.stderr.strip()) == (2, f"steplm: error: {want}")
-
-
-def test_a_checkpoint_outside_its_run_is_named(tmp_path):
-    run = fake_run(tmp_path / "run")
-    loose = tmp_path / "loose"
-    (run / "checkpoints" / "step_00000004").rename(loose)
-    with pytest.raises(UserError, match=f"^--init-from: {loose} is a steplm checkpoint, not an HF model directory; "
-                                        "give an HF Llama directory$"):
-        config.load(None, [], init_from=str(loose))
+def test_init_from_a_folder_without_a_model_says_what_is_wrong_in_one_line(tmp_path):
+    """A run, its checkpoints folder or one checkpoint is a model to start from (tests/test_run_dir.py);
+    a folder that holds none gets one line naming --init-from, the folder and what it lacks."""
+    for d, needle in not_models(tmp_path).items():
+        with pytest.raises(UserError) as e:
+            config.load(None, [], init_from=str(d))
+        line = str(e.value)
+        assert line.startswith(f"--init-from: {d} {needle}") and "\n" not in line, line
+    r = run_cli("plan", "--init-from", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.startswith(f"steplm: error: --init-from: {tmp_path / 'run'} is a steplm run")
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def recipe(tmp_path, text, **model):

@@ -34,19 +34,12 @@ from steplm.passes import parallelize
 from steplm.plan.stages import Stage, plan_run
 from steplm.train import checkpoint, distributed, faults, guards, saving
 from steplm.train.console import Console, eval_line, growth_line
-from steplm.train.metrics import MetricsLog, cpu_peak_step, require_tensorboard, state_bytes
+from steplm.train import metrics
+from steplm.train.metrics import require_tensorboard
 from steplm.train.optimizer import build_optimizer, clip_in_step
 from steplm.train.schedule import lr_at
 from steplm.train.state import TrainState, restore, run_state_dict
 from steplm.train.task import PretrainTask
-
-
-def _rounded(x: float, digits: int, significant: bool = False) -> float | str:
-    """``x`` rounded for a metrics row (to ``digits`` decimals, or significant digits); a non-finite
-    value as the string "nan", "inf" or "-inf" (metrics.jsonl is strict JSON)."""
-    if not math.isfinite(x):
-        return str(x)
-    return float(f"{x:.{digits}g}") if significant else round(x, digits)
 
 
 class Trainer:
@@ -100,13 +93,7 @@ class Trainer:
         self.optimizer = self.build_optimizer()
         parallelize.parallelize(self)
         faults.install(self)
-        latest = checkpoint.latest_valid(self.out / "checkpoints")
-        saving.check_resume_config(self)  # the folder's run, with or without a checkpoint: not another's
-        if latest is not None:
-            self.load_checkpoint(latest)
-        elif self.main and (self.out / "metrics.jsonl").is_file():
-            print(f"steplm: warning: {self.out} holds a run that ended before its first checkpoint; it starts "
-                  f"again from step 0 (and its metrics.jsonl afresh)", file=sys.stderr)
+        saving.resume_or_start(self)
 
     # -- where the run is ------------------------------------------------------------------------
     def _counter(name):  # noqa: N805 - a property of TrainState's counter, on the trainer for short
@@ -237,7 +224,7 @@ class Trainer:
 
     def _fit(self) -> dict:
         s = self.state
-        self.metrics = self._open_run_files() if self.main else None
+        self.metrics = saving.open_run_files(self) if self.main else None
         if self.progress and getattr(self, "data_line", None):  # the task's line on what the run reads (not --quiet)
             print(f"steplm: {self.data_line}", file=sys.stderr)
         total_steps = sum(self.stage_steps)
@@ -263,7 +250,7 @@ class Trainer:
         if s.step_in_stage == self.stage_steps[s.stage]:  # the stage is done: grow / switch
             self._enter_next_stage()
         t0 = time.perf_counter()
-        loss, ok = self._measured_step()
+        loss, ok = metrics.measured_step(self)
         self.optimizer.zero_grad(set_to_none=True)
         self.account()
         self._log_merges()
@@ -303,82 +290,28 @@ class Trainer:
         self.console.say(f"step {self.step}/{self.console.total} | "
                          f"{growth_line(before, self.current_stage, self.stage_name())}")
 
-    def _measured_step(self) -> tuple[float, bool]:
-        """``train_step``; on CPU, at the stage's second step, under the MemTracker (the stage's peak
-        bytes). The stage's memory record is made after its first applied step."""
-        s, n_steps = self.state, self.stage_steps[self.state.stage]
-        measure = (s.step_in_stage == min(1, n_steps - 1) and self.device.type == "cpu"
-                   and not self.cfg.train.compile and self.world == 1)
-        try:
-            if measure:
-                box = {}
-                peak = cpu_peak_step(lambda: box.setdefault("out", self.train_step()), self.model,
-                                     self.optimizer, self)
-                loss, ok = box["out"]
-            else:
-                (loss, ok), peak = self.train_step(), None
-        except guards.StepAbandoned:
-            self._stop_for_preemption()  # the checkpoint of the last whole step
-        if s.record is None and ok:  # after the stage's first optimizer step
-            s.record = self._stage_record(state_bytes(self.model, self.optimizer))
-            s.record["_seconds_at_start"] = s.step_seconds
-        if measure and s.record is not None:
-            s.record["peak_bytes"] = peak
-        return loss, ok
-
-    def elapsed(self) -> float:
-        """Wall seconds the run has trained, over all its processes (a resume goes on from its
-        checkpoint's count)."""
-        origin = getattr(self, "wall_origin", None)
-        return self.state.elapsed_seconds if origin is None else time.perf_counter() - origin
-
-    def peak_bytes(self) -> int | None:
-        """The tracked peak of the stage so far: on a GPU max_memory_allocated since the stage began;
-        on the CPU the MemTracker peak of the stage's measured step (None before it, or where none is
-        measured: compile, several processes)."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated()
-        return self.state.record.get("peak_bytes") if self.state.record else None
-
     def log(self, row: dict) -> None:
         """One metrics row (rank 0 writes)."""
         if self.metrics is not None:
             self.metrics.write(row)
 
     def _log_step(self, loss: float) -> None:
-        """The metrics row of the step just taken (stages 1-based, as `steplm plan` numbers them), and
-        its line on the console."""
-        s, cfg = self.state, self.cfg
+        """The metrics row of the step just taken, and its line on the console."""
         tokens, since = self.window
-        now = time.perf_counter()
-        self.window = (0, now)
-        row = {"step": s.step, "stage": s.stage + 1, "loss": _rounded(loss, 5),
-               "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": _rounded(self.grad_norm, 6, significant=True),
-               "tokens": s.tokens, "flops": s.flops[cfg.step.flops_convention], "skipped": s.skipped,
-               "tok_per_s": round(tokens / max(now - since, 1e-9), 1), "elapsed_s": round(self.elapsed(), 3),
-               "memory": self.peak_bytes()}
+        self.window = (0, time.perf_counter())
+        row = metrics.step_row(self, loss, tokens, self.window[1] - since)
         self.log(row)
         self.console.row(row, self.stage_name())
 
     def _log_eval(self, val: float) -> None:
-        """The metrics row and console line of a validation loss (nats) at this step."""
-        s = self.state
-        key = self.task.eval_key  # val_loss; SFT's train_loss
-        self.log({"step": s.step, "stage": s.stage + 1, key: _rounded(val, 5), "tokens": s.tokens,
-                  "flops": s.flops[self.cfg.step.flops_convention], "elapsed_s": round(self.elapsed(), 3)})
-        self.console.say(eval_line(s.step, self.console.total, self.stage_name(), val, key.split("_")[0]))
+        """The metrics row and console line of an evaluation loss (nats) at this step."""
+        self.log(metrics.eval_row(self, val))
+        split = self.task.eval_key.split("_")[0]  # val; SFT's train
+        self.console.say(eval_line(self.step, self.console.total, self.stage_name(), val, split))
 
     def _log_merges(self):
         while self.merge_rows:
             self.log(self.merge_rows.pop(0))
-
-    def _open_run_files(self) -> MetricsLog:
-        """The run folder's config.yaml and tokenizer.json, and its metrics log (cut back to the
-        checkpoint's length on resume)."""
-        config_mod.save(self.cfg, self.out / "config.yaml")
-        self.tokenizer.save(str(self.out / "tokenizer.json"))
-        resume = self.state.metrics_bytes if self.resumed_from is not None else None
-        return MetricsLog(self.out, resume, self.cfg.train.tensorboard)
 
     def _stop_for_preemption(self):
         """Checkpoint the step just finished (unless that was already done) and raise Preempted
@@ -389,16 +322,6 @@ class Trainer:
         stop = Interrupted if self.preemption.signum == signal.SIGINT else Preempted
         raise stop(f"{self.preemption.name} after step {self.step}: checkpoint "
                    f"{checkpoint.step_dir(self.out / 'checkpoints', self.step)} written")
-
-    def _stage_record(self, measured: dict) -> dict:
-        st = self.current_stage
-        return {"stage": self.stage + 1, "layers": st.layers, "new_layers": st.new_layers,
-                "trainable_params": st.trainable_params, "frozen_params": st.frozen_params,
-                "lora_params": st.lora_params, "planned_state_bytes": dict(st.planned_state_bytes),
-                "measured_state_bytes": {"layers": measured["layers"], "total": measured["total"]},
-                "optimizer_step_counter_bytes": measured["optimizer_step_counters"],
-                "peak_bytes": None, "peak_source": "cuda.max_memory_allocated" if self.device.type == "cuda"
-                else "MemTracker (tracked tensor bytes)"}
 
     def _finish_stage(self):
         """End-of-stage evaluation (the guards judge it) and the stage's memory record."""

@@ -3,13 +3,16 @@ model-state bytes of live tensors, the CPU peak of a step, and the hash of the f
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import time
 from pathlib import Path
 
 import torch
 
 from steplm.errors import UserError
 from steplm.io.files import dumps
+from steplm.train import guards
 
 
 def require_tensorboard() -> None:
@@ -148,3 +151,84 @@ def cpu_peak_step(step_fn, model, optimizer, trainer=None) -> int | None:
             trainer.hooks["micro_batch_end"].remove(hook)
     peak = tracker.get_tracker_snapshot("peak")
     return int(next(iter(peak.values()))["Total"]) if peak else None
+
+
+# ---------------------------------------------------------------------------- the rows of a run
+def rounded(x: float, digits: int, significant: bool = False) -> float | str:
+    """``x`` rounded for a metrics row (to ``digits`` decimals, or significant digits); a non-finite
+    value as the string "nan", "inf" or "-inf" (metrics.jsonl is strict JSON)."""
+    if not math.isfinite(x):
+        return str(x)
+    return float(f"{x:.{digits}g}") if significant else round(x, digits)
+
+
+def elapsed_seconds(run) -> float:
+    """Wall seconds the run has trained, over all its processes (a resume goes on from its
+    checkpoint's count)."""
+    origin = getattr(run, "wall_origin", None)
+    return run.state.elapsed_seconds if origin is None else time.perf_counter() - origin
+
+
+def stage_peak_bytes(run) -> int | None:
+    """The tracked peak of the stage so far: on a GPU max_memory_allocated since the stage began;
+    on the CPU the MemTracker peak of the stage's measured step (None before it, or where none is
+    measured: compile, several processes)."""
+    if run.device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return run.state.record.get("peak_bytes") if run.state.record else None
+
+
+def step_row(run, loss: float, tokens: int, seconds: float) -> dict:
+    """The metrics row of the step just taken (stages 1-based, as `steplm plan` numbers them):
+    ``tokens`` trained over the last ``seconds`` give tok_per_s; memory is the stage's peak bytes."""
+    s = run.state
+    return {"step": s.step, "stage": s.stage + 1, "loss": rounded(loss, 5),
+            "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": rounded(run.grad_norm, 6, significant=True),
+            "tokens": s.tokens, "flops": s.flops[run.cfg.step.flops_convention], "skipped": s.skipped,
+            "tok_per_s": round(tokens / max(seconds, 1e-9), 1), "elapsed_s": round(elapsed_seconds(run), 3),
+            "memory": stage_peak_bytes(run)}
+
+
+def eval_row(run, loss: float) -> dict:
+    """The metrics row of an evaluation loss (nats) at this step, under the task's key (val_loss;
+    SFT's train_loss)."""
+    s = run.state
+    return {"step": s.step, "stage": s.stage + 1, run.task.eval_key: rounded(loss, 5), "tokens": s.tokens,
+            "flops": s.flops[run.cfg.step.flops_convention], "elapsed_s": round(elapsed_seconds(run), 3)}
+
+
+def stage_record(run, measured: dict) -> dict:
+    """The memory record of the current stage (summary.json's "stages"): its shape, planned and
+    measured model-state bytes (``measured``: ``state_bytes``), the peak filled in later."""
+    st = run.current_stage
+    return {"stage": run.stage + 1, "layers": st.layers, "new_layers": st.new_layers,
+            "trainable_params": st.trainable_params, "frozen_params": st.frozen_params,
+            "lora_params": st.lora_params, "planned_state_bytes": dict(st.planned_state_bytes),
+            "measured_state_bytes": {"layers": measured["layers"], "total": measured["total"]},
+            "optimizer_step_counter_bytes": measured["optimizer_step_counters"],
+            "peak_bytes": None, "peak_source": "cuda.max_memory_allocated" if run.device.type == "cuda"
+            else "MemTracker (tracked tensor bytes)"}
+
+
+def measured_step(run) -> tuple[float, bool]:
+    """``run.train_step()``: (loss in nats, applied); on CPU, at the stage's second step, under the
+    MemTracker (the stage's peak bytes, in its record). The stage's memory record is made after its
+    first applied step. A step abandoned on preemption ends the run with its checkpoint."""
+    s, n_steps = run.state, run.stage_steps[run.state.stage]
+    measure = (s.step_in_stage == min(1, n_steps - 1) and run.device.type == "cpu"
+               and not run.cfg.train.compile and run.world == 1)
+    try:
+        if measure:
+            box = {}
+            peak = cpu_peak_step(lambda: box.setdefault("out", run.train_step()), run.model, run.optimizer, run)
+            loss, ok = box["out"]
+        else:
+            (loss, ok), peak = run.train_step(), None
+    except guards.StepAbandoned:
+        run._stop_for_preemption()  # the checkpoint of the last whole step
+    if s.record is None and ok:  # after the stage's first optimizer step
+        s.record = stage_record(run, state_bytes(run.model, run.optimizer))
+        s.record["_seconds_at_start"] = s.step_seconds
+    if measure and s.record is not None:
+        s.record["peak_bytes"] = peak
+    return loss, ok

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from steplm.errors import UserError
-from steplm.train import checkpoint
+from steplm.train import checkpoint, metrics
 
 
 AUTO_CHECKPOINTS = 10
@@ -24,6 +25,30 @@ def checkpoint_interval(every: int | None, total_steps: int) -> int:
     if every is not None:
         return every
     return max(1, min(-(-total_steps // AUTO_CHECKPOINTS), AUTO_CHECKPOINT_MAX_STEPS))
+
+
+def open_run_files(run):
+    """Write the run folder's config.yaml and tokenizer.json, and open its metrics log
+    (``metrics.MetricsLog``, cut back to the checkpoint's length on resume)."""
+    from steplm import config
+
+    config.save(run.cfg, run.out / "config.yaml")
+    run.tokenizer.save(str(run.out / "tokenizer.json"))
+    resume = run.state.metrics_bytes if run.resumed_from is not None else None
+    return metrics.MetricsLog(run.out, resume, run.cfg.train.tensorboard)
+
+
+def resume_or_start(run) -> None:
+    """Load the run folder's newest intact checkpoint, if any, after checking that the folder holds
+    this run (``check_resume_config``); a folder whose run ended before its first checkpoint starts
+    again from step 0, with a warning."""
+    latest = checkpoint.latest_valid(run.out / "checkpoints")
+    check_resume_config(run)  # the folder's run, with or without a checkpoint: not another's
+    if latest is not None:
+        run.load_checkpoint(latest)
+    elif run.main and (run.out / "metrics.jsonl").is_file():
+        print(f"steplm: warning: {run.out} holds a run that ended before its first checkpoint; it starts "
+              f"again from step 0 (and its metrics.jsonl afresh)", file=sys.stderr)
 
 
 def save_run(run) -> Path | None:
@@ -44,7 +69,7 @@ def save_run(run) -> Path | None:
         return None
     if run.metrics is not None:
         run.state.metrics_bytes = run.metrics.tell()
-    run.state.elapsed_seconds = run.elapsed()
+    run.state.elapsed_seconds = metrics.elapsed_seconds(run)
     if not guards.all_finite(model.parameters()):
         raise guards.nonfinite(run, "checkpoint")
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
