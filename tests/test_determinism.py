@@ -77,6 +77,7 @@ def train_args(tmp: Path, out: Path) -> list[str]:
             *[x for kv in sets for x in ("--set", kv)]]
 
 
+@pytest.mark.slow  # 9 processes: about 50 s of CPU, minutes of wall time on 2 shared cores
 def test_same_config_gives_the_same_weights_in_fresh_processes(tmp_path):
     """One run first (it fills the token cache), then PROCESSES more at once, all under the default host
     allocator (train.host_allocator=retain): every one ends with the same weights_sha256."""
