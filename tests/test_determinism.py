@@ -1,0 +1,97 @@
+"""Same config, same machine, same weights: a run repeated in fresh processes ends with one
+weights_sha256, and importing steplm puts Intel MKL in its reproducible (CNR) mode without
+overriding a user's own MKL_CBWR (src/steplm/_reproducible.py; docs/reliability.md, Reproducibility)."""
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_overrides
+
+# oneMKL's named constants for CNR control (mkl_service.h): what mkl_cbwr_get(MKL_CBWR_ALL) returns
+MKL_CBWR_ALL, MKL_CBWR_BRANCH_OFF, MKL_CBWR_AUTO, MKL_CBWR_COMPATIBLE = -1, 1, 2, 3
+PROCESSES = 8
+THREADS = 2  # intra-op threads per process: the runs share the cores, so MKL's scheduling has room to vary
+
+CNR_PROBE = """
+import ctypes, os, sys
+import steplm, torch
+torch.randn(64, 64) @ torch.randn(64, 64)  # MKL reads MKL_CBWR at its first call
+lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+print(os.environ.get("MKL_CBWR"), lib.mkl_serv_cbwr_get(-1))
+"""
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(THREADS), **extra)
+    for key in ("STEPLM_FAULT", "MKL_CBWR"):
+        if key not in extra:
+            e.pop(key, None)
+    return e
+
+
+def mkl_cnr_query_available() -> bool:
+    """Whether this torch carries MKL with its CNR query exported (Linux x86 wheels do)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        return hasattr(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")), "mkl_serv_cbwr_get")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not mkl_cnr_query_available(), reason="torch without MKL's CNR query")
+@pytest.mark.parametrize("user_value, expected_env, expected_mode", [
+    (None, "AUTO", MKL_CBWR_AUTO),                          # unset: steplm pins MKL's own branch
+    ("COMPATIBLE", "COMPATIBLE", MKL_CBWR_COMPATIBLE),      # the user's choice stands
+])
+def test_importing_steplm_puts_mkl_in_cnr_mode_and_keeps_the_users_setting(user_value, expected_env, expected_mode):
+    extra = {} if user_value is None else {"MKL_CBWR": user_value}
+    res = subprocess.run([sys.executable, "-c", CNR_PROBE], capture_output=True, text=True, env=env(**extra),
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    value, mode = res.stdout.split()
+    assert (value, int(mode)) == (expected_env, expected_mode)
+
+
+@pytest.mark.skipif(not mkl_cnr_query_available(), reason="torch without MKL's CNR query")
+def test_without_steplm_mkl_is_not_in_cnr_mode():
+    """The probe can tell the modes apart: torch alone leaves CNR off."""
+    probe = CNR_PROBE.replace("import steplm, torch", "import torch")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env(), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["None", str(MKL_CBWR_BRANCH_OFF)]
+
+
+def train_args(tmp: Path, out: Path) -> list[str]:
+    """A 2-stage STEP run (growth, frozen bf16 layers with LoRA) in the CPU's default dtype: bf16 on a
+    CPU with native bf16 matmuls, where attention's backward takes an fp32 (MKL) score matmul."""
+    sets = tiny_overrides(tmp, **{"method": "step", "step.n_stages": 2, "step.layers_per_stage": "[2,2]",
+                                  "train.dtype": "auto", "train.max_steps": 10})
+    return [sys.executable, "-m", "steplm", "train", "--out", str(out), "--quiet",
+            *[x for kv in sets for x in ("--set", kv)]]
+
+
+@pytest.mark.slow  # 9 processes: about 50 s of CPU, minutes of wall time on 2 shared cores
+def test_same_config_gives_the_same_weights_in_fresh_processes(tmp_path):
+    """One run first (it fills the token cache), then PROCESSES more at once, all under the default host
+    allocator (train.host_allocator=retain): every one ends with the same weights_sha256."""
+    first = subprocess.run(train_args(tmp_path, tmp_path / "r0"), capture_output=True, text=True, env=env(),
+                           timeout=300)
+    assert first.returncode == 0, first.stderr
+    procs = [subprocess.Popen(train_args(tmp_path, tmp_path / f"r{i}"), env=env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(1, PROCESSES + 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    hashes = {}
+    for i in range(PROCESSES + 1):
+        summary = json.loads((tmp_path / f"r{i}" / "summary.json").read_text())
+        assert summary["method"] == "step" and len(summary["stage_steps"]) == 2
+        hashes.setdefault(summary["weights_sha256"], []).append(i)
+    assert len(hashes) == 1, f"{len(hashes)} different weights from {PROCESSES + 1} runs of one config: {hashes}"
