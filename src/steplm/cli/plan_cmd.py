@@ -9,6 +9,7 @@ from pathlib import Path
 from steplm.cli.args import SHORT_FLAGS, add_config_flags, int_up_to, path_arg, positive_float
 from steplm.cli.train_cmd import load_config
 from steplm.config.load import presets
+from steplm.config.presets import preset_names
 from steplm.errors import UserError
 from steplm.io.files import dumps
 from steplm.plan import memory, solve
@@ -89,13 +90,25 @@ def _whole_step(a) -> bool:
     return bool(a.extended or (a.budget_gb is not None and not a.states_only))
 
 
+def _paper_shape(size: str) -> dict:
+    """d, L, K and r of the preset ``paper-SIZE`` (configs/paper-*.yaml, the paper's Table 1 rows):
+    the presets are the YAML files, read here without torch."""
+    import yaml
+
+    from steplm.config.presets import resolve_config
+
+    c = yaml.safe_load(resolve_config(f"paper-{size}").read_text())
+    return {"d_model": c["model"]["d_model"], "n_layers": c["model"]["n_layers"], "n_stages": c["step"]["n_stages"],
+            "lora_rank": c["lora"]["rank"]}
+
+
 def _shape(a) -> tuple[memory.LayerShape, int, int | None]:
     """The planner's block shape from the flags (preset and defaults filled into ``a``), the head
     count the activations use, and the key/value width. Raises UserError naming the flag."""
     from steplm.config.schema import default_ffn_hidden
 
     if a.preset:
-        p = memory.PRESETS[a.preset]
+        p = _paper_shape(a.preset)
         a.hidden = a.hidden or p["d_model"]
         a.layers = a.layers or p["n_layers"]
         a.stages = a.stages or p["n_stages"]
@@ -330,7 +343,7 @@ def add_parsers(sub) -> None:
     pl = sub.add_parser("plan", help="STEP memory planner (paper Eq. 1-5, Eq. 3 ILP); with CONFIG, a run's stage plan")
     pl.add_argument("config", nargs="?", help=f"a run config (a YAML file, or a preset's name: {presets()}): print "
                     "its stage plan (a dry run of `train`)")
-    pl.add_argument("--preset", choices=["368m", "680m", "1.2b", "1.2b-3stage"],
+    pl.add_argument("--preset", choices=[n.removeprefix("paper-") for n in preset_names() if n.startswith("paper-")],
                     help="a model size of the paper's Table 1 (its d, L, K and rank)")
     width, big = int_up_to(solve.MAX_WIDTH), int_up_to(1 << 30, "a sanity bound")
     pl.add_argument("--hidden", type=width, help="d")

@@ -135,14 +135,6 @@ def layer_costs(shape: "LayerShape", rank: int, prec: Precision = FP32) -> tuple
     return (trainable_layer_bytes(shape, prec),
             FROZEN_BYTES * params_per_layer(shape) + adapter_layer_bytes(shape, rank, prec))
 
-PRESETS = {
-    # d, L, K, r: the paper's Table 1 rows (r = 128)
-    "368m": dict(d_model=1600, n_layers=12, n_stages=2, lora_rank=128),
-    "680m": dict(d_model=1536, n_layers=24, n_stages=2, lora_rank=128),
-    "1.2b": dict(d_model=2048, n_layers=24, n_stages=2, lora_rank=128),
-    "1.2b-3stage": dict(d_model=2048, n_layers=24, n_stages=3, lora_rank=128),
-}
-
 
 @dataclass(frozen=True)
 class LayerShape:
