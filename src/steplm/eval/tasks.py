@@ -59,94 +59,117 @@ def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list
     return docs[:limit] if limit else docs
 
 
-def _load_task(name: str, d: Path) -> list[Doc]:
-    docs: list[Doc] = []
-    path = d  # the file being read, for the error lines
+class _Reader:
+    """The items of one task file as they are read: each refusal names the file being read
+    (``path``), the item (1-based) and the task."""
 
-    def bad(item: int, what: str) -> UserError:
-        return UserError(f"--tasks-dir: {path} item {item + 1}: {what} (task {name})")
+    def __init__(self, name: str, path: Path):
+        self.name, self.path, self.docs = name, path, []
 
-    def text(item: int, value, field: str, blank_ok: bool = True) -> str:
+    def bad(self, item: int, what: str) -> UserError:
+        return UserError(f"--tasks-dir: {self.path} item {item + 1}: {what} (task {self.name})")
+
+    def text(self, item: int, value, field: str, blank_ok: bool = True) -> str:
         """A field that must be text (never a list or null turned into "['Q']" or "None")."""
         if not isinstance(value, str):
-            raise bad(item, f"'{field}' is not text ({type(value).__name__})")
+            raise self.bad(item, f"'{field}' is not text ({type(value).__name__})")
         if not blank_ok and not value.strip():
-            raise bad(item, f"'{field}' is empty: nothing to score")
+            raise self.bad(item, f"'{field}' is empty: nothing to score")
         return value
 
-    def add(doc: Doc, item: int, answer) -> None:
+    def add(self, doc: Doc, item: int, answer) -> None:
         """Keep one item; an answer that names none of its choices is the file's fault, not a miss."""
-        if name != "lambada" and len(doc.requests) < 2:
-            raise bad(item, f"{len(doc.requests)} choice(s): a multiple-choice item needs at least 2")
+        if self.name != "lambada" and len(doc.requests) < 2:
+            raise self.bad(item, f"{len(doc.requests)} choice(s): a multiple-choice item needs at least 2")
         if not 0 <= doc.gold < len(doc.requests):
-            raise bad(item, f"the answer {answer!r} is not one of its {len(doc.requests)} choices")
-        docs.append(doc)
+            raise self.bad(item, f"the answer {answer!r} is not one of its {len(doc.requests)} choices")
+        self.docs.append(doc)
 
-    if name == "piqa":
-        path = _need(d / "piqa" / "valid.jsonl", name)
-        label_path = _need(d / "piqa" / "valid-labels.lst", name)
-        rows, labels = _jsonl(path), label_path.read_text().split()
-        if len(rows) != len(labels):  # zip would drop the surplus silently
-            raise UserError(f"--tasks-dir: {label_path} holds {len(labels)} labels for the {len(rows)} items of "
-                            f"{path} (task {name}): one label per item")
-        for i, (r, lab) in enumerate(zip(rows, labels)):
-            ctx = f"Question: {text(i, r['goal'], 'goal')}\nAnswer:"
-            ch = [text(i, r[k], k, blank_ok=False) for k in ("sol1", "sol2")]
-            if lab not in ("0", "1"):
-                path = label_path
-            add(Doc([(ctx, " " + c) for c in ch], int(lab) if lab in ("0", "1") else -1, ch), i, lab)
-    elif name in ("arc_easy", "arc_challenge", "openbookqa"):
-        file = {"arc_easy": "ARC-Easy-Test", "arc_challenge": "ARC-Challenge-Test", "openbookqa": "test"}[name]
-        path = _need(d / name / f"{file}.jsonl", name)
-        for i, r in enumerate(_jsonl(path)):
-            q = r["question"]
-            ch = [text(i, c["text"], "text", blank_ok=False) for c in q["choices"]]
-            stem = text(i, q["stem"], "stem")
-            ctx = stem if name == "openbookqa" else f"Question: {stem}\nAnswer:"
-            labels = [c["label"] for c in q["choices"]]
-            if len(set(map(str, labels))) != len(labels):  # index() would pick the first silently
-                raise bad(i, f"the choice labels {labels} repeat")
-            gold = labels.index(r["answerKey"]) if r["answerKey"] in labels else -1
-            add(Doc([(ctx, " " + c) for c in ch], gold, ch), i, r["answerKey"])
-    elif name == "hellaswag":
-        path = _need(d / "hellaswag" / "hellaswag_val_full.txt.bz2", name)
-        with bz2.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        if len(lines) % 6:  # context, gold, four endings: a short last item would be dropped silently
-            raise UserError(f"--tasks-dir: {path} holds {len(lines)} lines, not a multiple of 6 (a context, "
-                            f"the gold index and four endings per item; task {name})")
-        for i in range(0, len(lines), 6):
-            ctx, gold, endings = lines[i], lines[i + 1].strip(), lines[i + 2:i + 6]
-            for e in endings:
-                text(i // 6, e, "ending", blank_ok=False)
-            add(Doc([(ctx, " " + e) for e in endings], int(gold) if gold in ("0", "1", "2", "3") else -1, endings),
-                i // 6, gold)
-    elif name == "winogrande":
-        path = _need(d / "winogrande" / "dev.jsonl", name)
-        for i, r in enumerate(_jsonl(path)):
-            s = text(i, r["sentence"], "sentence")
-            if "_" not in s:
-                raise bad(i, "the sentence has no '_' blank")
-            idx = s.index("_")
-            suffix = s[idx + 1:].strip()
-            if not suffix:  # partial scoring scores what follows the blank
-                raise bad(i, "nothing follows the sentence's '_' blank: nothing to score")
-            contexts = [s[:idx] + text(i, r[k], k, blank_ok=False) for k in ("option1", "option2")]
-            answer = str(r["answer"])
-            add(Doc([(c, " " + suffix) for c in contexts], int(answer) - 1 if answer in ("1", "2") else -1, contexts),
-                i, r["answer"])
-    elif name == "lambada":
-        path = _need(d / "lambada" / "lambada_test.jsonl", name)
-        for i, r in enumerate(_jsonl(path)):
-            words = text(i, r["text"], "text").split(" ")
-            if not words[-1].strip():  # lm-eval's target is the text after its last space
-                raise bad(i, "the text ends in a space or is empty: no last word to predict")
-            docs.append(Doc([(" ".join(words[:-1]), " " + words[-1])], 0, [words[-1]]))
-    if not docs:  # a score over no items is not a score
-        raise UserError(f"--tasks-dir: {path} holds no items (task {name})")
-    return docs
+
+def _piqa(r: _Reader, d: Path) -> None:
+    r.path = _need(d / "piqa" / "valid.jsonl", r.name)
+    label_path = _need(d / "piqa" / "valid-labels.lst", r.name)
+    rows, labels = _jsonl(r.path), label_path.read_text().split()
+    if len(rows) != len(labels):  # zip would drop the surplus silently
+        raise UserError(f"--tasks-dir: {label_path} holds {len(labels)} labels for the {len(rows)} items of "
+                        f"{r.path} (task {r.name}): one label per item")
+    for i, (row, lab) in enumerate(zip(rows, labels)):
+        ctx = f"Question: {r.text(i, row['goal'], 'goal')}\nAnswer:"
+        ch = [r.text(i, row[k], k, blank_ok=False) for k in ("sol1", "sol2")]
+        if lab not in ("0", "1"):
+            r.path = label_path
+        r.add(Doc([(ctx, " " + c) for c in ch], int(lab) if lab in ("0", "1") else -1, ch), i, lab)
+
+
+def _arc_or_openbookqa(r: _Reader, d: Path) -> None:
+    file = {"arc_easy": "ARC-Easy-Test", "arc_challenge": "ARC-Challenge-Test", "openbookqa": "test"}[r.name]
+    r.path = _need(d / r.name / f"{file}.jsonl", r.name)
+    for i, row in enumerate(_jsonl(r.path)):
+        q = row["question"]
+        ch = [r.text(i, c["text"], "text", blank_ok=False) for c in q["choices"]]
+        stem = r.text(i, q["stem"], "stem")
+        ctx = stem if r.name == "openbookqa" else f"Question: {stem}\nAnswer:"
+        labels = [c["label"] for c in q["choices"]]
+        if len(set(map(str, labels))) != len(labels):  # index() would pick the first silently
+            raise r.bad(i, f"the choice labels {labels} repeat")
+        gold = labels.index(row["answerKey"]) if row["answerKey"] in labels else -1
+        r.add(Doc([(ctx, " " + c) for c in ch], gold, ch), i, row["answerKey"])
+
+
+def _hellaswag(r: _Reader, d: Path) -> None:
+    r.path = _need(d / "hellaswag" / "hellaswag_val_full.txt.bz2", r.name)
+    with bz2.open(r.path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:  # context, gold, four endings: a short last item would be dropped silently
+        raise UserError(f"--tasks-dir: {r.path} holds {len(lines)} lines, not a multiple of 6 (a context, "
+                        f"the gold index and four endings per item; task {r.name})")
+    for i in range(0, len(lines), 6):
+        ctx, gold, endings = lines[i], lines[i + 1].strip(), lines[i + 2:i + 6]
+        for e in endings:
+            r.text(i // 6, e, "ending", blank_ok=False)
+        r.add(Doc([(ctx, " " + e) for e in endings], int(gold) if gold in ("0", "1", "2", "3") else -1, endings),
+              i // 6, gold)
+
+
+def _winogrande(r: _Reader, d: Path) -> None:
+    r.path = _need(d / "winogrande" / "dev.jsonl", r.name)
+    for i, row in enumerate(_jsonl(r.path)):
+        s = r.text(i, row["sentence"], "sentence")
+        if "_" not in s:
+            raise r.bad(i, "the sentence has no '_' blank")
+        idx = s.index("_")
+        suffix = s[idx + 1:].strip()
+        if not suffix:  # partial scoring scores what follows the blank
+            raise r.bad(i, "nothing follows the sentence's '_' blank: nothing to score")
+        contexts = [s[:idx] + r.text(i, row[k], k, blank_ok=False) for k in ("option1", "option2")]
+        answer = str(row["answer"])
+        r.add(Doc([(c, " " + suffix) for c in contexts], int(answer) - 1 if answer in ("1", "2") else -1, contexts),
+              i, row["answer"])
+
+
+def _lambada(r: _Reader, d: Path) -> None:
+    r.path = _need(d / "lambada" / "lambada_test.jsonl", r.name)
+    for i, row in enumerate(_jsonl(r.path)):
+        words = r.text(i, row["text"], "text").split(" ")
+        if not words[-1].strip():  # lm-eval's target is the text after its last space
+            raise r.bad(i, "the text ends in a space or is empty: no last word to predict")
+        r.docs.append(Doc([(" ".join(words[:-1]), " " + words[-1])], 0, [words[-1]]))
+
+
+_READERS = {"piqa": _piqa, "arc_easy": _arc_or_openbookqa, "arc_challenge": _arc_or_openbookqa,
+            "openbookqa": _arc_or_openbookqa, "hellaswag": _hellaswag, "winogrande": _winogrande,
+            "lambada": _lambada}
+
+
+def _load_task(name: str, d: Path) -> list[Doc]:
+    """The items of task ``name`` under the tasks folder ``d`` (its dataset's own file format)."""
+    r = _Reader(name, d)
+    _READERS[name](r, d)
+    if not r.docs:  # a score over no items is not a score
+        raise UserError(f"--tasks-dir: {r.path} holds no items (task {name})")
+    return r.docs
 
 
 def encode_pair(encode, context: str, continuation: str, prefix: int) -> tuple[list[int], list[int]]:
