@@ -180,58 +180,82 @@ def problems(cfg: RunConfig) -> list[str]:
         found = value_problem(key, _get(cfg, key))
         if found:
             out.append(found)
-    t, s, lo, m = cfg.train, cfg.step, cfg.lora, cfg.model
+    out += _shape_problems(cfg) + _tokenizer_problems(cfg) + _stage_problems(cfg)
+    prec = Precision(cfg.train.optimizer_states, cfg.train.master_weights)
+    if prec.optimizer_states in OPTIMIZER_STATES and prec.master_weights in MASTER_WEIGHTS:
+        out += prec.problems()
+    if cfg.method in _METHODS:
+        out += _METHODS[cfg.method].problems(cfg)
+    if cfg.model.init_from:
+        out = _init_from_problems(cfg, out) + out
+    return out
+
+
+def _shape_problems(cfg: RunConfig) -> list[str]:
+    """Windows that fit the model and the evaluation, ranks that fit the width."""
+    t, m, out = cfg.train, cfg.model, []
     if t.seq_len > m.max_seq_len > 0:
         out.append(f"train.seq_len: must be at most model.max_seq_len ({m.max_seq_len}), got {t.seq_len}")
     if cfg.sft.model is None and 0 < t.eval_tokens < t.seq_len:  # validation scores whole windows (SFT has none)
         out.append(f"train.eval_tokens: must be at least one window of train.seq_len ({t.seq_len}) tokens, "
                    f"got {t.eval_tokens}")
-    ranks = {"lora.rank": lo.rank, "galore.rank": cfg.galore.rank, "apollo.rank": cfg.apollo.rank}
+    ranks = {"lora.rank": cfg.lora.rank, "galore.rank": cfg.galore.rank, "apollo.rank": cfg.apollo.rank}
     for key in ("lora.rank", f"{cfg.method}.rank"):  # the projected methods' own rank, when they run
         rank = ranks.get(key)
         if rank is not None and rank > m.d_model > 0:  # past the full rank saves nothing (APOLLO's costs more)
             out.append(f"{key}: must be at most model.d_model ({m.d_model}), got {rank}")
-    tok = cfg.data.tokenizer
-    if tok.startswith("bpe:"):  # what data.load_tokenizer would refuse, found before training (plan too)
-        n = tok[4:]
-        if not n.isdigit():
-            out.append(f"data.tokenizer: 'bpe:N' needs an integer N, got {tok!r}")
-        elif int(n) < 300:
-            out.append(f"data.tokenizer: bpe vocabulary must be at least 300 (256 bytes + merges), got {int(n)}")
-        elif int(n) > m.vocab_size > 0 and not m.init_from:  # else found only after the whole corpus is tokenized
-            out.append(f"model.vocab_size: {m.vocab_size} is below the {int(n)} tokens data.tokenizer {tok} trains; "
-                       f"raise model.vocab_size or lower N")
-    prec = Precision(t.optimizer_states, t.master_weights)
-    if prec.optimizer_states in OPTIMIZER_STATES and prec.master_weights in MASTER_WEIGHTS:
-        out += prec.problems()
-    L = m.n_layers
+    return out
+
+
+def _tokenizer_problems(cfg: RunConfig) -> list[str]:
+    """What data.load_tokenizer would refuse of a 'bpe:N', found before training (plan too)."""
+    tok, m = cfg.data.tokenizer, cfg.model
+    if not tok.startswith("bpe:"):
+        return []
+    n = tok[4:]
+    if not n.isdigit():
+        return [f"data.tokenizer: 'bpe:N' needs an integer N, got {tok!r}"]
+    if int(n) < 300:
+        return [f"data.tokenizer: bpe vocabulary must be at least 300 (256 bytes + merges), got {int(n)}"]
+    if int(n) > m.vocab_size > 0 and not m.init_from:  # else found only after the whole corpus is tokenized
+        return [f"model.vocab_size: {m.vocab_size} is below the {int(n)} tokens data.tokenizer {tok} trains; "
+                f"raise model.vocab_size or lower N"]
+    return []
+
+
+def _stage_problems(cfg: RunConfig) -> list[str]:
+    """step.n_stages and step.layers_per_stage against the final depth."""
+    s, L, out = cfg.step, cfg.model.n_layers, []
     if s.n_stages > L > 0:
         out.append(f"step.n_stages: must be at most model.n_layers ({L}), got {s.n_stages}")
-    if s.layers_per_stage is not None:
-        lps = s.layers_per_stage
-        if not all(n >= 1 for n in lps):
-            out.append(f"step.layers_per_stage: must be a list of positive integers, got {lps!r}")
-        else:
-            if len(lps) != s.n_stages:
-                out.append(f"step.layers_per_stage: needs step.n_stages ({s.n_stages}) entries, got {len(lps)}")
-            if L > 0 and sum(lps) != L:
-                out.append(f"step.layers_per_stage: must sum to model.n_layers ({L}), got {sum(lps)}")
-    if cfg.method in _METHODS:
-        out += _METHODS[cfg.method].problems(cfg)
-    if m.init_from:
-        from steplm.config.init_from import checkpoint_config, init_from_conflicts
-
-        # A config built in code must agree with the checkpoint on every architecture key.
-        mine = init_from_conflicts(cfg, {f.name for f in dataclasses.fields(ModelConfig)}, True,
-                                   checkpoint_config(cfg, "model.init_from"))
-        depth = init_depth(cfg)
-        if not mine and isinstance(L, int) and L < depth:
-            mine.append(f"model.n_layers: the final depth must be at least model.init_from {m.init_from}'s "
-                        f"({depth}), got {L}")
-        if not mine and not out and cfg.method in _METHODS:
-            mine += _METHODS[cfg.method].init_problems(cfg, depth)
-        out = mine + out
+    lps = s.layers_per_stage
+    if lps is None:
+        return out
+    if not all(n >= 1 for n in lps):
+        return out + [f"step.layers_per_stage: must be a list of positive integers, got {lps!r}"]
+    if len(lps) != s.n_stages:
+        out.append(f"step.layers_per_stage: needs step.n_stages ({s.n_stages}) entries, got {len(lps)}")
+    if L > 0 and sum(lps) != L:
+        out.append(f"step.layers_per_stage: must sum to model.n_layers ({L}), got {sum(lps)}")
     return out
+
+
+def _init_from_problems(cfg: RunConfig, others: list[str]) -> list[str]:
+    """A config built in code must agree with model.init_from's checkpoint on every architecture key,
+    and be at least as deep; then the method's own rules for a start from it (only when ``others``,
+    the config's other problems, is empty)."""
+    from steplm.config.init_from import checkpoint_config, init_from_conflicts
+
+    m = cfg.model
+    mine = init_from_conflicts(cfg, {f.name for f in dataclasses.fields(ModelConfig)}, True,
+                               checkpoint_config(cfg, "model.init_from"))
+    depth = init_depth(cfg)
+    if not mine and isinstance(m.n_layers, int) and m.n_layers < depth:
+        mine.append(f"model.n_layers: the final depth must be at least model.init_from {m.init_from}'s "
+                    f"({depth}), got {m.n_layers}")
+    if not mine and not others and cfg.method in _METHODS:
+        mine += _METHODS[cfg.method].init_problems(cfg, depth)
+    return mine
 
 
 def validate(cfg: RunConfig):
