@@ -435,8 +435,12 @@ def test_write_config_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 
 def test_write_config_refuses_a_model_train_cannot_build(tmp_path, capsys):
-    """--hidden 1600 without --n-heads: the default head count (d / 128 = 12) does not divide it."""
-    assert main(["plan", "--hidden", "1600", "--layers", "12", "--write-config", str(tmp_path / "c.yaml")]) == 2
+    """--hidden 1600 without --n-heads: the default head count (d / 128 = 12) does not divide it. The
+    folders --write-config would have made are not left behind; on success they are made."""
+    path = tmp_path / "new" / "dir" / "c.yaml"
+    assert main(["plan", "--hidden", "1600", "--layers", "12", "--write-config", str(path)]) == 2
     assert capsys.readouterr().err.strip().startswith("steplm: error: --n-heads: a written config needs a head count "
                                                       "dividing --hidden (1600)")
-    assert not (tmp_path / "c.yaml").exists()
+    assert list(tmp_path.iterdir()) == []
+    assert main(["plan", "--hidden", "1600", "--layers", "12", "--n-heads", "25", "--write-config", str(path)]) == 0
+    assert "config written to" in capsys.readouterr().out and path.is_file()

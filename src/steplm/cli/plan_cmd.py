@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from steplm.cli.args import SHORT_FLAGS, add_config_flags, int_up_to, path_arg, positive_float
+from steplm.cli.args import (SHORT_FLAGS, add_config_flags, first_missing, int_up_to, path_arg, positive_float,
+                             remove_created)
 from steplm.cli.train_cmd import load_config
 from steplm.config.load import presets
 from steplm.config.presets import preset_names
@@ -269,15 +270,19 @@ def _write_config(a, plan: solve.Plan, heads: int) -> Path:
     from steplm import config as config_mod
 
     path = Path(a.write_config)
+    if path.is_dir():
+        raise UserError(f"--write-config: {path} is a directory; give a file path")
     if path.exists() and not a.force:
         raise UserError(f"--write-config: {path} exists; give --force to overwrite it, or another path")
-    if path.is_dir() or not path.parent.is_dir():
-        raise UserError(f"--write-config: {path.parent if not path.parent.is_dir() else path} is "
-                        f"{'a directory' if path.is_dir() else 'not a folder'}; give a file path in an existing folder")
     nested: dict = {}
     for key, value in _config_of(a, plan, heads).items():
         section, _, name = key.rpartition(".")
-        (nested.setdefault(section, {}) if section else nested)[name or key] = value
+        (nested.setdefault(section, {}) if section else nested)[name] = value
+    created = first_missing(path.parent)  # made here, as train and export make their folders; undone on failure
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"--write-config: a part of {path.parent} is a file, not a folder")
     fit = (f", the deepest that fits {a.budget_gb:g} GB ({plan.budget['counts']})" if plan.budget else "")
     text = (f"# Written by steplm plan --write-config: layers per stage {plan.layers_per_stage}{fit}; optimizer "
             f"states {plan.optimizer_states}, master weights {plan.master_weights}.\n# Every key not here is the "
@@ -291,6 +296,10 @@ def _write_config(a, plan: solve.Plan, heads: int) -> Path:
         if plan_run(cfg).layers_per_stage != plan.layers_per_stage:
             raise RuntimeError(f"the written config plans {plan_run(cfg).layers_per_stage}, not {plan.layers_per_stage}")
         os.replace(tmp, path)
+    except BaseException:
+        if created is not None:
+            remove_created(path.parent, created)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
