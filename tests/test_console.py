@@ -201,4 +201,5 @@ def test_elapsed_goes_on_from_the_checkpoints_count(tmp_path):
     elapsed = [r["elapsed_s"] for r in rows]
     assert 1000 < elapsed[0] and elapsed == sorted(elapsed)
     last = tmp_path / "run" / "checkpoints" / f"step_{4:08d}" / "trainer.pt"
-    assert torch.load(last, weights_only=False)["elapsed_seconds"] >= elapsed[-1]
+    # the rows round to milliseconds (up, at most by half of one); the checkpoint keeps the exact clock
+    assert torch.load(last, weights_only=False)["elapsed_seconds"] >= elapsed[-1] - 0.0005
