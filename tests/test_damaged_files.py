@@ -232,6 +232,7 @@ def test_init_from_a_run_with_no_model_yet_names_the_flag(tiny_run, tmp_path, ca
     d = tmp_path / "m"
     shutil.copytree(tiny_run, d)
     (d / "model.safetensors").unlink()
+    shutil.rmtree(d / "checkpoints", ignore_errors=True)  # runs checkpoint by default: else it reads the newest
     err = _refused(["train", "--init-from", str(d), "--data", str(shared("shakespeare/input.txt")), "--out",
                     str(tmp_path / "o"), "--quiet"], capsys, "without an intact checkpoint", tmp_path)
     assert err.startswith(f"steplm: error: --init-from: {d} is a steplm run without model.safetensors"), err
