@@ -86,11 +86,12 @@ RUNS = [
     ("368m", "vanilla", "paper-368m", "", {"method": "vanilla"}),
     ("680m", "step-2stages", "paper-680m", "preset", {}),
     ("680m", "vanilla", "paper-680m", "", {"method": "vanilla"}),
-    ("1.2b", "step-2stages", "paper-1.2b", "preset", {}),
-    ("1.2b", "step-2stages", "paper-1.2b", "paper Table 1", {"step.layers_per_stage": "[14,10]"}),
-    ("1.2b", "step-3stages", "paper-1.2b-3stage", "preset", {}),
-    ("1.2b", "step-3stages", "paper-1.2b-3stage", "paper Table 1", {"step.layers_per_stage": "[11,8,5]"}),
+    # 1.2B: first what answers "does STEP train where vanilla cannot" (vanilla, then STEP-3stages)
     ("1.2b", "vanilla", "paper-1.2b", "", {"method": "vanilla"}),
+    ("1.2b", "step-3stages", "paper-1.2b-3stage", "preset", {}),
+    ("1.2b", "step-2stages", "paper-1.2b", "preset", {}),
+    ("1.2b", "step-3stages", "paper-1.2b-3stage", "paper Table 1", {"step.layers_per_stage": "[11,8,5]"}),
+    ("1.2b", "step-2stages", "paper-1.2b", "paper Table 1", {"step.layers_per_stage": "[14,10]"}),
 ]
 COMMON = {"train.grad_accum": 1, "train.compile": False, "train.dtype": "auto", "train.activation_checkpointing": True,
           "train.eval_every": 0, "train.checkpoint_every": 0}
