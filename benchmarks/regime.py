@@ -101,6 +101,9 @@ SEEDED = ("vanilla", "step-2stages", "step-3stages", "step-2stages-tokens")
 BUDGET_MATCH = {"step-2stages-tokens": "tokens", "step-2stages-paper-flops": "flops-paper"}
 RELORA_TABLE = {"interval": (STEP_RESET_FRACTION / 2, STEP_RESET_FRACTION, 2 * STEP_RESET_FRACTION),
                 "rank": (4, 8, 16)}  # intervals as a share of the run's steps
+CACHED_ONLY = False            # --cached: tables from finished runs only, nothing trained
+CACHE = Path(".")              # the run cache (set in main)
+SEED_LIMIT: set[int] | None = None  # --seeds: train and tabulate only these seeds (a partial table says so)
 PENDING: list[str] = []        # what a suite could not build yet (a missing sweep), for the summary
 
 
@@ -218,8 +221,9 @@ def suite_sweep(cache: Path, out: Path) -> list[dict]:
             r["grid"], r["train.lr"] = "embedding_lr_scale", lr
         rows += lr_rows + scale_rows
         print(f"[sweep] {m}: lr {lr:g}, embedding_lr_scale {scale:g}", file=sys.stderr, flush=True)
-    write(out, "regime_sweep", "Sweeps at the regime's shape (5 tokens/parameter, seed 0, ranked on the tuning split)",
-          sweep_table(rows), rows)
+        # after each method, so that a worker on the other core can start the main rows of the swept ones
+        write(out, "regime_sweep", "Sweeps at the regime's shape (5 tokens/parameter, seed 0, ranked on the tuning "
+              "split)", sweep_table(rows), rows)
     return rows
 
 
@@ -264,8 +268,26 @@ def variants(methods, tpp: float, out: Path, seeds=None) -> dict[str, list[dict]
             PENDING.append(f"{m}: no sweep result yet (--suite sweep)")
             continue
         v = {**method_overrides(m, tpp), **t}
-        res[m] = [{**v, "train.seed": s} for s in (seeds or (SEEDS if m in SEEDED else SEEDS[:1]))]
+        chosen = seeds or (SEEDS if m in SEEDED else SEEDS[:1])
+        runs = [{**v, "train.seed": s} for s in chosen if SEED_LIMIT is None or s in SEED_LIMIT]
+        if CACHED_ONLY:
+            done = [o for o in runs if finished(o)]
+            if len(done) < len(runs):
+                PENDING.append(f"{m}: {len(runs) - len(done)} of {len(runs)} runs not trained yet (--cached)")
+            runs = done
+        if runs:
+            res[m] = runs
     return res
+
+
+def finished(overrides: dict) -> bool:
+    """Whether the run of these overrides is finished (or diverged) in the run cache or the ledger."""
+    key = R.run_key(R.resolve(R.canonical(overrides)))
+    d = CACHE / "runs" / key
+    if (d / "summary.json").is_file() or (d / "stopped.txt").is_file():
+        return True
+    e = None if R.LEDGER is None else R.LEDGER / "runs" / key
+    return e is not None and ((e / "summary.json").is_file() or (e / "stopped.txt").is_file())
 
 
 def rows_for(name: str, vs: dict[str, list[dict]], cache: Path, tpp: float) -> list[dict]:
@@ -327,8 +349,10 @@ def suite_main(cache: Path, out: Path) -> list[dict] | None:
     rows = rows_for("regime/main", vs, cache, TOKENS_PER_PARAM)
     van = rows[0]
     cv = van["val_ppl_spread"] / van["val_ppl"]
+    sd = (f"Vanilla's seed SD: {100 * cv:.2f} % of its mean ({van['n_seeds']} seeds; target ≤ 3 %)."
+          if van["n_seeds"] > 1 else "One seed a row so far: no seed spread, no confidence interval.")
     md = main_table(rows) + (
-        f"\n\nVanilla's seed SD: {100 * cv:.2f} % of its mean ({van['n_seeds']} seeds; target ≤ 3 %). Budgets: "
+        f"\n\n{sd} Budgets: "
         "flops-corrected = vanilla's FLOPs under the corrected count; flops-paper = under the paper's count; "
         "tokens = vanilla's token count (the equal-tokens control). Perplexity: fp32, all of gutenberg/valid.")
     write(out, "regime", f"STEP at the paper's regime: {TOKENS_PER_PARAM:g} tokens per non-embedding parameter", md, rows)
@@ -533,8 +557,19 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated rows or ablation tables: train only these (a second "
                     "worker on another core); it writes no table (<cache>/partial) and reads the sweep's choices from "
                     "--out")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds: only these of each row's seeds (for example 0 "
+                    "first, on every row, then 1,2); the tables give each row's seed count")
+    ap.add_argument("--cached", action="store_true", help="train nothing: build the tables from the finished runs in "
+                    "the cache and the ledger, and name what is missing (--suite main or curve)")
     a = ap.parse_args()
-    global ONLY
+    global ONLY, SEED_LIMIT, CACHED_ONLY, CACHE
+    CACHED_ONLY = a.cached
+    if CACHED_ONLY and a.suite not in ("main", "curve"):
+        ap.error("--cached builds the main and curve tables: add --suite main or --suite curve")
+    try:
+        SEED_LIMIT = {int(x) for x in a.seeds.split(",") if x} or None
+    except ValueError:
+        ap.error(f"--seeds: comma-separated integers, got {a.seeds!r}")
     ONLY = set(filter(None, a.only.split(",")))
     cache = Path(a.cache).expanduser()
     smoke = a.smoke
@@ -543,6 +578,7 @@ def main():
     elif not Path(BASE["data.path"]).is_file():
         sys.exit(f"regime: error: {BASE['data.path']} missing (the shared data)")
     configure(cache, smoke)
+    CACHE = cache
     global READ_FROM
     READ_FROM = Path(a.out or (cache / "results" if smoke else RESULTS))
     out = cache / "partial" if ONLY else READ_FROM
