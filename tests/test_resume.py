@@ -260,20 +260,27 @@ def test_preemption_between_micro_batches_drops_the_step_and_resume_is_identical
     assert losses(out) == ref_losses
 
 
-def test_preemption_signal_from_outside(references, tmp_path):
-    """SIGTERM from another process at whatever step the run has reached."""
-    ref, ref_losses, cache_tmp = references["step3"]
-    out = tmp_path / "run"
-    args = cmd(cache_tmp, out, "step3", **{"train.checkpoint_every": 0})
+def start_until(args: list[str], out: Path, ready) -> subprocess.Popen:
+    """Start ``steplm train`` (args) in a subprocess, stdout discarded, stderr piped, and return once
+    ``ready(text of out/metrics.jsonl)`` holds, the process has ended, or 120 s have passed."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     env.pop("STEPLM_FAULT", None)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         m = out / "metrics.jsonl"
-        if m.is_file() and m.read_text().count("\n") >= 2:
+        if m.is_file() and ready(m.read_text()):
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
+    return proc
+
+
+def test_preemption_signal_from_outside(references, tmp_path):
+    """SIGTERM from another process at whatever step the run has reached."""
+    ref, ref_losses, cache_tmp = references["step3"]
+    out = tmp_path / "run"
+    args = cmd(cache_tmp, out, "step3", **{"train.checkpoint_every": 0})
+    proc = start_until(args, out, lambda text: text.count("\n") >= 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err
@@ -382,15 +389,7 @@ def test_sigint_checkpoints_the_last_whole_step_and_the_printed_command_resumes(
     assert run(interruptible(cache_tmp, ref)).returncode == 0
     out = tmp_path / "run"
     args = interruptible(cache_tmp, out)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    env.pop("STEPLM_FAULT", None)
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        m = out / "metrics.jsonl"
-        if m.is_file() and '"loss"' in m.read_text():  # it has taken a step
-            break
-        time.sleep(0.01)
+    proc = start_until(args, out, lambda text: '"loss"' in text)  # it has taken a step
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

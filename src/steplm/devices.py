@@ -61,12 +61,12 @@ def gib(n_bytes: float) -> str:
 
 def require_memory(need_bytes: int, device: torch.device, what: str, key: str, fix: str | None = None):
     """Raise a one-line UserError, before any allocation, when ``need_bytes`` (a lower bound) exceeds
-    ``memory_capacity_bytes(device)``: "<key>: <what> needs at least N GiB, more than the M GiB the
-    <device> has; <fix>" (fix: "lower <key>" unless given)."""
+    ``memory_capacity_bytes(device)``, keyed ``key``: "<what> needs at least N GiB, more than the M GiB
+    the <device> has; <fix>" (fix: "lower <key>" unless given)."""
     have = memory_capacity_bytes(device)
     if need_bytes > have:
-        raise UserError(f"{key}: {what} needs at least {gib(need_bytes)}, more than the {gib(have)} the "
-                        f"{device.type} has; {fix or 'lower ' + key}")
+        raise UserError(f"{what} needs at least {gib(need_bytes)}, more than the {gib(have)} the {device.type} "
+                        f"has; {fix or 'lower ' + key}", key=key)
 
 
 def check_model_fits(cfg, n_params: int, device, config_file, positions_key: str, key: str = "MODEL"):

@@ -22,10 +22,11 @@ def read_summary(run_dir: str | Path, key: str = "RUN_DIR") -> dict:
     return s
 
 
-def png_path(out: str | Path | None, default: Path, flag: str = "--out") -> Path:
+def png_path(out: str | Path | None, default: Path) -> Path:
     """Where a plot goes: ``default`` when not given, FOLDER/<default's name> for a folder (one that
     exists, or a path ending in '/'), else the path itself with .png added if it has no suffix. Its
-    folder may not exist yet (``save_png`` creates it), but cannot lie under a file."""
+    folder may not exist yet (``save_png`` creates it), but cannot lie under a file. Errors are keyed
+    ``--out``."""
     if not out:
         return default
     p = Path(out)
@@ -33,13 +34,13 @@ def png_path(out: str | Path | None, default: Path, flag: str = "--out") -> Path
         p = p / default.name
     above = next((a for a in p.parents if a.exists()), None)
     if above is not None and not above.is_dir():
-        raise UserError(f"{flag}: {above} is a file, not a directory")
+        raise UserError(f"{above} is a file, not a directory", key="--out")
     if p.suffix.lower() not in ("", ".png"):
-        raise UserError(f"{flag}: plots are PNG files; give a path ending in .png, got {p.name}")
+        raise UserError(f"plots are PNG files; give a path ending in .png, got {p.name}", key="--out")
     return p.with_suffix(".png") if not p.suffix else p
 
 
-def save_png(fig, out: str | Path, flag: str = "--out") -> None:
+def save_png(fig, out: str | Path) -> None:
     """Write ``fig`` to ``out`` (creating its missing folders, as train and export create theirs) and
     close it; a place that cannot be written is one UserError line, and leaves no folder it created."""
     import matplotlib.pyplot as plt
@@ -53,7 +54,7 @@ def save_png(fig, out: str | Path, flag: str = "--out") -> None:
         for p in created:
             if p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
-        raise UserError(f"{flag}: cannot write {out} ({one_line(e)})")
+        raise UserError(f"cannot write {out} ({one_line(e)})", key="--out")
     finally:
         plt.close(fig)
 

@@ -236,15 +236,6 @@ def remove_created(out: Path, top: Path) -> None:
             return
 
 
-def refuse_flag_and_set(sets: list[str], *flags: tuple[str, str, object]) -> None:
-    """A flag given (value not None) together with a --set of the key it sets: which one was meant?"""
-    from steplm.config import override_key
-    keys = {override_key(item) for item in sets}
-    for flag, key, value in flags:
-        if value is not None and key in keys:
-            raise UserError(f"{flag}: also given as --set {key}; give one of them")
-
-
 def precision(a):
     """(torch.device, torch.dtype) from --device and --dtype, with train.device/train.dtype's meaning."""
     from steplm.devices import pick_device, pick_dtype

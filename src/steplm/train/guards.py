@@ -21,27 +21,27 @@ class RunDirInUse(UserError):
     """Another live process holds the run directory's lock."""
 
 
-def check_run_dir(out: str | Path, flag: str = "--out") -> None:
+def check_run_dir(out: str | Path) -> None:
     """Refuse a run directory that a new run or a resume would clobber: a file, a finished run (its
     ``summary.json`` written), or a non-empty directory that holds no run (no ``config.yaml``: an HF
     export, another tool's files). A missing or empty directory starts a run; one with a run's
-    ``config.yaml`` and no summary resumes it. Raises UserError naming ``flag``; writes nothing."""
+    ``config.yaml`` and no summary resumes it. Raises UserError keyed ``--out``; writes nothing."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"{flag}: {out} is a file, not a directory; choose another directory")
+        raise UserError(f"{out} is a file, not a directory; choose another directory", key="--out")
     if not out.is_dir():
         return
     try:
         names = {p.name for p in out.iterdir()} - {LOCK_NAME}
     except OSError as e:
-        raise UserError(f"{flag}: cannot read {out} ({e.strerror})")
+        raise UserError(f"cannot read {out} ({e.strerror})", key="--out")
     if not names:
         return
     if (out / "summary.json").is_file():
-        raise UserError(f"{flag}: {out} holds a finished run (summary.json); choose another directory, or delete "
-                        f"it to train again")
+        raise UserError(f"{out} holds a finished run (summary.json); choose another directory, or delete it to "
+                        f"train again", key="--out")
     if not (out / "config.yaml").is_file():
-        raise UserError(f"{flag}: {out} is not empty and holds no run to resume; choose another directory")
+        raise UserError(f"{out} is not empty and holds no run to resume; choose another directory", key="--out")
 
 
 def holds_run_files(out: Path) -> bool:
