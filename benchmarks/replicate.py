@@ -173,6 +173,8 @@ def run_key(cfg) -> str:
         if d[section][name] == value:
             del d[section][name]
     del d["data"]["cache_dir"]  # where tokens are cached does not change the run
+    if d["train"].get("host_allocator") == "auto":  # the old default, 'retain', is what 'auto' picks at these sizes
+        d["train"]["host_allocator"] = "retain"
     for name in ("path", "val_path"):
         if d["data"][name] and Path(d["data"][name]).is_relative_to(DATA):
             d["data"][name] = "shared/data/" + Path(d["data"][name]).relative_to(DATA).as_posix()

@@ -157,7 +157,13 @@ sets, out = json.loads(sys.argv[1]), sys.argv[2]
 seen = [maps_a_large_block()]  # a fresh process: glibc's defaults map it
 Trainer(config.load(None, [*sets, "train.host_allocator=system"]), out + "/a", progress=False)
 seen.append(maps_a_large_block())  # 'system' leaves the allocator alone
-Trainer(config.load(None, sets), out + "/b", progress=False)  # the default on CPU: retain
+import steplm.allocator
+real, steplm.allocator.available_bytes = steplm.allocator.available_bytes, lambda: 1  # no memory to spare
+t = Trainer(config.load(None, sets), out + "/c", progress=False)  # the default, auto: system here
+seen += [t.host_allocator, maps_a_large_block()]
+steplm.allocator.available_bytes = real
+t = Trainer(config.load(None, sets), out + "/b", progress=False)  # the default, auto: retain (a tiny run)
+seen.append(t.host_allocator)
 seen += [maps_a_large_block(), maps_a_large_block()]
 seen.append(retain_host_memory(True))
 print(json.dumps(seen))
@@ -168,14 +174,34 @@ print(json.dumps(seen))
                     reason="needs glibc 2.33+")
 def test_host_allocator_retain_serves_large_blocks_from_the_heap(tmp_path):
     """In a fresh process (this one's heap depends on the tests before): a large block is mapped
-    afresh under glibc's defaults and by a trainer set to 'system', and served from the heap once
-    the default trainer (retain, on CPU) has run."""
+    afresh under glibc's defaults, by a trainer set to 'system' and by the default ('auto') when twice
+    the step's peak does not fit the memory available, which it says; and served from the heap once
+    the default trainer has run where it fits (retain)."""
     sets = tiny_overrides(tmp_path, **{"train.device": "cpu", "train.max_steps": 1})
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     res = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE, json.dumps(sets), str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == [True, True, False, False, True]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [True, True, "system", True, "retain", False, False, True]
+    assert res.stderr.count("host allocator: system (train.host_allocator=auto)") == 1, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("setting, peak, available, expected", [
+    ("auto", 10, 20, "retain"),      # twice the peak fits exactly
+    ("auto", 10, 19, "system"),      # one byte short
+    ("auto", 10, None, "retain"),    # unknown (not Linux): the throughput default
+    ("auto", 12_700_000_000, 21_880_000_000, "system"),  # a 1.2B STEP stage on a 24 GB machine
+    ("retain", 10, 1, "retain"),     # an explicit choice stands, however tight
+    ("system", 10, 10**12, "system"),
+])
+def test_auto_host_allocator_retains_only_where_twice_the_step_peak_fits(setting, peak, available, expected):
+    from steplm.allocator import RETAIN_HEADROOM, choose_host_allocator
+
+    chosen, why = choose_host_allocator(setting, peak, available)
+    assert chosen == expected
+    assert (why is not None) == (setting == "auto" and expected == "system")
+    if why:
+        assert "train.host_allocator=retain" in why and f"{RETAIN_HEADROOM:g} x" in why
 
 
 def test_host_allocator_rejects_an_unknown_policy(tmp_path, capsys):

@@ -55,3 +55,37 @@ def retain_host_memory(retain: bool = True) -> bool:
               and libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20))
         libc.malloc_trim(0)
     return bool(ok)
+
+
+# A retained heap holds up to about 1.6x a step's tensors (fragmentation: the next step's blocks do not
+# fit the holes the last one left); 'auto' retains only where twice the step's peak fits.
+RETAIN_HEADROOM = 2.0
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (bytes): what a new allocation can get without swapping; None off Linux."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def choose_host_allocator(setting: str, peak_bytes: int, available: int | None) -> tuple[str, str | None]:
+    """The host allocator a CPU run uses for ``train.host_allocator`` = ``setting`` ('auto', 'retain',
+    'system'), given a lower bound on its step peak (bytes) and the memory available at its start
+    (bytes; None: unknown). 'auto' is 'retain' unless RETAIN_HEADROOM x ``peak_bytes`` exceeds
+    ``available``: a retained heap can hold up to about 1.6x a step's tensors (measured on the
+    paper's shapes: benchmarks/results/README.md, "The paper's shapes"), which would turn a run that
+    fits into one that runs out of memory. Returns (allocator, why) with ``why`` a line to log when
+    'auto' chose 'system', else None."""
+    if setting != "auto":
+        return setting, None
+    if available is None or RETAIN_HEADROOM * peak_bytes <= available:
+        return "retain", None
+    gb = 1e9
+    return "system", (f"host allocator: system (train.host_allocator=auto): a retained heap could reach "
+                      f"{RETAIN_HEADROOM:g} x this run's {peak_bytes / gb:.1f} GB step peak, more than the "
+                      f"{available / gb:.1f} GB available; set train.host_allocator=retain to retain anyway")

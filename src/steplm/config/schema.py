@@ -274,10 +274,12 @@ class TrainConfig:
     attention_matmul_backward: bool = True
     """On CPU in bf16, compute the causal attention's backward from batched matmuls (attention.py)
     instead of torch's flash backward, which is slower there; false keeps torch's SDPA."""
-    host_allocator: Literal["retain", "system"] = "retain"
+    host_allocator: Literal["auto", "retain", "system"] = "auto"
     """On CPU: 'retain' makes glibc keep freed memory for reuse instead of unmapping every large
-    buffer each step (allocator.retain_host_memory; 1.1-1.2x a CPU step), 'system' leaves the
-    process's allocator as it is. Process-wide; no effect on GPUs or outside glibc."""
+    buffer each step (allocator.retain_host_memory; 1.1-1.2x a CPU step), at the price of a resident
+    set up to about 1.6x the step's tensors; 'system' leaves the process's allocator as it is; 'auto'
+    retains unless twice the run's least step peak would not fit in the memory available at its
+    start (allocator.choose_host_allocator). Process-wide; no effect on GPUs or outside glibc."""
     fused_optimizer: bool = True
     """Use the fused AdamW kernel (FSDP2's sharded parameters always use the foreach kernel)."""
     optimizer_states: Literal[OPTIMIZER_STATES] = "fp32"

@@ -7,6 +7,7 @@ import fcntl
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -183,7 +184,6 @@ def take_run_dir(out: Path, progress: bool) -> RunLock:
     """Create the run directory and take its lock (one writer per directory; a dead holder's lock
     is taken over). Creating the lock file doubles as the write test. A finished run or a foreign
     non-empty directory is refused before anything is written there."""
-    import sys
 
     check_run_dir(out)
     try:
@@ -304,7 +304,6 @@ def check_stage_loss(run, val: float) -> None:
     """A stage's evaluation loss (``run.task.eval_what``): non-finite, or at the end above a uniform
     guess, stops the run (the model diverged); at the end within LEARNED_NATS of a uniform guess, a
     warning."""
-    import sys
 
     from steplm.errors import TrainingStopped
 
@@ -323,6 +322,21 @@ def check_stage_loss(run, val: float) -> None:
         print(f"steplm: warning: the final {run.task.eval_what} {val:.4g} nats is not {LEARNED_NATS} below "
               f"ln(vocab_size) = {uniform:.4g}, the loss of a uniform guess: the model learned nothing "
               f"(check {run.task.lr_key} and model.norm_eps, or train longer){skipped}", file=sys.stderr)
+
+
+def pick_host_allocator(run) -> str:
+    """Set up the CPU run's host allocator (train.host_allocator; 'auto' decides from the run's least
+    step peak and the memory available now, and says so when it does not retain); returns it."""
+    from steplm.allocator import available_bytes, choose_host_allocator, retain_host_memory
+    from steplm.plan.stages import minimum_peak_bytes
+
+    peak = minimum_peak_bytes(run.cfg, run.plan, run.task.fit_activations)["total"]
+    chosen, why = choose_host_allocator(run.cfg.train.host_allocator, peak, available_bytes())
+    if chosen == "retain":
+        retain_host_memory()
+    if why and run.main:
+        print(f"steplm: {why}", file=sys.stderr)
+    return chosen
 
 
 def check_fits(run) -> None:

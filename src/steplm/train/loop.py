@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from steplm import config as config_mod
 from steplm import methods
-from steplm.allocator import retain_host_memory
 from steplm.devices import autocast, pick_device, pick_dtype
 from steplm.errors import Interrupted, Preempted, TrainingStopped
 from steplm.passes import parallelize
@@ -50,8 +49,6 @@ class Trainer:
         self.cfg, self.out, self.task = cfg, Path(out_dir), task or PretrainTask()
         self.device = pick_device(cfg.train.device)
         self.dtype = pick_dtype(cfg.train.dtype, self.device)
-        if self.device.type == "cpu" and cfg.train.host_allocator == "retain":
-            retain_host_memory()
         self.rank, self.world = distributed.init(self.device)
         self.main = self.rank == 0  # only rank 0 logs and writes
         self.fsdp = self.world > 1 and cfg.train.parallel == "fsdp2"
@@ -69,6 +66,8 @@ class Trainer:
         self.layers_per_stage, self.stage_steps = self.plan.layers_per_stage, self.plan.steps
         if not self.fsdp:  # FSDP2 shards the states over the ranks
             guards.check_fits(self)
+        if self.device.type == "cpu":  # before the model and its states are allocated
+            self.host_allocator = guards.pick_host_allocator(self)
         if self.main:
             if cfg.train.tensorboard:
                 require_tensorboard()
