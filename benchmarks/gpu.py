@@ -95,7 +95,7 @@ def measure(method: str, overrides: dict, steps: int, warmup: int, tmp: Path) ->
         seconds = [step(t) for _ in range(steps - warmup - 1)]
         peak, live = peak_step(t)  # the last step: gradients still held, the paper's 16 B/param counts them
         st = t.current_stage
-        stages.append({"stage": t.stage, "layers": st.layers, "kind": st.kind, "peak_bytes": peak,
+        stages.append({"stage": t.stage + 1, "layers": st.layers, "kind": st.kind, "peak_bytes": peak,
                        "peak_source": peak_source(t.device),
                        "model_state_bytes": live["total"], "planned_state_bytes": st.planned_state_bytes["total"],
                        "tokens_per_second": t.task.step_tokens(t) * len(seconds) / sum(seconds), "steps": steps})

@@ -366,7 +366,7 @@ def memory_probe(overrides: dict, out_dir: Path) -> list[dict]:
         planned = t.current_stage.planned_state_bytes
         if planned["total"] != measured["total"] or planned["layers"] != measured["layers"]:
             raise AssertionError(f"{cfg.method} stage {t.stage}: planned {planned} != measured {measured}")
-        rows.append({"stage": t.stage, "layers": t.current_stage.layers, "planned_state_bytes": dict(planned),
+        rows.append({"stage": t.stage + 1, "layers": t.current_stage.layers, "planned_state_bytes": dict(planned),
                      "measured_state_bytes": {k: measured[k] for k in ("layers", "total")}, "tracked_peak_bytes": peak})
         if t.stage == len(t.stage_steps) - 1:
             return rows
@@ -388,7 +388,10 @@ def probe(overrides: dict, cache: Path) -> list[dict]:
     if LEDGER is not None and not (LEDGER / "probes" / name).is_file():
         (LEDGER / "probes").mkdir(parents=True, exist_ok=True)
         (LEDGER / "probes" / name).write_text(f.read_text())
-    return json.loads(f.read_text())
+    rows = json.loads(f.read_text())
+    if rows and rows[0]["stage"] == 0:  # a probe recorded when stages were numbered from 0
+        rows = [{**r, "stage": r["stage"] + 1} for r in rows]
+    return rows
 
 
 # ---------------------------------------------------------------------------- statistics

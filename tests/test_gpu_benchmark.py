@@ -13,6 +13,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"vanilla", "step-2stages", "relora", "galore", "vanilla-8bit", "step-2stages-8bit"}
     assert [s["layers"] for s in rows["step-2stages"]["stages"]] == [2, 4]
+    assert [s["stage"] for s in rows["step-2stages"]["stages"]] == [1, 2]  # numbered from 1, as everywhere
     assert [s["layers"] for s in rows["step-2stages-8bit"]["stages"]] == [2, 4]
     for m in ("vanilla", "step-2stages"):  # 8-bit moments: the embeddings' and head's states shrink
         assert rows[f"{m}-8bit"]["planned_peak_gb"] < rows[m]["planned_peak_gb"]

@@ -111,11 +111,13 @@ def test_canonical_shares_runs_whose_plan_ignores_the_flops_convention(rep):
 @pytest.mark.parametrize("shape", [{}, {"model.d_model": 96, "model.n_heads": 3}, {"model.d_model": 1024}])
 def test_a_changed_default_keeps_the_keys_of_cached_runs(shape):
     """Runs cached under the old defaults (galore.rank 16, apollo.rank 256, data.exclude [test, tests,
-    idle_test], each written out in their config) keep their keys now that the ranks follow the shape
-    and data.exclude is empty, where the run does not read the key (every replication row but the
+    idle_test], train.host_allocator retain, each written out in their config) keep their keys now that
+    the ranks follow the shape, data.exclude is empty and the host allocator is auto (which retains at
+    these sizes), where the run does not read the key (every replication row but the
     projected method's own rank); a run that reads it changes key with it."""
     mod = _load()  # the replication's own BASE (d 256), not the smoke shape
-    old = {"galore.rank": 16, "apollo.rank": 256, "data.exclude": "[test, tests, idle_test]"}
+    old = {"galore.rank": 16, "apollo.rank": 256, "data.exclude": "[test, tests, idle_test]",
+           "train.host_allocator": "retain"}
     for row in ({}, mod.STEP2, mod.relora(), mod.galore()):
         assert mod.run_key(mod.resolve({**shape, **row})) == mod.run_key(mod.resolve({**shape, **row, **old})), row
     assert mod.resolve({**shape, **mod.galore()}).galore.rank == 16  # explicit: the same value as before
@@ -126,7 +128,7 @@ def test_a_changed_default_keeps_the_keys_of_cached_runs(shape):
 
 def test_memory_probe_matches_the_plan_per_stage(rep, tmp_path):
     rows = rep.memory_probe({**rep.STEP3}, tmp_path / "probe")
-    assert [r["stage"] for r in rows] == [0, 1, 2]
+    assert [r["stage"] for r in rows] == [1, 2, 3]  # numbered from 1, as metrics.jsonl and plan number them
     assert all(r["planned_state_bytes"] == r["measured_state_bytes"] for r in rows)
     assert all(r["tracked_peak_bytes"] > r["measured_state_bytes"]["total"] for r in rows)
 

@@ -2,6 +2,9 @@
 import gc
 import json
 import math
+import os
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -13,7 +16,7 @@ from steplm.train.optimizer import clip_in_step
 from steplm.plan import memory
 from steplm.plan import solve
 
-from conftest import tiny_overrides
+from conftest import ROOT, tiny_overrides
 
 
 def make(tmp_path, name="run", **extra):
@@ -107,6 +110,13 @@ def test_metrics_rows_have_step_and_stage(runs):
         first = bounds[r["stage"] - 1] + ("merge_kept_share" not in r)  # growth's merge: at the stage's step 0
         assert first <= r["step"] <= bounds[r["stage"]], r
     assert [s["stage"] for s in summary["stages"]] == [1, 2, 3]
+    # `steplm plan --json` of the same config numbers them the same way, with the same layers
+    out = subprocess.run([sys.executable, "-m", "steplm", "plan", str(tr.out / "config.yaml"), "--json"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=120)
+    assert out.returncode == 0, out.stderr
+    planned = json.loads(out.stdout)["stages"]
+    assert [(s["stage"], s["layers"]) for s in planned] == [(s["stage"], s["layers"]) for s in summary["stages"]]
+    assert all("index" not in s for s in planned)
 
 
 def test_growth_frees_old_optimizer_state(tmp_path):

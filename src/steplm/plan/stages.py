@@ -58,7 +58,10 @@ class Stage:
     """Model-state bytes: 'layers' (Eq. 2) and 'total' (+ embeddings, head, final norm at 16 B)."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, with the stage numbered from 1 as ``stage`` (as metrics.jsonl, summary.json and
+        the plan's table number it) in place of the 0-based ``index``."""
+        d = asdict(self)
+        return {"stage": d.pop("index") + 1, **d}
 
 
 @dataclass
