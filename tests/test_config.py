@@ -226,3 +226,31 @@ def test_plan_takes_a_projected_method_on_the_tiny_config(capsys, method):
         capsys.readouterr().err
     import json
     assert json.loads(capsys.readouterr().out)["method"] == method
+
+
+@pytest.mark.parametrize("flag, key, value", [
+    ("--micro-batch", "train.micro_batch", "4"),
+    ("--seq-len", "train.seq_len", "32"),
+    ("--vocab-size", "model.vocab_size", "8192"),
+    ("--micro-batch", "train.micro_batch", "1"),
+])
+def test_plan_config_takes_the_step_flags_as_their_config_keys(capsys, flag, key, value):
+    """`plan CONFIG --micro-batch 4` plans what `train CONFIG --micro-batch 4` trains: the same plan as
+    --set of the key (it was refused as 'not used with a CONFIG'), a second value of the same key is
+    refused as train refuses it, and the same value twice is a warning."""
+    import json
+
+    from steplm.cli.main import main
+    tiny = str(ROOT_CONFIGS / "tiny-step.yaml")
+    assert main(["plan", tiny, "--set", f"{key}={value}", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["plan", tiny, flag, value, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == expected
+    assert main(["plan", tiny, "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert (default == expected) == (value == "1" and key == "train.micro_batch" and
+                                     config.load(tiny).train.micro_batch == 1)
+    assert main(["plan", tiny, flag, value, "--set", f"{key}={int(value) + 1}"]) == 2
+    assert f"{flag}: also given as --set {key}; give one of them" in capsys.readouterr().err
+    assert main(["plan", tiny, flag, value, f"--{key}", value, "--json"]) == 0
+    assert "with the same value; give it once" in capsys.readouterr().err

@@ -6,14 +6,18 @@ import os
 import sys
 from pathlib import Path
 
-from steplm.cli.args import (SHORT_FLAGS, add_config_flags, first_missing, int_up_to, path_arg, positive_float,
-                             remove_created)
+from steplm.cli.args import (SHORT_FLAGS, add_config_flags, first_missing, flag_dest, int_up_to, path_arg,
+                             positive_float, remove_created)
 from steplm.cli.train_cmd import load_config
 from steplm.config.load import presets
 from steplm.config.presets import preset_names
 from steplm.errors import UserError
 from steplm.io.files import dumps
 from steplm.plan import memory, solve
+
+# plan's own flags that, with a CONFIG, set the config key of the same meaning
+CONFIG_KEY_FLAGS = {"--micro-batch": ("train.micro_batch", {}), "--seq-len": ("train.seq_len", {}),
+                    "--vocab-size": ("model.vocab_size", {})}
 
 
 def _plan_config(a):
@@ -22,13 +26,15 @@ def _plan_config(a):
 
     shape_flags = [f for f in ("preset", "hidden", "layers", "stages", "lora_rank", "layers_per_stage", "ffn_hidden",
                                "n_heads", "n_kv_heads", "budget_gb", "optimizer_states", "master_weights", "cap_growth",
-                               "extended", "states_only", "vocab_size", "seq_len", "micro_batch", "checkpointing",
-                               "write_config", "force")
+                               "extended", "states_only", "checkpointing", "write_config", "force")
                    if getattr(a, f)]
     if shape_flags:
         flag = "--" + shape_flags[0].replace("_", "-")
         raise UserError(f"{flag}: not used with a CONFIG; change the config with --set (e.g. --set model.n_layers=24)")
-    cfg = load_config(a)  # the config train would run, from the same flags
+    # the flags that describe a step set the config's keys, as train's --micro-batch does
+    for flag in CONFIG_KEY_FLAGS:
+        setattr(a, flag_dest(flag), getattr(a, flag.lstrip("-").replace("-", "_")))
+    cfg = load_config(a, CONFIG_KEY_FLAGS)  # the config train would run, from the same flags
     try:
         plan = plan_run(cfg)
     except ValueError as e:

@@ -13,12 +13,14 @@ from steplm.io.files import dumps
 CONFIG_FLAGS = {f: v for f, v in SHORT_FLAGS.items() if f != "--init-from"}
 
 
-def load_config(a):
-    """The validated RunConfig of a train or plan command line: CONFIG, --set, the short flags and the
-    --section.key flags (``config_overrides``), and --init-from."""
+def load_config(a, extra_flags: dict | None = None):
+    """The validated RunConfig of a train or plan command line: CONFIG, --set, the short flags (and
+    ``extra_flags``, the same form: flag -> (key, argparse options)) and the --section.key flags
+    (``config_overrides``), and --init-from."""
     from steplm import config
 
-    overrides = config_overrides(a, {f: v for f, v in CONFIG_FLAGS.items() if hasattr(a, flag_dest(f))})
+    flags = {f: v for f, v in CONFIG_FLAGS.items() if hasattr(a, flag_dest(f))} | (extra_flags or {})
+    overrides = config_overrides(a, flags)
     init_from = getattr(a, flag_dest("--init-from"), None)
     also = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].strip() == "model.init_from"]
     if init_from is not None and also:
