@@ -74,7 +74,17 @@ def test_which_checkpoint_each_folder_means(step_run, unfinished, capsys):
     for given, (kind, where) in cases.items():
         src = resolve_source(given)
         assert (src.kind, src.weights_dir) == (kind, where), given
-        assert src.tokenizer_dir == (step_run if given.is_relative_to(step_run) else unfinished)
+        run = step_run if given.is_relative_to(step_run) else unfinished
+        assert src.run_dir == run
+        # a checkpoint carries its run's tokenizer (so that a copy of it alone is a model)
+        assert src.tokenizer_dir == (where if kind == "checkpoint" else run)
+        assert (src.tokenizer_dir / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+    old = step_dir(unfinished / "checkpoints", steps[0])  # as written before checkpoints carried it
+    (old / "tokenizer.json").unlink()
+    manifest = json.loads((old / "MANIFEST.json").read_text())
+    del manifest["sha256"]["tokenizer.json"]
+    (old / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert resolve_source(old).tokenizer_dir == unfinished
     assert capsys.readouterr().err == ""  # resolving says nothing; loading says which checkpoint
 
 
@@ -125,16 +135,20 @@ def _command(name, model, tmp_path):
     }[name]
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "checkpoints", "unfinished"])
+@pytest.mark.parametrize("where", ["checkpoint", "checkpoints", "unfinished", "copied"])
 @pytest.mark.parametrize("name", ["eval", "generate", "export", "info", "train --init-from", "sft"])
 def test_every_command_reads_a_checkpoint_read_only(unfinished, tmp_path, capsys, name, where):
     """Each command that reads a model takes a checkpoint folder, RUN/checkpoints and a run without
-    its final model (held by a live run's lock), says which checkpoint it read, and changes nothing in
-    the run folder: no file, no lock."""
+    its final model (held by a live run's lock), and a checkpoint folder copied out of its run (it
+    carries its tokenizer), says which checkpoint it read, and changes nothing in the run folder: no
+    file, no lock."""
     steps = list_steps(unfinished / "checkpoints")
     step = steps[0] if where == "checkpoint" else steps[-1]
     ckpt = step_dir(unfinished / "checkpoints", step)
-    model = {"checkpoint": ckpt, "checkpoints": unfinished / "checkpoints", "unfinished": unfinished}[where]
+    if where == "copied":  # alone, with no run around it
+        ckpt = shutil.copytree(ckpt, tmp_path / "elsewhere" / ckpt.name)
+    model = {"checkpoint": ckpt, "checkpoints": unfinished / "checkpoints", "unfinished": unfinished,
+             "copied": ckpt}[where]
     before = folder_hash(unfinished)
     lock = RunLock(unfinished)  # a run still training holds its folder
     try:
@@ -151,7 +165,7 @@ def test_every_command_reads_a_checkpoint_read_only(unfinished, tmp_path, capsys
         assert d["steplm"]["method"] == "step" and d["model"]["n_layers"] == (2 if step <= 8 else 4)
         return
     said = [ln for ln in err.splitlines() if ln.startswith("steplm: reading checkpoint")]
-    why = {"checkpoint": "", "checkpoints": f": the newest intact one of {model}",
+    why = {"checkpoint": "", "copied": "", "checkpoints": f": the newest intact one of {model}",
            "unfinished": f": the newest intact one of {model}, which has no final model"}[where]
     assert said == [f"steplm: reading checkpoint {ckpt} (step {step}{why})"], err
     if name == "export":

@@ -48,13 +48,17 @@ class ModelSource:
     weights_dir: Path
     """The folder of the weights: the HF folder, the finished run, or the one checkpoint read."""
     run_dir: Path | None = None
-    """The steplm run folder (tokenizer.json, summary.json); None for an HF folder."""
+    """The steplm run folder (tokenizer.json, summary.json); None for an HF folder and for a
+    checkpoint outside its run (copied elsewhere)."""
     step: int | None = None
     """The checkpoint's step (kind "checkpoint")."""
 
     @property
     def tokenizer_dir(self) -> Path:
-        """The folder holding tokenizer.json (and the special-token files)."""
+        """The folder holding tokenizer.json (and the special-token files): a checkpoint's own (written
+        since checkpoints carry it), else its run's."""
+        if self.kind == "checkpoint" and (self.weights_dir / "tokenizer.json").is_file():
+            return self.weights_dir
         return self.run_dir or self.weights_dir
 
 
@@ -71,7 +75,8 @@ def resolve_source(path: str | Path) -> ModelSource:
         if problem:
             raise UserError(key="MODEL", message=f"{d} is a damaged checkpoint ({problem}); give another one, or "
                             f"{d.parent} for its newest intact checkpoint")
-        return ModelSource(d, "checkpoint", d, d.parent.parent, _step(d))
+        run = d.parent.parent
+        return ModelSource(d, "checkpoint", d, run if (run / "config.yaml").is_file() else None, _step(d))
     is_run = (d / "config.yaml").is_file()
     if not is_run and (d.name == CHECKPOINTS or list_steps(d)) and not (d / "config.json").is_file():
         return _newest_checkpoint(d, d)

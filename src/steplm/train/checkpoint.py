@@ -37,7 +37,9 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-REQUIRED = ("model.safetensors", "trainer.pt", "config.yaml")  # what Trainer.load_checkpoint reads
+# what resuming reads, and the tokenizer a checkpoint read as a model uses (written since checkpoints
+# carry it; an older checkpoint without it reads its run's)
+REQUIRED = ("model.safetensors", "trainer.pt", "config.yaml", "tokenizer.json")
 
 
 def step_dir(root: Path, step: int) -> Path:

@@ -80,6 +80,7 @@ def save_run(run) -> Path | None:
         "model.safetensors": lambda p: save_file(weights, str(p)),
         "trainer.pt": lambda p: torch.save(state, p),
         "config.yaml": lambda p: config_mod.save(run.cfg, p),
+        "tokenizer.json": lambda p: run.tokenizer.save(str(p)),  # a checkpoint copied out is still a model
     }, keep=run.cfg.train.keep_checkpoints)
 
 
