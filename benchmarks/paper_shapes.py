@@ -93,8 +93,10 @@ RUNS = [
     ("1.2b", "step-3stages", "paper-1.2b-3stage", "paper Table 1", {"step.layers_per_stage": "[11,8,5]"}),
     ("1.2b", "step-2stages", "paper-1.2b", "paper Table 1", {"step.layers_per_stage": "[14,10]"}),
 ]
+# glibc's own allocator (train.host_allocator=system): a retained heap fragments to 1.5-1.8x a step's
+# tensors at these shapes, memory the allocator keeps, not memory the method needs
 COMMON = {"train.grad_accum": 1, "train.compile": False, "train.dtype": "auto", "train.activation_checkpointing": True,
-          "train.eval_every": 0, "train.checkpoint_every": 0}
+          "train.eval_every": 0, "train.checkpoint_every": 0, "train.host_allocator": "system"}
 # --smoke: the same runs at tiny widths (the 1.2b the widest, so that its vanilla is the largest run)
 SMOKE = {"model.vocab_size": 512, "model.n_heads": 2, "model.max_seq_len": 64, "train.seq_len": 64,
          "train.micro_batch": 2, "lora.rank": 4, "lora.alpha": 8}
@@ -218,6 +220,7 @@ def measure_row(run: tuple, index: int, a, tmp: Path) -> dict:
     plan = plan_run(cfg)
     st = plan.stages[index]
     row = {"size": size, "method": method, "split": split, "layers_per_stage": plan.layers_per_stage,
+           "host_allocator": cfg.train.host_allocator, "command": getattr(a, "command", None),
            "stage": index + 1, "layers": st.layers, "micro_batch": mb, "seq_len": cfg.train.seq_len,
            "planned_state_bytes": st.planned_state_bytes["total"],
            "planned_layer_state_bytes": st.planned_state_bytes["layers"],
@@ -348,8 +351,8 @@ def gb(x) -> str:
 def table(rows: list[dict]) -> str:
     head = ("| size | run | stage | layers | micro-batch × seq | planned model states (GB) | measured (GB) | "
             "layer states, measured (GB) | tracked peak of a step (GB) | predicted peak (GB) | predicted / tracked | "
-            "step time / vanilla's | FLOPs ratio | note |")
-    lines = [head, "|" + "---|" * 14]
+            "resident peak (GB) | host heap | step time / vanilla's | FLOPs ratio | note |")
+    lines = [head, "|" + "---|" * 16]
     for r in rows:
         run = f"{r['method']} {'→'.join(str(n) for n in memory.cumulative(r['layers_per_stage']))}"
         ratio = (f"{r['predicted_peak_bytes'] / r['tracked_peak_bytes']:.3f}" if r.get("tracked_peak_bytes") else "–")
@@ -359,16 +362,21 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['size']} | {run} | {r['stage']} | {r['layers']} | {r['micro_batch']} × {r['seq_len']} | "
                      f"{gb(r['planned_state_bytes'])} | {gb(r['measured_state_bytes'])} | "
                      f"{gb(r.get('measured_layer_state_bytes'))} | {gb(r['tracked_peak_bytes'])} | "
-                     f"{gb(r['predicted_peak_bytes'])} | {ratio} | {time_ratio} | {flops} | {note} |")
+                     f"{gb(r['predicted_peak_bytes'])} | {ratio} | {gb(r.get('rss_peak_bytes'))} | "
+                     f"{HEAPS.get(r.get('host_allocator'), '–')} | {time_ratio} | {flops} | {note} |")
     return "\n".join(lines)
+
+
+HEAPS = {"system": "glibc's", "retain": "retained"}
 
 
 def write_md(f: Path, rows: list[dict], command: str) -> None:
     devices = sorted({r["device"] for r in rows if r.get("device")})
     dtypes = sorted({r["dtype"] for r in rows if r.get("dtype")})
+    commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command"))) or [command]
     f.write_text(
         f"### The paper's shapes, per stage ({datetime.date.today().isoformat()})\n\n"
-        f"`{command}` on {', '.join(devices) or 'no device yet'} ({', '.join(dtypes) or '–'}, eager, activation "
+        f"Rows from {', '.join(f'`{c}`' for c in commands)}, on {', '.join(devices) or 'no device yet'} ({', '.join(dtypes) or '–'}, eager, activation "
         f"checkpointing, random token ids, one micro-batch per step). Model states are weights, gradients and Adam "
         f"moments with the embeddings and head; the paper's memory figures count the transformer layers' states "
         f"only (its Eq. 1-2), which is what its percentages compare, so they leave out the embeddings and head "
@@ -377,7 +385,9 @@ def write_md(f: Path, rows: list[dict], command: str) -> None:
         f"rounds of STEP's step against vanilla's at the same depth, in one process; the FLOPs ratio is the "
         f"corrected count's prediction of it, which does not charge activation checkpointing's recomputed forward "
         f"pass (2 FLOPs per parameter and token in every layer, frozen or not): that moves the ratio a step can "
-        f"reach a few per cent closer to 1.\n\n{table(rows)}\n")
+        f"reach a few per cent closer to 1. The resident peak is the row's process's (ru_maxrss); the host heap is "
+        f"glibc's allocator as it runs (train.host_allocator=system) or retained (retain, the old CPU default), "
+        f"which fragments to 1.5-1.8x a step's tensors.\n\n{table(rows)}\n")
 
 
 def plot(f: Path, rows: list[dict], paper: bool = True) -> None:
@@ -462,6 +472,7 @@ def main(argv=None) -> list[dict]:
     if unknown := set(a.sizes) - {r[0] for r in RUNS}:
         ap.error(f"--sizes: unknown {sorted(unknown)}")
     a.rounds = a.rounds or (2 if a.smoke else ROUNDS)
+    a.command = "python benchmarks/paper_shapes.py" + (" " + shlex.join(argv) if argv else "")
     out = a.out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = tempfile.TemporaryDirectory(prefix="paper-shapes-")  # the generated text and its token cache
@@ -499,8 +510,7 @@ def main(argv=None) -> list[dict]:
         measured += 1
     work.cleanup()
     rows = read_rows(f)
-    command = "python benchmarks/paper_shapes.py" + (" " + shlex.join(argv) if argv else "")
-    write_md(out / "paper_shapes.md", rows, command)
+    write_md(out / "paper_shapes.md", rows, a.command)
     plot(out / "paper_shapes.png", rows, paper=not a.smoke)
     print(f"[paper_shapes] {measured} rows measured, {len(rows) - measured} kept; {f}", file=sys.stderr)
     return rows
