@@ -240,6 +240,7 @@ def measure_row(run: tuple, index: int, a, tmp: Path) -> dict:
         cap_allocations(budget + HEADROOM // 2)
     try:
         t = trainer(CONFIGS / f"{preset}.yaml", overrides(run, a, **dev), tmp / "run")
+        row["host_allocator"] = getattr(t, "host_allocator", None)  # what it chose (None: not on CPU)
         while t.stage < index:
             t.next_stage()
         step(t)  # warm-up: the optimizer states exist from here on

@@ -286,8 +286,7 @@ def finished(overrides: dict) -> bool:
     d = CACHE / "runs" / key
     if (d / "summary.json").is_file() or (d / "stopped.txt").is_file():
         return True
-    e = None if R.LEDGER is None else R.LEDGER / "runs" / key
-    return e is not None and ((e / "summary.json").is_file() or (e / "stopped.txt").is_file())
+    return R.ledger_entry(key, R.eval_keys(False)) is not None  # evaluated as the tables need it
 
 
 def rows_for(name: str, vs: dict[str, list[dict]], cache: Path, tpp: float) -> list[dict]:

@@ -365,7 +365,7 @@ def memory_probe(overrides: dict, out_dir: Path) -> list[dict]:
             t.account()
         planned = t.current_stage.planned_state_bytes
         if planned["total"] != measured["total"] or planned["layers"] != measured["layers"]:
-            raise AssertionError(f"{cfg.method} stage {t.stage}: planned {planned} != measured {measured}")
+            raise AssertionError(f"{cfg.method} stage {t.stage + 1}: planned {planned} != measured {measured}")
         rows.append({"stage": t.stage + 1, "layers": t.current_stage.layers, "planned_state_bytes": dict(planned),
                      "measured_state_bytes": {k: measured[k] for k in ("layers", "total")}, "tracked_peak_bytes": peak})
         if t.stage == len(t.stage_steps) - 1:

@@ -210,3 +210,33 @@ def test_host_allocator_rejects_an_unknown_policy(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "train.host_allocator" in err and "retain" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_available_memory_is_the_least_of_meminfo_and_the_cgroup_limit(tmp_path):
+    """MemAvailable, or less under a cgroup limit (v2 memory.max - memory.current), which a container
+    or a Slurm job sets below the node's memory; 'max' means no limit; nothing readable: None."""
+    from steplm.allocator import available_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    cg = ((str(limit), str(usage)),)
+    limit.write_text("max\n")
+    usage.write_text("1000\n")
+    assert available_bytes(str(meminfo), cg) == 20000000 * 1024  # no limit
+    limit.write_text(f"{8 * 2**30}\n")
+    usage.write_text(f"{2 * 2**30}\n")
+    assert available_bytes(str(meminfo), cg) == 6 * 2**30  # the job's limit, below the node's
+    limit.write_text(f"{64 * 2**30}\n")
+    assert available_bytes(str(meminfo), cg) == 20000000 * 1024  # a limit above the node's memory
+    assert available_bytes(str(tmp_path / "absent"), ((str(tmp_path / "x"), str(tmp_path / "y")),)) is None
+
+
+@pytest.mark.parametrize("ranks, expected", [("1", "retain"), ("2", "retain"), ("3", "system")])
+def test_auto_host_allocator_counts_every_rank_on_the_host(monkeypatch, ranks, expected):
+    """torchrun's ranks on one host share its memory: twice the peak of each of LOCAL_WORLD_SIZE ranks
+    must fit (10 bytes a rank, 45 available: 2 ranks need 40, 3 need 60)."""
+    from steplm.allocator import choose_host_allocator
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+    assert choose_host_allocator("auto", 10, 45)[0] == expected

@@ -76,15 +76,17 @@ def test_which_checkpoint_each_folder_means(step_run, unfinished, capsys):
         assert (src.kind, src.weights_dir) == (kind, where), given
         run = step_run if given.is_relative_to(step_run) else unfinished
         assert src.run_dir == run
-        # a checkpoint carries its run's tokenizer (so that a copy of it alone is a model)
-        assert src.tokenizer_dir == (where if kind == "checkpoint" else run)
-        assert (src.tokenizer_dir / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+        # the run's tokenizer, one path for all its checkpoints; each carries a copy for when it is alone
+        assert src.tokenizer_dir == run
+        assert (where / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
     old = step_dir(unfinished / "checkpoints", steps[0])  # as written before checkpoints carried it
     (old / "tokenizer.json").unlink()
     manifest = json.loads((old / "MANIFEST.json").read_text())
     del manifest["sha256"]["tokenizer.json"]
     (old / "MANIFEST.json").write_text(json.dumps(manifest))
     assert resolve_source(old).tokenizer_dir == unfinished
+    alone = shutil.copytree(step_dir(unfinished / "checkpoints", steps[-1]), unfinished.parent / "alone" / "ckpt")
+    assert resolve_source(alone).run_dir is None and resolve_source(alone).tokenizer_dir == alone
     assert capsys.readouterr().err == ""  # resolving says nothing; loading says which checkpoint
 
 

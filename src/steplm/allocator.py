@@ -4,8 +4,10 @@ every step."""
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 
+RETAINED = False  # whether this process's heap is retained now (retain_host_memory)
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 RETAIN_TRIM_BYTES = 2**31 - 1  # the largest value mallopt takes (a C int): 2 GiB
@@ -45,9 +47,11 @@ def retain_host_memory(retain: bool = True) -> bool:
     a fresh one again.
 
     Process-wide. Returns False, changing nothing, where the C library is not glibc (macOS, musl)."""
+    global RETAINED
     libc = _glibc()
     if libc is None:
         return False
+    RETAINED = retain
     if retain:
         ok = libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, RETAIN_TRIM_BYTES)
     else:
@@ -57,32 +61,46 @@ def retain_host_memory(retain: bool = True) -> bool:
     return bool(ok)
 
 
-# A retained heap holds up to about 1.6x a step's tensors (fragmentation: the next step's blocks do not
+# A retained heap holds 1.5-1.8x a step's tensors (fragmentation: the next step's blocks do not
 # fit the holes the last one left); 'auto' retains only where twice the step's peak fits.
 RETAIN_HEADROOM = 2.0
 
 
-def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (bytes): what a new allocation can get without swapping; None off Linux."""
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2: limit, usage
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))  # v1
+
+
+def available_bytes(meminfo: str = "/proc/meminfo", cgroups=CGROUP_FILES) -> int | None:
+    """What a new allocation can get without swapping (bytes): MemAvailable of /proc/meminfo, or less
+    under a cgroup memory limit (a container, a Slurm or Kubernetes job: v2 memory.max - memory.current,
+    v1 limit_in_bytes - usage_in_bytes); None where neither can be read (not Linux)."""
+    found = []
     try:
-        for line in open("/proc/meminfo"):
+        for line in open(meminfo):
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                found.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
-    return None
+    for limit, usage in cgroups:
+        try:
+            found.append(max(0, int(open(limit).read().strip()) - int(open(usage).read().strip())))
+        except (OSError, ValueError):  # absent, or "max" (no limit)
+            pass
+    return min(found) if found else None
 
 
 def choose_host_allocator(setting: str, peak_bytes: int, available: int | None) -> tuple[str, str | None]:
     """The host allocator a CPU run uses for ``train.host_allocator`` = ``setting`` ('auto', 'retain',
     'system'), given a lower bound on its step peak (bytes) and the memory available at its start
     (bytes; None: unknown). 'auto' is 'retain' unless RETAIN_HEADROOM x ``peak_bytes`` exceeds
-    ``available``: a retained heap can hold up to about 1.6x a step's tensors (measured on the
+    ``available`` (``peak_bytes`` times LOCAL_WORLD_SIZE under torchrun, whose ranks on one host share
+    its memory): a retained heap can hold 1.5-1.8x a step's tensors (measured on the
     paper's shapes: benchmarks/results/README.md, "The paper's shapes"), which would turn a run that
     fits into one that runs out of memory. Returns (allocator, why) with ``why`` a line to log when
     'auto' chose 'system', else None."""
     if setting != "auto":
         return setting, None
+    peak_bytes *= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's ranks on this host share it
     if available is None or RETAIN_HEADROOM * peak_bytes <= available:
         return "retain", None
     gb = 1e9

@@ -82,7 +82,7 @@ def resolve_init_from(cfg: RunConfig, given: set[str], given_tokenizer: bool,
                       source: str = "model.init_from", in_file: set[str] = frozenset(),
                       yielding: set[str] = frozenset()) -> list[str]:
     """Fill ``cfg`` in place from model.init_from: every architecture key from its config,
-    data.tokenizer = the folder of its tokenizer.json (a checkpoint's: its run's), model.n_layers = its depth unless given. Returns the conflicts
+    data.tokenizer = the folder of its tokenizer.json (a checkpoint's: its run's, or its own copy outside its run), model.n_layers = its depth unless given. Returns the conflicts
     with keys the user gave (``given``: model keys; ``given_tokenizer``: data.tokenizer), if any.
     ``yielding`` (dotted keys a config file gave while model.init_from came from the command line,
     which beats the file) are not conflicts: the checkpoint's values replace them, said in one warning."""

@@ -55,11 +55,13 @@ class ModelSource:
 
     @property
     def tokenizer_dir(self) -> Path:
-        """The folder holding tokenizer.json (and the special-token files): a checkpoint's own (written
-        since checkpoints carry it), else its run's."""
-        if self.kind == "checkpoint" and (self.weights_dir / "tokenizer.json").is_file():
-            return self.weights_dir
-        return self.run_dir or self.weights_dir
+        """The folder holding tokenizer.json (and the special-token files): the run's, also for a
+        checkpoint inside it (one path for every checkpoint of a run: data.tokenizer of an --init-from
+        run, and its token cache, do not change as the run checkpoints); a checkpoint's own copy only
+        for a checkpoint outside its run."""
+        if self.run_dir is not None and (self.run_dir / "tokenizer.json").is_file():
+            return self.run_dir
+        return self.weights_dir
 
 
 def resolve_source(path: str | Path) -> ModelSource:

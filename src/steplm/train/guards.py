@@ -326,14 +326,19 @@ def check_stage_loss(run, val: float) -> None:
 
 def pick_host_allocator(run) -> str:
     """Set up the CPU run's host allocator (train.host_allocator; 'auto' decides from the run's least
-    step peak and the memory available now, and says so when it does not retain); returns it."""
+    step peak and the memory available now, and says so when it does not retain); returns it. The
+    choice is made again when a run resumes."""
     from steplm.allocator import available_bytes, choose_host_allocator, retain_host_memory
     from steplm.plan.stages import minimum_peak_bytes
 
     peak = minimum_peak_bytes(run.cfg, run.plan, run.task.fit_activations)["total"]
+    import steplm.allocator as allocator
+
     chosen, why = choose_host_allocator(run.cfg.train.host_allocator, peak, available_bytes())
     if chosen == "retain":
         retain_host_memory()
+    elif allocator.RETAINED:  # an earlier trainer in this process retained: undo it (as near as glibc goes)
+        retain_host_memory(False)
     if why and run.main:
         print(f"steplm: {why}", file=sys.stderr)
     return chosen
