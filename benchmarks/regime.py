@@ -366,24 +366,29 @@ def suite_curve(cache: Path, out: Path) -> list[dict] | None:
         if ONLY:  # a worker: train, no table
             rows_for(f"regime/curve {tpp:g}", vs, cache, tpp)
             continue
-        if len(vs) < 2:
-            return None
+        if len(vs) < 2:  # a point not trained yet (--cached names it): the others still make a curve
+            continue
         van, step = rows_for(f"regime/curve {tpp:g}", vs, cache, tpp)
         points.append({"tokens_per_param": tpp, "seeds": step["seeds"], "val_ppl_ratio": step["val_ppl_ratio"],
                        "val_ppl_ratio_ci95": step["val_ppl_ratio_ci95"], "vanilla_val_ppl": van["val_ppl"],
                        "vanilla_val_ppl_spread": van["val_ppl_spread"], "step_val_ppl": step["val_ppl"],
                        "step_val_ppl_spread": step["val_ppl_spread"], "vanilla_tokens": van["tokens"],
                        "step_tokens": step["tokens"], "flops": van["flops"], "step_flops": step["flops"],
-                       "vanilla_commands": van["commands"], "step_commands": step["commands"]})
+                       "vanilla_commands": van["commands"], "step_commands": step["commands"],
+                       "vanilla_seeds": van["seeds"]})
+    if not points:
+        return None
     curve_plot(points, out / "budget_curve.png")
-    lines = ["| tokens/param (vanilla) | vanilla ppl | STEP-2stages ppl | STEP / vanilla [95 % CI] | STEP tokens / vanilla's |",
-             "|---|---|---|---|---|"]
+    lines = ["| tokens/param (vanilla) | seeds (vanilla, STEP) | vanilla ppl | STEP-2stages ppl | STEP / vanilla [95 % CI] | "
+             "STEP tokens / vanilla's |", "|---|---|---|---|---|---|"]
     for p in points:
         lo, hi = p["val_ppl_ratio_ci95"] or (math.nan, math.nan)
-        lines.append(f"| {p['tokens_per_param']:g} | {p['vanilla_val_ppl']:.2f} ± {p['vanilla_val_ppl_spread']:.2f} | "
+        lines.append(f"| {p['tokens_per_param']:g} | {len(p['vanilla_seeds'])}, {len(p['seeds'])} | "
+                     f"{p['vanilla_val_ppl']:.2f} ± {p['vanilla_val_ppl_spread']:.2f} | "
                      f"{p['step_val_ppl']:.2f} ± {p['step_val_ppl_spread']:.2f} | {p['val_ppl_ratio']:.3f} "
                      f"[{lo:.3f}, {hi:.3f}] | {p['step_tokens'] / p['vanilla_tokens']:.2f} |")
-    write(out, "budget_curve", "STEP-2stages / vanilla across the token budget (equal corrected FLOPs, 3 seeds a point)",
+    write(out, "budget_curve", "STEP-2stages / vanilla across the token budget (equal corrected FLOPs; seeds per point "
+          "in the table, 3 planned)",
           "\n".join(lines) + "\n\n![budget curve](budget_curve.png)", points)
     return points
 
