@@ -54,7 +54,7 @@ TABLE = [
     (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "64"], "must be even for RoPE"),
     (["plan", "--hidden", "60", "--layers", "4", "--n-heads", "4", "--extended"], "must be even for RoPE"),
     # train: data
-    (["train", "--out", f"{T}/o", "--data", f"{T}/missing.txt"], "data.path"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/missing.txt"], "--data"),  # the flag typed, not the key it sets
     (["train", "--out", f"{T}/o", "--data", f"{T}/empty.txt", "--set", "data.tokenizer=bpe:300"], "empty corpus"),
     (["train", "--out", f"{T}/o", "--data", f"{T}/latin1.txt", "--set", "data.tokenizer=bpe:300"], "not UTF-8"),
     (["train", "--out", f"{T}/o", "--data", f"{T}/notext.jsonl.gz", "--set", "data.tokenizer=bpe:300"], "'text'"),

@@ -254,3 +254,23 @@ def test_plan_config_takes_the_step_flags_as_their_config_keys(capsys, flag, key
     assert f"{flag}: also given as --set {key}; give one of them" in capsys.readouterr().err
     assert main(["plan", tiny, flag, value, f"--{key}", value, "--json"]) == 0
     assert "with the same value; give it once" in capsys.readouterr().err
+
+
+def test_plan_config_json_says_what_data_train_would_read(capsys):
+    """`plan CONFIG --json` carries the data line the table prints (null without data.path), and a
+    missing data path is refused in both forms, as train refuses it."""
+    import json
+
+    from conftest import shared
+    from steplm.cli.main import main
+    tiny, text = str(ROOT_CONFIGS / "tiny-step.yaml"), str(shared("shakespeare/input.txt"))
+    assert main(["plan", tiny, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] is None
+    assert main(["plan", tiny, "--data", text, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["data"]
+    assert main(["plan", tiny, "--data", text]) == 0
+    assert f"data: {data}" in capsys.readouterr().out.splitlines()
+    assert text in data and "validation" in data
+    for form in ([], ["--json"]):
+        assert main(["plan", tiny, "--data", text + ".missing", *form]) == 2
+        assert "--data" in capsys.readouterr().err

@@ -26,9 +26,9 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         fix = "--device cpu" if key.startswith("--") else f"{key}=cpu"
-        raise UserError(f"{key}: cuda requested but no GPU is available; use {fix}")
+        raise UserError(f"cuda requested but no GPU is available; use {fix}", key=key)
     if name not in ("cpu", "cuda"):
-        raise UserError(f"{key}: must be one of {', '.join(DEVICES)}, got {name!r}")
+        raise UserError(f"must be one of {', '.join(DEVICES)}, got {name!r}", key=key)
     return torch.device(name)
 
 

@@ -13,12 +13,12 @@ def read_summary(run_dir: str | Path, key: str = "RUN_DIR") -> dict:
     from steplm.io.files import read_json
     p = Path(run_dir) / "summary.json"
     if not Path(run_dir).is_dir():
-        raise UserError(f"{key}: {run_dir} is not a directory (give a steplm run directory)")
+        raise UserError(f"{run_dir} is not a directory (give a steplm run directory)", key=key)
     if not p.is_file():
-        raise UserError(f"{key}: {run_dir} has no summary.json (is the run finished?)")
+        raise UserError(f"{run_dir} has no summary.json (is the run finished?)", key=key)
     s = read_json(p, key)
     if not isinstance(s.get("stages"), list) or not s["stages"] or not all(isinstance(x, dict) for x in s["stages"]):
-        raise UserError(f"{key}: {p} has no per-stage records (stages); is it a steplm run's summary?")
+        raise UserError(f"{p} has no per-stage records (stages); is it a steplm run's summary?", key=key)
     return s
 
 

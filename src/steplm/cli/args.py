@@ -205,8 +205,8 @@ def out_path(given: str, flag: str) -> Path:
     otherwise create a as well, a folder nobody asked for. A path that is not UTF-8 is refused before
     any work: the tokenizers library writes tokenizer.json only through UTF-8 paths."""
     if not is_utf8(given):
-        raise UserError(f"{flag}: {given.encode('utf-8', 'surrogateescape')!r} is not a UTF-8 path; the tokenizer "
-                        f"files cannot be written there, choose another name")
+        raise UserError(f"{given.encode('utf-8', 'surrogateescape')!r} is not a UTF-8 path; the tokenizer "
+                        f"files cannot be written there, choose another name", key=flag)
     return Path(os.path.normpath(given))
 
 

@@ -30,7 +30,8 @@ def _plan_config(a):
                    if getattr(a, f)]
     if shape_flags:
         flag = "--" + shape_flags[0].replace("_", "-")
-        raise UserError(f"{flag}: not used with a CONFIG; change the config with --set (e.g. --set model.n_layers=24)")
+        raise UserError("not used with a CONFIG; change the config with --set (e.g. --set model.n_layers=24)",
+                        key=flag)
     # the flags that describe a step set the config's keys, as train's --micro-batch does
     for flag in CONFIG_KEY_FLAGS:
         setattr(a, flag_dest(flag), getattr(a, flag.lstrip("-").replace("-", "_")))
@@ -39,15 +40,15 @@ def _plan_config(a):
         plan = plan_run(cfg)
     except ValueError as e:
         raise UserError(f"step.layers_per_stage: {e}")
-    if a.json:
-        print(dumps(plan.to_dict()))
-        return
-    notes = []
+    data = None
     if cfg.data.path:  # what train would read, as far as it is known without tokenizing
         from steplm.data.report import describe_planned
         from steplm.data.shards import default_cache_dir
-        notes.append(describe_planned(cfg.data, Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()))
-    print(format_plan(plan, notes))
+        data = describe_planned(cfg.data, Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir())
+    if a.json:  # the data line under "data" (null without data.path), as the table prints it
+        print(dumps({**plan.to_dict(), "data": data.removeprefix("data: ") if data else None}))
+        return
+    print(format_plan(plan, [data] if data else []))
 
 
 def _split(text: str) -> list[int]:
@@ -64,7 +65,7 @@ def _check_plan_flags(a) -> None:
     if a.budget_gb is not None:  # budget mode finds the depth and split itself
         for flag, value in (("--layers", a.layers), ("--layers-per-stage", a.layers_per_stage)):
             if value:
-                raise UserError(f"{flag}: not used with --budget-gb, which finds the deepest model that fits")
+                raise UserError("not used with --budget-gb, which finds the deepest model that fits", key=flag)
     if a.states_only and a.extended:
         raise UserError("--states-only: counts the layer states alone, and --extended adds the rest; give one of them")
     if a.states_only and a.budget_gb is None:
@@ -78,8 +79,8 @@ def _check_plan_flags(a) -> None:
         for flag, value in (("--vocab-size", a.vocab_size), ("--seq-len", a.seq_len), ("--micro-batch", a.micro_batch),
                             ("--checkpointing", a.checkpointing)):
             if value:
-                raise UserError(f"{flag}: describes the embeddings, head and activations, {why}"
-                                + ("" if a.states_only else "; give --extended too"))
+                raise UserError(f"describes the embeddings, head and activations, {why}"
+                                + ("" if a.states_only else "; give --extended too"), key=flag)
     if a.layers_per_stage:
         split = _split(a.layers_per_stage)
         if a.stages and len(split) != a.stages:
@@ -210,7 +211,7 @@ def cmd_plan(a):
     prec = memory.Precision(states, a.master_weights or "fp32")
     if prec.problems():
         flag = "--" + prec.problems()[0].split(":")[0].split(".")[1].replace("_", "-")
-        raise UserError(f"{flag}: {prec.problems()[0].split(': ', 1)[1]}")
+        raise UserError(prec.problems()[0].split(": ", 1)[1], key=flag)
     shape, heads, kv = _shape(a)
     a.stages = a.stages or 2
 

@@ -44,7 +44,7 @@ def scan_sources(path: str, exclude: list[str] = (), key: str = "data.path") -> 
     if p.is_file():
         return Sources([p])
     if not p.is_dir():
-        raise UserError(f"{key}: {path} does not exist (give a file, a directory, or a local HF dataset)")
+        raise UserError(f"{path} does not exist (give a file, a directory, or a local HF dataset)", key=key)
     skip, out = set(exclude), Sources([])
     for f in sorted(p.rglob("*")):
         parts = f.relative_to(p).parts[:-1]
@@ -59,7 +59,7 @@ def scan_sources(path: str, exclude: list[str] = (), key: str = "data.path") -> 
             out.files.append(f)
     if not out.files:
         why = f" ({sum(out.excluded.values())} more under directories data.exclude skips)" if out.excluded else ""
-        raise UserError(f"{key}: no .txt/.jsonl/.jsonl.gz/.parquet/.py/.md/.rst files under {p}{why}")
+        raise UserError(f"no .txt/.jsonl/.jsonl.gz/.parquet/.py/.md/.rst files under {p}{why}", key=key)
     return out
 
 
@@ -86,10 +86,10 @@ def read_documents(path: str, text_field: str = "text", exclude: list[str] = (),
                         try:
                             rec = json.loads(line)
                         except json.JSONDecodeError:
-                            raise UserError(f"{key}: line {n} of {f} is not valid JSON")
+                            raise UserError(f"line {n} of {f} is not valid JSON", key=key)
                         if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                            raise UserError(f"{key}: line {n} of {f} has no string field '{text_field}' "
-                                            f"(set {field_key})")
+                            raise UserError(f"line {n} of {f} has no string field '{text_field}' "
+                                            f"(set {field_key})", key=key)
                         yield f"{f}:{n}", rec[text_field]
             else:  # parquet
                 import pyarrow
@@ -97,17 +97,17 @@ def read_documents(path: str, text_field: str = "text", exclude: list[str] = (),
                 try:
                     table = pq.read_table(f)
                 except pyarrow.ArrowException as e:
-                    raise UserError(f"{key}: {f} is not a readable parquet file ({one_line(e)})")
+                    raise UserError(f"{f} is not a readable parquet file ({one_line(e)})", key=key)
                 if text_field not in table.column_names:
-                    raise UserError(f"{key}: {f} has no column '{text_field}' (set {field_key})")
+                    raise UserError(f"{f} has no column '{text_field}' (set {field_key})", key=key)
                 for n, text in enumerate(table.column(text_field).to_pylist()):
                     yield f"{f}:{n}", text or ""
         except UnicodeDecodeError:
-            raise UserError(f"{key}: {f} is not UTF-8 text")
+            raise UserError(f"{f} is not UTF-8 text", key=key)
         except (OSError, EOFError) as e:
             if isinstance(e, UserError):
                 raise
-            raise UserError(f"{key}: cannot read {f} ({one_line(e)})")
+            raise UserError(f"cannot read {f} ({one_line(e)})", key=key)
 
 
 def read_hf_dataset(name: str, text_field: str, key: str = "data.path") -> Iterator[tuple[str, str]]:
@@ -115,11 +115,12 @@ def read_hf_dataset(name: str, text_field: str, key: str = "data.path") -> Itera
     try:
         import datasets
     except ImportError:
-        raise UserError(f"{key}: {name} is not a local path, and reading a hub dataset needs `pip install datasets`")
+        raise UserError(f"{name} is not a local path, and reading a hub dataset needs `pip install datasets`", key=key)
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - anything the hub raises becomes one line
-        raise UserError(f"{key}: {name} is not a local path and could not be loaded from the hub ({type(e).__name__})")
+        raise UserError(f"{name} is not a local path and could not be loaded from the hub ({type(e).__name__})",
+                        key=key)
     for n, rec in enumerate(ds):
         yield f"{name}:{n}", rec[text_field]
 

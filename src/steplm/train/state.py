@@ -149,9 +149,10 @@ def restore(run, state: dict, weights: dict[str, torch.Tensor]) -> None:
     saved, now = state.get("data"), run.task.data_fingerprint(run)
     if saved is not None and now is not None and saved != now:  # its data position would mean other text
         key = "data.path or data.val_path" if run.cfg.data.val_path else "data.path"
-        raise UserError(f"{key}: the data differ from those the checkpoint was trained on ({saved['train_tokens']:,} "
+        raise UserError(f"the data differ from those the checkpoint was trained on ({saved['train_tokens']:,} "
                         f"training and {saved['val_tokens']:,} validation tokens then, {now['train_tokens']:,} and "
-                        f"{now['val_tokens']:,} now, or other text); resume with the same data, or start a new --out")
+                        f"{now['val_tokens']:,} now, or other text); resume with the same data, or start a new --out",
+                        key=key)
     if state.get("stages_from") != 1:
         renumber_stages(state, run.out / "metrics.jsonl" if run.main else None)
     run.model = plain_model(run.cfg, state["layers"], weights, run.device)
