@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 # pytest-xdist: one worker per core (at most 4); conftest.py splits the threads between them
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 -m "not slow"
