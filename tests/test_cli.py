@@ -79,7 +79,7 @@ def test_export_loads_with_auto_classes(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["train", "--out", "{tmp}/o", "--data", "{tmp}/missing.txt"], ["data.path", "does not exist"]),
+    (["train", "--out", "{tmp}/o", "--data", "{tmp}/missing.txt"], ["--data: ", "does not exist"]),
     (["train", "--out", "{tmp}/o", "--data", "{tmp}/empty.txt", "--set", "data.tokenizer=bpe:300"], ["empty corpus"]),
     (["train", "--out", "{tmp}/o", "--set", "train.bogus=1"], ["unknown config key: train.bogus"]),
     (["train", "--out", "{tmp}/o", "--set", "model.d_model=30", "--set", "model.n_heads=4"],
