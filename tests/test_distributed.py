@@ -21,7 +21,9 @@ def train(tmp_path, out, nproc, micro_batch, **extra):
         args = [*torchrun_args(nproc), *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    # a rank's own one-line error first: the other ranks' tracebacks that follow it fill the tail
+    said = "\n".join(ln for ln in res.stderr.splitlines() if "steplm: " in ln)
+    assert res.returncode == 0, f"{said}\n...\n{res.stderr[-3000:]}"
     return load_file(str(out / "model.safetensors"))
 
 
