@@ -382,11 +382,12 @@ def suite_curve(cache: Path, out: Path) -> list[dict] | None:
     lines = ["| tokens/param (vanilla) | seeds (vanilla, STEP) | vanilla ppl | STEP-2stages ppl | STEP / vanilla [95 % CI] | "
              "STEP tokens / vanilla's |", "|---|---|---|---|---|---|"]
     for p in points:
-        lo, hi = p["val_ppl_ratio_ci95"] or (math.nan, math.nan)
+        ci = p["val_ppl_ratio_ci95"]
+        ci = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(no interval: one seed)"
         lines.append(f"| {p['tokens_per_param']:g} | {len(p['vanilla_seeds'])}, {len(p['seeds'])} | "
                      f"{p['vanilla_val_ppl']:.2f} ± {p['vanilla_val_ppl_spread']:.2f} | "
                      f"{p['step_val_ppl']:.2f} ± {p['step_val_ppl_spread']:.2f} | {p['val_ppl_ratio']:.3f} "
-                     f"[{lo:.3f}, {hi:.3f}] | {p['step_tokens'] / p['vanilla_tokens']:.2f} |")
+                     f"{ci} | {p['step_tokens'] / p['vanilla_tokens']:.2f} |")
     write(out, "budget_curve", "STEP-2stages / vanilla across the token budget (equal corrected FLOPs; seeds per point "
           "in the table, 3 planned)",
           "\n".join(lines) + "\n\n![budget curve](budget_curve.png)", points)
