@@ -72,6 +72,7 @@ import torch  # noqa: E402
 from measure import data_overrides, peak_source, peak_step, step, trainer  # noqa: E402
 from throughput import interleaved  # noqa: E402
 from steplm import config  # noqa: E402
+from steplm.allocator import available_bytes  # noqa: E402 (MemAvailable, or less under a cgroup limit)
 from steplm.devices import cpu_name  # noqa: E402
 from steplm.errors import UserError  # noqa: E402
 from steplm.methods.base import layer_shape, precision  # noqa: E402
@@ -182,14 +183,6 @@ def todo(a) -> list[tuple[tuple, int, dict]]:
 
 
 # ---------------------------------------------------------------------------- memory of this machine
-def free_bytes() -> int:
-    """Memory this machine has free now (bytes): MemAvailable of /proc/meminfo."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
-
-
 def cap_allocations(limit: int) -> None:
     """Cap this process's further allocations at ``limit`` bytes (RLIMIT_DATA over what it maps now),
     so that running out of memory is an allocation error it can report, not the kernel's OOM kill."""
@@ -212,7 +205,7 @@ def measure_row(run: tuple, index: int, a, tmp: Path) -> dict:
         torch.set_num_threads(1)
     cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     budget = (int(a.memory_gb * GB) if a.memory_gb else
-              (torch.cuda.mem_get_info()[0] if cuda else free_bytes()) - HEADROOM)
+              (torch.cuda.mem_get_info()[0] if cuda else available_bytes()) - HEADROOM)
     preset_mb = load(run, a).train.micro_batch
     mb = fitting_micro_batch(run, a, index, budget)
     dev = {"train.micro_batch": mb, "train.device": "cuda" if cuda else "cpu"}
