@@ -23,7 +23,7 @@ import ctypes, os, sys
 import steplm, torch
 torch.randn(64, 64) @ torch.randn(64, 64)  # MKL reads MKL_CBWR at its first call
 lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-print(os.environ.get("MKL_CBWR"), lib.mkl_serv_cbwr_get(-1))
+print(repr(os.environ.get("MKL_CBWR")), lib.mkl_serv_cbwr_get(-1))
 """
 
 
@@ -49,6 +49,8 @@ def mkl_cnr_query_available() -> bool:
 @pytest.mark.parametrize("user_value, expected_env, expected_mode", [
     (None, "AUTO", MKL_CBWR_AUTO),                          # unset: steplm pins MKL's own branch
     ("COMPATIBLE", "COMPATIBLE", MKL_CBWR_COMPATIBLE),      # the user's choice stands
+    ("", "", MKL_CBWR_BRANCH_OFF),                          # set but empty: CNR off, the way to turn it off
+    ("NOT_A_BRANCH", "NOT_A_BRANCH", MKL_CBWR_AUTO),         # a value MKL does not know means AUTO, not off
 ])
 def test_importing_steplm_puts_mkl_in_cnr_mode_and_keeps_the_users_setting(user_value, expected_env, expected_mode):
     extra = {} if user_value is None else {"MKL_CBWR": user_value}
@@ -56,7 +58,7 @@ def test_importing_steplm_puts_mkl_in_cnr_mode_and_keeps_the_users_setting(user_
                          timeout=120)
     assert res.returncode == 0, res.stderr
     value, mode = res.stdout.split()
-    assert (value, int(mode)) == (expected_env, expected_mode)
+    assert (value, int(mode)) == (repr(expected_env), expected_mode)
 
 
 @pytest.mark.skipif(not mkl_cnr_query_available(), reason="torch without MKL's CNR query")
@@ -65,7 +67,7 @@ def test_without_steplm_mkl_is_not_in_cnr_mode():
     probe = CNR_PROBE.replace("import steplm, torch", "import torch")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env(), timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["None", str(MKL_CBWR_BRANCH_OFF)]
+    assert res.stdout.split() == [repr(None), str(MKL_CBWR_BRANCH_OFF)]
 
 
 def train_args(tmp: Path, out: Path) -> list[str]:
