@@ -480,3 +480,30 @@ def test_harmless_input_is_warned_about_not_refused(tiny_run, capsys, args, warn
     assert said == warnings, err
     assert main([sub.get(a, a) for a in plain]) == 0
     assert capsys.readouterr().out == out
+
+
+def test_render_names_each_key_typed_as_a_flag_in_the_message_too():
+    """A message that cites another key shows it under the flag that set it, and leaves alone a key
+    inside a flag (--train.lr), after --set, or as the prefix of a longer key."""
+    from steplm.errors import UserError
+
+    e = UserError("must be at most model.max_seq_len (256); e.g. --set train.seq_len=128 or --train.seq_len 128; "
+                  "not train.seq_len_x", key="train.seq_len")
+    names = {"train.seq_len": "--seq-len", "model.max_seq_len": "--model.max_seq_len"}
+    assert e.render(names) == ("--seq-len: must be at most --model.max_seq_len (256); e.g. --set train.seq_len=128 "
+                               "or --train.seq_len 128; not train.seq_len_x")
+    assert e.render() == str(e) == f"train.seq_len: {e.problems[0][1]}"
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--model.max_seq_len", "128", "--seq-len", "512"],
+     "--seq-len: must be at most --model.max_seq_len (128), got 512"),
+    (["--set", "model.max_seq_len=128", "--seq-len", "512"],  # typed as a config key: shown as one
+     "--seq-len: must be at most model.max_seq_len (128), got 512"),
+    (["--model.d_model", "64", "--set", "lora.rank=128"], "lora.rank: must be at most --model.d_model (64), got 128"),
+])
+def test_a_cited_key_reads_as_the_flag_typed(capsys, flags, line):
+    """plan CONFIG, train's dry run: the config's check, each key under the name the user gave it."""
+    assert main(["plan", str(ROOT / "configs" / "tiny-step.yaml"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"steplm: error: {line}"]

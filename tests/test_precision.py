@@ -73,12 +73,21 @@ def test_unsupported_combinations_name_the_key(tmp_path):
         config.validate(cfg)
 
 
-def test_plan_flag_refuses_bf16_states_with_fp32_weights(capsys):
+@pytest.mark.parametrize("flags, first, cited", [
+    (["--optimizer-states", "bf16", "--master-weights", "fp32"], "--optimizer-states", "--master-weights"),
+    (["--optimizer-states", "fp32", "--master-weights", "bf16"], "--master-weights", "--optimizer-states"),
+    (["--master-weights", "bf16", "--optimizer-states", "fp32", "--budget-gb", "30"], "--master-weights",
+     "--optimizer-states"),
+])
+def test_plan_flag_refuses_unsupported_precision_under_its_flags(capsys, flags, first, cited):
+    """The flag form runs the config's own precision check; the line names the flags typed, the one
+    at fault first and the other where the message cites it, and no config key."""
     from steplm.cli import main
 
-    assert main(["plan", "--preset", "1.2b", "--optimizer-states", "bf16", "--master-weights", "fp32"]) == 2
+    assert main(["plan", "--preset", "1.2b", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--optimizer-states" in err[0]
+    assert len(err) == 1 and err[0].startswith(f"steplm: error: {first}: ") and cited in err[0]
+    assert "train." not in err[0]
 
 
 def _layer_costs_written_out(d, f, kv, r, states, master):

@@ -7,6 +7,7 @@ sysexits' EX_TEMPFAIL, "try again later"); 130 interrupted (Ctrl-C; during train
 checkpoint as on SIGTERM: ``Interrupted``). Anything else is a bug.
 """
 
+import re
 import sys
 
 EXIT_USER_ERROR = 2
@@ -33,9 +34,19 @@ class UserError(Exception):
         return self.problems[0][0]
 
     def render(self, names: dict[str, str] | None = None) -> str:
-        """One line: each problem as '<key>: <message>', the key renamed by ``names``."""
+        """One line: each problem as '<key>: <message>', the key renamed by ``names``, and so is each
+        key of ``names`` that a message cites ("needs train.master_weights" reads "needs --master-weights"
+        where that flag set it; never inside a flag or after ``--set``)."""
         names = names or {}
-        return "; ".join(f"{names.get(k, k)}: {m}" if k else m for k, m in self.problems)
+        if not names:
+            return "; ".join(f"{k}: {m}" if k else m for k, m in self.problems)
+        cited = re.compile(r"(?<![\w.-])(?<!--set )(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+                           + r")(?![\w])")
+
+        def rename(text: str) -> str:
+            return cited.sub(lambda m: names[m.group(1)], text)
+
+        return "; ".join(f"{names.get(k, k)}: {rename(m)}" if k else rename(m) for k, m in self.problems)
 
     def __str__(self) -> str:
         return self.render()

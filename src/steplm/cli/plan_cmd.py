@@ -11,10 +11,13 @@ from steplm.cli.args import (SHORT_FLAGS, add_config_flags, first_missing, flag_
 from steplm.cli.train_cmd import load_config
 from steplm.config.load import presets
 from steplm.config.presets import preset_names
+from steplm.config.validate import config_error
 from steplm.errors import UserError
 from steplm.io.files import dumps
 from steplm.plan import memory, solve
 
+# the precision keys that the flag forms set, shown under their flags
+PRECISION_FLAGS = {"train.optimizer_states": "--optimizer-states", "train.master_weights": "--master-weights"}
 # plan's own flags that, with a CONFIG, set the config key of the same meaning
 CONFIG_KEY_FLAGS = {"--micro-batch": ("train.micro_batch", {}), "--seq-len": ("train.seq_len", {}),
                     "--vocab-size": ("model.vocab_size", {})}
@@ -209,9 +212,9 @@ def cmd_plan(a):
     a.vocab_size, a.seq_len, a.micro_batch = a.vocab_size or 50257, a.seq_len or 1024, a.micro_batch or 1
     states = a.optimizer_states or ("bf16" if a.master_weights == "bf16" else "fp32")
     prec = memory.Precision(states, a.master_weights or "fp32")
-    if prec.problems():
-        flag = "--" + prec.problems()[0].split(":")[0].split(".")[1].replace("_", "-")
-        raise UserError(prec.problems()[0].split(": ", 1)[1], key=flag)
+    if prec.problems():  # the config's own check, its keys shown as the flags that set them
+        a.names = {**getattr(a, "names", {}), **PRECISION_FLAGS}
+        raise config_error(prec.problems())
     shape, heads, kv = _shape(a)
     a.stages = a.stages or 2
 
