@@ -468,7 +468,7 @@ def test_a_rerun_into_a_kept_folder_with_another_config_is_refused(cache_tmp, tm
     assert main(["train", "--out", str(out), "--quiet", "--lr", "0.5",
                  *[x for kv in sets for x in ("--set", kv)]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("holds a run with a different config (train.lr); use the same config to resume, "
+    assert err[-1].endswith("holds a run with a different config (--lr); use the same config to resume, "
                             "or another --out"), err
     assert (out / "metrics.jsonl").read_bytes() == before
 
