@@ -23,6 +23,7 @@ MKL_CNR_BRANCH = "AUTO"
 def pin_mkl_branch(environ=os.environ) -> str:
     """Set ``MKL_CBWR`` to ``AUTO`` unless the user set it (their value is kept, whatever it is);
     returns the value in force. MKL reads a value it does not know as ``AUTO``; only an empty
-    ``MKL_CBWR=`` leaves CNR off, as without steplm (``tests/test_determinism.py`` asks MKL). Process-wide and inherited by child processes; no effect on GPUs or
-    where torch is not built with MKL."""
+    ``MKL_CBWR=`` leaves CNR off, as without steplm (``tests/test_determinism.py`` asks MKL).
+    Process-wide and inherited by child processes; no effect on GPUs or where torch is not built
+    with MKL."""
     return environ.setdefault("MKL_CBWR", MKL_CNR_BRANCH)
