@@ -40,7 +40,7 @@ TABLE = [
     (["plan", "--hidden", "256", "--budget-gb", "1", "--layers-per-stage", "3,3"], "--layers-per-stage: not used"),
     (["plan", "--hidden", "256", "--budget-gb", "1", "--layers", "6"], "--layers: not used with --budget-gb"),
     (["plan", "--hidden", "256", "--layers", "6", "--stages", "3", "--layers-per-stage", "3,3"],
-     "--stages: 3 stages, but --layers-per-stage lists 2"),
+     "--layers-per-stage: needs --stages (3) entries, got 2"),
     (["plan", "--hidden", "256", "--layers", "6", "--layers-per-stage", "1,5", "--cap-growth"], "--cap-growth"),
     (["plan", "--hidden", "256", "--layers", "9", "--layers-per-stage", "2,2,5", "--cap-growth"], "stage 3 adds 5"),
     (["plan", "--hidden", "256", "--layers", "6", "--vocab-size", "8192"], "--vocab-size: describes"),
@@ -48,11 +48,11 @@ TABLE = [
     (["plan", "--hidden", "256", "--layers", "6", "--micro-batch", "4"], "--micro-batch"),
     (["plan", "--hidden", "256", "--layers", "6", "--checkpointing"], "--checkpointing"),
     (["plan", "{tiny_yaml}", "--extended"], "--extended: not used with a CONFIG"),
-    # plan: the head shapes train refuses
-    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "3"], "--n-heads: must divide --hidden (64)"),
-    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "128"], "--n-heads: must divide --hidden"),
-    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "64"], "must be even for RoPE"),
-    (["plan", "--hidden", "60", "--layers", "4", "--n-heads", "4", "--extended"], "must be even for RoPE"),
+    # plan: the head shapes train refuses, in train's words (the config's own check)
+    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "3"], "--hidden: must be divisible by --n-heads (3)"),
+    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "128"], "--hidden: must be divisible by --n-heads"),
+    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "64"], "even integer for RoPE, got 1"),
+    (["plan", "--hidden", "60", "--layers", "4", "--n-heads", "4", "--extended"], "even integer for RoPE, got 15"),
     # train: data
     (["train", "--out", f"{T}/o", "--data", f"{T}/missing.txt"], "--data"),  # the flag typed, not the key it sets
     (["train", "--out", f"{T}/o", "--data", f"{T}/empty.txt", "--set", "data.tokenizer=bpe:300"], "empty corpus"),

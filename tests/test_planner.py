@@ -435,12 +435,109 @@ def test_write_config_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 
 def test_write_config_refuses_a_model_train_cannot_build(tmp_path, capsys):
-    """--hidden 1600 without --n-heads: the default head count (d / 128 = 12) does not divide it. The
-    folders --write-config would have made are not left behind; on success they are made."""
+    """--hidden 1600 with 12 heads, which do not divide it: refused by the config's own check, under
+    the flags typed. The folders --write-config would have made are not left behind; on success they
+    are made."""
     path = tmp_path / "new" / "dir" / "c.yaml"
-    assert main(["plan", "--hidden", "1600", "--layers", "12", "--write-config", str(path)]) == 2
-    assert capsys.readouterr().err.strip().startswith("steplm: error: --n-heads: a written config needs a head count "
-                                                      "dividing --hidden (1600)")
+    assert main(["plan", "--hidden", "1600", "--layers", "12", "--n-heads", "12", "--write-config", str(path)]) == 2
+    assert capsys.readouterr().err.strip().startswith("steplm: error: --hidden: must be divisible by --n-heads (12), "
+                                                      "got 1600")
     assert list(tmp_path.iterdir()) == []
     assert main(["plan", "--hidden", "1600", "--layers", "12", "--n-heads", "25", "--write-config", str(path)]) == 0
     assert "config written to" in capsys.readouterr().out and path.is_file()
+
+
+@pytest.mark.parametrize("d", [64, 100, 129, 130, 1000, 1536, 1600, 2048, 2050, 4096])
+def test_the_calculators_default_heads_are_the_widest_even_head_size_up_to_128(d):
+    """Without --n-heads the calculator splits d into the widest even head size of at most 128 that
+    divides it (d / 128 heads where 128 divides d), found here by brute force; an odd d has none."""
+    from steplm.cli.plan_cmd import default_heads
+
+    sizes = [s for s in range(2, 129) if s % 2 == 0 and d % s == 0]
+    assert default_heads(d) == (d // max(sizes) if sizes else 1)
+    if d % 128 == 0:
+        assert default_heads(d) == d // 128
+
+
+@pytest.mark.parametrize("args,flag,text", [
+    (["--hidden", "64", "--layers", "4", "--n-heads", "3"], "--hidden", "must be divisible by --n-heads (3)"),
+    (["--hidden", "1600", "--layers", "12", "--n-heads", "12", "--extended"], "--hidden", "by --n-heads (12)"),
+    (["--hidden", "129", "--layers", "4"], "--hidden / --n-heads", "even integer for RoPE, got 129"),
+    (["--hidden", "96", "--layers", "4", "--n-heads", "32"], "--hidden / --n-heads", "RoPE, got 3"),
+    (["--hidden", "64", "--layers", "4", "--n-heads", "4", "--n-kv-heads", "3"], "--n-kv-heads", "divide --n-heads (4)"),
+    (["--hidden", "64", "--layers", "4", "--lora-rank", "65"], "--lora-rank", "at most --hidden (64), got 65"),
+    (["--hidden", "64", "--layers", "4", "--stages", "5"], "--stages", "at most --layers (4), got 5"),
+    (["--hidden", "64", "--layers", "5", "--layers-per-stage", "2,2"], "--layers-per-stage", "sum to --layers (5)"),
+    (["--hidden", "64", "--layers", "4", "--stages", "3", "--layers-per-stage", "2,2"], "--layers-per-stage",
+     "needs --stages (3) entries, got 2"),
+    (["--hidden", "64", "--layers", "4", "--layers-per-stage", "4,0"], "--layers-per-stage", "positive integers"),
+    (["--hidden", "256", "--budget-gb", "1", "--vocab-size", "200", "--write-config", "c.yaml"], "--vocab-size",
+     "at least 300"),
+])
+def test_the_calculator_is_checked_by_the_configs_own_validation(capsys, tmp_path, monkeypatch, args, flag, text):
+    """The flag form builds the RunConfig its flags describe and raises the config's problems (the
+    text `train` gives for the same keys), each key shown as the flag that set it."""
+    from steplm.cli.plan_cmd import CALCULATOR_FLAGS
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"steplm: error: {flag}: ") and text in err, err
+    assert not any(k in err for k in CALCULATOR_FLAGS), err  # no config key is left in the line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_preset_flag_reads_the_presets_heads_from_its_yaml(capsys):
+    """--preset counts activations with the preset's own head count (configs/paper-368m.yaml), so its
+    extended plan equals the flag form given that shape by hand."""
+    import yaml
+
+    from steplm.config.presets import resolve_config
+
+    m = yaml.safe_load(resolve_config("paper-368m").read_text())["model"]
+    assert main(["plan", "--preset", "368m", "--extended", "--json"]) == 0
+    preset = json.loads(capsys.readouterr().out)["extended"]
+    assert main(["plan", "--hidden", str(m["d_model"]), "--layers", str(m["n_layers"]), "--n-heads", str(m["n_heads"]),
+                 "--extended", "--json"]) == 0
+    assert preset == json.loads(capsys.readouterr().out)["extended"]
+
+
+@pytest.mark.parametrize("d,L,K,heads,ffn,rank,states", [
+    (64, 4, 2, 4, 192, 16, "fp32"), (256, 9, 3, 4, 704, 64, "fp32"), (1600, 12, 2, 25, 4288, 128, "fp32"),
+    (2048, 24, 3, 32, 5504, 128, "8bit"), (384, 7, 4, 6, 1024, 32, "4bit"),
+])
+def test_the_calculator_and_plan_run_plan_one_model_alike(capsys, d, L, K, heads, ffn, rank, states):
+    """Given an integer SwiGLU width, the flag form and the config form (`plan_run`, what `train`
+    runs) describe one model: the same Eq. 3 split, and each stage's layer states to the byte."""
+    from steplm import config
+    from steplm.plan.stages import plan_run
+
+    assert main(["plan", "--hidden", str(d), "--layers", str(L), "--stages", str(K), "--n-heads", str(heads),
+                 "--ffn-hidden", str(ffn), "--lora-rank", str(rank), "--optimizer-states", states, "--json"]) == 0
+    flags = json.loads(capsys.readouterr().out)
+    cfg = config.load(None, [f"method=step", f"model.d_model={d}", f"model.n_layers={L}", f"model.n_heads={heads}",
+                             f"model.ffn_hidden={ffn}", f"step.n_stages={K}", f"lora.rank={rank}",
+                             f"train.optimizer_states={states}"])
+    config.validate(cfg)
+    plan = plan_run(cfg)
+    assert flags["layers_per_stage"] == plan.layers_per_stage
+    assert flags["stage_bytes"] == [s.planned_state_bytes["layers"] for s in plan.stages]
+
+
+@pytest.mark.parametrize("split,bad", [([1, 5], 2), ([2, 2, 5], 3), ([3, 4], 2), ([1, 1, 3, 1], 3),
+                                       ([3, 3], None), ([2, 2, 2], None), ([1, 1, 2, 2], None)])
+def test_a_config_refuses_a_split_that_breaks_its_own_cap_growth(capsys, split, bad):
+    """step.cap_growth with an explicit step.layers_per_stage: a stage adding more layers than it grows
+    from is refused by the config's check (plan CONFIG, hence train) and by the flag form alike;
+    adding exactly N_i is allowed."""
+    L, sets = sum(split), ",".join(map(str, split))
+    config_form = ["plan", "--set", "method=step", "--set", f"model.n_layers={L}", "--set", f"step.n_stages={len(split)}",
+                   "--set", f"step.layers_per_stage=[{sets}]", "--set", "step.cap_growth=true"]
+    flag_form = ["plan", "--hidden", "64", "--layers", str(L), "--layers-per-stage", sets, "--cap-growth"]
+    for argv, key in ((config_form, "step.layers_per_stage"), (flag_form, "--layers-per-stage")):
+        rc = main(argv)
+        err = capsys.readouterr().err
+        if bad is None:
+            assert rc == 0, err
+        else:
+            assert rc == 2 and f"{key}: stage {bad} adds {split[bad - 1]} layers to {sum(split[:bad - 1])}" in err, err

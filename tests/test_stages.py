@@ -32,6 +32,9 @@ def test_plan_modules_do_not_import_torch():
     (["plan", "configs/paper-1.2b-3stage.yaml", "--set", "lora.relora_interval=0", "--json"], '"layers_per_stage"'),
     (["plan", "--hidden", "2048", "--layers", "24"], "reduction"),
     (["plan", "configs/tiny.yaml", "--set", "model.n_heads=5"], "steplm: error: model.d_model"),
+    (["plan", "--hidden", "64", "--layers", "4", "--n-heads", "3"], "steplm: error: --hidden: must be divisible"),
+    (["plan", "--preset", "368m", "--extended"], "peak of a training step"),
+    (["plan", "--hidden", "256", "--layers", "6", "--write-config", "/dev/null/x.yaml"], "steplm: error: --write-config"),
 ])
 def test_plan_runs_where_torch_cannot_be_imported(args, needle):
     """`steplm plan` is pure planning: with torch made unimportable (as on a machine without it) it

@@ -16,8 +16,15 @@ from steplm.errors import UserError
 from steplm.io.files import dumps
 from steplm.plan import memory, solve
 
-# the precision keys that the flag forms set, shown under their flags
-PRECISION_FLAGS = {"train.optimizer_states": "--optimizer-states", "train.master_weights": "--master-weights"}
+# the config key each of the calculator's flags sets, for the config's messages (model.head_dim is
+# --hidden / --n-heads; model.max_seq_len and data.tokenizer follow --seq-len and --vocab-size)
+CALCULATOR_FLAGS = {"model.d_model": "--hidden", "model.n_layers": "--layers", "step.n_stages": "--stages",
+                    "lora.rank": "--lora-rank", "step.layers_per_stage": "--layers-per-stage",
+                    "model.ffn_hidden": "--ffn-hidden", "model.n_heads": "--n-heads", "model.head_dim": "--hidden / --n-heads",
+                    "model.n_kv_heads": "--n-kv-heads", "step.cap_growth": "--cap-growth",
+                    "model.vocab_size": "--vocab-size", "data.tokenizer": "--vocab-size", "train.seq_len": "--seq-len",
+                    "model.max_seq_len": "--seq-len", "train.micro_batch": "--micro-batch",
+                    "train.optimizer_states": "--optimizer-states", "train.master_weights": "--master-weights"}
 # plan's own flags that, with a CONFIG, set the config key of the same meaning
 CONFIG_KEY_FLAGS = {"--micro-batch": ("train.micro_batch", {}), "--seq-len": ("train.seq_len", {}),
                     "--vocab-size": ("model.vocab_size", {})}
@@ -84,15 +91,6 @@ def _check_plan_flags(a) -> None:
             if value:
                 raise UserError(f"describes the embeddings, head and activations, {why}"
                                 + ("" if a.states_only else "; give --extended too"), key=flag)
-    if a.layers_per_stage:
-        split = _split(a.layers_per_stage)
-        if a.stages and len(split) != a.stages:
-            raise UserError(f"--stages: {a.stages} stages, but --layers-per-stage lists {len(split)}")
-        if a.cap_growth:
-            grown = [i for i in range(1, len(split)) if split[i] > sum(split[:i])]
-            if grown:
-                raise UserError(f"--layers-per-stage: stage {grown[0] + 1} adds {split[grown[0]]} layers to "
-                                f"{sum(split[:grown[0]])}, more than --cap-growth allows (n_(i+1) <= N_i)")
 
 
 def _whole_step(a) -> bool:
@@ -102,46 +100,87 @@ def _whole_step(a) -> bool:
 
 
 def _paper_shape(size: str) -> dict:
-    """d, L, K and r of the preset ``paper-SIZE`` (configs/paper-*.yaml, the paper's Table 1 rows):
-    the presets are the YAML files, read here without torch."""
+    """The shape keys of the preset ``paper-SIZE`` (configs/paper-*.yaml, the paper's Table 1 rows):
+    d, L, K, r and the heads; the presets are the YAML files, read here without torch. Its
+    ffn_hidden is not read: the calculator's SwiGLU width is exactly 8/3·d (Eq. 4) unless given."""
     import yaml
 
     from steplm.config.presets import resolve_config
 
     c = yaml.safe_load(resolve_config(f"paper-{size}").read_text())
-    return {"d_model": c["model"]["d_model"], "n_layers": c["model"]["n_layers"], "n_stages": c["step"]["n_stages"],
-            "lora_rank": c["lora"]["rank"]}
+    m = c["model"]
+    return {"hidden": m["d_model"], "layers": m["n_layers"], "stages": c["step"]["n_stages"],
+            "lora_rank": c["lora"]["rank"], "n_heads": m.get("n_heads"), "n_kv_heads": m.get("n_kv_heads")}
 
 
-def _shape(a) -> tuple[memory.LayerShape, int, int | None]:
-    """The planner's block shape from the flags (preset and defaults filled into ``a``), the head
-    count the activations use, and the key/value width. Raises UserError naming the flag."""
+def default_heads(d: int) -> int:
+    """The calculator's head count without --n-heads: the widest even head size of at most 128 that
+    divides d (d / 128 heads where 128 divides d, as in LLaMA); 1 if d is odd (which the config's
+    RoPE check then refuses)."""
+    return next((d // size for size in range(min(128, d), 1, -1) if size % 2 == 0 and d % size == 0), 1)
+
+
+def _keys(a, heads: int, prec: memory.Precision) -> dict[str, object]:
+    """The config keys (dotted) that the calculator's flags describe: the shape, the split, the
+    precision, and for the activations micro-batch and sequence length. Without --layers (budget
+    mode) the depth is a placeholder that every stage count fits."""
+    split = _split(a.layers_per_stage) if a.layers_per_stage else None
+    stages = a.stages or (len(split) if split else 2)
+    keys = {"method": "step" if stages > 1 else "vanilla", "model.vocab_size": a.vocab_size, "model.d_model": a.hidden,
+            "model.n_layers": a.layers or stages, "model.n_heads": heads, "model.max_seq_len": a.seq_len,
+            "train.micro_batch": a.micro_batch, "train.seq_len": a.seq_len,
+            "train.eval_tokens": max(a.seq_len, 32768), "train.activation_checkpointing": bool(a.checkpointing),
+            "lora.rank": a.lora_rank, "step.n_stages": stages, "step.cap_growth": bool(a.cap_growth),
+            "train.optimizer_states": prec.optimizer_states, "train.master_weights": prec.master_weights}
+    if a.ffn_hidden:
+        keys["model.ffn_hidden"] = a.ffn_hidden
+    if a.n_kv_heads:
+        keys["model.n_kv_heads"] = a.n_kv_heads
+    if split:
+        keys["step.layers_per_stage"] = split
+    if a.write_config:  # the tokenizer a written config trains; the calculator itself needs none
+        keys["data.tokenizer"] = "gpt2" if a.vocab_size >= 50257 else f"bpe:{a.vocab_size}"
+    return keys
+
+
+def _nested(keys: dict[str, object]) -> dict:
+    """{'model.d_model': 64} as {'model': {'d_model': 64}}, the form of a config file."""
+    nested: dict = {}
+    for key, value in keys.items():
+        section, _, name = key.rpartition(".")
+        (nested.setdefault(section, {}) if section else nested)[name] = value
+    return nested
+
+
+def _check_as_config(a, keys: dict[str, object]) -> None:
+    """Validate the calculator's shape as `train` validates a config: build the RunConfig the flags
+    describe and raise the config's own problems, each key shown as the flag that set it."""
+    from steplm.config.load import from_dict
+    from steplm.config.validate import problems
+
+    found = problems(from_dict(_nested(keys)))
+    if found:
+        a.names = {**getattr(a, "names", {}), **CALCULATOR_FLAGS}
+        raise config_error(found)
+
+
+def _shape(a, prec: memory.Precision) -> tuple[memory.LayerShape, int, int | None]:
+    """The planner's block shape from the flags (preset and defaults filled into ``a``), checked by
+    the config's validation; the head count the activations use, and the key/value width."""
     from steplm.config.schema import default_ffn_hidden
 
     if a.preset:
-        p = _paper_shape(a.preset)
-        a.hidden = a.hidden or p["d_model"]
-        a.layers = a.layers or p["n_layers"]
-        a.stages = a.stages or p["n_stages"]
-        a.lora_rank = a.lora_rank or p["lora_rank"]
+        for name, value in _paper_shape(a.preset).items():
+            setattr(a, name, getattr(a, name) or value)
     if not a.hidden:
         raise UserError("--hidden: give the hidden size d (or --preset)")
     a.lora_rank = a.lora_rank or min(128, a.hidden)
-    if a.lora_rank > a.hidden:
-        raise UserError(f"--lora-rank: must be at most --hidden ({a.hidden}), got {a.lora_rank}")
-    if a.n_heads and a.hidden % a.n_heads:  # the same shapes `train` takes (model.d_model, model.head_dim)
-        raise UserError(f"--n-heads: must divide --hidden ({a.hidden}), got {a.n_heads}")
-    if a.n_heads and (a.hidden // a.n_heads) % 2:
-        raise UserError(f"--n-heads: the head size --hidden / --n-heads = {a.hidden // a.n_heads} must be even for "
-                        f"RoPE, got {a.n_heads} heads")
-    kv = None
-    if a.n_kv_heads:
-        if not a.n_heads or a.hidden % a.n_heads or a.n_heads % a.n_kv_heads:
-            raise UserError("--n-kv-heads: needs --n-heads dividing --hidden and divisible by --n-kv-heads")
-        kv = a.n_kv_heads * (a.hidden // a.n_heads)
+    heads = a.n_heads or default_heads(a.hidden)
+    _check_as_config(a, _keys(a, heads, prec))
+    kv = a.n_kv_heads * (a.hidden // heads) if a.n_kv_heads else None
     if a.write_config and not a.ffn_hidden:  # the written model's SwiGLU width, so its plan is this one
         a.ffn_hidden = default_ffn_hidden(a.hidden)
-    return memory.LayerShape(a.hidden, a.ffn_hidden, kv), a.n_heads or max(1, a.hidden // 128), kv
+    return memory.LayerShape(a.hidden, a.ffn_hidden, kv), heads, kv
 
 
 def _solve(a, shape, prec, extra, search: bool, search_stages: bool) -> solve.Plan:
@@ -156,18 +195,12 @@ def _solve(a, shape, prec, extra, search: bool, search_stages: bool) -> solve.Pl
                                     lambda L: extra(L, prec), prec=prec)
     if not a.layers:
         raise UserError("--layers: give the total layer count L (or --preset, or --budget-gb)")
-    if a.stages > a.layers:
-        raise UserError(f"--stages: must be at most --layers ({a.layers}), got {a.stages}")
     if not a.layers_per_stage:
         return solve.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth, prec)
-    split = _split(a.layers_per_stage)
+    split = _split(a.layers_per_stage)  # its entries, count and sum are checked as the config's
     if len(split) > solve.MAX_STAGES:
         raise UserError(f"--layers-per-stage: at most {solve.MAX_STAGES} stages (the planner's bound), "
                         f"got {len(split)}")
-    if any(n < 1 for n in split):
-        raise UserError("--layers-per-stage: every stage needs at least one layer")
-    if sum(split) != a.layers:
-        raise UserError(f"--layers-per-stage: must sum to --layers ({a.layers}), got {sum(split)}")
     return solve.evaluate_split(split, shape, a.lora_rank, prec)
 
 
@@ -212,10 +245,7 @@ def cmd_plan(a):
     a.vocab_size, a.seq_len, a.micro_batch = a.vocab_size or 50257, a.seq_len or 1024, a.micro_batch or 1
     states = a.optimizer_states or ("bf16" if a.master_weights == "bf16" else "fp32")
     prec = memory.Precision(states, a.master_weights or "fp32")
-    if prec.problems():  # the config's own check, its keys shown as the flags that set them
-        a.names = {**getattr(a, "names", {}), **PRECISION_FLAGS}
-        raise config_error(prec.problems())
-    shape, heads, kv = _shape(a)
+    shape, heads, kv = _shape(a, prec)  # checked as the config train would run (precision included)
     a.stages = a.stages or 2
 
     def activations(L):
@@ -248,28 +278,15 @@ def cmd_plan(a):
 
 
 def _config_of(a, plan: solve.Plan, heads: int) -> dict[str, object]:
-    """The config keys (dotted) of a run that trains this plan: the shape, the split (method step, or
-    vanilla for one stage), the precision and, for the activations, micro-batch and sequence length.
-    Raises UserError when the flags describe no model train can build (naming the flag)."""
-    if a.hidden % heads or (a.hidden // heads) % 2:
-        raise UserError(f"--n-heads: a written config needs a head count dividing --hidden ({a.hidden}) into even "
-                        f"head sizes; the default {heads} (d / 128) does not, give --n-heads")
-    if a.vocab_size < 300:
-        raise UserError(f"--vocab-size: a written config trains a bpe:{a.vocab_size} tokenizer, which needs at least "
-                        f"300 tokens, got {a.vocab_size}")
+    """The config keys (dotted) of a run that trains this plan: the flags' keys (``_keys``, which
+    `_shape` validated) with the plan's depth, split and precision; one stage trains as vanilla."""
     K = len(plan.layers_per_stage)
-    keys = {"method": "step" if K > 1 else "vanilla", "model.vocab_size": a.vocab_size, "model.d_model": a.hidden,
-            "model.n_layers": sum(plan.layers_per_stage), "model.n_heads": heads, "model.ffn_hidden": a.ffn_hidden,
-            "model.max_seq_len": a.seq_len, "data.tokenizer": "gpt2" if a.vocab_size >= 50257 else f"bpe:{a.vocab_size}",
-            "train.micro_batch": a.micro_batch, "train.seq_len": a.seq_len,
-            "train.activation_checkpointing": bool(a.checkpointing), "train.optimizer_states": plan.optimizer_states,
-            "train.master_weights": plan.master_weights, "lora.rank": a.lora_rank}
-    if a.n_kv_heads:
-        keys["model.n_kv_heads"] = a.n_kv_heads
-    if K > 1:
-        keys.update({"step.n_stages": K, "step.layers_per_stage": list(plan.layers_per_stage),
-                     "step.cap_growth": bool(a.cap_growth)})
-    return keys
+    keys = _keys(a, heads, memory.Precision(plan.optimizer_states, plan.master_weights))
+    keys.update({"method": "step" if K > 1 else "vanilla", "model.n_layers": sum(plan.layers_per_stage),
+                 "model.ffn_hidden": a.ffn_hidden, "step.n_stages": K, "step.layers_per_stage": list(plan.layers_per_stage)})
+    if keys["train.eval_tokens"] == 32768:  # the default, there only to fit a window longer than it
+        del keys["train.eval_tokens"]
+    return keys if K > 1 else {k: v for k, v in keys.items() if not k.startswith("step.")}
 
 
 def _write_config(a, plan: solve.Plan, heads: int) -> Path:
@@ -284,10 +301,7 @@ def _write_config(a, plan: solve.Plan, heads: int) -> Path:
         raise UserError(f"--write-config: {path} is a directory; give a file path")
     if path.exists() and not a.force:
         raise UserError(f"--write-config: {path} exists; give --force to overwrite it, or another path")
-    nested: dict = {}
-    for key, value in _config_of(a, plan, heads).items():
-        section, _, name = key.rpartition(".")
-        (nested.setdefault(section, {}) if section else nested)[name] = value
+    nested = _nested(_config_of(a, plan, heads))
     created = first_missing(path.parent)  # made here, as train and export make their folders; undone on failure
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

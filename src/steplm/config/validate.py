@@ -237,6 +237,11 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
         out.append(f"step.layers_per_stage: needs step.n_stages ({s.n_stages}) entries, got {len(lps)}")
     if L > 0 and sum(lps) != L:
         out.append(f"step.layers_per_stage: must sum to model.n_layers ({L}), got {sum(lps)}")
+    grown = [i for i in range(1, len(lps)) if lps[i] > sum(lps[:i])]
+    if s.cap_growth is True and grown:  # the split given breaks the cap the config asks for
+        i = grown[0]
+        out.append(f"step.layers_per_stage: stage {i + 1} adds {lps[i]} layers to {sum(lps[:i])}, more than "
+                   f"step.cap_growth allows (n_(i+1) <= N_i); change the split or drop step.cap_growth")
     return out
 
 
