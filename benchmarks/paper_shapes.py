@@ -28,8 +28,10 @@ peak tracker (measure.peak_step: MemTracker on CPU, max_memory_allocated on CUDA
 the planned model-state bytes equal the live ones. A STEP stage after the first is then timed
 against vanilla at the same depth, in the same process: interleaved rounds of one step each (the
 order alternates), after one warm-up step each, median over the rounds; where the two do not fit
-in memory together, STEP's steps and then vanilla's (``timing`` says which). Stage 1 trains every
-layer, so it is vanilla at n_1 layers (FLOPs ratio 1): it is timed only with --time-stage1.
+in memory together, STEP's steps in that process and then vanilla's in a fresh one forked for it
+(one warm-up step, then the same number of rounds), so that no heap the STEP run left behind is
+counted against vanilla (``timing`` says which). Stage 1 trains every layer, so it is vanilla at
+n_1 layers (FLOPs ratio 1): it is timed only with --time-stage1.
 
 Row fields: size, method, split, layers_per_stage, stage (1-based), layers, micro_batch, seq_len,
 planned_state_bytes, measured_state_bytes (model states: weights, gradients, Adam moments, with
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import importlib
 import json
 import multiprocessing
@@ -114,6 +115,7 @@ PRELOAD = ("torch._dynamo", "torch.distributed._tools.mem_tracker", "torch.distr
            "tokenizers")
 HEADROOM = 10**9  # kept free for the allocator's slack, oneDNN's scratch and the rest of the machine
 ROUNDS = 3
+PENDING = "vanilla pending"  # a row whose STEP steps are timed and whose vanilla's are not yet
 
 
 # ---------------------------------------------------------------------------- configs and plans
@@ -298,14 +300,12 @@ def time_against_vanilla(t, path: Path, van_sets: dict, rounds: int, budget: int
         step(v)
         times = interleaved({"step": lambda: step(t), "vanilla": lambda: step(v)}, rounds, 1)
         mode = "interleaved"
-    else:
-        times = {"step": [step(t) for _ in range(rounds)]}
-        t.__dict__.clear()  # drop the STEP run's model and optimizer (the caller's reference stays)
-        gc.collect()
-        v = trainer(path, van_sets, tmp / "vanilla")
-        step(v)
-        times["vanilla"] = [step(v) for _ in range(rounds)]
-        mode = f"sequential: the two do not fit together ({need / GB:.2f} GB predicted)"
+    else:  # vanilla's rounds in a process of its own, forked by the parent (``complete_timing``)
+        if profile:
+            profile.write_text("\n\n".join(tables) + "\n")
+        return {"step_seconds_per_round": [step(t) for _ in range(rounds)], "timing": PENDING,
+                "vanilla_sets": van_sets, "vanilla_config": str(path),
+                "vanilla_profile": str(profile) if profile else None, "pair_bytes": need}
     if profile:
         tables.append(f"== vanilla at {van.model.n_layers} layers\n{profile_table(v)}")
         profile.write_text("\n\n".join(tables) + "\n")
@@ -314,15 +314,70 @@ def time_against_vanilla(t, path: Path, van_sets: dict, rounds: int, budget: int
             "step_time_ratio_per_round": [x / y for x, y in zip(times["step"], times["vanilla"])]}
 
 
-def child(conn, run, index, a):
-    """A forked child: measure one row and send it (or the error's traceback) to the parent."""
+def vanilla_times(path: Path, van_sets: dict, rounds: int, budget: int, profile: Path | None) -> list[float]:
+    """Seconds of ``rounds`` steps of vanilla (config ``path`` with ``van_sets``) after one warm-up
+    step, in this process (a child of its own); with ``profile``, its table is appended there."""
+    if van_sets.get("train.device") != "cuda":
+        cap_allocations(budget + HEADROOM // 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        v = trainer(path, van_sets, Path(tmp) / "vanilla")
+        step(v)
+        times = [step(v) for _ in range(rounds)]
+        if profile:
+            with profile.open("a") as fh:
+                fh.write(f"\n\n== vanilla at {v.cfg.model.n_layers} layers (its own process)\n{profile_table(v)}\n")
+    return times
+
+
+def complete_timing(row: dict, ctx) -> dict:
+    """A row whose STEP steps were timed without vanilla beside it (``PENDING``): time vanilla's
+    steps in a fresh child and fill the ratio, or say why it could not be."""
+    step_times = row.pop("step_seconds_per_round")
+    sets, path, prof, need = (row.pop(k) for k in ("vanilla_sets", "vanilla_config", "vanilla_profile", "pair_bytes"))
+    kind, payload = forked(ctx, vanilla_times, Path(path), sets, len(step_times), row["budget_bytes"],
+                           Path(prof) if prof else None)
+    if kind == "died":
+        return {**row, "timing": f"vanilla not timed: {payload}"}
+    if kind == "error":
+        if not out_of_memory(Exception(payload)):
+            sys.exit(f"paper_shapes: timing vanilla for {row['size']} {row['method']} stage {row['stage']} failed:\n"
+                     f"{payload}")
+        return {**row, "timing": f"out of memory timing vanilla: {payload.strip().splitlines()[-1]}"}
+    s, v_s = statistics.median(step_times), statistics.median(payload)
+    return {**row, "step_seconds": s, "vanilla_step_seconds": v_s, "step_time_ratio": s / v_s,
+            "step_time_ratio_per_round": [x / y for x, y in zip(step_times, payload)],
+            "timing": f"sequential, one process each: the two do not fit together ({need / GB:.2f} GB predicted)"}
+
+
+def forked(ctx, fn, *args):
+    """Run ``fn(*args)`` in a forked child (a fresh heap); ("row", its result), ("error", the
+    traceback) or ("died", why) when it was killed before it could answer."""
+    recv, send = ctx.Pipe(duplex=False)
+
+    def target():
+        try:
+            send.send(("row", fn(*args)))
+        except BaseException:  # noqa: BLE001 (reported to the parent)
+            send.send(("error", traceback.format_exc()))
+        finally:
+            send.close()
+
+    p = ctx.Process(target=target)
+    p.start()
+    send.close()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            conn.send(("row", measure_row(run, index, a, Path(tmp))))
-    except BaseException:  # noqa: BLE001 (reported to the parent, which stops)
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+        out = recv.recv()
+    except EOFError:  # killed before it could answer (a signal: the kernel's OOM killer, a crash)
+        p.join()
+        return "died", f"the measuring process died (exit {p.exitcode})"
+    p.join()
+    return out
+
+
+def measure_in_tmp(run, index, a) -> dict:
+    """measure_row with a temporary folder for the run (a forked child's whole work)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return measure_row(run, index, a, Path(tmp))
 
 
 # ---------------------------------------------------------------------------- results
@@ -486,18 +541,13 @@ def main(argv=None) -> list[dict]:
         if key(k) in done:
             continue
         print(f"[paper_shapes] {run[0]} {run[1]} {k['layers_per_stage']} stage {i + 1}", file=sys.stderr, flush=True)
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=child, args=(send, run, i, a))
-        p.start()
-        send.close()
-        try:
-            kind, payload = recv.recv()
-        except EOFError:  # killed before it could answer (a signal: the kernel's OOM killer, a crash)
-            p.join()
-            kind, payload = "row", {**k, "note": f"the measuring process died (exit {p.exitcode})"}
-        p.join()
+        kind, payload = forked(ctx, measure_in_tmp, run, i, a)
+        if kind == "died":
+            kind, payload = "row", {**k, "note": payload}
         if kind == "error":
             sys.exit(f"paper_shapes: {run[0]} {run[1]} stage {i + 1} failed:\n{payload}")
+        if payload.get("timing") == PENDING:
+            payload = complete_timing(payload, ctx)
         rows.append(payload)
         done.add(key(payload))
         write_rows(f, rows)
