@@ -450,11 +450,17 @@ def test_write_config_refuses_a_model_train_cannot_build(tmp_path, capsys):
 @pytest.mark.parametrize("d", [64, 100, 129, 130, 1000, 1536, 1600, 2048, 2050, 4096])
 def test_the_calculators_default_heads_are_the_widest_even_head_size_up_to_128(d):
     """Without --n-heads the calculator splits d into the widest even head size of at most 128 that
-    divides it (d / 128 heads where 128 divides d), found here by brute force; an odd d has none."""
+    divides it (d / 128 heads where 128 divides d), found here by brute force; an odd d has none and
+    is refused."""
     from steplm.cli.plan_cmd import default_heads
+    from steplm.errors import UserError
 
     sizes = [s for s in range(2, 129) if s % 2 == 0 and d % s == 0]
-    assert default_heads(d) == (d // max(sizes) if sizes else 1)
+    if not sizes:
+        with pytest.raises(UserError, match="must be even"):
+            default_heads(d)
+        return
+    assert default_heads(d) == d // max(sizes)
     if d % 128 == 0:
         assert default_heads(d) == d // 128
 
@@ -462,8 +468,16 @@ def test_the_calculators_default_heads_are_the_widest_even_head_size_up_to_128(d
 @pytest.mark.parametrize("args,flag,text", [
     (["--hidden", "64", "--layers", "4", "--n-heads", "3"], "--hidden", "must be divisible by --n-heads (3)"),
     (["--hidden", "1600", "--layers", "12", "--n-heads", "12", "--extended"], "--hidden", "by --n-heads (12)"),
-    (["--hidden", "129", "--layers", "4"], "--hidden / --n-heads", "even integer for RoPE, got 129"),
-    (["--hidden", "96", "--layers", "4", "--n-heads", "32"], "--hidden / --n-heads", "RoPE, got 3"),
+    (["--hidden", "129", "--layers", "4"], "--hidden", "must be even"),
+    (["--hidden", "131", "--budget-gb", "1"], "--hidden", "must be even"),
+    (["--hidden", "96", "--layers", "4", "--n-heads", "32"], "--head-dim", "RoPE, got 3"),
+    (["--hidden", "64", "--layers", "4", "--n-heads", "4", "--head-dim", "15"], "--head-dim", "RoPE, got 15"),
+    (["--hidden", "64", "--layers", "4", "--n-kv-heads", "2"], "--n-kv-heads", "give --n-heads too"),
+    (["--hidden", "64", "--layers", "4", "--head-dim", "16"], "--head-dim", "give --n-heads too"),
+    (["--preset", "368m", "--n-heads", "7"], "--hidden (from --preset 368m)", "divisible by --n-heads (7)"),
+    (["--hidden", "64", "--layers", "6", "--layers-per-stage", ",".join(["1"] * 8)], "the length of --layers-per-stage",
+     "must be at most --layers (6), got 8"),
+    (["--hidden", "64", "--layers", "1"], "--stages (default 2)", "at most --layers (1), got 2"),
     (["--hidden", "64", "--layers", "4", "--n-heads", "4", "--n-kv-heads", "3"], "--n-kv-heads", "divide --n-heads (4)"),
     (["--hidden", "64", "--layers", "4", "--lora-rank", "65"], "--lora-rank", "at most --hidden (64), got 65"),
     (["--hidden", "64", "--layers", "4", "--stages", "5"], "--stages", "at most --layers (4), got 5"),
@@ -541,3 +555,45 @@ def test_a_config_refuses_a_split_that_breaks_its_own_cap_growth(capsys, split, 
             assert rc == 0, err
         else:
             assert rc == 2 and f"{key}: stage {bad} adds {split[bad - 1]} layers to {sum(split[:bad - 1])}" in err, err
+
+
+@pytest.mark.parametrize("args", [
+    ["--preset", "368m", "--hidden", "2048"],
+    ["--preset", "680m", "--hidden", "1000", "--extended"],
+    ["--preset", "368m", "--budget-gb", "10", "--hidden", "2048"],
+    ["--preset", "1.2b", "--layers-per-stage", "8,8,8"],
+    ["--preset", "1.2b-3stage", "--layers-per-stage", "12,12"],
+    ["--preset", "1.2b", "--layers-per-stage", "24"],
+    ["--preset", "368m", "--budget-gb", "40", "--stages", "13"],
+    ["--preset", "1.2b", "--n-kv-heads", "8", "--extended"],
+])
+def test_a_flag_given_overrides_its_part_of_the_preset(capsys, args):
+    """--preset fills only what is not given: a width of one's own gets its own default heads, a
+    split its own stage count, budget mode its own depth."""
+    assert main(["plan", *args]) == 0, capsys.readouterr().err
+
+
+def test_preset_heads_do_not_follow_an_overridden_width(capsys):
+    assert main(["plan", "--preset", "1.2b", "--hidden", "1600", "--extended", "--json"]) == 0
+    preset = json.loads(capsys.readouterr().out)["extended"]
+    assert main(["plan", "--hidden", "1600", "--layers", "24", "--extended", "--json"]) == 0
+    assert preset == json.loads(capsys.readouterr().out)["extended"]
+
+
+def test_head_dim_sets_the_query_and_key_value_widths(capsys):
+    """--head-dim as HF's head_dim: q is heads x head_dim, k and v kv_heads x head_dim; the layer's
+    parameters follow (Eq. 4 with those widths), and the plan equals the config form's."""
+    from steplm import config
+    from steplm.plan.stages import plan_run
+
+    d, heads, kv_heads, hd, f = 512, 8, 2, 96, 1024
+    assert main(["plan", "--hidden", str(d), "--layers", "4", "--n-heads", str(heads), "--n-kv-heads", str(kv_heads),
+                 "--head-dim", str(hd), "--ffn-hidden", str(f), "--lora-rank", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    q, kv = heads * hd, kv_heads * hd
+    assert out["params_per_layer"] == d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d  # q, k, v, o, SwiGLU, 2 norms
+    cfg = config.load(None, ["method=step", f"model.d_model={d}", "model.n_layers=4", f"model.n_heads={heads}",
+                             f"model.n_kv_heads={kv_heads}", f"model.head_dim={hd}", f"model.ffn_hidden={f}",
+                             "step.n_stages=2", "lora.rank=16"])
+    plan = plan_run(cfg)
+    assert out["stage_bytes"] == [s.planned_state_bytes["layers"] for s in plan.stages]

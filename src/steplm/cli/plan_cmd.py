@@ -16,11 +16,11 @@ from steplm.errors import UserError
 from steplm.io.files import dumps
 from steplm.plan import memory, solve
 
-# the config key each of the calculator's flags sets, for the config's messages (model.head_dim is
-# --hidden / --n-heads; model.max_seq_len and data.tokenizer follow --seq-len and --vocab-size)
+# the config key each of the calculator's flags sets, for the config's messages (model.max_seq_len and
+# data.tokenizer follow --seq-len and --vocab-size)
 CALCULATOR_FLAGS = {"model.d_model": "--hidden", "model.n_layers": "--layers", "step.n_stages": "--stages",
                     "lora.rank": "--lora-rank", "step.layers_per_stage": "--layers-per-stage",
-                    "model.ffn_hidden": "--ffn-hidden", "model.n_heads": "--n-heads", "model.head_dim": "--hidden / --n-heads",
+                    "model.ffn_hidden": "--ffn-hidden", "model.n_heads": "--n-heads", "model.head_dim": "--head-dim",
                     "model.n_kv_heads": "--n-kv-heads", "step.cap_growth": "--cap-growth",
                     "model.vocab_size": "--vocab-size", "data.tokenizer": "--vocab-size", "train.seq_len": "--seq-len",
                     "model.max_seq_len": "--seq-len", "train.micro_batch": "--micro-batch",
@@ -35,7 +35,7 @@ def _plan_config(a):
     from steplm.plan.stages import format_plan, plan_run
 
     shape_flags = [f for f in ("preset", "hidden", "layers", "stages", "lora_rank", "layers_per_stage", "ffn_hidden",
-                               "n_heads", "n_kv_heads", "budget_gb", "optimizer_states", "master_weights", "cap_growth",
+                               "n_heads", "n_kv_heads", "head_dim", "budget_gb", "optimizer_states", "master_weights", "cap_growth",
                                "extended", "states_only", "checkpointing", "write_config", "force")
                    if getattr(a, f)]
     if shape_flags:
@@ -115,29 +115,48 @@ def _paper_shape(size: str) -> dict:
 
 def default_heads(d: int) -> int:
     """The calculator's head count without --n-heads: the widest even head size of at most 128 that
-    divides d (d / 128 heads where 128 divides d, as in LLaMA); 1 if d is odd (which the config's
-    RoPE check then refuses)."""
-    return next((d // size for size in range(min(128, d), 1, -1) if size % 2 == 0 and d % size == 0), 1)
+    divides d (d / 128 heads where 128 divides d, as in LLaMA). Raises UserError for an odd d, which
+    no head count splits into the even head sizes RoPE needs."""
+    heads = next((d // size for size in range(min(128, d), 1, -1) if size % 2 == 0 and d % size == 0), None)
+    if heads is None:
+        raise UserError(f"must be even: RoPE needs attention heads of even size, and no head count splits an odd "
+                        f"width into them; got {d}", key="--hidden")
+    return heads
+
+
+def _from_preset(a) -> None:
+    """Fill the flags the user left out from ``--preset`` (its configs/paper-*.yaml), recording which
+    in ``a.preset_filled``: d, the rank, L (not in budget mode, which finds it), K (unless
+    --stages or --layers-per-stage says it), and the heads only for the preset's own width."""
+    p = _paper_shape(a.preset)
+    fill = {"hidden": p["hidden"], "lora_rank": p["lora_rank"]}
+    if a.budget_gb is None:
+        fill["layers"] = p["layers"]
+    if not a.layers_per_stage:
+        fill["stages"] = p["stages"]
+    if a.hidden in (None, p["hidden"]):
+        fill.update(n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"])
+    a.preset_filled = {name for name, value in fill.items() if value and not getattr(a, name)}
+    for name in a.preset_filled:
+        setattr(a, name, fill[name])
 
 
 def _keys(a, heads: int, prec: memory.Precision) -> dict[str, object]:
     """The config keys (dotted) that the calculator's flags describe: the shape, the split, the
-    precision, and for the activations micro-batch and sequence length. Without --layers (budget
-    mode) the depth is a placeholder that every stage count fits."""
+    precision, and for the activations micro-batch and sequence length. In budget mode, which finds
+    the depth itself, the depth is a placeholder that the stage count fits."""
     split = _split(a.layers_per_stage) if a.layers_per_stage else None
     stages = a.stages or (len(split) if split else 2)
     keys = {"method": "step" if stages > 1 else "vanilla", "model.vocab_size": a.vocab_size, "model.d_model": a.hidden,
-            "model.n_layers": a.layers or stages, "model.n_heads": heads, "model.max_seq_len": a.seq_len,
-            "train.micro_batch": a.micro_batch, "train.seq_len": a.seq_len,
+            "model.n_layers": stages if a.budget_gb is not None else a.layers or stages, "model.n_heads": heads,
+            "model.max_seq_len": a.seq_len, "train.micro_batch": a.micro_batch, "train.seq_len": a.seq_len,
             "train.eval_tokens": max(a.seq_len, 32768), "train.activation_checkpointing": bool(a.checkpointing),
             "lora.rank": a.lora_rank, "step.n_stages": stages, "step.cap_growth": bool(a.cap_growth),
             "train.optimizer_states": prec.optimizer_states, "train.master_weights": prec.master_weights}
-    if a.ffn_hidden:
-        keys["model.ffn_hidden"] = a.ffn_hidden
-    if a.n_kv_heads:
-        keys["model.n_kv_heads"] = a.n_kv_heads
-    if split:
-        keys["step.layers_per_stage"] = split
+    for key, value in (("model.ffn_hidden", a.ffn_hidden), ("model.n_kv_heads", a.n_kv_heads),
+                       ("model.head_dim", a.head_dim), ("step.layers_per_stage", split)):
+        if value:
+            keys[key] = value
     if a.write_config:  # the tokenizer a written config trains; the calculator itself needs none
         keys["data.tokenizer"] = "gpt2" if a.vocab_size >= 50257 else f"bpe:{a.vocab_size}"
     return keys
@@ -152,6 +171,18 @@ def _nested(keys: dict[str, object]) -> dict:
     return nested
 
 
+def _flag_names(a) -> dict[str, str]:
+    """Each config key as the calculator's flag that set it, saying where a value the user did not
+    type came from: ``--hidden (from --preset 368m)``, ``--stages (default 2)``, or the split's length."""
+    names = dict(CALCULATOR_FLAGS)
+    for key, flag in CALCULATOR_FLAGS.items():
+        if flag.lstrip("-").replace("-", "_") in getattr(a, "preset_filled", ()):
+            names[key] = f"{flag} (from --preset {a.preset})"
+    if a.stages is None:
+        names["step.n_stages"] = "the length of --layers-per-stage" if a.layers_per_stage else "--stages (default 2)"
+    return names
+
+
 def _check_as_config(a, keys: dict[str, object]) -> None:
     """Validate the calculator's shape as `train` validates a config: build the RunConfig the flags
     describe and raise the config's own problems, each key shown as the flag that set it."""
@@ -160,27 +191,33 @@ def _check_as_config(a, keys: dict[str, object]) -> None:
 
     found = problems(from_dict(_nested(keys)))
     if found:
-        a.names = {**getattr(a, "names", {}), **CALCULATOR_FLAGS}
+        a.names = {**getattr(a, "names", {}), **_flag_names(a)}
         raise config_error(found)
 
 
-def _shape(a, prec: memory.Precision) -> tuple[memory.LayerShape, int, int | None]:
+def _shape(a, prec: memory.Precision) -> tuple[memory.LayerShape, int, int | None, int | None]:
     """The planner's block shape from the flags (preset and defaults filled into ``a``), checked by
-    the config's validation; the head count the activations use, and the key/value width."""
+    the config's validation; the head count the activations use, and the query and key/value widths
+    (None: d, as in the paper's block)."""
     from steplm.config.schema import default_ffn_hidden
 
     if a.preset:
-        for name, value in _paper_shape(a.preset).items():
-            setattr(a, name, getattr(a, name) or value)
+        _from_preset(a)
     if not a.hidden:
         raise UserError("--hidden: give the hidden size d (or --preset)")
+    for flag, value, why in (("--n-kv-heads", a.n_kv_heads, "the key/value heads group the query heads"),
+                             ("--head-dim", a.head_dim, "q is --n-heads x --head-dim wide")):
+        if value and not a.n_heads:  # the calculator's default head count is a guess, not a shape to build on
+            raise UserError(f"give --n-heads too ({why})", key=flag)
     a.lora_rank = a.lora_rank or min(128, a.hidden)
     heads = a.n_heads or default_heads(a.hidden)
     _check_as_config(a, _keys(a, heads, prec))
-    kv = a.n_kv_heads * (a.hidden // heads) if a.n_kv_heads else None
+    head = a.head_dim or a.hidden // heads
+    q = heads * a.head_dim if a.head_dim else None
+    kv = a.n_kv_heads * head if a.n_kv_heads else q
     if a.write_config and not a.ffn_hidden:  # the written model's SwiGLU width, so its plan is this one
         a.ffn_hidden = default_ffn_hidden(a.hidden)
-    return memory.LayerShape(a.hidden, a.ffn_hidden, kv), heads, kv
+    return memory.LayerShape(a.hidden, a.ffn_hidden, kv, q), heads, q, kv
 
 
 def _solve(a, shape, prec, extra, search: bool, search_stages: bool) -> solve.Plan:
@@ -245,12 +282,12 @@ def cmd_plan(a):
     a.vocab_size, a.seq_len, a.micro_batch = a.vocab_size or 50257, a.seq_len or 1024, a.micro_batch or 1
     states = a.optimizer_states or ("bf16" if a.master_weights == "bf16" else "fp32")
     prec = memory.Precision(states, a.master_weights or "fp32")
-    shape, heads, kv = _shape(a, prec)  # checked as the config train would run (precision included)
+    shape, heads, q, kv = _shape(a, prec)  # checked as the config train would run (precision included)
     a.stages = a.stages or 2
 
     def activations(L):
         return memory.activation_bytes(L, a.hidden, heads, a.seq_len, a.micro_batch, a.vocab_size, a.checkpointing,
-                                        ffn_hidden=a.ffn_hidden, kv_dim=kv)
+                                        ffn_hidden=a.ffn_hidden, q_dim=q, kv_dim=kv)
 
     def extra(L, prec):
         """Bytes beyond the layers' model states that the budget must also fit (the whole step)."""
@@ -377,7 +414,8 @@ def add_parsers(sub) -> None:
     pl.add_argument("config", nargs="?", help=f"a run config (a YAML file, or a preset's name: {presets()}): print "
                     "its stage plan (a dry run of `train`)")
     pl.add_argument("--preset", choices=[n.removeprefix("paper-") for n in preset_names() if n.startswith("paper-")],
-                    help="a model size of the paper's Table 1 (its d, L, K and rank)")
+                    help="a model size of the paper's Table 1 (its d, L, K, rank and heads, from "
+                    "configs/paper-SIZE.yaml; a flag given overrides its part)")
     width, big = int_up_to(solve.MAX_WIDTH), int_up_to(1 << 30, "a sanity bound")
     pl.add_argument("--hidden", type=width, help="d")
     pl.add_argument("--layers", type=int_up_to(solve.MAX_LAYERS), help="final layer count L")
@@ -386,7 +424,9 @@ def add_parsers(sub) -> None:
     pl.add_argument("--layers-per-stage", help="evaluate this split instead of optimising, e.g. 7,5")
     pl.add_argument("--ffn-hidden", type=width, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
     pl.add_argument("--n-heads", type=width, help="attention heads (for GQA and activations)")
-    pl.add_argument("--n-kv-heads", type=width, help="key/value heads (GQA)")
+    pl.add_argument("--n-kv-heads", type=width, help="key/value heads (GQA; with --n-heads)")
+    pl.add_argument("--head-dim", type=width, help="width of one head (default d / --n-heads; with --n-heads), as "
+                    "HF's head_dim: q is --n-heads x --head-dim wide")
     pl.add_argument("--cap-growth", action="store_true", help="require n_(i+1) <= N_i")
     pl.add_argument("--budget-gb", type=positive_float, help="deepest model whose training step fits this many GB "
                     "(1e9 B): the largest stage's layer states plus embeddings, head, norms and activations (see "
