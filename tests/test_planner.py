@@ -470,7 +470,13 @@ def test_the_calculators_default_heads_are_the_widest_even_head_size_up_to_128(d
     (["--hidden", "1600", "--layers", "12", "--n-heads", "12", "--extended"], "--hidden", "by --n-heads (12)"),
     (["--hidden", "129", "--layers", "4"], "--hidden", "must be even"),
     (["--hidden", "131", "--budget-gb", "1"], "--hidden", "must be even"),
-    (["--hidden", "96", "--layers", "4", "--n-heads", "32"], "--head-dim", "RoPE, got 3"),
+    (["--hidden", "96", "--layers", "4", "--n-heads", "32"], "the head size --hidden / --n-heads", "RoPE, got 3"),
+    (["--hidden", "1000", "--layers", "12", "--n-heads", "8"], "the head size --hidden / --n-heads", "RoPE, got 125"),
+    (["--preset", "368m", "--n-heads", "1600"], "the head size --hidden / --n-heads", "RoPE, got 1"),
+    (["--hidden", "512", "--layers", "4", "--n-heads", "8", "--head-dim", "1048576"], "--head-dim",
+     "must be at most 1,048,576"),
+    (["--hidden", "512", "--budget-gb", "2", "--n-heads", "1024", "--n-kv-heads", "1", "--head-dim", "2048",
+      "--states-only"], "--head-dim", "(2,097,152) must be at most"),
     (["--hidden", "64", "--layers", "4", "--n-heads", "4", "--head-dim", "15"], "--head-dim", "RoPE, got 15"),
     (["--hidden", "64", "--layers", "4", "--n-kv-heads", "2"], "--n-kv-heads", "give --n-heads too"),
     (["--hidden", "64", "--layers", "4", "--head-dim", "16"], "--head-dim", "give --n-heads too"),
@@ -498,6 +504,7 @@ def test_the_calculator_is_checked_by_the_configs_own_validation(capsys, tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"steplm: error: {flag}: ") and text in err, err
     assert not any(k in err for k in CALCULATOR_FLAGS), err  # no config key is left in the line
+    assert "--head-dim" in args or "--head-dim:" not in err, err  # a head size not typed is not blamed on it
     assert list(tmp_path.iterdir()) == []
 
 
@@ -557,20 +564,24 @@ def test_a_config_refuses_a_split_that_breaks_its_own_cap_growth(capsys, split, 
             assert rc == 2 and f"{key}: stage {bad} adds {split[bad - 1]} layers to {sum(split[:bad - 1])}" in err, err
 
 
-@pytest.mark.parametrize("args", [
-    ["--preset", "368m", "--hidden", "2048"],
-    ["--preset", "680m", "--hidden", "1000", "--extended"],
-    ["--preset", "368m", "--budget-gb", "10", "--hidden", "2048"],
-    ["--preset", "1.2b", "--layers-per-stage", "8,8,8"],
-    ["--preset", "1.2b-3stage", "--layers-per-stage", "12,12"],
-    ["--preset", "1.2b", "--layers-per-stage", "24"],
-    ["--preset", "368m", "--budget-gb", "40", "--stages", "13"],
-    ["--preset", "1.2b", "--n-kv-heads", "8", "--extended"],
+@pytest.mark.parametrize("args,check", [
+    (["--preset", "368m", "--hidden", "2048"], lambda o: o["params_per_layer"] == 12 * 2048**2 + 2 * 2048),
+    (["--preset", "368m", "--hidden", "100"], lambda o: o["lora_params_per_layer"] == memory.lora_params_per_layer(
+        LayerShape(100), 100)),  # the rank follows the width too: min(128, d)
+    (["--preset", "680m", "--hidden", "1000", "--extended"], lambda o: o["extended"]["peak_bytes"] > 0),
+    (["--preset", "368m", "--budget-gb", "10", "--hidden", "2048"], lambda o: sum(o["layers_per_stage"]) > 12),
+    (["--preset", "1.2b", "--layers-per-stage", "8,8,8"], lambda o: o["layers_per_stage"] == [8, 8, 8]),
+    (["--preset", "1.2b-3stage", "--layers-per-stage", "12,12"], lambda o: o["layers_per_stage"] == [12, 12]),
+    (["--preset", "1.2b", "--layers-per-stage", "24"], lambda o: o["layers_per_stage"] == [24]),
+    (["--preset", "368m", "--budget-gb", "40", "--stages", "13"], lambda o: len(o["layers_per_stage"]) == 13
+     and sum(o["layers_per_stage"]) > 12),
+    (["--preset", "1.2b", "--n-kv-heads", "8", "--extended"], lambda o: o["params_per_layer"] < 12 * 2048**2),
 ])
-def test_a_flag_given_overrides_its_part_of_the_preset(capsys, args):
-    """--preset fills only what is not given: a width of one's own gets its own default heads, a
-    split its own stage count, budget mode its own depth."""
-    assert main(["plan", *args]) == 0, capsys.readouterr().err
+def test_a_flag_given_overrides_its_part_of_the_preset(capsys, args, check):
+    """--preset fills only what is not given: a width of one's own gets its own default heads and
+    rank, a split its own stage count, budget mode its own depth; and the override takes effect."""
+    assert main(["plan", *args, "--json"]) == 0, capsys.readouterr().err
+    assert check(json.loads(capsys.readouterr().out))
 
 
 def test_preset_heads_do_not_follow_an_overridden_width(capsys):

@@ -127,15 +127,15 @@ def default_heads(d: int) -> int:
 def _from_preset(a) -> None:
     """Fill the flags the user left out from ``--preset`` (its configs/paper-*.yaml), recording which
     in ``a.preset_filled``: d, the rank, L (not in budget mode, which finds it), K (unless
-    --stages or --layers-per-stage says it), and the heads only for the preset's own width."""
+    --stages or --layers-per-stage says it), and the rank and heads only at the preset's own width."""
     p = _paper_shape(a.preset)
-    fill = {"hidden": p["hidden"], "lora_rank": p["lora_rank"]}
+    fill = {"hidden": p["hidden"]}
     if a.budget_gb is None:
         fill["layers"] = p["layers"]
     if not a.layers_per_stage:
         fill["stages"] = p["stages"]
-    if a.hidden in (None, p["hidden"]):
-        fill.update(n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"])
+    if a.hidden in (None, p["hidden"]):  # what belongs to the preset's width
+        fill.update(lora_rank=p["lora_rank"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"])
     a.preset_filled = {name for name, value in fill.items() if value and not getattr(a, name)}
     for name in a.preset_filled:
         setattr(a, name, fill[name])
@@ -191,7 +191,10 @@ def _check_as_config(a, keys: dict[str, object]) -> None:
 
     found = problems(from_dict(_nested(keys)))
     if found:
-        a.names = {**getattr(a, "names", {}), **_flag_names(a)}
+        names = _flag_names(a)
+        if not a.head_dim and any(p.startswith("model.head_dim:") for p in found):  # d / heads, not a flag typed
+            names["model.head_dim"] = "the head size --hidden / --n-heads"
+        a.names = {**getattr(a, "names", {}), **names}
         raise config_error(found)
 
 
@@ -217,7 +220,13 @@ def _shape(a, prec: memory.Precision) -> tuple[memory.LayerShape, int, int | Non
     kv = a.n_kv_heads * head if a.n_kv_heads else q
     if a.write_config and not a.ffn_hidden:  # the written model's SwiGLU width, so its plan is this one
         a.ffn_hidden = default_ffn_hidden(a.hidden)
-    return memory.LayerShape(a.hidden, a.ffn_hidden, kv, q), heads, q, kv
+    shape = memory.LayerShape(a.hidden, a.ffn_hidden, kv, q)
+    try:  # d and the FFN are bounded by their flags; only heads x --head-dim can pass the planner's bound
+        solve.check_shape(shape)
+    except ValueError:
+        raise UserError(f"--n-heads x --head-dim ({q:,}) must be at most {solve.MAX_WIDTH:,} (the planner's "
+                        f"bound on a width)", key="--head-dim")
+    return shape, heads, q, kv
 
 
 def _solve(a, shape, prec, extra, search: bool, search_stages: bool) -> solve.Plan:
@@ -424,8 +433,8 @@ def add_parsers(sub) -> None:
     pl.add_argument("--layers-per-stage", help="evaluate this split instead of optimising, e.g. 7,5")
     pl.add_argument("--ffn-hidden", type=width, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
     pl.add_argument("--n-heads", type=width, help="attention heads (for GQA and activations)")
-    pl.add_argument("--n-kv-heads", type=width, help="key/value heads (GQA; with --n-heads)")
-    pl.add_argument("--head-dim", type=width, help="width of one head (default d / --n-heads; with --n-heads), as "
+    pl.add_argument("--n-kv-heads", type=width, help="key/value heads (GQA; needs --n-heads, or a preset's)")
+    pl.add_argument("--head-dim", type=width, help="width of one head (default d / --n-heads; needs --n-heads, or a preset's), as "
                     "HF's head_dim: q is --n-heads x --head-dim wide")
     pl.add_argument("--cap-growth", action="store_true", help="require n_(i+1) <= N_i")
     pl.add_argument("--budget-gb", type=positive_float, help="deepest model whose training step fits this many GB "
