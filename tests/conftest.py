@@ -27,6 +27,13 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Run the long end-to-end tests (marked slow) first, in collection order otherwise: under
+    pytest-xdist the short ones then fill the workers around them, instead of one long test
+    starting last and leaving a worker idle while it runs alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def shared(rel: str) -> Path:
     p = SHARED / rel
     if not p.exists():
