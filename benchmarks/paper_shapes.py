@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib
 import json
 import multiprocessing
@@ -285,8 +286,9 @@ def time_against_vanilla(t, path: Path, van_sets: dict, rounds: int, budget: int
                          profile: Path | None = None) -> dict:
     """Median seconds of ``t``'s step and of vanilla's at the same depth (config ``path`` with
     ``van_sets``), after one warm-up step of vanilla's, over ``rounds`` rounds of one step each:
-    interleaved (the order alternates) when the two fit in ``budget`` bytes together, else STEP's
-    steps, then ``t``'s tensors freed, then vanilla's. With ``profile`` (a file), the profiler's
+    interleaved (the order alternates) when the two fit in ``budget`` bytes together; else (or when
+    building vanilla beside it runs out of memory after all) STEP's steps here, with the row marked
+    ``PENDING`` for the parent to time vanilla's in a fresh process. With ``profile`` (a file), the profiler's
     table of one step of each is written there (where the time of a ratio above its FLOPs goes)."""
     van = config.load(path, [f"{k}={v}" for k, v in van_sets.items()])
     alone = predicted_peak_bytes(van, plan_run(van).stages[0])
@@ -295,17 +297,24 @@ def time_against_vanilla(t, path: Path, van_sets: dict, rounds: int, budget: int
         return {"timing": f"not timed: vanilla at {van.model.n_layers} layers does not fit ({alone / GB:.2f} GB "
                           f"predicted, {budget / GB:.2f} GB free)"}
     tables = [f"== STEP stage {t.stage + 1} ({t.current_stage.layers} layers)\n{profile_table(t)}"] if profile else []
-    if need <= budget:
-        v = trainer(path, van_sets, tmp / "vanilla")
-        step(v)
-        times = interleaved({"step": lambda: step(t), "vanilla": lambda: step(v)}, rounds, 1)
-        mode = "interleaved"
-    else:  # vanilla's rounds in a process of its own, forked by the parent (``complete_timing``)
+    v = None
+    if need <= budget:  # predicted to fit beside it; the process's heap may still not (then as below)
+        try:
+            v = trainer(path, van_sets, tmp / "vanilla")
+            step(v)
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            v = None
+            gc.collect()
+    if v is None:  # vanilla's rounds in a process of its own, forked by the parent (``complete_timing``)
         if profile:
             profile.write_text("\n\n".join(tables) + "\n")
         return {"step_seconds_per_round": [step(t) for _ in range(rounds)], "timing": PENDING,
                 "vanilla_sets": van_sets, "vanilla_config": str(path),
                 "vanilla_profile": str(profile) if profile else None, "pair_bytes": need}
+    times = interleaved({"step": lambda: step(t), "vanilla": lambda: step(v)}, rounds, 1)
+    mode = "interleaved"
     if profile:
         tables.append(f"== vanilla at {van.model.n_layers} layers\n{profile_table(v)}")
         profile.write_text("\n\n".join(tables) + "\n")
@@ -346,7 +355,8 @@ def complete_timing(row: dict, ctx) -> dict:
     s, v_s = statistics.median(step_times), statistics.median(payload)
     return {**row, "step_seconds": s, "vanilla_step_seconds": v_s, "step_time_ratio": s / v_s,
             "step_time_ratio_per_round": [x / y for x, y in zip(step_times, payload)],
-            "timing": f"sequential, one process each: the two do not fit together ({need / GB:.2f} GB predicted)"}
+            "timing": f"sequential, one process each: the two do not fit together ({need / GB:.2f} GB predicted, "
+                      f"{row['budget_bytes'] / GB:.2f} GB free)"}
 
 
 def forked(ctx, fn, *args):

@@ -120,3 +120,33 @@ def test_allocation_cap_turns_oom_into_an_error():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert p.stdout.strip() == "oom True", p.stderr
+
+
+def test_vanilla_that_runs_out_of_memory_beside_step_is_timed_in_its_own_process(monkeypatch, tmp_path):
+    """Predicted to fit beside the STEP run but out of memory when built there (the heap is larger
+    than the tensors): STEP's rounds are still timed and the row is left for a fresh vanilla process
+    (PENDING), where any other error is not swallowed."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    mod = load_module()
+    monkeypatch.setattr(mod, "predicted_peak_bytes", lambda cfg, stage: 1)  # "fits together"
+    monkeypatch.setattr(mod, "plan_run", lambda cfg: SimpleNamespace(stages=[None]))
+    monkeypatch.setattr(mod, "step", lambda t: 0.25)
+    t = SimpleNamespace(cfg=None, current_stage=None, stage=1)
+
+    def out_of_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 67108864 bytes")
+
+    monkeypatch.setattr(mod, "trainer", out_of_memory)
+    row = mod.time_against_vanilla(t, mod.CONFIGS / "tiny.yaml", {}, 3, 10**9, tmp_path)
+    assert row["timing"] == mod.PENDING and row["step_seconds_per_round"] == [0.25] * 3
+    assert row["vanilla_config"].endswith("tiny.yaml") and row["pair_bytes"] == 2
+
+    def broken(*args):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(mod, "trainer", broken)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        mod.time_against_vanilla(t, mod.CONFIGS / "tiny.yaml", {}, 3, 10**9, tmp_path)
