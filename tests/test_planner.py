@@ -608,3 +608,19 @@ def test_head_dim_sets_the_query_and_key_value_widths(capsys):
                              "step.n_stages=2", "lora.rank=16"])
     plan = plan_run(cfg)
     assert out["stage_bytes"] == [s.planned_state_bytes["layers"] for s in plan.stages]
+
+
+@pytest.mark.parametrize("seq_len", [1024, 32768, 40000])
+def test_write_config_sets_eval_tokens_only_where_one_window_needs_it(tmp_path, capsys, seq_len):
+    """A written config keeps train.eval_tokens at its default unless one window of --seq-len is
+    longer, where validation needs at least that window (the config's own rule)."""
+    import yaml
+
+    from steplm.config.schema import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    assert main(["plan", "--hidden", "256", "--layers", "6", "--seq-len", str(seq_len), "--write-config",
+                 str(path)]) == 0, capsys.readouterr().err
+    train = yaml.safe_load(path.read_text())["train"]
+    assert train.get("eval_tokens") == (seq_len if seq_len > TrainConfig.eval_tokens else None)
+    assert main(["plan", str(path), "--json"]) == 0

@@ -11,6 +11,7 @@ from steplm.cli.args import (SHORT_FLAGS, add_config_flags, first_missing, flag_
 from steplm.cli.train_cmd import load_config
 from steplm.config.load import presets
 from steplm.config.presets import preset_names
+from steplm.config.schema import TrainConfig
 from steplm.config.validate import config_error
 from steplm.errors import UserError
 from steplm.io.files import dumps
@@ -150,9 +151,11 @@ def _keys(a, heads: int, prec: memory.Precision) -> dict[str, object]:
     keys = {"method": "step" if stages > 1 else "vanilla", "model.vocab_size": a.vocab_size, "model.d_model": a.hidden,
             "model.n_layers": stages if a.budget_gb is not None else a.layers or stages, "model.n_heads": heads,
             "model.max_seq_len": a.seq_len, "train.micro_batch": a.micro_batch, "train.seq_len": a.seq_len,
-            "train.eval_tokens": max(a.seq_len, 32768), "train.activation_checkpointing": bool(a.checkpointing),
+            "train.activation_checkpointing": bool(a.checkpointing),
             "lora.rank": a.lora_rank, "step.n_stages": stages, "step.cap_growth": bool(a.cap_growth),
             "train.optimizer_states": prec.optimizer_states, "train.master_weights": prec.master_weights}
+    if a.seq_len > TrainConfig.eval_tokens:  # validation must hold at least one window
+        keys["train.eval_tokens"] = a.seq_len
     for key, value in (("model.ffn_hidden", a.ffn_hidden), ("model.n_kv_heads", a.n_kv_heads),
                        ("model.head_dim", a.head_dim), ("step.layers_per_stage", split)):
         if value:
@@ -330,8 +333,6 @@ def _config_of(a, plan: solve.Plan, heads: int) -> dict[str, object]:
     keys = _keys(a, heads, memory.Precision(plan.optimizer_states, plan.master_weights))
     keys.update({"method": "step" if K > 1 else "vanilla", "model.n_layers": sum(plan.layers_per_stage),
                  "model.ffn_hidden": a.ffn_hidden, "step.n_stages": K, "step.layers_per_stage": list(plan.layers_per_stage)})
-    if keys["train.eval_tokens"] == 32768:  # the default, there only to fit a window longer than it
-        del keys["train.eval_tokens"]
     return keys if K > 1 else {k: v for k, v in keys.items() if not k.startswith("step.")}
 
 
