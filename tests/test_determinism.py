@@ -97,3 +97,18 @@ def test_same_config_gives_the_same_weights_in_fresh_processes(tmp_path):
         assert summary["method"] == "step" and len(summary["stage_steps"]) == 2
         hashes.setdefault(summary["weights_sha256"], []).append(i)
     assert len(hashes) == 1, f"{len(hashes)} different weights from {PROCESSES + 1} runs of one config: {hashes}"
+
+
+@pytest.mark.skipif(not mkl_cnr_query_available(), reason="torch without MKL's CNR query")
+def test_cnr_speed_benchmark_times_each_mode_in_its_own_process(tmp_path):
+    """benchmarks/mkl_cnr.py --smoke: each child runs in the mode its row names (MKL says so), and the
+    row's ratio is its own rounds' AUTO/off (no timing is judged here: the benchmark prints it)."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mkl_cnr.py"), "--smoke", "--out", str(tmp_path),
+                          "--dtypes", "fp32", "--warmup", "0", "--steps", "1"],
+                         capture_output=True, text=True, env={**env(), "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads((tmp_path / "mkl_cnr.json").read_text())["rows"]
+    assert row["mkl_cbwr_mode"] == {"AUTO": MKL_CBWR_AUTO, "off": MKL_CBWR_BRANCH_OFF}
+    assert row["trained_dtype"] == "float32" and row["threads"] == 1
+    assert row["round_ratios"] == [row["auto_step_seconds"] / row["off_step_seconds"]] == [row["ratio"]]
+    assert "| fp32 | float32 | 1 |" in (tmp_path / "mkl_cnr.md").read_text()
