@@ -35,6 +35,12 @@ TABLE = [
     (["plan", "--hidden", "1024", "--budget-gb", "inf"], "--budget-gb"),
     (["plan", "--hidden", "1024", "--budget-gb", "1e12", "--stages", "0"], "--stages"),
     (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "3,x"], "--layers-per-stage"),
+    # an empty or malformed split is refused, not read as "not given" (then the optimum would be printed)
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", ""], "--layers-per-stage: expected the layers"),
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", " "], "--layers-per-stage: expected the layers"),
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "2,,2"], "--layers-per-stage: expected comma"),
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "2,2,"], "--layers-per-stage: expected comma"),
+    (["plan", "--preset", "368m", "--layers-per-stage", ""], "--layers-per-stage: expected the layers"),
     (["plan", "--hidden", "64", "--layers", "4", "--extended", "--seq-len", "99999999999"], "--seq-len"),
     # plan: flags the plan would not read
     (["plan", "--hidden", "256", "--budget-gb", "1", "--layers-per-stage", "3,3"], "--layers-per-stage: not used"),

@@ -80,6 +80,19 @@ def path_arg(s: str) -> str:
     return s
 
 
+def split_arg(s: str) -> str:
+    """An argparse type for a layer split such as '7,5': comma-separated integers (their count, sum
+    and sizes are checked by the plan); an empty value would otherwise read as 'not given'."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("expected the layers of each stage, comma-separated (e.g. 7,5), "
+                                         "got an empty string")
+    try:
+        [int(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 7,5), got {s!r}")
+    return s
+
+
 def text_arg(s: str) -> str:
     """An argparse type for text that is tokenized or written into JSON/YAML: bytes that are not UTF-8
     arrive from the shell as lone surrogates, which no tokenizer or UTF-8 file can take."""

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from steplm.cli.args import (SHORT_FLAGS, add_config_flags, first_missing, flag_dest, int_up_to, path_arg,
+from steplm.cli.args import (SHORT_FLAGS, add_config_flags, first_missing, flag_dest, int_up_to, path_arg, split_arg,
                              positive_float, remove_created)
 from steplm.cli.train_cmd import load_config
 from steplm.config.load import presets
@@ -431,7 +431,7 @@ def add_parsers(sub) -> None:
     pl.add_argument("--layers", type=int_up_to(solve.MAX_LAYERS), help="final layer count L")
     pl.add_argument("--stages", type=int_up_to(solve.MAX_STAGES), help="K (default 2)")
     pl.add_argument("--lora-rank", type=width, help="r (default min(128, d), the paper's rank)")
-    pl.add_argument("--layers-per-stage", help="evaluate this split instead of optimising, e.g. 7,5")
+    pl.add_argument("--layers-per-stage", type=split_arg, help="evaluate this split instead of optimising, e.g. 7,5")
     pl.add_argument("--ffn-hidden", type=width, help="SwiGLU width (default: exactly 8/3·d, the paper's Eq. 4)")
     pl.add_argument("--n-heads", type=width, help="attention heads (for GQA and activations)")
     pl.add_argument("--n-kv-heads", type=width, help="key/value heads (GQA; needs --n-heads, or a preset's)")
