@@ -624,3 +624,19 @@ def test_write_config_sets_eval_tokens_only_where_one_window_needs_it(tmp_path, 
     train = yaml.safe_load(path.read_text())["train"]
     assert train.get("eval_tokens") == (seq_len if seq_len > TrainConfig.eval_tokens else None)
     assert main(["plan", str(path), "--json"]) == 0
+
+
+@pytest.mark.parametrize("flags, heads, q, kv", [
+    (["--hidden", "2048", "--n-heads", "32"], 32, None, None),                        # the paper's block: q = kv = d
+    (["--hidden", "2048", "--n-heads", "32", "--n-kv-heads", "8"], 32, None, 8 * 64),  # GQA: kv = 8 heads of d/32
+    (["--hidden", "2048", "--n-heads", "16", "--head-dim", "256", "--n-kv-heads", "4"], 16, 16 * 256, 4 * 256),
+    (["--hidden", "1024", "--n-heads", "8", "--head-dim", "128"], 8, None, None),      # 8 x 128 = d: nothing to add
+    (["--preset", "368m"], 25, None, None),                                             # the preset's heads
+])
+def test_plan_text_names_the_attention_shape(capsys, flags, heads, q, kv):
+    """The header line gives the head count, and q and kv widths only where they are not d."""
+    assert main(["plan", *flags, "--layers", "12"] if "--preset" not in flags else ["plan", *flags]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert f"heads={heads}" in header
+    assert (f"q={q}" in header) == (q is not None) and not any(w.startswith("q=") for w in header if q is None)
+    assert (f"kv={kv}" in header) == (kv is not None) and not any(w.startswith("kv=") for w in header if kv is None)

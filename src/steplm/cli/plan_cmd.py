@@ -323,7 +323,7 @@ def cmd_plan(a):
     if a.json:
         print(dumps(plan.to_dict()))
     else:
-        _print_plan(a, plan, written)
+        _print_plan(a, plan, written, heads, q, kv)
 
 
 def _config_of(a, plan: solve.Plan, heads: int) -> dict[str, object]:
@@ -376,15 +376,17 @@ def _write_config(a, plan: solve.Plan, heads: int) -> Path:
     return path
 
 
-def _print_plan(a, plan: solve.Plan, written) -> None:
-    """The plan as text: the shape, the precision (and whether budget mode chose it), one row per
-    stage, vanilla, and the extended and budget lines."""
+def _print_plan(a, plan: solve.Plan, written, heads: int, q: int | None, kv: int | None) -> None:
+    """The plan as text: the shape (with the attention heads, and the query and key/value widths
+    where they are not d), the precision (and whether budget mode chose it), one row per stage,
+    vanilla, and the extended and budget lines."""
     gb, unit = (memory.GB, "GB") if plan.vanilla_bytes >= memory.GB else (1e6, "MB")
     b = plan.budget or {}
     chose_k = " (chosen: K = 1 to %d searched; --stages fixes it)" % solve.MAX_SEARCH_STAGES if b.get("stages_chosen") else ""
     ffn = f" f={a.ffn_hidden}" if a.ffn_hidden else ""
-    print(f"d={a.hidden}{ffn} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)}{chose_k} r={a.lora_rank}  "
-          f"P={plan.params_per_layer:,} E={plan.lora_params_per_layer:,}  solver: {plan.solver}")
+    attn = f" heads={heads}" + (f" q={q}" if q and q != a.hidden else "") + (f" kv={kv}" if kv and kv != (q or a.hidden) else "")
+    print(f"d={a.hidden}{ffn}{attn} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)}{chose_k} "
+          f"r={a.lora_rank}  P={plan.params_per_layer:,} E={plan.lora_params_per_layer:,}  solver: {plan.solver}")
     how = (" (chosen: the deepest fit over every supported precision, the most precise on a tie; "
            "--optimizer-states and --master-weights fix them)" if b.get("precision_chosen") else "")
     print(f"optimizer states {plan.optimizer_states}, master weights {plan.master_weights}{how}")
