@@ -484,6 +484,11 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
         if ONLY and name not in ONLY:
             continue
         vs = ablation_variants(name, READ_FROM if ONLY else out)
+        missing = [m for m, v in vs.items() if CACHED_ONLY and not all(finished(o) for o in v)]
+        if missing:
+            PENDING.append(f"{name}: {len(missing)} of {len(vs)} variants not trained yet (--cached): "
+                           + ", ".join(missing))
+            vs = {m: v for m, v in vs.items() if m not in missing}
         if not vs:
             continue
         rows = R.train_rows(f"regime/{name}", vs, cache, "corrected", False)
@@ -494,8 +499,8 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
         ppl = {r["method"]: r["val_ppl"] for r in rows}
         info = {"noise_sd": noise, "threshold": R.Z_VERDICT * math.sqrt(2) * noise, "best": min(ppl, key=ppl.get)}
         if name == "table4":
-            paper_best = next(m for m in ppl if "upper" in m)  # the row that holds upper
-        if paper_best is not None:
+            paper_best = next((m for m in ppl if "upper" in m), None)  # the row that holds upper
+        if paper_best in ppl and len(ppl) > 1:  # a verdict needs the paper's best and one other
             info["paper_best"], info["verdict"] = paper_best, R.verdict(paper_best, ppl, noise)
         lines = ["| variant | layers/stage | ReLoRA reset | val ppl | WikiText ppl | tokens |", "|---|---|---|---|---|---|"]
         for r in rows:
@@ -503,8 +508,9 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
                          f"{r['val_ppl']:.2f} | {r['wikitext_ppl']:.2f} | {r['tokens']:,} |")
         lines.append(f"\nBest: {info['best']}. STEP-2stages' seed SD at the regime: {noise:.2f} ppl; a difference "
                      f"between two single-seed runs counts beyond {info['threshold']:.2f}."
-                     + (f" Verdict: **{info['verdict']}**." if "verdict" in info else ""))
-        result[name] = {"rows": rows, **info}
+                     + (f" Verdict: **{info['verdict']}**." if "verdict" in info else "")
+                     + (f" Not trained yet: {', '.join(missing)}." if missing else ""))
+        result[name] = {"rows": rows, **info, **({"not_trained": missing} if missing else {})}
         md.append(f"#### {ABLATION_TITLES[name]}\n\n" + "\n".join(lines))
     if result:
         write(out, "regime_ablations", "Ablations at the regime (one seed each, 20 tokens per parameter)",
@@ -565,12 +571,12 @@ def main():
     ap.add_argument("--seeds", default="", help="comma-separated seeds: only these of each row's seeds (for example 0 "
                     "first, on every row, then 1,2); the tables give each row's seed count")
     ap.add_argument("--cached", action="store_true", help="train nothing: build the tables from the finished runs in "
-                    "the cache and the ledger, and name what is missing (--suite main or curve)")
+                    "the cache and the ledger, and name what is missing (--suite main, curve or ablations)")
     a = ap.parse_args()
     global ONLY, SEED_LIMIT, CACHED_ONLY, CACHE
     CACHED_ONLY = a.cached
-    if CACHED_ONLY and a.suite not in ("main", "curve"):
-        ap.error("--cached builds the main and curve tables: add --suite main or --suite curve")
+    if CACHED_ONLY and a.suite not in ("main", "curve", "ablations"):
+        ap.error("--cached builds the main, curve and ablation tables: add --suite main, curve or ablations")
     try:
         SEED_LIMIT = {int(x) for x in a.seeds.split(",") if x} or None
     except ValueError:

@@ -3,8 +3,10 @@ paper's numbers, and its smoke suite end to end (sweep -> main -> budget curve -
 second worker's --only), on a tiny shape and tiny Shakespeare."""
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +88,17 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(p.name for p in (cache / "regime-smoke" / "runs").iterdir()) == runs
     assert json.loads((out / "regime.json").read_text()) == list(main.values())
+    # --cached builds the ablation tables from finished runs only: a variant whose run is gone (cache and
+    # ledger) is named, not trained, and its table keeps the others
+    gone = next(r for r in abl["table10"]["rows"] if r["method"] == "grow at 25 %")
+    key = Path(gone["run_dirs"][0]).name
+    for d in [*(cache / "regime-smoke").rglob(key), *(cache / "regime-smoke").rglob(f"{key}.json")]:
+        shutil.rmtree(d) if d.is_dir() else d.unlink()
+    runs.remove(key)
+    cached = subprocess.run(cmd + ["--suite", "ablations", "--cached"], capture_output=True, text=True, timeout=600)
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    assert sorted(p.name for p in (cache / "regime-smoke" / "runs").iterdir()) == runs  # nothing trained
+    t10 = json.loads((out / "regime_ablations.json").read_text())["table10"]
+    assert t10["not_trained"] == ["grow at 25 %"] and "grow at 25 %" in cached.stdout + cached.stderr
+    assert [r["method"] for r in t10["rows"]] == [r["method"] for r in abl["table10"]["rows"] if r is not gone]
+    assert "Not trained yet: grow at 25 %." in (out / "regime_ablations.md").read_text()
