@@ -41,6 +41,8 @@ TABLE = [
     (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "2,,2"], "--layers-per-stage: expected comma"),
     (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "2,2,"], "--layers-per-stage: expected comma"),
     (["plan", "--preset", "368m", "--layers-per-stage", ""], "--layers-per-stage: expected the layers"),
+    # a split without --layers: L is asked for, not checked against a placeholder depth ("must sum to --layers (2)")
+    (["plan", "--hidden", "64", "--layers-per-stage", "3,3"], "--layers: give the total layer count L"),
     (["plan", "--hidden", "64", "--layers", "4", "--extended", "--seq-len", "99999999999"], "--seq-len"),
     # plan: flags the plan would not read
     (["plan", "--hidden", "256", "--budget-gb", "1", "--layers-per-stage", "3,3"], "--layers-per-stage: not used"),
@@ -93,6 +95,13 @@ TABLE = [
     (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.tokenizer=bpe:4096", "--set",
       "model.vocab_size=300"], "model.vocab_size: 300 is below the 4096 tokens"),
     (["plan", "{tiny_yaml}", "--set", "model.vocab_size=1000"], "model.vocab_size: 1000 is below"),
+    # an empty config value is refused, not read as "not given" (a string key kept "", which reads as unset)
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", "--set", "data.val_path="],
+     "data.val_path: expected a non-empty string, got an empty value"),
+    (["train", "--out", f"{T}/o", "--model.init_from", ""], "--model.init_from: expected a non-empty string"),
+    (["plan", "{tiny_yaml}", "--data.cache_dir", " "], "--data.cache_dir: expected a non-empty string"),
+    (["plan", "{tiny_yaml}", "--set", "data.max_train_tokens="], "data.max_train_tokens: expected an integer or null, "
+     "got an empty value"),
     (["plan", f"{T}/emptydir"], "is a directory; give a YAML file"),
     (["plan", "--init-from", f"{T}/hfexport", "--set", f"model.init_from={T}/full"],
      "--init-from: also given as --set model.init_from"),
@@ -196,6 +205,7 @@ TABLE = [
     (["eval", RUN, "--tasks", "piqa,mmlu"], "--tasks"),
     # eval: what is wrong with --data is named by eval's flags, not by train's config keys
     (["eval", RUN, "--data", f"{T}/notext.jsonl.gz"], "has no string field 'text' (set --text-field)"),
+    (["eval", RUN, "--data", f"{T}/notext.jsonl.gz", "--text-field", ""], "--text-field: expected a name"),
     (["eval", RUN, "--data", f"{T}/notext.jsonl.gz", "--text-field", "content"], "--data: line 1"),
     (["eval", RUN, "--data", f"{T}/latin1.txt"], "--data: "),
     (["eval", RUN, "--data", f"{T}/emptydir"], "--data: no .txt/.jsonl"),

@@ -101,6 +101,14 @@ def text_arg(s: str) -> str:
     return s
 
 
+def name_arg(s: str) -> str:
+    """An argparse type for a name such as a record field: UTF-8 text that is not empty (an empty
+    value would otherwise read as 'not given' and fall back to the default)."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("expected a name, got an empty string")
+    return text_arg(s)
+
+
 def is_utf8(s: str) -> bool:
     """Whether ``s`` encodes as UTF-8: undecodable argv bytes arrive as lone surrogates, which do not."""
     try:

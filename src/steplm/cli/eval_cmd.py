@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from steplm.cli.args import MODEL_HELP, text_arg, positive_int, precision, add_precision
+from steplm.cli.args import MODEL_HELP, name_arg, positive_int, precision, add_precision
 from steplm.errors import UserError, warn
 from steplm.io.files import dumps
 
@@ -108,7 +108,7 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("eval", help="held-out perplexity (--data) and zero-shot task scores (--tasks) of a model")
     e.add_argument("model", help=MODEL_HELP)
     e.add_argument("--data", help="text file (.txt/.jsonl/.jsonl.gz/.parquet)")
-    e.add_argument("--text-field", type=text_arg,
+    e.add_argument("--text-field", type=name_arg,
                    help="the field of .jsonl/.parquet records that holds the text (default text)")
     e.add_argument("--max-tokens", type=positive_int, help="score at most this many tokens, in whole windows of "
                    "--seq-len (so at least one window)")

@@ -211,6 +211,8 @@ def _shape(a, prec: memory.Precision) -> tuple[memory.LayerShape, int, int | Non
         _from_preset(a)
     if not a.hidden:
         raise UserError("--hidden: give the hidden size d (or --preset)")
+    if a.budget_gb is None and not a.layers:  # before the config check, whose depth would be a placeholder
+        raise UserError("--layers: give the total layer count L (or --preset, or --budget-gb)")
     for flag, value, why in (("--n-kv-heads", a.n_kv_heads, "the key/value heads group the query heads"),
                              ("--head-dim", a.head_dim, "q is --n-heads x --head-dim wide")):
         if value and not a.n_heads:  # the calculator's default head count is a guess, not a shape to build on
@@ -242,8 +244,6 @@ def _solve(a, shape, prec, extra, search: bool, search_stages: bool) -> solve.Pl
     if a.budget_gb is not None:
         return solve.deepest_within(a.budget_gb * memory.GB, a.stages, shape, a.lora_rank, a.cap_growth,
                                     lambda L: extra(L, prec), prec=prec)
-    if not a.layers:
-        raise UserError("--layers: give the total layer count L (or --preset, or --budget-gb)")
     if not a.layers_per_stage:
         return solve.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth, prec)
     split = _split(a.layers_per_stage)  # its entries, count and sum are checked as the config's
