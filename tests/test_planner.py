@@ -631,6 +631,7 @@ def test_write_config_sets_eval_tokens_only_where_one_window_needs_it(tmp_path, 
     (["--hidden", "2048", "--n-heads", "32", "--n-kv-heads", "8"], 32, None, 8 * 64),  # GQA: kv = 8 heads of d/32
     (["--hidden", "2048", "--n-heads", "16", "--head-dim", "256", "--n-kv-heads", "4"], 16, 16 * 256, 4 * 256),
     (["--hidden", "1024", "--n-heads", "8", "--head-dim", "128"], 8, None, None),      # 8 x 128 = d: nothing to add
+    (["--hidden", "2048", "--n-heads", "16", "--head-dim", "256"], 16, 4096, 4096),  # kv = q, and not d: both shown
     (["--preset", "368m"], 25, None, None),                                             # the preset's heads
 ])
 def test_plan_text_names_the_attention_shape(capsys, flags, heads, q, kv):

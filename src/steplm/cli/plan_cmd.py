@@ -384,7 +384,7 @@ def _print_plan(a, plan: solve.Plan, written, heads: int, q: int | None, kv: int
     b = plan.budget or {}
     chose_k = " (chosen: K = 1 to %d searched; --stages fixes it)" % solve.MAX_SEARCH_STAGES if b.get("stages_chosen") else ""
     ffn = f" f={a.ffn_hidden}" if a.ffn_hidden else ""
-    attn = f" heads={heads}" + (f" q={q}" if q and q != a.hidden else "") + (f" kv={kv}" if kv and kv != (q or a.hidden) else "")
+    attn = f" heads={heads}" + (f" q={q}" if q and q != a.hidden else "") + (f" kv={kv}" if kv and kv != a.hidden else "")
     print(f"d={a.hidden}{ffn}{attn} L={sum(plan.layers_per_stage)} K={len(plan.layers_per_stage)}{chose_k} "
           f"r={a.lora_rank}  P={plan.params_per_layer:,} E={plan.lora_params_per_layer:,}  solver: {plan.solver}")
     how = (" (chosen: the deepest fit over every supported precision, the most precise on a tie; "
