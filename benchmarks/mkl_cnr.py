@@ -24,6 +24,7 @@ import ctypes
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ SMOKE_SHAPE = {"model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2
                "model.max_seq_len": 64, "train.seq_len": 64, "train.micro_batch": 2}
 SETTINGS = {"AUTO": "AUTO", "off": ""}  # the row's name: the value of MKL_CBWR in the child
 ROUNDS, WARMUP, STEPS = 5, 2, 5
+DTYPES = ("fp32", "bf16", "auto")  # train.dtype's values
 
 
 def child(dtype: str, shape: dict, warmup: int, steps: int) -> dict:
@@ -100,14 +102,37 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= ``low`` (0 rounds or steps would leave nothing to take a median of)."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+    return parse
+
+
+def dtypes_arg(s: str) -> list[str]:
+    """An argparse type: comma-separated train.dtype values, at least one."""
+    names = [d.strip() for d in s.split(",") if d.strip()]
+    bad = [d for d in names if d not in DTYPES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected comma-separated values of {', '.join(DTYPES)}, got {s!r}")
+    return names
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a tiny shape, one round, seconds")
     ap.add_argument("--out", default=str(RESULTS), help="results folder (default benchmarks/results)")
-    ap.add_argument("--dtypes", default="fp32,auto", help="comma-separated train.dtype values (default fp32,auto)")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=WARMUP)
-    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--dtypes", type=dtypes_arg, default="fp32,auto",
+                    help="comma-separated train.dtype values (default fp32,auto)")
+    ap.add_argument("--rounds", type=at_least(1), default=None, help=f"default {ROUNDS}; --smoke 1")
+    ap.add_argument("--warmup", type=at_least(0), default=WARMUP)
+    ap.add_argument("--steps", type=at_least(1), default=STEPS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shape = SMOKE_SHAPE if a.smoke else SHAPE
@@ -115,9 +140,9 @@ def main(argv=None):
         print(json.dumps(child(a.child, shape, a.warmup, a.steps)))
         return
     import torch
-    rounds = a.rounds or (1 if a.smoke else ROUNDS)
+    rounds = a.rounds if a.rounds is not None else (1 if a.smoke else ROUNDS)
     t0 = time.perf_counter()
-    rows = measure([d for d in a.dtypes.split(",") if d], rounds, a.warmup, a.steps, a.smoke)
+    rows = measure(a.dtypes, rounds, a.warmup, a.steps, a.smoke)
     meta = {"machine": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "shape": shape,
             "date": time.strftime("%Y-%m-%d"), "minutes": (time.perf_counter() - t0) / 60}
@@ -130,12 +155,13 @@ def main(argv=None):
         lines.append(f"| {r['dtype']} | {r['trained_dtype']} | {r['threads']} | {r['auto_step_seconds']:.3f} | "
                      f"{r['off_step_seconds']:.3f} | {r['ratio']:.3f} | "
                      f"{', '.join(f'{x:.3f}' for x in r['round_ratios'])} |")
+    command = shlex.join(["python", "benchmarks/mkl_cnr.py", *(sys.argv[1:] if argv is None else argv)])
     (out / "mkl_cnr.md").write_text(
         "### The speed cost of MKL_CBWR=AUTO against CNR off\n\n"
         f"{meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}, {meta['date']}; a vanilla LLaMA "
         f"(d {shape['model.d_model']}, {shape['model.n_layers']} layers, micro-batch {shape['train.micro_batch']} "
         f"x {shape['train.seq_len']}), {a.warmup} warm-up and {a.steps} timed steps in a fresh process per "
-        f"setting and round, the rounds interleaved. Command: `python benchmarks/mkl_cnr.py`.\n\n"
+        f"setting and round, the rounds interleaved. Command: `{command}`.\n\n"
         + "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -2,6 +2,7 @@
 weights_sha256, and importing steplm puts Intel MKL in its reproducible (CNR) mode without
 overriding a user's own MKL_CBWR (src/steplm/_reproducible.py; docs/reliability.md, Reproducibility)."""
 import ctypes
+import importlib.util
 import json
 import os
 import subprocess
@@ -112,3 +113,17 @@ def test_cnr_speed_benchmark_times_each_mode_in_its_own_process(tmp_path):
     assert row["trained_dtype"] == "float32" and row["threads"] == 1
     assert row["round_ratios"] == [row["auto_step_seconds"] / row["off_step_seconds"]] == [row["ratio"]]
     assert "| fp32 | float32 | 1 |" in (tmp_path / "mkl_cnr.md").read_text()
+
+
+@pytest.mark.parametrize("flag", [["--rounds", "0"], ["--steps", "0"], ["--dtypes", ""], ["--dtypes", "fp16"],
+                                  ["--warmup", "-1"]])
+def test_cnr_speed_benchmark_refuses_flags_that_would_time_nothing(tmp_path, capsys, flag):
+    """--rounds 0 once read as the default, --steps 0 ended in a median of nothing, --dtypes '' wrote an
+    empty table: each is refused at parsing, naming the flag, before any child runs or any file is written."""
+    spec = importlib.util.spec_from_file_location("mkl_cnr", ROOT / "benchmarks" / "mkl_cnr.py")
+    mkl_cnr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mkl_cnr)
+    with pytest.raises(SystemExit) as e:
+        mkl_cnr.main(["--out", str(tmp_path / "out"), *flag])
+    assert e.value.code == 2 and f"argument {flag[0]}:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
