@@ -487,7 +487,7 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
         missing = [m for m, v in vs.items() if CACHED_ONLY and not all(finished(o) for o in v)]
         if missing:
             PENDING.append(f"{name}: {len(missing)} of {len(vs)} variants not trained yet (--cached): "
-                           + ", ".join(missing))
+                           + "; ".join(missing))  # names hold commas ("reset every 7.6 %, r 8")
             vs = {m: v for m, v in vs.items() if m not in missing}
         if not vs:
             continue
@@ -506,10 +506,11 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
         for r in rows:
             lines.append(f"| {r['method']} | {'→'.join(map(str, r['layers_per_stage']))} | {r['relora_interval'] or '–'} | "
                          f"{r['val_ppl']:.2f} | {r['wikitext_ppl']:.2f} | {r['tokens']:,} |")
-        lines.append(f"\nBest: {info['best']}. STEP-2stages' seed SD at the regime: {noise:.2f} ppl; a difference "
-                     f"between two single-seed runs counts beyond {info['threshold']:.2f}."
-                     + (f" Verdict: **{info['verdict']}**." if "verdict" in info else "")
-                     + (f" Not trained yet: {', '.join(missing)}." if missing else ""))
+        so_far = " so far (of the variants trained)" if missing else ""  # a missing variant may still win
+        lines.append(f"\nBest{so_far}: {info['best']}. STEP-2stages' seed SD at the regime: {noise:.2f} ppl; a "
+                     f"difference between two single-seed runs counts beyond {info['threshold']:.2f}."
+                     + (f" Verdict{so_far}: **{info['verdict']}**." if "verdict" in info else "")
+                     + (f" Not trained yet: {'; '.join(missing)}." if missing else ""))
         result[name] = {"rows": rows, **info, **({"not_trained": missing} if missing else {})}
         md.append(f"#### {ABLATION_TITLES[name]}\n\n" + "\n".join(lines))
     if result:

@@ -102,3 +102,5 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert t10["not_trained"] == ["grow at 25 %"] and "grow at 25 %" in cached.stdout + cached.stderr
     assert [r["method"] for r in t10["rows"]] == [r["method"] for r in abl["table10"]["rows"] if r is not gone]
     assert "Not trained yet: grow at 25 %." in (out / "regime_ablations.md").read_text()
+    # its best and verdict are of the variants trained only, and say so (a missing one may still win)
+    assert "Verdict so far (of the variants trained): **" in (out / "regime_ablations.md").read_text()
