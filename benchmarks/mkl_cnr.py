@@ -23,7 +23,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -92,16 +91,6 @@ def measure(dtypes: list[str], rounds: int, warmup: int, steps: int, smoke: bool
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def at_least(low: int):
     """An argparse type: an integer >= ``low`` (0 rounds or steps would leave nothing to take a median of)."""
     def parse(s):
@@ -140,6 +129,8 @@ def main(argv=None):
         print(json.dumps(child(a.child, shape, a.warmup, a.steps)))
         return
     import torch
+    sys.path.insert(0, str(ROOT / "src"))
+    from steplm.devices import cpu_name
     rounds = a.rounds if a.rounds is not None else (1 if a.smoke else ROUNDS)
     t0 = time.perf_counter()
     rows = measure(a.dtypes, rounds, a.warmup, a.steps, a.smoke)
