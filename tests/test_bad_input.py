@@ -102,6 +102,13 @@ TABLE = [
     (["plan", "{tiny_yaml}", "--data.cache_dir", " "], "--data.cache_dir: expected a non-empty string"),
     (["plan", "{tiny_yaml}", "--set", "data.max_train_tokens="], "data.max_train_tokens: expected an integer or null, "
      "got an empty value"),
+    (["train", "--out", f"{T}/o", "--data", f"{T}/ok.txt", f"{T}/empty_val.yaml"],
+     "data.val_path: expected a non-empty string, got an empty value (write null or leave the key out)"),
+    (["plan", f"{T}/empty_init.yaml"], "model.init_from: expected a non-empty string, got an empty value (write null"),
+    (["plan", f"{T}/empty_tok.yaml"], "data.tokenizer: expected a non-empty string, got an empty value (leave the key "
+     "out for its default)"),
+    (["plan", f"{T}/empty_exclude.yaml"], "data.exclude[1]: expected a non-empty string, got an empty value (remove"),
+    (["plan", f"{T}/empty_sft.yaml"], "sft.data: expected a non-empty string, got an empty value"),
     (["plan", f"{T}/emptydir"], "is a directory; give a YAML file"),
     (["plan", "--init-from", f"{T}/hfexport", "--set", f"model.init_from={T}/full"],
      "--init-from: also given as --set model.init_from"),
@@ -331,6 +338,11 @@ def inputs(tmp):
     (tmp / "list.yaml").write_text("- a\n")
     (tmp / "scalar.yaml").write_text("5\n")
     (tmp / "list_section.yaml").write_text("train: [1, 2]\n")
+    (tmp / "empty_val.yaml").write_text('data:\n  val_path: ""\n')  # YAML's empty strings, as --set KEY= is
+    (tmp / "empty_init.yaml").write_text("model:\n  init_from: ' '\n")
+    (tmp / "empty_tok.yaml").write_text('data:\n  tokenizer: ""\n')
+    (tmp / "empty_exclude.yaml").write_text('data:\n  exclude: [tests, ""]\n')
+    (tmp / "empty_sft.yaml").write_text('sft:\n  data: ""\n')
     (tmp / "mapping_str.yaml").write_text("data:\n  tokenizer: {a: 1}\n")
     (tmp / "yes_lr.yaml").write_text("train:\n  lr: yes\n")
     (tmp / "nested.yaml").write_text("model:\n  d_model: {a: [1, {b: 2}]}\n")

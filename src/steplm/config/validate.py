@@ -57,11 +57,16 @@ def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
     ``list[X]``): returns it (ints widened to float for float fields, YAML 1.1's "1e-3" strings read
     as numbers), or appends a problem naming ``key`` and returns None. Bools are not integers, and a
     float must be finite."""
-    if isinstance(value, Raw) and not value.strip() and key != "method" and typing.get_origin(hint) is not Literal:
-        # `--set KEY=` or `--section.key ""`: a string key would keep "", which reads as unset (data.val_path,
-        # model.init_from, ...), and YAML reads the rest as null; a slip, never taken as "not given"
+    if (isinstance(value, str) and not value.strip() and key != "method" and typing.get_origin(hint) is not Literal
+            and (isinstance(value, Raw) or _accepts_str(hint))):
+        # `--set KEY=`, `--section.key ""` or `key: ""` in a YAML file: a string key would keep "", which
+        # reads as unset (data.val_path, model.init_from, ...), and YAML reads the rest as null; a slip,
+        # never taken as "not given" (null, or leaving the key out, is how a file says that)
         kind = "a non-empty string" if _accepts_str(hint) else _describe(hint)
-        problems.append(f"{key}: expected {kind}, got an empty value")
+        unset = ("" if isinstance(value, Raw) else " (remove the empty entry)" if key.endswith("]")
+                 else " (write null or leave the key out)" if type(None) in typing.get_args(hint)
+                 else " (leave the key out for its default)")
+        problems.append(f"{key}: expected {kind}, got an empty value{unset}")
         return None
     if isinstance(value, Raw):
         if _accepts_str(hint):
