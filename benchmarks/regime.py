@@ -229,11 +229,14 @@ def suite_sweep(cache: Path, out: Path) -> list[dict]:
 
 def tuned(method: str, out: Path) -> dict | None:
     """The swept lr and embedding-lr scale of a row (its TUNED_AS relative's), None if not swept yet."""
-    f = (READ_FROM if ONLY else out) / "regime_sweep.json"
-    if not f.is_file():
-        return None
     src = TUNED_AS.get(method, method)
-    rows = [r for r in json.loads(f.read_text()) if r["method"] == src and r["chosen"]]
+    # a worker (--only) reads the results folder's sweep, then its own partial one: a method swept by
+    # `--suite sweep --only M` is in <cache>/partial until the full suite writes the results folder
+    files = [READ_FROM / "regime_sweep.json", CACHE / "partial" / "regime_sweep.json"] if ONLY else [out / "regime_sweep.json"]
+    rows = []
+    for f in files:
+        if f.is_file() and not rows:
+            rows = [r for r in json.loads(f.read_text()) if r["method"] == src and r["chosen"]]
     lr = [r["train.lr"] for r in rows if r["grid"] == "lr"]
     scale = [r["train.embedding_lr_scale"] for r in rows if r["grid"] == "embedding_lr_scale"]
     if not lr or not scale:
@@ -566,10 +569,10 @@ def main():
                     "~/.cache/steplm/replicate)")
     ap.add_argument("--ledger", default=None, help="run ledger (default benchmarks/results/ledger; smoke: in the "
                     "cache; 'none': off)")
-    ap.add_argument("--only", default="", help="comma-separated rows or ablation tables: train only these (a second "
+    ap.add_argument("--only", default=None, help="comma-separated rows or ablation tables: train only these (a second "
                     "worker on another core); it writes no table (<cache>/partial) and reads the sweep's choices from "
                     "--out")
-    ap.add_argument("--seeds", default="", help="comma-separated seeds: only these of each row's seeds (for example 0 "
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds: only these of each row's seeds (for example 0 "
                     "first, on every row, then 1,2); the tables give each row's seed count")
     ap.add_argument("--cached", action="store_true", help="train nothing: build the tables from the finished runs in "
                     "the cache and the ledger, and name what is missing (--suite main, curve or ablations)")
@@ -578,11 +581,18 @@ def main():
     CACHED_ONLY = a.cached
     if CACHED_ONLY and a.suite not in ("main", "curve", "ablations"):
         ap.error("--cached builds the main, curve and ablation tables: add --suite main, curve or ablations")
-    try:
-        SEED_LIMIT = {int(x) for x in a.seeds.split(",") if x} or None
-    except ValueError:
-        ap.error(f"--seeds: comma-separated integers, got {a.seeds!r}")
-    ONLY = set(filter(None, a.only.split(",")))
+    names = set(LR_GRID) | set(MAIN) | set(ABLATIONS)
+    if a.only is not None:  # given: every item a known row or table ("," or a typo would train nothing, or all)
+        ONLY = {x.strip() for x in a.only.split(",")}
+        unknown = sorted(ONLY - names)
+        if unknown:
+            ap.error(f"--only: unknown row or table {', '.join(map(repr, unknown))}; choose from "
+                     f"{', '.join(sorted(names))}")
+    if a.seeds is not None:
+        try:
+            SEED_LIMIT = {int(x) for x in a.seeds.split(",")}
+        except ValueError:
+            ap.error(f"--seeds: comma-separated integers, got {a.seeds!r}")
     cache = Path(a.cache).expanduser()
     smoke = a.smoke
     if smoke:
@@ -590,6 +600,9 @@ def main():
     elif not Path(BASE["data.path"]).is_file():
         sys.exit(f"regime: error: {BASE['data.path']} missing (the shared data)")
     configure(cache, smoke)
+    if SEED_LIMIT is not None and not SEED_LIMIT <= set(SEEDS):  # after configure: the smoke has its own seeds
+        ap.error(f"--seeds: {', '.join(map(str, sorted(SEED_LIMIT - set(SEEDS))))} not among the suite's seeds "
+                 f"({', '.join(map(str, SEEDS))})")
     CACHE = cache
     global READ_FROM
     READ_FROM = Path(a.out or (cache / "results" if smoke else RESULTS))

@@ -104,3 +104,42 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert "Not trained yet: grow at 25 %." in (out / "regime_ablations.md").read_text()
     # its best and verdict are of the variants trained only, and say so (a missing one may still win)
     assert "Verdict so far (of the variants trained): **" in (out / "regime_ablations.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", ","], "--only: unknown row or table ''"),
+    (["--only", "vanilla,"], "--only: unknown row or table ''"),
+    (["--only", "vanila"], "--only: unknown row or table 'vanila'; choose from"),
+    (["--only", "table4,tabel5"], "'tabel5'"),
+    (["--only", ""], "--only: unknown row or table ''"),
+    (["--seeds", ""], "--seeds: comma-separated integers, got ''"),
+    (["--seeds", "0,,1"], "--seeds: comma-separated integers"),
+    (["--seeds", "7"], "--seeds: 7 not among the suite's seeds (0, 1)"),
+    (["--seeds", "0,5,9"], "--seeds: 5, 9 not among"),
+])
+def test_only_and_seeds_that_would_train_nothing_or_everything_are_refused(tmp_path, args, message):
+    # "," or a typo read as "no filter" trains every row; a seed the suite lacks trains nothing
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "regime.py"), "--smoke", "--cache", str(tmp_path),
+                        "--out", str(tmp_path / "out"), "--suite", "sweep", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-1500:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_worker_reads_a_sweep_another_worker_left_in_partial(tmp_path):
+    # `--suite sweep --only M` writes its sweep to <cache>/partial; a later `--suite main --only M`
+    # must find M's choices there, not skip M as "not swept yet"
+    mod = _load()
+    mod.configure(tmp_path / "cache", smoke=False)
+    mod.CACHE, mod.READ_FROM, mod.ONLY = tmp_path / "cache", tmp_path / "results", {"relora"}
+    (tmp_path / "results").mkdir()
+    rows = [{"method": "relora", "grid": "lr", "train.lr": 2e-3, "train.embedding_lr_scale": 1.0, "chosen": True},
+            {"method": "relora", "grid": "embedding_lr_scale", "train.lr": 2e-3, "train.embedding_lr_scale": 10.0,
+             "chosen": True}]
+    (tmp_path / "cache" / "partial").mkdir(parents=True)
+    (tmp_path / "cache" / "partial" / "regime_sweep.json").write_text(json.dumps(rows))
+    assert mod.tuned("relora", tmp_path / "results") == {"train.lr": 2e-3, "train.embedding_lr_scale": 10.0}
+    assert mod.tuned("vanilla", tmp_path / "results") is None  # swept nowhere
+    # the results folder's sweep wins over a partial one
+    (tmp_path / "results" / "regime_sweep.json").write_text(json.dumps([{**r, "train.lr": 4e-3} for r in rows]))
+    assert mod.tuned("relora", tmp_path / "results")["train.lr"] == 4e-3
