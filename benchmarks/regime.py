@@ -435,6 +435,11 @@ def position_groups(split: list[int], seed: int) -> dict[str, str]:
 
 
 def ablation_variants(name: str, out: Path) -> dict[str, list[dict]]:
+    if name.endswith(FP32):  # the same variants in fp32 compute, beside an fp32 control of the paper's row
+        vs = ablation_variants(name[:-len(FP32)], out)
+        if name.startswith("relora"):  # the adapter ranks at the paper's interval (rank 8 is Table 4's upper run)
+            vs = {m: v for m, v in vs.items() if m.startswith(f"reset every {100 * STEP_RESET_FRACTION:.1f} %")}
+        return {m: [{**o, "train.dtype": "fp32"} for o in v] for m, v in vs.items()}
     t = tuned("step-2stages", out)
     if t is None:
         PENDING.append(f"{name}: no sweep result yet")
@@ -467,13 +472,19 @@ def ablation_variants(name: str, out: Path) -> dict[str, list[dict]]:
     raise KeyError(name)
 
 
+FP32 = "-fp32"
+# the tables' variants in fp32: those trained on a CPU without native bf16 (bf16 emulated there is
+# about 16x slower), each table with its own fp32 control, so that no verdict compares across dtypes
 ABLATIONS = {"table4": None, "table5": "with PET (ReLoRA)", "table9": "mean", "table10": "grow at 75 %",
-             "relora": None}
+             "relora": None, "table4-fp32": None, "relora-fp32": None}
 ABLATION_TITLES = {"table4": "Table 4, insertion position — paper: Upper best",
                    "table5": "Table 5, with and without PET — paper: with PET better",
                    "table9": "Table 9, initialisation — paper: Interpolation-Mean without FPI best",
                    "table10": "Table 10, when to grow — paper: 75 % best",
-                   "relora": "STEP-2stages with ReLoRA resets at several intervals and adapter ranks (not in the paper)"}
+                   "relora": "STEP-2stages with ReLoRA resets at several intervals and adapter ranks (not in the paper)",
+                   "table4-fp32": "Table 4 in fp32 compute (position=upper is the fp32 control of the paper's row)",
+                   "relora-fp32": "Adapter ranks in fp32 compute (r 8 is the fp32 control, the same run as Table 4's "
+                                  "upper)"}
 
 
 def suite_ablations(cache: Path, out: Path) -> dict | None:
@@ -501,7 +512,7 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
             r["relora_interval"] = int(vs[r["method"]][0].get("lora.relora_interval", 0))
         ppl = {r["method"]: r["val_ppl"] for r in rows}
         info = {"noise_sd": noise, "threshold": R.Z_VERDICT * math.sqrt(2) * noise, "best": min(ppl, key=ppl.get)}
-        if name == "table4":
+        if name.startswith("table4"):
             paper_best = next((m for m in ppl if "upper" in m), None)  # the row that holds upper
         if paper_best in ppl and len(ppl) > 1:  # a verdict needs the paper's best and one other
             info["paper_best"], info["verdict"] = paper_best, R.verdict(paper_best, ppl, noise)
@@ -514,6 +525,13 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
                      f"difference between two single-seed runs counts beyond {info['threshold']:.2f}."
                      + (f" Verdict{so_far}: **{info['verdict']}**." if "verdict" in info else "")
                      + (f" Not trained yet: {'; '.join(missing)}." if missing else ""))
+        if name.endswith(FP32) and name[:-len(FP32)] in result:  # the dtype's own effect, on the rows run in both
+            bf16 = {r["method"]: r["val_ppl"] for r in result[name[:-len(FP32)]]["rows"]}
+            both = [m for m in ppl if m in bf16]
+            info["bf16_val_ppl"] = {m: bf16[m] for m in both}
+            lines.append("Against the same variant run in the regime's bf16 (autocast on a CPU with native bf16): "
+                         + "; ".join(f"{m} {ppl[m]:.2f} in fp32, {bf16[m]:.2f} in bf16" for m in both)
+                         + ". Compare variants within one dtype only.")
         result[name] = {"rows": rows, **info, **({"not_trained": missing} if missing else {})}
         md.append(f"#### {ABLATION_TITLES[name]}\n\n" + "\n".join(lines))
     if result:

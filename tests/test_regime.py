@@ -143,3 +143,19 @@ def test_a_worker_reads_a_sweep_another_worker_left_in_partial(tmp_path):
     # the results folder's sweep wins over a partial one
     (tmp_path / "results" / "regime_sweep.json").write_text(json.dumps([{**r, "train.lr": 4e-3} for r in rows]))
     assert mod.tuned("relora", tmp_path / "results")["train.lr"] == 4e-3
+
+
+def test_fp32_ablations_are_their_tables_in_fp32_with_one_shared_control(regime):
+    # the rows trained on a CPU without native bf16: the same overrides plus train.dtype fp32, and the
+    # paper's row among them (an fp32 control), so no verdict compares a bf16 run with an fp32 one
+    out = regime.RESULTS
+    t4, t4_32 = regime.ablation_variants("table4", out), regime.ablation_variants("table4-fp32", out)
+    assert set(t4) == set(t4_32) and any("upper" in m for m in t4_32)
+    for m in t4:
+        assert [{**o, "train.dtype": "fp32"} for o in t4[m]] == t4_32[m]
+    ranks = regime.ablation_variants("relora-fp32", out)
+    assert sorted(int(m.rsplit(" r ", 1)[1]) for m in ranks) == sorted(regime.RELORA_TABLE["rank"])
+    key = lambda o: regime.R.run_key(regime.R.resolve(regime.R.canonical(o)))  # noqa: E731
+    control = next(v for m, v in t4_32.items() if "upper" in m)[0]
+    r8 = next(v for m, v in ranks.items() if m.endswith(f" r {regime.BASE['lora.rank']}"))[0]
+    assert key(control) == key(r8) != key({**control, "train.dtype": "auto"})
