@@ -40,6 +40,11 @@ TABLE = [
     (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", " "], "--layers-per-stage: expected the layers"),
     (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "2,,2"], "--layers-per-stage: expected comma"),
     (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "2,2,"], "--layers-per-stage: expected comma"),
+    # forms Python's int() takes but a layer count is not written as
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "2_0,2"], "--layers-per-stage: expected comma"),
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "+2,2"], "--layers-per-stage: expected comma"),
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage=2,-2"], "--layers-per-stage: expected comma"),
+    (["plan", "--hidden", "64", "--layers", "4", "--layers-per-stage", "\u0663,1"], "--layers-per-stage: expected comma"),
     (["plan", "--preset", "368m", "--layers-per-stage", ""], "--layers-per-stage: expected the layers"),
     # a split without --layers: L is asked for, not checked against a placeholder depth ("must sum to --layers (2)")
     (["plan", "--hidden", "64", "--layers-per-stage", "3,3"], "--layers: give the total layer count L"),

@@ -43,6 +43,19 @@ def test_single_bad_value(item, key):
         config.validate(config.load(None, [item]))
 
 
+@pytest.mark.parametrize("item,message", [
+    ("step.layers_per_stage=3,x", "step.layers_per_stage[1]: must be an integer, got 'x'"),
+    ("step.layers_per_stage=3,,5", "step.layers_per_stage[1]: expected an integer, got an empty value"),
+    ("step.layers_per_stage=3,", "step.layers_per_stage[1]: expected an integer, got an empty value"),
+    ("step.layers_per_stage=3.5,2", "step.layers_per_stage[0]: must be an integer"),
+    ("step.layers_per_stage=true", "step.layers_per_stage[0]: must be an integer"),
+    ("data.exclude=a,,b", "data.exclude[1]: expected a non-empty string, got an empty value"),
+])
+def test_a_plain_list_with_a_bad_entry_names_the_entry(item, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        config.load(None, [item])
+
+
 def test_field_docs_exist_for_every_field():
     import dataclasses
     for cls in (config.TrainConfig, config.DataConfig, config.LoraConfig, config.StepConfig):
@@ -64,6 +77,10 @@ def test_configs_built_in_code_are_type_checked_too():
     ("train.lr=1e-3", 1e-3), ("train.lr=2", 2.0), ("train.lr=1E+2", 100.0), ("train.lr=.5", 0.5),
     ("data.max_train_tokens=null", None), ("data.max_train_tokens=1000", 1000), ("train.compile=true", True),
     ("step.layers_per_stage=[3, 5]", [3, 5]), ("data.exclude=[a, b]", ["a", "b"]),
+    # the command line's plain lists, as plan --layers-per-stage 14,10 takes them
+    ("step.layers_per_stage=3,5", [3, 5]), ("step.layers_per_stage= 3 , 5 ", [3, 5]), ("step.layers_per_stage=6", [6]),
+    ("step.layers_per_stage=10,8,6", [10, 8, 6]), ("step.layers_per_stage=null", None),
+    ("data.exclude=a,b", ["a", "b"]), ("data.exclude=tests", ["tests"]), ("data.exclude=[]", []),
 ])
 def test_well_typed_values_are_accepted(item, value):
     key = item.split("=", 1)[0]

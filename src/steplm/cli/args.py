@@ -80,17 +80,17 @@ def path_arg(s: str) -> str:
     return s
 
 
-def split_arg(s: str) -> str:
-    """An argparse type for a layer split such as '7,5': comma-separated integers (their count, sum
-    and sizes are checked by the plan); an empty value would otherwise read as 'not given'."""
+def split_arg(s: str) -> list[int]:
+    """An argparse type for a layer split such as '7,5': comma-separated whole numbers written in
+    ASCII digits, returned as a list (their count, sum and sizes are checked by the plan). An empty
+    value would otherwise read as 'not given'; Python's int() would also take '+2', '7_0' and '٣'."""
     if not s.strip():
         raise argparse.ArgumentTypeError("expected the layers of each stage, comma-separated (e.g. 7,5), "
                                          "got an empty string")
-    try:
-        [int(x) for x in s.split(",")]
-    except ValueError:
+    items = [x.strip() for x in s.split(",")]
+    if not all(re.fullmatch(r"[0-9]+", x) for x in items):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 7,5), got {s!r}")
-    return s
+    return [int(x) for x in items]
 
 
 def text_arg(s: str) -> str:
@@ -122,7 +122,7 @@ MODEL_HELP = ("a model: an HF Llama folder, a steplm run folder (its final model
               "interrupted: its newest intact checkpoint), a checkpoint folder (RUN/checkpoints/step_N), or "
               "RUN/checkpoints (the newest intact one); read-only")
 
-TEXT_ARGS = {"prompt", "model_id", "set", "tasks", "layers_per_stage"}
+TEXT_ARGS = {"prompt", "model_id", "set", "tasks"}
 PATH_ARGS = {"config", "data", "out", "to", "init_from", "model", "run_dir", "questions", "vanilla", "tasks_dir"}
 
 

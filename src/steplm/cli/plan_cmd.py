@@ -62,14 +62,6 @@ def _plan_config(a):
     print(format_plan(plan, [data] if data else []))
 
 
-def _split(text: str) -> list[int]:
-    """--layers-per-stage '7,5' as [7, 5]."""
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"--layers-per-stage: expected comma-separated integers, got {text!r}")
-
-
 def _check_plan_flags(a) -> None:
     """Refuse flags that the plan they are given with would not read, or that contradict each other;
     warn about one that only repeats the default (--extended in budget mode, --states-only outside it)."""
@@ -146,7 +138,7 @@ def _keys(a, heads: int, prec: memory.Precision) -> dict[str, object]:
     """The config keys (dotted) that the calculator's flags describe: the shape, the split, the
     precision, and for the activations micro-batch and sequence length. In budget mode, which finds
     the depth itself, the depth is a placeholder that the stage count fits."""
-    split = _split(a.layers_per_stage) if a.layers_per_stage else None
+    split = a.layers_per_stage  # a list (split_arg) or None
     stages = a.stages or (len(split) if split else 2)
     keys = {"method": "step" if stages > 1 else "vanilla", "model.vocab_size": a.vocab_size, "model.d_model": a.hidden,
             "model.n_layers": stages if a.budget_gb is not None else a.layers or stages, "model.n_heads": heads,
@@ -246,7 +238,7 @@ def _solve(a, shape, prec, extra, search: bool, search_stages: bool) -> solve.Pl
                                     lambda L: extra(L, prec), prec=prec)
     if not a.layers_per_stage:
         return solve.optimize(a.layers, a.stages, shape, a.lora_rank, a.cap_growth, prec)
-    split = _split(a.layers_per_stage)  # its entries, count and sum are checked as the config's
+    split = a.layers_per_stage  # its entries, count and sum are checked as the config's
     if len(split) > solve.MAX_STAGES:
         raise UserError(f"--layers-per-stage: at most {solve.MAX_STAGES} stages (the planner's bound), "
                         f"got {len(split)}")

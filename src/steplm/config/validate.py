@@ -52,6 +52,12 @@ def _accepts_str(hint) -> bool:
     return hint is str or (typing.get_origin(hint) in (types.UnionType, typing.Union) and str in typing.get_args(hint))
 
 
+def _takes_list(hint) -> bool:
+    """Whether a field annotated ``hint`` holds a list (``list[X]`` or ``list[X] | None``)."""
+    hint = _plain(hint)
+    return any(typing.get_origin(h) is list for h in (hint, *typing.get_args(hint)))
+
+
 def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
     """``value`` checked against the field annotation ``hint`` (bool, int, float, str, dict, ``X | None``,
     ``list[X]``): returns it (ints widened to float for float fields, YAML 1.1's "1e-3" strings read
@@ -71,11 +77,15 @@ def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
     if isinstance(value, Raw):
         if _accepts_str(hint):
             return str(value)
+        raw = value
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
             problems.append(f"{key}: cannot read {str(value)!r} as {_describe(hint)}")
             return None
+        if _takes_list(hint) and value is not None and not isinstance(value, (list, dict)):
+            # the command line's plain list: `--set step.layers_per_stage=4,2` (or `=6`) as YAML's [4, 2]
+            value = [Raw(x) for x in str(raw).split(",")]
     hint = _plain(hint)
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
