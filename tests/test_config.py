@@ -81,6 +81,9 @@ def test_configs_built_in_code_are_type_checked_too():
     ("step.layers_per_stage=3,5", [3, 5]), ("step.layers_per_stage= 3 , 5 ", [3, 5]), ("step.layers_per_stage=6", [6]),
     ("step.layers_per_stage=10,8,6", [10, 8, 6]), ("step.layers_per_stage=null", None),
     ("data.exclude=a,b", ["a", "b"]), ("data.exclude=tests", ["tests"]), ("data.exclude=[]", []),
+    # items stripped as in YAML's [a, b] (" docs" would skip no folder); YAML's null unsets a path key
+    ("data.exclude=tests, docs", ["tests", "docs"]), ("data.val_path=null", None), ("data.val_path=~", None),
+    ("model.init_from=null", None), ("data.val_path=./null", "./null"),
 ])
 def test_well_typed_values_are_accepted(item, value):
     key = item.split("=", 1)[0]
@@ -291,3 +294,24 @@ def test_plan_config_json_says_what_data_train_would_read(capsys):
     for form in ([], ["--json"]):
         assert main(["plan", tiny, "--data", text + ".missing", *form]) == 2
         assert "--data" in capsys.readouterr().err
+
+
+def test_a_run_saved_with_an_empty_string_still_resumes_and_plots(tmp_path):
+    # a run started before `val_path: ""` was refused saved it as '' (read then as unset): its folder's
+    # config.yaml is the run's, not the user's, so a resume (with the key now null) compares it as unset
+    from types import SimpleNamespace
+
+    from steplm.train.saving import check_resume_config
+
+    cfg = config.load(None, ["data.path=corpus.txt", "data.exclude=[tests]"])
+    config.save(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "val_path: null" in text and "- tests" in text
+    (tmp_path / "config.yaml").write_text(text.replace("val_path: null", "val_path: ''")
+                                          .replace("- tests", "- tests\n  - ''"))
+    saved = config.load_saved(tmp_path / "config.yaml")
+    assert saved.data.val_path is None and saved.data.exclude == ["tests"]
+    assert config.differing_keys(saved, cfg) == []
+    check_resume_config(SimpleNamespace(out=tmp_path, cfg=cfg))  # no UserError
+    with pytest.raises(UserError, match="data.val_path: expected a non-empty string"):  # a user's file: refused
+        config.load(tmp_path / "config.yaml")

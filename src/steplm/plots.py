@@ -68,12 +68,12 @@ def plot_memory(run_dir: str | Path, out: str | Path | None = None, vanilla_dir:
     summary = read_summary(run_dir)
     stages = summary["stages"]
     out = png_path(out, Path(run_dir) / "memory.png")
-    from steplm.config import load
+    from steplm.config import load_saved
     from steplm.methods.base import layer_shape, precision
     if not (Path(run_dir) / "config.yaml").is_file():
         raise UserError(f"RUN_DIR: {run_dir} has no config.yaml (is it a steplm run directory?)")
     try:
-        cfg = load(Path(run_dir) / "config.yaml")
+        cfg = load_saved(Path(run_dir) / "config.yaml")
     except UserError as e:
         raise UserError(f"RUN_DIR: {run_dir}'s config.yaml is not one this steplm reads ({e})")
     shape = layer_shape(cfg.model)

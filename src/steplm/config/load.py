@@ -159,6 +159,31 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
     return from_dict(d, file_keys=in_file)
 
 
+def load_saved(path: str | Path) -> RunConfig:
+    """A run folder's config.yaml (``save``'s output), read as the run meant it: a run started before
+    empty strings were refused saved ``val_path: ''`` (or an empty ``exclude`` entry), which it read as
+    the key not given, so such a value is left out here (its default: unset). A resume or a plot of that
+    run then reads it instead of refusing a file the user did not write."""
+    p = Path(path)
+    try:
+        d = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} cannot be read ({e})")
+    if not isinstance(d, dict):
+        return from_dict(d)  # names what is wrong
+    blank = lambda v: isinstance(v, str) and not v.strip()  # noqa: E731
+    for section in d.values():
+        if isinstance(section, dict):
+            for k in [k for k, v in section.items() if blank(v)]:
+                del section[k]
+            for k, v in section.items():
+                if isinstance(v, list) and any(blank(x) for x in v):
+                    section[k] = [x for x in v if not blank(x)]
+    return from_dict(d)
+
+
 def presets() -> str:
     """The preset names, for a message."""
     return ", ".join(preset_names()) or "none installed"

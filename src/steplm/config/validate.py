@@ -58,6 +58,9 @@ def _takes_list(hint) -> bool:
     return any(typing.get_origin(h) is list for h in (hint, *typing.get_args(hint)))
 
 
+_NULLS = ("null", "Null", "NULL", "~")  # YAML's spellings of null
+
+
 def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
     """``value`` checked against the field annotation ``hint`` (bool, int, float, str, dict, ``X | None``,
     ``list[X]``): returns it (ints widened to float for float fields, YAML 1.1's "1e-3" strings read
@@ -75,6 +78,10 @@ def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}: expected {kind}, got an empty value{unset}")
         return None
     if isinstance(value, Raw):
+        if _accepts_str(hint) and type(None) in typing.get_args(hint) and value.strip() in _NULLS:
+            # `--set data.val_path=null`: YAML's null, the way to unset a key a config file gives (an empty
+            # value is refused), not a path or hub dataset named "null" (write ./null for a file so named)
+            return None
         if _accepts_str(hint):
             return str(value)
         raw = value
@@ -85,7 +92,8 @@ def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
             return None
         if _takes_list(hint) and value is not None and not isinstance(value, (list, dict)):
             # the command line's plain list: `--set step.layers_per_stage=4,2` (or `=6`) as YAML's [4, 2]
-            value = [Raw(x) for x in str(raw).split(",")]
+            # each item stripped, as YAML's [a, b] is: `--set data.exclude="tests, docs"` skips docs, not " docs"
+            value = [Raw(x.strip()) for x in str(raw).split(",")]
     hint = _plain(hint)
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         options = [a for a in typing.get_args(hint) if a is not type(None)]

@@ -104,7 +104,7 @@ def check_resume_config(run) -> None:
     if not saved.is_file():
         return
     ignored = config_mod.RESUME_SAFE_KEYS | config_mod.unread_keys(run.cfg)
-    diff = [k for k in config_mod.differing_keys(config_mod.load(saved), run.cfg) if k not in ignored]
+    diff = [k for k in config_mod.differing_keys(config_mod.load_saved(saved), run.cfg) if k not in ignored]
     if diff:
         raise UserError(f"--out: {run.out} holds a run with a different config ({', '.join(diff)}); "
                         f"use the same config to resume, or another --out")
