@@ -221,9 +221,12 @@ def suite_sweep(cache: Path, out: Path) -> list[dict]:
             r["grid"], r["train.lr"] = "embedding_lr_scale", lr
         rows += lr_rows + scale_rows
         print(f"[sweep] {m}: lr {lr:g}, embedding_lr_scale {scale:g}", file=sys.stderr, flush=True)
-        # after each method, so that a worker on the other core can start the main rows of the swept ones
+        # after each method, so that a worker on the other core can start the main rows of the swept ones;
+        # a worker (--only) keeps the other methods an earlier worker swept into <cache>/partial
+        f = out / "regime_sweep.json"
+        kept = [r for r in json.loads(f.read_text()) if r["method"] not in ONLY] if ONLY and f.is_file() else []
         write(out, "regime_sweep", "Sweeps at the regime's shape (5 tokens/parameter, seed 0, ranked on the tuning "
-              "split)", sweep_table(rows), rows)
+              "split)", sweep_table(kept + rows), kept + rows)
     return rows
 
 
@@ -599,6 +602,9 @@ def main():
     CACHED_ONLY = a.cached
     if CACHED_ONLY and a.suite not in ("main", "curve", "ablations"):
         ap.error("--cached builds the main, curve and ablation tables: add --suite main, curve or ablations")
+    for flag, value in (("--cache", a.cache), ("--out", a.out), ("--ledger", a.ledger)):
+        if value is not None and not value.strip():  # "" would read as not given (or as the working folder)
+            ap.error(f"{flag}: expected a folder, got an empty string (leave the flag out for its default)")
     names = set(LR_GRID) | set(MAIN) | set(ABLATIONS)
     if a.only is not None:  # given: every item a known row or table ("," or a typo would train nothing, or all)
         ONLY = {x.strip() for x in a.only.split(",")}
@@ -606,6 +612,14 @@ def main():
         if unknown:
             ap.error(f"--only: unknown row or table {', '.join(map(repr, unknown))}; choose from "
                      f"{', '.join(sorted(names))}")
+        # a name the chosen suite does not train (--suite sweep --only table4) would train nothing, silently
+        trains = {"sweep": set(LR_GRID), "main": set(MAIN), "curve": {"vanilla", "step-2stages"},
+                  "ablations": set(ABLATIONS)}
+        here = set().union(*trains.values()) if a.suite == "all" else trains[a.suite]
+        idle = sorted(ONLY - here)
+        if idle:
+            ap.error(f"--only: --suite {a.suite} trains no {', '.join(map(repr, idle))}; its rows or tables: "
+                     f"{', '.join(sorted(here))}")
     if a.seeds is not None:
         try:
             SEED_LIMIT = {int(x) for x in a.seeds.split(",")}

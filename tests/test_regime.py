@@ -116,6 +116,12 @@ def test_smoke_suite_end_to_end(tmp_path):
     (["--seeds", "0,,1"], "--seeds: comma-separated integers"),
     (["--seeds", "7"], "--seeds: 7 not among the suite's seeds (0, 1)"),
     (["--seeds", "0,5,9"], "--seeds: 5, 9 not among"),
+    # a known name the suite does not train: it trained nothing, silently
+    (["--only", "table4"], "--only: --suite sweep trains no 'table4'"),
+    (["--only", "vanilla,step-2stages-tokens"], "--only: --suite sweep trains no 'step-2stages-tokens'"),
+    # an empty folder read as not given (the default results, the working folder)
+    (["--out="], "--out: expected a folder, got an empty string"),
+    (["--ledger="], "--ledger: expected a folder, got an empty string"),
 ])
 def test_only_and_seeds_that_would_train_nothing_or_everything_are_refused(tmp_path, args, message):
     # "," or a typo read as "no filter" trains every row; a seed the suite lacks trains nothing
@@ -159,3 +165,26 @@ def test_fp32_ablations_are_their_tables_in_fp32_with_one_shared_control(regime)
     control = next(v for m, v in t4_32.items() if "upper" in m)[0]
     r8 = next(v for m, v in ranks.items() if m.endswith(f" r {regime.BASE['lora.rank']}"))[0]
     assert key(control) == key(r8) != key({**control, "train.dtype": "auto"})
+
+
+def test_a_sweep_worker_keeps_the_methods_another_worker_swept(tmp_path, monkeypatch):
+    # `--suite sweep --only relora`, then `--suite sweep --only galore`: both in <cache>/partial, so a
+    # later `--suite main --only relora` still finds relora's choices
+    mod = _load()
+    mod.configure(tmp_path / "cache", smoke=False)
+    mod.CACHE, mod.READ_FROM = tmp_path / "cache", tmp_path / "results"
+    out = tmp_path / "cache" / "partial"
+    out.mkdir(parents=True)
+
+    def fake_grid(method, base, name, grid, step, cache, rows):
+        rows.append({"method": method, name: grid[0], "tune_ppl": 1.0, "command": "", "chosen": True,
+                     "at_grid_edge": False})
+        return grid[0]
+    monkeypatch.setattr(mod, "sweep_grid", fake_grid)
+    monkeypatch.setattr(mod, "method_overrides", lambda m, tpp=None: {})
+    for m in ("relora", "galore"):
+        mod.ONLY = {m}
+        mod.suite_sweep(tmp_path / "cache", out)
+    assert {r["method"] for r in json.loads((out / "regime_sweep.json").read_text())} == {"relora", "galore"}
+    mod.ONLY = {"relora"}
+    assert mod.tuned("relora", out) is not None
