@@ -118,15 +118,7 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
             raise UserError(f"config file {p} is a directory; give a YAML file or a preset's name ({presets()})")
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
-        try:
-            d = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {p} cannot be read ({e})")
-        if not isinstance(d, dict):
-            raise UserError(f"config file {p}: top level must be a mapping of sections "
-                            f"(method, {', '.join(SECTIONS)}), got {_show(d)}")
+        d = _read_yaml(p)
     in_file = {f"{section}.{k}" for section, part in d.items() if isinstance(part, dict) for k in part}
     if "method" in d:
         in_file.add("method")
@@ -159,20 +151,26 @@ def load(path: str | Path | None, overrides: list[str] = (), init_from: str | No
     return from_dict(d, file_keys=in_file)
 
 
+def _read_yaml(p: Path) -> dict:
+    """A config file's sections as a dict (duplicate keys refused); UserError if unreadable."""
+    try:
+        d = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {p} cannot be read ({e})")
+    if not isinstance(d, dict):
+        raise UserError(f"config file {p}: top level must be a mapping of sections "
+                        f"(method, {', '.join(SECTIONS)}), got {_show(d)}")
+    return d
+
+
 def load_saved(path: str | Path) -> RunConfig:
     """A run folder's config.yaml (``save``'s output), read as the run meant it: a run started before
     empty strings were refused saved ``val_path: ''`` (or an empty ``exclude`` entry), which it read as
     the key not given, so such a value is left out here (its default: unset). A resume or a plot of that
     run then reads it instead of refusing a file the user did not write."""
-    p = Path(path)
-    try:
-        d = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} cannot be read ({e})")
-    if not isinstance(d, dict):
-        return from_dict(d)  # names what is wrong
+    d = _read_yaml(Path(path))
     blank = lambda v: isinstance(v, str) and not v.strip()  # noqa: E731
     for section in d.values():
         if isinstance(section, dict):
