@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -52,13 +53,14 @@ def _accepts_str(hint) -> bool:
     return hint is str or (typing.get_origin(hint) in (types.UnionType, typing.Union) and str in typing.get_args(hint))
 
 
-def _takes_list(hint) -> bool:
-    """Whether a field annotated ``hint`` holds a list (``list[X]`` or ``list[X] | None``)."""
-    hint = _plain(hint)
-    return any(typing.get_origin(h) is list for h in (hint, *typing.get_args(hint)))
-
-
 _NULLS = ("null", "Null", "NULL", "~")  # YAML's spellings of null
+
+
+def _list_item(hint):
+    """The item type of a list field (``list[X]`` or ``list[X] | None``), else None."""
+    hint = _plain(hint)
+    lists = [h for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is list]
+    return typing.get_args(lists[0])[0] if lists else None
 
 
 def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
@@ -90,10 +92,16 @@ def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
         except yaml.YAMLError:
             problems.append(f"{key}: cannot read {str(value)!r} as {_describe(hint)}")
             return None
-        if _takes_list(hint) and value is not None and not isinstance(value, (list, dict)):
+        if _list_item(hint) is not None and value is not None and not isinstance(value, (list, dict)):
             # the command line's plain list: `--set step.layers_per_stage=4,2` (or `=6`) as YAML's [4, 2]
             # each item stripped, as YAML's [a, b] is: `--set data.exclude="tests, docs"` skips docs, not " docs"
             value = [Raw(x.strip()) for x in str(raw).split(",")]
+            if _list_item(hint) is int:  # written as plan --layers-per-stage takes it: YAML 1.1 would also
+                for i, x in enumerate(value):  # read '+4', '2_0', '0x4' and '4:2' (base 60) as integers
+                    if x and not re.fullmatch(r"-?[0-9]+", x):
+                        problems.append(f"{key}[{i}]: must be an integer, got {str(x)!r}")
+                if any(p.startswith(f"{key}[") for p in problems):
+                    return None
     hint = _plain(hint)
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
