@@ -49,6 +49,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -621,10 +622,12 @@ def main():
             ap.error(f"--only: --suite {a.suite} trains no {', '.join(map(repr, idle))}; its rows or tables: "
                      f"{', '.join(sorted(here))}")
     if a.seeds is not None:
-        try:
-            SEED_LIMIT = {int(x) for x in a.seeds.split(",")}
-        except ValueError:
+        if not all(re.fullmatch(r"[0-9]+", x.strip()) for x in a.seeds.split(",")):
             ap.error(f"--seeds: comma-separated integers, got {a.seeds!r}")
+        if a.suite in ("sweep", "ablations"):  # seed 0 only: --seeds would be ignored
+            ap.error(f"--seeds: --suite {a.suite} trains seed 0 only; --seeds chooses the seeds of --suite main and "
+                     f"curve")
+        SEED_LIMIT = {int(x) for x in a.seeds.split(",")}
     cache = Path(a.cache).expanduser()
     smoke = a.smoke
     if smoke:
