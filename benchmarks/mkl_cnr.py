@@ -38,6 +38,7 @@ SHAPE = {"model.vocab_size": 8192, "model.d_model": 768, "model.n_layers": 6, "m
 SMOKE_SHAPE = {"model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2,
                "model.max_seq_len": 64, "train.seq_len": 64, "train.micro_batch": 2}
 SETTINGS = {"AUTO": "AUTO", "off": ""}  # the row's name: the value of MKL_CBWR in the child
+MODES = {"AUTO": 2, "off": 1}  # what mkl_serv_cbwr_get(MKL_CBWR_ALL) answers in each (MKL_CBWR_AUTO, _BRANCH_OFF)
 ROUNDS, WARMUP, STEPS = 5, 2, 5
 DTYPES = ("fp32", "bf16", "auto")  # train.dtype's values
 
@@ -78,6 +79,9 @@ def measure(dtypes: list[str], rounds: int, warmup: int, steps: int, smoke: bool
             order = list(SETTINGS) if i % 2 == 0 else list(SETTINGS)[::-1]
             for s in order:
                 r = run_child(s, dtype, smoke, warmup, steps)
+                if r["mkl_cbwr_mode"] != MODES[s]:  # every child, not only the last: a row is one mode's
+                    raise SystemExit(f"mkl_cnr: a child set to MKL_CBWR={SETTINGS[s]!r} ran in MKL mode "
+                                     f"{r['mkl_cbwr_mode']}, not {MODES[s]}: its time would be misread as {s}'s")
                 per[s].append(statistics.median(r["seconds"]))
                 modes[s], trained, threads = r["mkl_cbwr_mode"], r["dtype"], r["threads"]
             print(f"[mkl_cnr] {dtype} round {i + 1}/{rounds}: AUTO {per['AUTO'][-1]:.3f} s, "

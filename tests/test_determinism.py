@@ -127,3 +127,27 @@ def test_cnr_speed_benchmark_refuses_flags_that_would_time_nothing(tmp_path, cap
         mkl_cnr.main(["--out", str(tmp_path / "out"), *flag])
     assert e.value.code == 2 and f"argument {flag[0]}:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cnr_speed_benchmark_stops_if_any_child_ran_in_another_mode(monkeypatch):
+    """Every child's MKL mode is checked, not only the last one's: one child in the wrong mode (an
+    MKL_CBWR the environment overrode) would make its row time another mode."""
+    spec = importlib.util.spec_from_file_location("mkl_cnr", ROOT / "benchmarks" / "mkl_cnr.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+
+    def fake(setting, dtype, smoke, warmup, steps):
+        calls.append(setting)
+        wrong = len(calls) == 3  # the second round's first child
+        mode = {"AUTO": MKL_CBWR_AUTO, "off": MKL_CBWR_BRANCH_OFF}[setting]
+        return {"seconds": [1.0], "mkl_cbwr_mode": MKL_CBWR_COMPATIBLE if wrong else mode, "dtype": "float32",
+                "threads": 1}
+
+    monkeypatch.setattr(mod, "run_child", fake)
+    with pytest.raises(SystemExit, match="ran in MKL mode 3, not"):
+        mod.measure(["fp32"], 3, 0, 1, True)
+    calls.clear()
+    monkeypatch.setattr(mod, "run_child", lambda s, *a: {"seconds": [1.0], "dtype": "float32", "threads": 1,
+                                                         "mkl_cbwr_mode": {"AUTO": 2, "off": 1}[s]})
+    assert mod.measure(["fp32"], 3, 0, 1, True)[0]["ratio"] == 1.0
