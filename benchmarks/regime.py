@@ -528,7 +528,9 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
         lines.append(f"\nBest{so_far}: {info['best']}. STEP-2stages' seed SD at the regime: {noise:.2f} ppl; a "
                      f"difference between two single-seed runs counts beyond {info['threshold']:.2f}."
                      + (f" Verdict{so_far}: **{info['verdict']}**." if "verdict" in info else "")
-                     + (f" Not trained yet: {'; '.join(missing)}." if missing else ""))
+                     + (f" Not trained yet: {'; '.join(missing)}" if missing else "")
+                     + (" (see the fp32 table below)" if missing and name + FP32 in ABLATIONS else "")
+                     + ("." if missing else ""))
         if name.endswith(FP32) and name[:-len(FP32)] in result:  # the dtype's own effect, on the rows run in both
             bf16 = {r["method"]: r["val_ppl"] for r in result[name[:-len(FP32)]]["rows"]}
             both = [m for m in ppl if m in bf16]
@@ -658,9 +660,10 @@ def main():
         print(f"[regime {name}] {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr, flush=True)
     import torch
     from steplm.devices import cpu_name
-    meta.update({"date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "cpus": os.cpu_count(),
-                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "scale": dict(R.BASE),
-                 "non_embedding_params": non_embedding_params(), "pending": PENDING})
+    if not CACHED_ONLY:  # where the runs trained; a --cached build trains nothing, so it keeps that record
+        meta.update({"date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "cpus": os.cpu_count(),
+                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__})
+    meta.update({"scale": dict(R.BASE), "non_embedding_params": non_embedding_params(), "pending": PENDING})
     meta_f.write_text(json.dumps(meta, indent=2))
     if PENDING:
         print("not built yet: " + "; ".join(PENDING), file=sys.stderr)
