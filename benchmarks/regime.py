@@ -531,7 +531,8 @@ def suite_ablations(cache: Path, out: Path) -> dict | None:
                      + (f" Not trained yet: {'; '.join(missing)}" if missing else "")
                      + (" (see the fp32 table below)" if missing and name + FP32 in ABLATIONS else "")
                      + ("." if missing else ""))
-        if name.endswith(FP32) and name[:-len(FP32)] in result:  # the dtype's own effect, on the rows run in both
+        if name.endswith(FP32) and name[:-len(FP32)] in result and R.BASE["train.dtype"] != "fp32":
+            # the dtype's own effect, on the rows run in both (the smoke trains in fp32 already)
             bf16 = {r["method"]: r["val_ppl"] for r in result[name[:-len(FP32)]]["rows"]}
             both = [m for m in ppl if m in bf16]
             info["bf16_val_ppl"] = {m: bf16[m] for m in both}

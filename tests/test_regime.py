@@ -81,7 +81,10 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert all(lo <= p["val_ppl_ratio"] <= hi for p in curve for lo, hi in [p["val_ppl_ratio_ci95"]])
     assert (out / "budget_curve.png").stat().st_size > 0
     abl = json.loads((out / "regime_ablations.json").read_text())
-    assert set(abl) == {"table4", "table5", "table9", "table10", "relora"}
+    assert set(abl) == {"table4", "table5", "table9", "table10", "relora", "table4-fp32", "relora-fp32"}
+    # the smoke trains in fp32 already: the fp32 tables are the same runs, and no dtype effect is claimed
+    assert [r["val_ppl"] for r in abl["table4-fp32"]["rows"]] == [r["val_ppl"] for r in abl["table4"]["rows"]]
+    assert "bf16_val_ppl" not in abl["table4-fp32"]
     # everything is in the run cache now: a rerun trains nothing and gives the same tables
     runs = sorted(p.name for p in (cache / "regime-smoke" / "runs").iterdir())
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
