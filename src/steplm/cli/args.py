@@ -12,6 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from steplm.config.validate import is_plain_int
 from steplm.errors import UserError, warn
 
 
@@ -88,7 +89,7 @@ def split_arg(s: str) -> list[int]:
         raise argparse.ArgumentTypeError("expected the layers of each stage, comma-separated (e.g. 7,5), "
                                          "got an empty string")
     items = [x.strip() for x in s.split(",")]
-    if not all(re.fullmatch(r"[0-9]+", x) for x in items):
+    if not all(is_plain_int(x) and not x.startswith("-") for x in items):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 7,5), got {s!r}")
     return [int(x) for x in items]
 

@@ -56,6 +56,12 @@ def _accepts_str(hint) -> bool:
 _NULLS = ("null", "Null", "NULL", "~")  # YAML's spellings of null
 
 
+def is_plain_int(text: str) -> bool:
+    """Whether ``text`` is an integer in ASCII digits with an optional minus ('7', '-1'); Python's int()
+    and YAML 1.1 also take '+7', '7_0', '0x7' and other scripts' digits, which a count is not written as."""
+    return re.fullmatch(r"-?[0-9]+", text) is not None
+
+
 def _list_item(hint):
     """The item type of a list field (``list[X]`` or ``list[X] | None``), else None."""
     hint = _plain(hint)
@@ -97,10 +103,11 @@ def check_value(value: Any, hint, key: str, problems: list[str]) -> Any:
             # each item stripped, as YAML's [a, b] is: `--set data.exclude="tests, docs"` skips docs, not " docs"
             value = [Raw(x.strip()) for x in str(raw).split(",")]
             if _list_item(hint) is int:  # written as plan --layers-per-stage takes it: YAML 1.1 would also
-                for i, x in enumerate(value):  # read '+4', '2_0', '0x4' and '4:2' (base 60) as integers
-                    if x and not re.fullmatch(r"-?[0-9]+", x):
-                        problems.append(f"{key}[{i}]: must be an integer, got {str(x)!r}")
-                if any(p.startswith(f"{key}[") for p in problems):
+                # read '+4', '2_0', '0x4' and '4:2' (base 60) as integers
+                bad = [f"{key}[{i}]: must be an integer, got {str(x)!r}" for i, x in enumerate(value)
+                       if x and not is_plain_int(x)]
+                if bad:
+                    problems += bad
                     return None
     hint = _plain(hint)
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
